@@ -1,0 +1,11 @@
+"""fnevr's fused ops. Each has a pure-PyTorch reference (the spec) and C++ CPU, CUDA C++ and
+Triton kernels with their own backward passes, registered with torch.library.
+
+Every op takes ``backend="auto" | "reference" | "cpu" | "cuda" | "triton"``; :func:`backends`
+reports which can run here and, if not, why.
+"""
+
+from ._backend import BACKENDS, backends
+from .composite import composite, composite_reference
+
+__all__ = ["BACKENDS", "backends", "composite", "composite_reference"]

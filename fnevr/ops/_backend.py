@@ -1,0 +1,70 @@
+"""Which implementation of a fused op runs: availability of each backend, and `backend="auto"`.
+
+Statuses are read once at import (Dynamo then sees constants, so resolving a backend inside
+`torch.compile` costs no graph break). Set TRITON_INTERPRET before importing fnevr to use it.
+"""
+
+import importlib.util
+import os
+
+import torch
+
+from .. import _extension
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+# Fastest first, per device type; the reference is always last.
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+def _triton_status() -> tuple[bool, bool, str]:
+    """(on CUDA tensors, on CPU tensors, why not)."""
+    if importlib.util.find_spec("triton") is None:
+        return False, False, "triton is not installed (pip install triton)"
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True, True, ""
+    if not torch.cuda.is_available():
+        return False, False, "no CUDA device, and TRITON_INTERPRET=1 (the interpreter, for CPU tensors) is not set"
+    return True, False, "the compiled Triton kernels need CUDA tensors (TRITON_INTERPRET=1 runs them on the CPU)"
+
+
+_triton_cuda, _triton_cpu, _triton_reason = _triton_status()
+_cuda_ok, _cuda_reason = _extension.cuda_status()
+
+# (backend, device type) -> why it cannot run there, or "" if it can.
+_UNAVAILABLE = {
+    ("reference", "cpu"): "",
+    ("reference", "cuda"): "",
+    ("cpu", "cpu"): "" if _extension.cpu_available else _extension.cpu_reason,
+    ("cpu", "cuda"): "the cpu backend runs on CPU tensors only",
+    ("cuda", "cpu"): "the cuda backend runs on CUDA tensors only",
+    ("cuda", "cuda"): "" if _cuda_ok else _cuda_reason,
+    ("triton", "cpu"): "" if _triton_cpu else _triton_reason,
+    ("triton", "cuda"): "" if _triton_cuda else _triton_reason,
+}
+
+
+def backends(device: str | torch.device = "cpu") -> dict[str, str]:
+    """Report every backend for tensors on `device`: "available", or "unavailable: <why>".
+
+    >>> fnevr.ops.backends("cpu")["reference"]
+    'available'
+    """
+    kind = torch.device(device).type
+    if kind not in AUTO_ORDER:
+        raise ValueError(f"device must be a cpu or cuda device, got {device!r}")
+    return {b: "available" if not _UNAVAILABLE[(b, kind)] else f"unavailable: {_UNAVAILABLE[(b, kind)]}" for b in BACKENDS}
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The backend that will run for tensors on `device`; raises if a forced one cannot."""
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, ("reference",)):
+            if not _UNAVAILABLE.get((name, device.type), "n/a"):
+                return name
+        return "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    why = _UNAVAILABLE.get((backend, device.type), f"tensors on {device.type} are not supported")
+    if why:
+        raise RuntimeError(f"backend={backend!r} cannot run on {device.type} tensors: {why}")
+    return backend

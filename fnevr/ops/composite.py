@@ -1,0 +1,164 @@
+r"""Volume-rendering compositing: FNeVR's colour field and densities -> one colour per ray.
+
+For each ray with D samples, colours :math:`c_i \in \mathbb{R}^C` and densities :math:`\sigma_i`:
+
+.. math::
+
+    p_i = \mathrm{act}(\sigma_i), \qquad
+    C = \sum_{i=1}^{D} \tau_i \, (1 - e^{-p_i}) \, c_i, \qquad
+    \tau_i = \begin{cases}
+        \exp(-\sum_{j<i} p_j)   & \text{exclusive (the paper's Eq. 3)} \\
+        \exp(-\sum_{j\le i} p_j) & \text{inclusive (the published code; its checkpoints need it)}
+    \end{cases}
+
+Shapes: ``color`` ``[..., D, C]`` (FNeVR: ``[B, 64, 64, 8, 256]``), ``density`` ``[..., D]`` or
+``[..., D, 1]``, result ``[..., C]``. Gradients flow to both inputs. The fused backends save only
+their inputs for backward and recompute the D weights per ray, so no ``[..., D, C]`` temporary is
+kept. Example::
+
+    >>> import torch, fnevr
+    >>> color = torch.rand(2, 64, 64, 8, 256, requires_grad=True)
+    >>> density = torch.randn(2, 64, 64, 8, 1, requires_grad=True)
+    >>> rgb = fnevr.ops.composite(color, density, transmittance="inclusive")
+    >>> rgb.shape
+    torch.Size([2, 64, 64, 256])
+    >>> rgb.sum().backward()
+
+Backends: ``reference`` (this module's :func:`composite_reference`, the spec, plain autograd),
+``cpu`` (csrc/composite/composite_cpu.cpp), ``cuda`` (csrc/composite/composite_cuda.cu), ``triton``
+(kernels/composite.py); ``auto`` picks the fastest one available for the tensors' device.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._backend import resolve
+
+TRANSMITTANCES = ("exclusive", "inclusive")
+ACTIVATIONS = {"relu": 0, "softplus": 1, "none": 2}  # codes shared with composite_math.h
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def composite_reference(color: Tensor, density: Tensor, *, transmittance: str = "exclusive",
+                        density_activation: str = "relu") -> Tensor:
+    """The spec: compositing in plain PyTorch ops, differentiated by autograd. Same arguments as
+    :func:`composite` (unchecked); it keeps ``[..., D, C]`` temporaries for backward."""
+    if density.dim() == color.dim():
+        density = density.squeeze(-1)
+    if density_activation == "relu":
+        p = torch.relu(density)
+    elif density_activation == "softplus":
+        p = F.softplus(density)
+    else:
+        p = density
+    depth = torch.cumsum(p, dim=-1)  # optical depth up to and including each sample
+    if transmittance == "exclusive":  # shift, rather than subtract p: no cancellation for huge p
+        depth = torch.cat([torch.zeros_like(depth[..., :1]), depth[..., :-1]], dim=-1)
+    weights = torch.exp(-depth) * -torch.expm1(-p)
+    return (weights.unsqueeze(-1) * color).sum(dim=-2)
+
+
+def composite(color: Tensor, density: Tensor, *, transmittance: str = "exclusive",
+              density_activation: str = "relu", backend: str = "auto") -> Tensor:
+    """Composite ``color`` ``[..., D, C]`` along D with weights from ``density`` ``[..., D(, 1)]``.
+
+    Args:
+        color: per-sample colours or features, float16/bfloat16/float32/float64.
+        density: per-sample densities, same dtype and device as ``color``.
+        transmittance: ``"exclusive"`` (paper) or ``"inclusive"`` (published FNeVR code).
+        density_activation: ``"relu"`` (published model), ``"softplus"`` or ``"none"``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+
+    Returns:
+        ``[..., C]`` in ``color``'s dtype (fused backends accumulate in fp32, fp64 for fp64).
+    """
+    lead, D, C = _check(color, density, transmittance, density_activation)
+    name = resolve(backend, color.device)
+    if name == "reference":
+        return composite_reference(color, density, transmittance=transmittance,
+                                   density_activation=density_activation)
+    R = math.prod(lead)
+    out = torch.ops.fnevr.composite(color.reshape(R, D, C).contiguous(),
+                                    density.reshape(R, D).contiguous(),
+                                    transmittance == "inclusive", ACTIVATIONS[density_activation], name)
+    return out.reshape(*lead, C)
+
+
+def _check(color, density, transmittance, density_activation):
+    for arg, t in (("color", color), ("density", density)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{arg} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if color.dim() < 2:
+        raise ValueError(f"color must be [..., D, C] (at least 2-D), got shape {tuple(color.shape)}")
+    lead, (D, C) = tuple(color.shape[:-2]), color.shape[-2:]
+    if density.dim() == color.dim() and density.shape[-1] == 1:
+        d_lead, d_samples = tuple(density.shape[:-2]), density.shape[-2]
+    elif density.dim() == color.dim() - 1:
+        d_lead, d_samples = tuple(density.shape[:-1]), density.shape[-1]
+    else:
+        raise ValueError(f"density must be [..., D] or [..., D, 1] for color [..., D, C] of shape "
+                         f"{tuple(color.shape)}, got shape {tuple(density.shape)}")
+    if d_lead != lead:
+        raise ValueError(f"density's leading (ray) dims {d_lead} differ from color's {lead}")
+    if d_samples != D:
+        raise ValueError(f"density has D={d_samples} samples per ray but color has D={D}")
+    if density.dtype != color.dtype:
+        raise ValueError(f"color and density must have the same dtype, got {color.dtype} and {density.dtype}")
+    if density.device != color.device:
+        raise ValueError(f"color and density must be on the same device, got {color.device} and {density.device}")
+    if transmittance not in TRANSMITTANCES:
+        raise ValueError(f"transmittance must be one of {TRANSMITTANCES}, got {transmittance!r}")
+    if density_activation not in ACTIVATIONS:
+        raise ValueError(f"density_activation must be one of {tuple(ACTIVATIONS)}, got {density_activation!r}")
+    return lead, D, C
+
+
+# --- torch.library registration: one op over flat [R, D, C] / [R, D] tensors --------------------
+
+def _kernels(backend: str):
+    if backend == "triton":
+        from ..kernels import composite as triton_kernels  # imports triton: only when asked for
+        return triton_kernels.composite_forward, triton_kernels.composite_backward
+    return torch.ops.fnevr._composite_forward, torch.ops.fnevr._composite_backward  # cpu, cuda
+
+
+@torch.library.custom_op("fnevr::composite", mutates_args=())
+def _composite_op(color: Tensor, density: Tensor, inclusive: bool, activation: int, backend: str) -> Tensor:
+    return _kernels(backend)[0](color, density, inclusive, activation)
+
+
+@_composite_op.register_fake
+def _(color, density, inclusive, activation, backend):
+    return color.new_empty((color.shape[0], color.shape[2]))
+
+
+@torch.library.custom_op("fnevr::composite_grad", mutates_args=())
+def _composite_grad_op(grad_out: Tensor, color: Tensor, density: Tensor, inclusive: bool, activation: int,
+                       backend: str, color_grad: bool) -> tuple[Tensor, Tensor]:
+    return _kernels(backend)[1](grad_out, color, density, inclusive, activation, color_grad)
+
+
+@_composite_grad_op.register_fake
+def _(grad_out, color, density, inclusive, activation, backend, color_grad):
+    return color.new_empty(color.shape if color_grad else (0,)), torch.empty_like(density)
+
+
+def _setup_context(ctx, inputs, output):
+    color, density, inclusive, activation, backend = inputs
+    ctx.save_for_backward(color, density)
+    ctx.options = (inclusive, activation, backend)
+
+
+def _backward(ctx, grad_out):
+    color, density = ctx.saved_tensors
+    color_grad = ctx.needs_input_grad[0]
+    grad_color, grad_density = _composite_grad_op(grad_out.contiguous(), color, density, *ctx.options, color_grad)
+    return (grad_color if color_grad else None), grad_density, None, None, None
+
+
+_composite_op.register_autograd(_backward, setup_context=_setup_context)

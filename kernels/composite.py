@@ -1,0 +1,159 @@
+"""Triton kernels for volume-rendering compositing; the math is in `fnevr.ops.composite`.
+
+Forward: a program owns BLOCK_R rays x BLOCK_C channels and walks the D samples front to back.
+Backward: a program owns BLOCK_R rays and all their channels (e_i = <g, c_i> needs every channel);
+each sample's partial value is kept in a [BLOCK_R, BLOCK_D] register tile until the ray's total is
+known, so the whole backward is one pass over the colours.
+"""
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_RELU, _SOFTPLUS = 0, 1
+
+
+@triton.jit
+def _activate(x, ACT: tl.constexpr):
+    # Softplus as PyTorch's (identity above 20); exp(x) below -15, where 1 + exp(x) rounds to 1.
+    if ACT == 0:
+        p = tl.maximum(x, 0.0)
+    elif ACT == 1:
+        p = tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
+    else:
+        p = x
+    return p
+
+
+@triton.jit
+def _activate_grad(x, ACT: tl.constexpr):
+    if ACT == 0:
+        d = tl.where(x > 0.0, 1.0, 0.0)
+    elif ACT == 1:
+        z = tl.exp(tl.minimum(x, 20.0))
+        d = tl.where(x > 20.0, 1.0, z / (z + 1.0))
+    else:
+        d = x * 0.0 + 1.0
+    return d
+
+
+@triton.jit
+def _step(p, trans, INCLUSIVE: tl.constexpr):
+    """One sample: (weight, d weight / d p, transmittance behind it). As composite_math.h."""
+    q = tl.exp(-p)
+    # 1 - exp(-p) without cancellation for small |p| (Triton has no expm1).
+    alpha = tl.where(tl.abs(p) < 1e-2, p * (1.0 - p * (0.5 - p * (1.0 / 6.0))), 1.0 - q)
+    if INCLUSIVE:
+        w = trans * q * alpha
+        dw = trans * q * (2.0 * q - 1.0)
+    else:
+        w = trans * alpha
+        dw = trans * q
+    return w, dw, trans * q
+
+
+@triton.jit
+def _forward_kernel(color, density, out, R, D, C,
+                    INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rays = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = rays < R
+    mask = rmask[:, None] & (chans < C)[None, :]
+    trans = tl.full([BLOCK_R], 1.0, ACC)
+    acc = tl.zeros([BLOCK_R, BLOCK_C], ACC)
+    for i in range(D):
+        sigma = tl.load(density + rays * D + i, mask=rmask, other=0.0).to(ACC)
+        w, _, trans = _step(_activate(sigma, ACT), trans, INCLUSIVE)
+        c = tl.load(color + (rays * D + i)[:, None] * C + chans[None, :], mask=mask, other=0.0)
+        acc += w[:, None] * c.to(ACC)
+    tl.store(out + rays[:, None] * C + chans[None, :], acc.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _backward_kernel(grad_out, color, density, grad_color, grad_density, R, D, C,
+                     COLOR_GRAD: tl.constexpr, INCLUSIVE: tl.constexpr, ACT: tl.constexpr,
+                     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    rays = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rays < R
+    samples = tl.arange(0, BLOCK_D)
+    trans = tl.full([BLOCK_R], 1.0, ACC)
+    prefix = tl.zeros([BLOCK_R], ACC)  # sum_{k<=i} e_k w_k
+    pushed = tl.zeros([BLOCK_R, BLOCK_D], ACC)  # e_i dw_i/dp_i + prefix_i, per sample
+    for i in range(D):
+        sigma = tl.load(density + rays * D + i, mask=rmask, other=0.0).to(ACC)
+        w, dw, trans = _step(_activate(sigma, ACT), trans, INCLUSIVE)
+        e = tl.zeros([BLOCK_R], ACC)
+        for c0 in range(0, C, BLOCK_C):
+            chans = c0 + tl.arange(0, BLOCK_C)
+            mask = rmask[:, None] & (chans < C)[None, :]
+            g = tl.load(grad_out + rays[:, None] * C + chans[None, :], mask=mask, other=0.0).to(ACC)
+            offs = (rays * D + i)[:, None] * C + chans[None, :]
+            c = tl.load(color + offs, mask=mask, other=0.0).to(ACC)
+            e += tl.sum(g * c, axis=1)
+            if COLOR_GRAD:
+                tl.store(grad_color + offs, (w[:, None] * g).to(grad_color.dtype.element_ty), mask=mask)
+        prefix += e * w
+        pushed = tl.where(samples[None, :] == i, (e * dw + prefix)[:, None], pushed)
+    dmask = rmask[:, None] & (samples < D)[None, :]
+    doffs = rays[:, None] * D + samples[None, :]
+    sigma = tl.load(density + doffs, mask=dmask, other=0.0).to(ACC)
+    grad = (pushed - prefix[:, None]) * _activate_grad(sigma, ACT)
+    tl.store(grad_density + doffs, grad.to(grad_density.dtype.element_ty), mask=dmask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _launch_ctx(t: torch.Tensor):
+    # Triton launches on the current device; make it the tensors' one.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def composite_forward(color: torch.Tensor, density: torch.Tensor, inclusive: bool, activation: int) -> torch.Tensor:
+    """color [R, D, C], density [R, D] (contiguous, one dtype) -> [R, C]."""
+    if _interpreting() and color.dtype == torch.bfloat16:  # numpy has no bf16
+        return composite_forward(color.float(), density.float(), inclusive, activation).to(color.dtype)
+    R, D, C = color.shape
+    out = torch.empty((R, C), dtype=color.dtype, device=color.device)
+    if out.numel() == 0 or D == 0:
+        return out.zero_()
+    block_c = min(triton.next_power_of_2(C), 256)
+    block_r = max(1, 2048 // block_c)
+    grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
+    with _launch_ctx(color):
+        _forward_kernel[grid](color, density, out, R, D, C, INCLUSIVE=inclusive, ACT=activation,
+                              ACC=_acc(color.dtype), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    return out
+
+
+def composite_backward(grad_out: torch.Tensor, color: torch.Tensor, density: torch.Tensor, inclusive: bool,
+                       activation: int, color_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (grad_color [R, D, C] or an empty tensor when color_grad is False, grad_density [R, D])."""
+    if _interpreting() and color.dtype == torch.bfloat16:
+        gc, gd = composite_backward(grad_out.float(), color.float(), density.float(), inclusive, activation,
+                                    color_grad)
+        return gc.to(color.dtype), gd.to(color.dtype)
+    R, D, C = color.shape
+    grad_color = torch.empty_like(color) if color_grad else color.new_empty((0,))
+    grad_density = torch.zeros_like(density)
+    if R == 0 or D == 0:
+        return grad_color, grad_density
+    block_c = min(triton.next_power_of_2(max(C, 1)), 256)
+    block_r = max(1, 2048 // block_c)
+    grid = (triton.cdiv(R, block_r),)
+    with _launch_ctx(color):
+        _backward_kernel[grid](grad_out, color, density, grad_color, grad_density, R, D, C,
+                               COLOR_GRAD=color_grad, INCLUSIVE=inclusive, ACT=activation,
+                               ACC=_acc(color.dtype), BLOCK_R=block_r, BLOCK_C=block_c,
+                               BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+    return grad_color, grad_density

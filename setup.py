@@ -1,0 +1,69 @@
+"""Builds fnevr: the Python package, its C++ CPU extension (fnevr._C) and, where CUDA is at hand,
+its CUDA extension (fnevr._C_cuda). The Triton kernels in kernels/ install as fnevr.kernels.
+
+FNEVR_BUILD_CUDA=1 forces the CUDA extension on (the build fails loudly if it cannot be built),
+=0 forces it off; unset, it is built when torch has CUDA and nvcc is found. Install with
+`pip install --no-build-isolation .` so the build uses the torch you already have.
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
+    # Some machines put a wrapper script at /usr/local/bin/nvcc; torch would then guess /usr/local.
+    nvcc = shutil.which("nvcc")
+    for home in ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) + ["/usr/local/cuda"]:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            break
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def want_cuda() -> bool:
+    flag = os.environ.get("FNEVR_BUILD_CUDA", "").strip().lower()
+    if flag in ("1", "true", "on", "yes"):
+        if torch.version.cuda is None or CUDA_HOME is None:
+            raise RuntimeError(
+                f"FNEVR_BUILD_CUDA=1 but the CUDA extension cannot be built: torch.version.cuda="
+                f"{torch.version.cuda}, CUDA_HOME={CUDA_HOME} (set CUDA_HOME to the toolkit with nvcc)"
+            )
+        return True
+    if flag in ("0", "false", "off", "no"):
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+cxx_flags = ["-O3"]
+nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+include_dirs = [os.path.abspath("csrc")]
+
+ext_modules = [
+    CppExtension(
+        "fnevr._C",
+        ["csrc/ops.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp")),
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags},
+        py_limited_api=False,
+    )
+]
+if want_cuda():
+    ext_modules.append(
+        CUDAExtension(
+            "fnevr._C_cuda",
+            ["csrc/cuda_module.cpp"] + sorted(glob.glob("csrc/*/*_cuda.cu")),
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        )
+    )
+
+setup(
+    packages=["fnevr", "fnevr.ops", "fnevr.kernels"],
+    package_dir={"fnevr.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+)
