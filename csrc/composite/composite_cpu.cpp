@@ -11,7 +11,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace fnevr {
 namespace {
@@ -21,6 +26,21 @@ using composite::RayMarcher;
 
 // Rays per task: enough samples that a task amortises its scheduling.
 int64_t grain_size(int64_t D, int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, D * C)); }
+
+// A fresh tensor to be written in full. A large fresh allocation costs one page fault per 4 KiB on
+// first touch, which for FNeVR's 134 MB colour gradient takes longer than computing it; asking for
+// transparent huge pages (where the system allows them on request) cuts that by up to 512x.
+at::Tensor empty_for_writing(const at::Tensor& like) {
+  at::Tensor t = at::empty_like(like);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr std::uintptr_t kHuge = std::uintptr_t(2) << 20;
+  const auto begin = reinterpret_cast<std::uintptr_t>(t.data_ptr());
+  const std::uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const std::uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice only
+#endif
+  return t;
+}
 
 // Eight independent partial sums so the compiler vectorises the dot product without -ffast-math.
 template <typename acc_t, typename scalar_t>
@@ -70,8 +90,9 @@ void backward_rays(const scalar_t* grad_out, const scalar_t* color, const scalar
         const scalar_t* c = color + (r * D + i) * C;
         pushed[i] = scan.push(dot(g.data(), c, C), s);
         if (grad_color != nullptr) {
-          scalar_t* gc = grad_color + (r * D + i) * C;
-          for (int64_t k = 0; k < C; ++k) gc[k] = static_cast<scalar_t>(s.w * g[k]);
+          scalar_t* __restrict__ gc = grad_color + (r * D + i) * C;
+          const acc_t* __restrict__ gr = g.data();
+          for (int64_t k = 0; k < C; ++k) gc[k] = static_cast<scalar_t>(s.w * gr[k]);
         }
       }
       for (int64_t i = 0; i < D; ++i) {
@@ -107,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor> composite_backward_cpu(const at::Tensor& grad
   check_composite_inputs(color, density, activation);
   check_composite_grad(grad_out, color);
   const int64_t R = color.size(0), D = color.size(1), C = color.size(2);
-  at::Tensor grad_color = color_grad ? at::empty_like(color) : at::empty({0}, color.options());
+  at::Tensor grad_color = color_grad ? empty_for_writing(color) : at::empty({0}, color.options());
   at::Tensor grad_density = at::zeros_like(density);
   if (R == 0 || D == 0) return {grad_color, grad_density};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, color.scalar_type(), "composite_backward_cpu", [&] {

@@ -9,12 +9,13 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -196,7 +197,7 @@ at::Tensor composite_forward_cuda(const at::Tensor& color, const at::Tensor& den
   at::Tensor out = color.size(1) == 0 ? at::zeros({color.size(0), color.size(2)}, color.options())
                                       : at::empty({color.size(0), color.size(2)}, color.options());
   if (out.numel() == 0 || color.size(1) == 0) return out;
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, color.scalar_type(), "composite_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Config cfg = make_config<scalar_t>(color, {&out});
@@ -224,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor> composite_backward_cuda(const at::Tensor& gra
   at::Tensor grad_color = color_grad ? at::empty_like(color) : at::empty({0}, color.options());
   at::Tensor grad_density = at::zeros_like(density);
   if (color.size(0) == 0 || color.size(1) == 0) return {grad_color, grad_density};
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, color.scalar_type(), "composite_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // Where grad_density already holds acc_t (fp32, fp64) it doubles as the scratch.

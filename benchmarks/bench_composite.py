@@ -1,0 +1,74 @@
+"""Compositing at FNeVR's shape [4, 64, 64, 8, 256]: every backend and torch.compile of the
+reference, forward and forward+backward, against a device copy of the same bytes.
+
+Effective bandwidth counts the bytes that must move: forward reads colour and density and writes
+the output; backward reads grad_out, colour and density and writes both gradients.
+"""
+
+import pytest
+import torch
+
+import fnevr
+from fnevr.ops import composite, composite_reference
+
+SHAPE = (4, 64, 64, 8, 256)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
+PROVIDERS = ["reference", "compiled-reference"] + [
+    b for b in ("cpu", "cuda", "triton") if fnevr.ops.backends(DEVICE)[b] == "available"
+    and not (b == "triton" and DEVICE == "cpu")  # the interpreter is for tests, not timing
+]
+
+
+def _op(provider):
+    if provider == "compiled-reference":
+        return torch.compile(lambda c, d: composite_reference(c, d, transmittance="inclusive"))
+    return lambda c, d: composite(c, d, transmittance="inclusive", backend=provider)
+
+
+def _inputs(dtype, grad):
+    torch.manual_seed(0)
+    color = torch.rand(SHAPE, device=DEVICE, dtype=dtype, requires_grad=grad)
+    density = torch.randn(SHAPE[:-1] + (1,), device=DEVICE, dtype=dtype, requires_grad=grad)
+    return color, density
+
+
+def _bytes(color, density, backward):
+    size = lambda t: t.numel() * t.element_size()
+    out = size(color) // SHAPE[-2]
+    fwd = size(color) + size(density) + out
+    return fwd + (out + 2 * size(color) + 2 * size(density) if backward else 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_copy_bandwidth(measure, dtype):
+    src = torch.rand(SHAPE, device=DEVICE).to(dtype)
+    dst = torch.empty_like(src)
+    measure(lambda: dst.copy_(src), 2 * src.numel() * src.element_size(),
+            op="copy", provider="copy", mode="copy", dtype=str(dtype)[6:], device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "fwd+bwd"])
+def test_composite(measure, provider, dtype, backward):
+    color, density = _inputs(dtype, backward)
+    op = _op(provider)
+    grad_out = torch.rand(SHAPE[:-2] + SHAPE[-1:], device=DEVICE, dtype=dtype)
+
+    def forward():
+        with torch.no_grad():
+            return op(color, density)
+
+    def forward_backward():
+        color.grad = density.grad = None
+        op(color, density).backward(grad_out)
+
+    saved = []
+    if backward:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            op(color, density)
+    measure(forward_backward if backward else forward, _bytes(color, density, backward),
+            op="composite", provider=provider, mode="fwd+bwd" if backward else "forward",
+            dtype=str(dtype)[6:], device=DEVICE, **({"saved_MB": sum(saved) / 2**20} if backward else {}))

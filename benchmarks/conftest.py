@@ -1,0 +1,72 @@
+"""pytest-benchmark plumbing for fnevr's op benchmarks: per-call timing of a batch of calls, and
+a closing table of median time, effective bandwidth and memory."""
+
+import pytest
+import torch
+
+ROWS = []
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@pytest.fixture
+def measure(benchmark):
+    """measure(fn, bytes_moved, op=, provider=, mode=, dtype=, device=, **more): times fn (no
+    arguments) and records median per-call time, effective GB/s (bytes_moved / time) and, on
+    CUDA, the peak memory one call allocates beyond what was allocated before it."""
+
+    def run(fn, bytes_moved, **info):
+        device = torch.device(info["device"])
+        for _ in range(3):  # warm-up: compilation, autotuning, allocator
+            fn()
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            fn()
+            _sync(device)
+            info["peak_MB"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        # Time a batch of back-to-back calls per round so a launch-and-sync per call does not
+        # inflate short GPU kernels; report per call.
+        calls = 1
+        if device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start[0].record()
+            fn()
+            start[1].record()
+            _sync(device)
+            calls = max(1, min(200, int(5.0 / max(start[0].elapsed_time(start[1]), 1e-3))))
+
+        def batch():
+            for _ in range(calls):
+                fn()
+            _sync(device)
+
+        benchmark.pedantic(batch, rounds=20 if device.type == "cuda" else 3, iterations=1, warmup_rounds=1)
+        median = benchmark.stats.stats.median / calls
+        info.update(calls_per_round=calls, median_us=median * 1e6, GBps=bytes_moved / median / 1e9)
+        benchmark.extra_info.update(info)
+        ROWS.append(info)
+        return median
+
+    return run
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not ROWS:
+        return
+    copy = {(r["device"], r["dtype"]): r["GBps"] for r in ROWS if r["provider"] == "copy"}
+    tr = terminalreporter
+    tr.section("fnevr benchmark summary (median per call)")
+    tr.write_line(f"{'op':<10} {'mode':<8} {'provider':<20} {'dtype':<9} {'device':<6} {'time':>11} "
+                  f"{'GB/s':>8} {'% copy':>7} {'peak MB':>9} {'saved MB':>9}")
+    for r in ROWS:
+        share = copy.get((r["device"], r["dtype"]))
+        share = f"{100 * r['GBps'] / share:6.0f}%" if share else "      -"
+        peak = f"{r['peak_MB']:9.1f}" if "peak_MB" in r else "        -"
+        saved = f"{r['saved_MB']:9.1f}" if "saved_MB" in r else "        -"
+        tr.write_line(f"{r['op']:<10} {r['mode']:<8} {r['provider']:<20} {r['dtype']:<9} {r['device']:<6} "
+                      f"{r['median_us']:9.1f}us {r['GBps']:8.1f} {share:>7} {peak} {saved}")

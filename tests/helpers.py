@@ -1,0 +1,42 @@
+"""Shared by the op tests: which backends run here, and per-dtype tolerances."""
+
+import pytest
+import torch
+
+import fnevr
+
+# Largest error allowed, relative to the largest magnitude of the fp64 reference. Fused backends
+# accumulate in fp32 (fp64 for fp64), so the error is about one rounding of the output dtype.
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+# Every fused (backend, device) pair; unavailable ones are skipped with the reason backends() gives.
+FUSED = [("cpu", "cpu"), ("triton", "cpu"), ("cuda", "cuda"), ("triton", "cuda")]
+
+
+def target_params(pairs=FUSED):
+    params = []
+    for backend, device in pairs:
+        if device == "cuda" and not torch.cuda.is_available():
+            why = "no CUDA device"
+        else:
+            status = fnevr.ops.backends(device)[backend]
+            why = "" if status == "available" else status
+        params.append(pytest.param(backend, device, id=f"{backend}-{device}",
+                                   marks=pytest.mark.skipif(bool(why), reason=why)))
+    return params
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = ""):
+    """`actual` (any dtype) against an fp64 `expected`: same shape, finite where it is, and
+    max |actual - expected| <= TOL[dtype] * max |expected|."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual = actual.detach().to("cpu", torch.float64)
+    expected = expected.detach().to("cpu", torch.float64)
+    assert torch.equal(actual.isfinite(), expected.isfinite()), f"{what}: non-finite values differ"
+    finite = expected.isfinite()
+    actual, expected = actual[finite], expected[finite]
+    if expected.numel() == 0:
+        return
+    scale = expected.abs().max().clamp_min(1e-30)
+    err = ((actual - expected).abs().max() / scale).item()
+    assert err <= TOL[dtype], f"{what}: max error {err:.3g} x max|ref| exceeds {TOL[dtype]:.1g} for {dtype}"
