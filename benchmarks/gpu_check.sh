@@ -7,6 +7,7 @@ out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 day=$(date -u +%Y-%m-%d)
+read -r -a PYTEST_ARGS <<< "${FNEVR_PYTEST_ARGS:-}"
 export FNEVR_BUILD_CUDA=1 FNEVR_EXPECT_BUILD=cpu,cuda PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($py -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
 {
@@ -20,5 +21,5 @@ if ! $py -m pip install --no-build-isolation --no-deps -e . > "$out/gpu-build-$d
   tail -40 "$out/gpu-build-$day.log"
   exit 1
 fi
-$py -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$out/gpu-tests-$day.txt" | tail -25
+$py -m pytest tests -q -rfE -p no:cacheprovider "${PYTEST_ARGS[@]}" 2>&1 | tee "$out/gpu-tests-$day.txt" | tail -25
 $py benchmarks/run.py --save "$out" "$@" 2>&1 | grep -v "^$" | tail -40

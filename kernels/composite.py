@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-_RELU, _SOFTPLUS = 0, 1
+_UNROLL_D: tl.constexpr = tl.constexpr(32)  # up to this many samples, the loop over D is unrolled
 
 
 @triton.jit
@@ -60,7 +60,16 @@ def _step(p, trans, INCLUSIVE: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(color, density, out, R, D, C,
+def _forward_sample(color, density, rays, chans, rmask, mask, i, D, C, trans, acc,
+                    INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr):
+    sigma = tl.load(density + rays * D + i, mask=rmask, other=0.0).to(ACC)
+    w, _, trans = _step(_activate(sigma, ACT), trans, INCLUSIVE)
+    c = tl.load(color + (rays * D + i)[:, None] * C + chans[None, :], mask=mask, other=0.0)
+    return trans, acc + w[:, None] * c.to(ACC)
+
+
+@triton.jit
+def _forward_kernel(color, density, out, R, D: tl.constexpr, C,
                     INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rays = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -69,45 +78,79 @@ def _forward_kernel(color, density, out, R, D, C,
     mask = rmask[:, None] & (chans < C)[None, :]
     trans = tl.full([BLOCK_R], 1.0, ACC)
     acc = tl.zeros([BLOCK_R, BLOCK_C], ACC)
-    for i in range(D):
-        sigma = tl.load(density + rays * D + i, mask=rmask, other=0.0).to(ACC)
-        w, _, trans = _step(_activate(sigma, ACT), trans, INCLUSIVE)
-        c = tl.load(color + (rays * D + i)[:, None] * C + chans[None, :], mask=mask, other=0.0)
-        acc += w[:, None] * c.to(ACC)
+    if D <= _UNROLL_D:  # unrolled: every sample's loads can be in flight at once
+        for i in tl.static_range(D):
+            trans, acc = _forward_sample(color, density, rays, chans, rmask, mask, i, D, C, trans, acc,
+                                         INCLUSIVE, ACT, ACC)
+    else:
+        for i in range(D):
+            trans, acc = _forward_sample(color, density, rays, chans, rmask, mask, i, D, C, trans, acc,
+                                         INCLUSIVE, ACT, ACC)
     tl.store(out + rays[:, None] * C + chans[None, :], acc.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _backward_kernel(grad_out, color, density, grad_color, grad_density, R, D, C,
+def _backward_sample(grad_out, color, density, grad_color, rays, rmask, samples, i, D, C, trans, prefix,
+                     pushed, g_tile, COLOR_GRAD: tl.constexpr, INCLUSIVE: tl.constexpr, ACT: tl.constexpr,
+                     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ONE_TILE: tl.constexpr):
+    sigma = tl.load(density + rays * D + i, mask=rmask, other=0.0).to(ACC)
+    w, dw, trans = _step(_activate(sigma, ACT), trans, INCLUSIVE)
+    e = tl.zeros([BLOCK_R], ACC)
+    for c0 in range(0, C, BLOCK_C):  # one pass unless C > BLOCK_C
+        chans = c0 + tl.arange(0, BLOCK_C)
+        mask = rmask[:, None] & (chans < C)[None, :]
+        if ONE_TILE:  # grad_out was loaded once for all samples
+            g = g_tile
+        else:
+            g = tl.load(grad_out + rays[:, None] * C + chans[None, :], mask=mask, other=0.0).to(ACC)
+        offs = (rays * D + i)[:, None] * C + chans[None, :]
+        c = tl.load(color + offs, mask=mask, other=0.0).to(ACC)
+        e += tl.sum(g * c, axis=1)
+        if COLOR_GRAD:
+            tl.store(grad_color + offs, (w[:, None] * g).to(grad_color.dtype.element_ty), mask=mask)
+    prefix += e * w
+    pushed = tl.where(samples[None, :] == i, (e * dw + prefix)[:, None], pushed)
+    return trans, prefix, pushed
+
+
+@triton.jit
+def _backward_kernel(grad_out, color, density, grad_color, grad_density, R, D: tl.constexpr, C,
                      COLOR_GRAD: tl.constexpr, INCLUSIVE: tl.constexpr, ACT: tl.constexpr,
                      ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+                     BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr):
     rays = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rays < R
+    g_tile = tl.zeros([BLOCK_R, BLOCK_C], ACC)
+    if ONE_TILE:
+        chans = tl.arange(0, BLOCK_C)
+        gmask = rmask[:, None] & (chans < C)[None, :]
+        g_tile = tl.load(grad_out + rays[:, None] * C + chans[None, :], mask=gmask, other=0.0).to(ACC)
     samples = tl.arange(0, BLOCK_D)
     trans = tl.full([BLOCK_R], 1.0, ACC)
     prefix = tl.zeros([BLOCK_R], ACC)  # sum_{k<=i} e_k w_k
     pushed = tl.zeros([BLOCK_R, BLOCK_D], ACC)  # e_i dw_i/dp_i + prefix_i, per sample
-    for i in range(D):
-        sigma = tl.load(density + rays * D + i, mask=rmask, other=0.0).to(ACC)
-        w, dw, trans = _step(_activate(sigma, ACT), trans, INCLUSIVE)
-        e = tl.zeros([BLOCK_R], ACC)
-        for c0 in range(0, C, BLOCK_C):
-            chans = c0 + tl.arange(0, BLOCK_C)
-            mask = rmask[:, None] & (chans < C)[None, :]
-            g = tl.load(grad_out + rays[:, None] * C + chans[None, :], mask=mask, other=0.0).to(ACC)
-            offs = (rays * D + i)[:, None] * C + chans[None, :]
-            c = tl.load(color + offs, mask=mask, other=0.0).to(ACC)
-            e += tl.sum(g * c, axis=1)
-            if COLOR_GRAD:
-                tl.store(grad_color + offs, (w[:, None] * g).to(grad_color.dtype.element_ty), mask=mask)
-        prefix += e * w
-        pushed = tl.where(samples[None, :] == i, (e * dw + prefix)[:, None], pushed)
+    if D <= _UNROLL_D:
+        for i in tl.static_range(D):
+            trans, prefix, pushed = _backward_sample(
+                grad_out, color, density, grad_color, rays, rmask, samples, i, D, C, trans, prefix, pushed,
+                g_tile, COLOR_GRAD, INCLUSIVE, ACT, ACC, BLOCK_R, BLOCK_C, ONE_TILE)
+    else:
+        for i in range(D):
+            trans, prefix, pushed = _backward_sample(
+                grad_out, color, density, grad_color, rays, rmask, samples, i, D, C, trans, prefix, pushed,
+                g_tile, COLOR_GRAD, INCLUSIVE, ACT, ACC, BLOCK_R, BLOCK_C, ONE_TILE)
     dmask = rmask[:, None] & (samples < D)[None, :]
     doffs = rays[:, None] * D + samples[None, :]
     sigma = tl.load(density + doffs, mask=dmask, other=0.0).to(ACC)
     grad = (pushed - prefix[:, None]) * _activate_grad(sigma, ACT)
     tl.store(grad_density + doffs, grad.to(grad_density.dtype.element_ty), mask=dmask)
+
+
+def _blocks(C: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps): about 4096 elements per program."""
+    block_c = min(triton.next_power_of_2(max(C, 1)), 256)
+    block_r = max(1, min(64, 4096 // block_c))
+    return block_r, block_c, 8 if block_r * block_c >= 4096 else 4
 
 
 def _interpreting() -> bool:
@@ -131,12 +174,11 @@ def composite_forward(color: torch.Tensor, density: torch.Tensor, inclusive: boo
     out = torch.empty((R, C), dtype=color.dtype, device=color.device)
     if out.numel() == 0 or D == 0:
         return out.zero_()
-    block_c = min(triton.next_power_of_2(C), 256)
-    block_r = max(1, 2048 // block_c)
+    block_r, block_c, warps = _blocks(C)
     grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
     with _launch_ctx(color):
         _forward_kernel[grid](color, density, out, R, D, C, INCLUSIVE=inclusive, ACT=activation,
-                              ACC=_acc(color.dtype), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+                              ACC=_acc(color.dtype), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
     return out
 
 
@@ -152,12 +194,11 @@ def composite_backward(grad_out: torch.Tensor, color: torch.Tensor, density: tor
     grad_density = torch.zeros_like(density)
     if R == 0 or D == 0:
         return grad_color, grad_density
-    block_c = min(triton.next_power_of_2(max(C, 1)), 256)
-    block_r = max(1, 2048 // block_c)
+    block_r, block_c, warps = _blocks(C)
     grid = (triton.cdiv(R, block_r),)
     with _launch_ctx(color):
         _backward_kernel[grid](grad_out, color, density, grad_color, grad_density, R, D, C,
                                COLOR_GRAD=color_grad, INCLUSIVE=inclusive, ACT=activation,
                                ACC=_acc(color.dtype), BLOCK_R=block_r, BLOCK_C=block_c,
-                               BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+                               BLOCK_D=triton.next_power_of_2(D), ONE_TILE=C <= block_c, num_warps=warps)
     return grad_color, grad_density

@@ -1,7 +1,8 @@
 // Compositing on CUDA. A group of G lanes (a power of two, at most a warp) owns one ray; each lane
 // owns VEC consecutive channels per chunk (16-byte loads when C allows) and CHUNKS chunks per pass,
-// interleaved across the group so a warp's loads are coalesced. Forward reads colour once and
-// writes the output once; backward reads colour and grad_out once and writes grad_colour once.
+// interleaved across the group so a warp's loads are coalesced. Samples go in tiles of kTile whose
+// loads are all issued before any is used, to keep enough bytes in flight. Forward reads colour once
+// and writes the output once; backward reads colour and grad_out once and writes grad_colour once.
 // Both run one front-to-back pass per ray (see composite_math.h); backward reduces e_i = <g, c_i>
 // across the group with warp shuffles.
 #include "composite.h"
@@ -27,8 +28,10 @@ namespace {
 
 using composite::GradScan;
 using composite::RayMarcher;
+using composite::SampleWeight;
 
 constexpr int kThreads = 256;
+constexpr int kTile = 4;  // samples whose loads are issued together, ahead of their use
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
@@ -41,45 +44,64 @@ struct Layout {
   int group_log2;  // log2 of the lanes per ray
 };
 
+// The tile's sample weights, from its densities (loaded first: everything else waits on them).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void tile_weights(const scalar_t* d_ray, int i0, int D, int act,
+                                             RayMarcher<acc_t>& march, SampleWeight<acc_t> (&s)[kTile]) {
+  acc_t sigma[kTile];
+#pragma unroll
+  for (int u = 0; u < kTile; ++u) sigma[u] = i0 + u < D ? static_cast<acc_t>(d_ray[i0 + u]) : acc_t(0);
+#pragma unroll
+  for (int u = 0; u < kTile; ++u)
+    s[u] = i0 + u < D ? march.step(composite::activate(sigma[u], act)) : SampleWeight<acc_t>{acc_t(0), acc_t(0)};
+}
+
 template <typename scalar_t, typename acc_t, int VEC, int CHUNKS>
 __global__ void __launch_bounds__(kThreads)
     composite_forward_kernel(const scalar_t* __restrict__ color, const scalar_t* __restrict__ density,
                              scalar_t* __restrict__ out, Layout L, bool inclusive, int act) {
+  using P = Pack<scalar_t, VEC>;
   const int G = 1 << L.group_log2;
   const int lane = threadIdx.x & (G - 1);
   const int64_t ray = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> L.group_log2;
   if (ray >= L.R) return;
   const scalar_t* c_ray = color + ray * L.D * L.C;
   const scalar_t* d_ray = density + ray * L.D;
-  const int span = G * VEC * CHUNKS;
-  for (int base = 0; base < L.C; base += span) {
+  for (int base = 0; base < L.C; base += G * VEC * CHUNKS) {  // one pass unless C is very wide
     acc_t acc[CHUNKS][VEC];
 #pragma unroll
     for (int k = 0; k < CHUNKS; ++k)
 #pragma unroll
       for (int j = 0; j < VEC; ++j) acc[k][j] = acc_t(0);
     RayMarcher<acc_t> march(inclusive);
-#pragma unroll 2
-    for (int i = 0; i < L.D; ++i) {
-      const acc_t w = march.step(composite::activate(static_cast<acc_t>(d_ray[i]), act)).w;
+    for (int i0 = 0; i0 < L.D; i0 += kTile) {
+      P c[kTile][CHUNKS];
 #pragma unroll
-      for (int k = 0; k < CHUNKS; ++k) {
-        const int ch = base + (k * G + lane) * VEC;
-        if (ch < L.C) {
-          const auto v = *reinterpret_cast<const Pack<scalar_t, VEC>*>(c_ray + i * L.C + ch);
+      for (int u = 0; u < kTile; ++u)
 #pragma unroll
-          for (int j = 0; j < VEC; ++j) acc[k][j] += w * static_cast<acc_t>(v.v[j]);
+        for (int k = 0; k < CHUNKS; ++k) {
+          const int ch = base + (k * G + lane) * VEC;
+          if (i0 + u < L.D && ch < L.C) c[u][k] = *reinterpret_cast<const P*>(c_ray + (i0 + u) * L.C + ch);
         }
-      }
+      SampleWeight<acc_t> s[kTile];
+      tile_weights(d_ray, i0, L.D, act, march, s);
+#pragma unroll
+      for (int u = 0; u < kTile; ++u)
+#pragma unroll
+        for (int k = 0; k < CHUNKS; ++k) {
+          if (i0 + u < L.D && base + (k * G + lane) * VEC < L.C)
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) acc[k][j] += s[u].w * static_cast<acc_t>(c[u][k].v[j]);
+        }
     }
 #pragma unroll
     for (int k = 0; k < CHUNKS; ++k) {
       const int ch = base + (k * G + lane) * VEC;
       if (ch < L.C) {
-        Pack<scalar_t, VEC> o;
+        P o;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) o.v[j] = static_cast<scalar_t>(acc[k][j]);
-        *reinterpret_cast<Pack<scalar_t, VEC>*>(out + ray * L.C + ch) = o;
+        *reinterpret_cast<P*>(out + ray * L.C + ch) = o;
       }
     }
   }
@@ -93,6 +115,7 @@ __global__ void __launch_bounds__(kThreads)
                               const scalar_t* __restrict__ density, scalar_t* __restrict__ grad_color,
                               acc_t* pushed, scalar_t* grad_density,  // may alias: see the launch
                               Layout L, bool inclusive, int act) {
+  using P = Pack<scalar_t, VEC>;
   const int G = 1 << L.group_log2;
   const int lane = threadIdx.x & (G - 1);
   const int64_t ray_raw = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> L.group_log2;
@@ -102,35 +125,51 @@ __global__ void __launch_bounds__(kThreads)
   const scalar_t* c_ray = color + ray * L.D * L.C;
   const scalar_t* g_ray = grad_out + ray * L.C;
   const scalar_t* d_ray = density + ray * L.D;
-  const int span = G * VEC * CHUNKS;
 
   RayMarcher<acc_t> march(inclusive);
   GradScan<acc_t> scan;
-  for (int i = 0; i < L.D; ++i) {
-    const auto s = march.step(composite::activate(static_cast<acc_t>(d_ray[i]), act));
-    acc_t e = acc_t(0);
-    for (int base = 0; base < L.C; base += span) {
+  for (int i0 = 0; i0 < L.D; i0 += kTile) {
+    SampleWeight<acc_t> s[kTile];
+    tile_weights(d_ray, i0, L.D, act, march, s);
+    acc_t e[kTile];
+#pragma unroll
+    for (int u = 0; u < kTile; ++u) e[u] = acc_t(0);
+    for (int base = 0; base < L.C; base += G * VEC * CHUNKS) {  // one pass unless C is very wide
+      P g[CHUNKS], c[kTile][CHUNKS];
 #pragma unroll
       for (int k = 0; k < CHUNKS; ++k) {
         const int ch = base + (k * G + lane) * VEC;
         if (ch < L.C) {
-          const auto g = *reinterpret_cast<const Pack<scalar_t, VEC>*>(g_ray + ch);
-          const auto c = *reinterpret_cast<const Pack<scalar_t, VEC>*>(c_ray + i * L.C + ch);
-          Pack<scalar_t, VEC> gc;
+          g[k] = *reinterpret_cast<const P*>(g_ray + ch);
 #pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            const acc_t gj = static_cast<acc_t>(g.v[j]);
-            e += gj * static_cast<acc_t>(c.v[j]);
-            gc.v[j] = static_cast<scalar_t>(s.w * gj);
-          }
-          if (valid && grad_color != nullptr)
-            *reinterpret_cast<Pack<scalar_t, VEC>*>(grad_color + (ray * L.D + i) * L.C + ch) = gc;
+          for (int u = 0; u < kTile; ++u)
+            if (i0 + u < L.D) c[u][k] = *reinterpret_cast<const P*>(c_ray + (i0 + u) * L.C + ch);
         }
       }
+#pragma unroll
+      for (int u = 0; u < kTile; ++u)
+#pragma unroll
+        for (int k = 0; k < CHUNKS; ++k) {
+          const int ch = base + (k * G + lane) * VEC;
+          if (i0 + u >= L.D || ch >= L.C) continue;
+          P gc;
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            const acc_t gj = static_cast<acc_t>(g[k].v[j]);
+            e[u] += gj * static_cast<acc_t>(c[u][k].v[j]);
+            gc.v[j] = static_cast<scalar_t>(s[u].w * gj);
+          }
+          if (valid && grad_color != nullptr)
+            *reinterpret_cast<P*>(grad_color + (ray * L.D + i0 + u) * L.C + ch) = gc;
+        }
     }
-    for (int offset = G >> 1; offset > 0; offset >>= 1) e += __shfl_xor_sync(0xffffffffu, e, offset);
-    const acc_t p = scan.push(e, s);
-    if (valid && lane == 0) pushed[ray * L.D + i] = p;
+#pragma unroll
+    for (int u = 0; u < kTile; ++u) {
+      if (i0 + u >= L.D) break;
+      for (int offset = G >> 1; offset > 0; offset >>= 1) e[u] += __shfl_xor_sync(0xffffffffu, e[u], offset);
+      const acc_t p = scan.push(e[u], s[u]);
+      if (valid && lane == 0) pushed[ray * L.D + i0 + u] = p;
+    }
   }
   if (!valid || lane != 0) return;
   for (int i = 0; i < L.D; ++i) {
@@ -140,8 +179,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Launch shape for a [R, D, C] problem: the widest vector the data's alignment allows, then the
-// fewest lanes per ray (up to a warp) and chunks per lane (up to 4) that cover C in one pass.
+// Launch shape for a [R, D, C] problem: the widest vector the data's alignment allows, then up to
+// 4 chunks per lane (loads in flight) over the fewest lanes per ray, up to a warp, that cover C.
 struct Config {
   int vec, chunks;
   Layout layout;
@@ -161,7 +200,7 @@ Config make_config(const at::Tensor& color, std::initializer_list<const at::Tens
   if (C % vec != 0 || !all_aligned) vec = 1;
   const int units = (C + vec - 1) / vec;
   int group_log2 = 0;
-  while ((1 << group_log2) < units && group_log2 < 5) ++group_log2;
+  while ((4 << group_log2) < units && group_log2 < 5) ++group_log2;
   const int per_lane = (units + (1 << group_log2) - 1) >> group_log2;
   const int chunks = per_lane <= 1 ? 1 : per_lane <= 2 ? 2 : 4;
   const int64_t rays_per_block = kThreads >> group_log2;
