@@ -146,11 +146,29 @@ def _backward_kernel(grad_out, color, density, grad_color, grad_density, R, D: t
     tl.store(grad_density + doffs, grad.to(grad_density.dtype.element_ty), mask=dmask)
 
 
-def _blocks(C: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_C, num_warps): about 4096 elements per program."""
+def _blocks(C: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps): one sample's tile is about 8 KiB, so the unrolled loads of all
+    D samples stay in registers."""
     block_c = min(triton.next_power_of_2(max(C, 1)), 256)
-    block_r = max(1, min(64, 4096 // block_c))
+    block_r = max(1, min(64, 8192 // (block_c * dtype.itemsize)))
     return block_r, block_c, 8 if block_r * block_c >= 4096 else 4
+
+
+# Large problems are autotuned over the rays per program and warps, around the heuristic above;
+# small ones (tests, the interpreter) take the heuristic and skip the tuning runs.
+_TUNE_MIN_ELEMENTS = 1 << 22
+_TUNE_CONFIGS = [triton.Config({"BLOCK_R": r}, num_warps=w) for r in (4, 8, 16, 32) for w in (4, 8)]
+_forward_tuned = triton.autotune(_TUNE_CONFIGS, key=["D", "C"])(_forward_kernel)
+_backward_tuned = triton.autotune(_TUNE_CONFIGS, key=["D", "C", "COLOR_GRAD"])(_backward_kernel)
+
+
+def _pick(kernel, tuned, color: torch.Tensor):
+    """(kernel to launch, BLOCK_C, the launch options the autotuner does not choose)."""
+    R, D, C = color.shape
+    block_r, block_c, warps = _blocks(C, color.dtype)
+    if not _interpreting() and R * D * C >= _TUNE_MIN_ELEMENTS and C <= block_c:
+        return tuned, block_c, {}
+    return kernel, block_c, {"BLOCK_R": block_r, "num_warps": warps}
 
 
 def _interpreting() -> bool:
@@ -174,11 +192,11 @@ def composite_forward(color: torch.Tensor, density: torch.Tensor, inclusive: boo
     out = torch.empty((R, C), dtype=color.dtype, device=color.device)
     if out.numel() == 0 or D == 0:
         return out.zero_()
-    block_r, block_c, warps = _blocks(C)
-    grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
+    kernel, block_c, launch = _pick(_forward_kernel, _forward_tuned, color)
+    grid = lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(C, block_c))  # noqa: E731
     with _launch_ctx(color):
-        _forward_kernel[grid](color, density, out, R, D, C, INCLUSIVE=inclusive, ACT=activation,
-                              ACC=_acc(color.dtype), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+        kernel[grid](color, density, out, R, D, C, INCLUSIVE=inclusive, ACT=activation, ACC=_acc(color.dtype),
+                     BLOCK_C=block_c, **launch)
     return out
 
 
@@ -194,11 +212,10 @@ def composite_backward(grad_out: torch.Tensor, color: torch.Tensor, density: tor
     grad_density = torch.zeros_like(density)
     if R == 0 or D == 0:
         return grad_color, grad_density
-    block_r, block_c, warps = _blocks(C)
-    grid = (triton.cdiv(R, block_r),)
+    kernel, block_c, launch = _pick(_backward_kernel, _backward_tuned, color)
+    grid = lambda meta: (triton.cdiv(R, meta["BLOCK_R"]),)  # noqa: E731  (a program spans all of C)
     with _launch_ctx(color):
-        _backward_kernel[grid](grad_out, color, density, grad_color, grad_density, R, D, C,
-                               COLOR_GRAD=color_grad, INCLUSIVE=inclusive, ACT=activation,
-                               ACC=_acc(color.dtype), BLOCK_R=block_r, BLOCK_C=block_c,
-                               BLOCK_D=triton.next_power_of_2(D), ONE_TILE=C <= block_c, num_warps=warps)
+        kernel[grid](grad_out, color, density, grad_color, grad_density, R, D, C, COLOR_GRAD=color_grad,
+                     INCLUSIVE=inclusive, ACT=activation, ACC=_acc(color.dtype), BLOCK_C=block_c,
+                     BLOCK_D=triton.next_power_of_2(D), ONE_TILE=C <= block_c, **launch)
     return grad_color, grad_density
