@@ -1,0 +1,31 @@
+# Set-up and the two everyday commands; each builds what it needs first, in ./.venv.
+#   make bench   the main job: the compositing benchmark on an embedded default (no downloads)
+#   make test    the tests (Python, with Triton through its interpreter when there is no GPU,
+#                and the C++ test of the shared kernel math through CMake/ctest)
+# FNEVR_BUILD_CUDA=1|0 forces the CUDA extension on or off (default: when torch has CUDA and nvcc).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fnevr-built
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+
+.PHONY: bench test
+
+$(STAMP): $(SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 numpy pytest pytest-benchmark ninja
+	$(BIN)/pip install -q --no-build-isolation -e .
+	touch $@
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+	mkdir -p build
+	cmake -S . -B build/cmake -DPython_EXECUTABLE=$(abspath $(BIN)/python) > build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)
+	cmake --build build/cmake -j2 >> build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)
+	ctest --test-dir build/cmake --output-on-failure
