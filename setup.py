@@ -2,7 +2,8 @@
 its CUDA extension (fnevr._C_cuda). The Triton kernels in kernels/ install as fnevr.kernels.
 
 FNEVR_BUILD_CUDA=1 forces the CUDA extension on (the build fails loudly if it cannot be built),
-=0 forces it off; unset, it is built when torch has CUDA and nvcc is found. Install with
+=0 forces it off; unset, it is built when torch has CUDA and nvcc is found, for the visible GPU or,
+with none, for TORCH_CUDA_ARCH_LIST (default "8.0;9.0"). Install with
 `pip install --no-build-isolation .` so the build uses the torch you already have.
 """
 
@@ -37,6 +38,10 @@ def want_cuda() -> bool:
         return False
     return torch.version.cuda is not None and CUDA_HOME is not None
 
+
+if want_cuda() and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+    # No GPU to read the architecture from: build for Ampere and Hopper (TORCH_CUDA_ARCH_LIST overrides).
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
 cxx_flags = ["-O3"]
 nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
