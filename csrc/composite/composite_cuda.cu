@@ -30,8 +30,19 @@ using composite::GradScan;
 using composite::RayMarcher;
 using composite::SampleWeight;
 
+// Tuning knobs, settable with -D for benchmarks/tune_composite_cuda.py: the samples whose loads are
+// issued together, ahead of their use, and the most chunks (VEC channels each) one lane owns. The
+// defaults won that sweep on an H100 (benchmarks/results/tune-composite-cuda-*): fewer registers
+// per thread, more threads, beat more loads per thread.
+#ifndef FNEVR_COMPOSITE_TILE
+#define FNEVR_COMPOSITE_TILE 4
+#endif
+#ifndef FNEVR_COMPOSITE_CHUNKS
+#define FNEVR_COMPOSITE_CHUNKS 1
+#endif
 constexpr int kThreads = 256;
-constexpr int kTile = 4;  // samples whose loads are issued together, ahead of their use
+constexpr int kTile = FNEVR_COMPOSITE_TILE;
+constexpr int kMaxChunks = FNEVR_COMPOSITE_CHUNKS;
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
@@ -180,7 +191,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Launch shape for a [R, D, C] problem: the widest vector the data's alignment allows, then up to
-// 4 chunks per lane (loads in flight) over the fewest lanes per ray, up to a warp, that cover C.
+// kMaxChunks chunks per lane over the fewest lanes per ray, up to a warp, that cover C (past that,
+// up to 4 chunks, and more passes).
 struct Config {
   int vec, chunks;
   Layout layout;
@@ -200,7 +212,7 @@ Config make_config(const at::Tensor& color, std::initializer_list<const at::Tens
   if (C % vec != 0 || !all_aligned) vec = 1;
   const int units = (C + vec - 1) / vec;
   int group_log2 = 0;
-  while ((4 << group_log2) < units && group_log2 < 5) ++group_log2;
+  while ((kMaxChunks << group_log2) < units && group_log2 < 5) ++group_log2;
   const int per_lane = (units + (1 << group_log2) - 1) >> group_log2;
   const int chunks = per_lane <= 1 ? 1 : per_lane <= 2 ? 2 : 4;
   const int64_t rays_per_block = kThreads >> group_log2;
