@@ -1,0 +1,120 @@
+"""Building blocks shared by the FNeVR networks: conv-norm-ReLU blocks, the hourglass, band-limited
+downsampling and the keypoint geometry helpers (coordinate grids, Gaussian heatmaps).
+
+Submodule names (``conv``, ``norm``, ``conv1``...) are kept stable because published checkpoints
+address them; the networks built from these blocks give them descriptive names of their own.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def coordinate_grid(height: int, width: int, like: Tensor) -> Tensor:
+    """``[H, W, 2]`` grid of (x, y) pixel centres in [-1, 1], corners included (the keypoints'
+    convention), in ``like``'s dtype and device."""
+
+    def axis(n):  # 2 i / (n - 1) - 1, the published arithmetic (linspace rounds differently)
+        i = torch.arange(n, dtype=like.dtype, device=like.device)
+        return 2 * (i / (n - 1)) - 1 if n > 1 else torch.zeros_like(i)
+
+    return torch.stack(torch.meshgrid(axis(width), axis(height), indexing="xy"), dim=-1)
+
+
+def gaussian_heatmaps(kp: Tensor, height: int, width: int, variance: float) -> Tensor:
+    """Unnormalised Gaussians ``exp(-|p - kp|^2 / (2 variance))`` around keypoints ``kp`` ``[B, K, 2]``
+    -> ``[B, K, H, W]``."""
+    grid = coordinate_grid(height, width, kp)  # [H, W, 2]
+    diff = grid.view(1, 1, height, width, 2) - kp.view(*kp.shape[:2], 1, 1, 2)
+    return torch.exp(-0.5 * diff.pow(2).sum(-1) / variance)
+
+
+class ConvBlock(nn.Module):
+    """conv -> BatchNorm -> ReLU, then optionally a 2x average pool ("down") or preceded by a 2x
+    nearest upsample ("up"). ``kind``: "same", "down" or "up"."""
+
+    def __init__(self, in_channels: int, out_channels: int, kind: str = "same", kernel_size: int = 3):
+        super().__init__()
+        self.kind = kind
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        self.norm = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "up":
+            x = F.interpolate(x, scale_factor=2.0)
+        x = torch.relu(self.norm(self.conv(x)))
+        return F.avg_pool2d(x, 2) if self.kind == "down" else x
+
+
+class ResBlock3d(nn.Module):
+    """Pre-activation 3-D residual block: x + conv(relu(bn(conv(relu(bn(x))))))."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv3d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv3d(channels, channels, 3, padding=1)
+        self.norm1 = nn.BatchNorm3d(channels)
+        self.norm2 = nn.BatchNorm3d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv1(torch.relu(self.norm1(x)))
+        return x + self.conv2(torch.relu(self.norm2(out)))
+
+
+class Hourglass(nn.Module):
+    """U-Net of ``num_blocks`` down and up :class:`ConvBlock` s with skip connections.
+
+    ``[B, in_channels, H, W]`` -> ``[B, out_channels, H, W]`` with
+    ``out_channels = block_expansion + in_channels`` (the last skip is the input itself).
+    H and W must be divisible by ``2**num_blocks``.
+    """
+
+    def __init__(self, in_channels: int, block_expansion: int, num_blocks: int, max_features: int):
+        super().__init__()
+
+        def width(i):
+            return min(max_features, block_expansion * 2**i)
+
+        self.down = nn.ModuleList(
+            ConvBlock(in_channels if i == 0 else width(i), width(i + 1), "down") for i in range(num_blocks))
+        self.up = nn.ModuleList(
+            ConvBlock((1 if i == num_blocks - 1 else 2) * width(i + 1), width(i), "up")
+            for i in reversed(range(num_blocks)))
+        self.out_channels = block_expansion + in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        skips = [x]
+        for block in self.down:
+            skips.append(block(skips[-1]))
+        out = skips.pop()
+        for block in self.up:
+            out = torch.cat([block(out), skips.pop()], dim=1)
+        return out
+
+
+class AntiAliasDownsample(nn.Module):
+    """Gaussian blur then stride-``1/scale`` subsampling (band-limited downsampling), per channel.
+
+    ``sigma = (1/scale - 1) / 2``, kernel ``2*round(4 sigma) + 1``; the kernel is a buffer named
+    ``weight`` (``[C, 1, k, k]``), as in published checkpoints.
+    """
+
+    def __init__(self, channels: int, scale: float):
+        super().__init__()
+        self.scale = scale
+        self.stride = int(round(1 / scale))
+        sigma = (1 / scale - 1) / 2
+        size = 2 * round(sigma * 4) + 1
+        self.pad = size // 2
+        ax = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+        g = torch.exp(-ax**2 / (2 * sigma**2)) if sigma > 0 else (ax == 0).float()
+        kernel = g[:, None] * g[None, :]
+        kernel = kernel / kernel.sum()
+        self.register_buffer("weight", kernel.expand(channels, 1, size, size).clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.scale == 1:
+            return x
+        x = F.conv2d(F.pad(x, (self.pad,) * 4), self.weight.to(x.dtype), groups=x.shape[1])
+        return x[:, :, :: self.stride, :: self.stride]
+

@@ -1,0 +1,45 @@
+"""The multi-scale patch discriminator FOMM-style training uses (not part of the published model)."""
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+
+class PatchDiscriminator(nn.Module):
+    """Image ``[B, 3, H, W]`` -> (feature maps of every block, patch scores ``[B, 1, h, w]``).
+
+    ``num_blocks`` blocks of 4x4 conv (spectral norm with ``sn``) -> InstanceNorm (all but the
+    first) -> LeakyReLU(0.2) -> 2x average pool (all but the last); a 1x1 conv gives the scores.
+    """
+
+    def __init__(self, num_channels: int = 3, block_expansion: int = 64, num_blocks: int = 4,
+                 max_features: int = 512, sn: bool = False):
+        super().__init__()
+        wrap = spectral_norm if sn else (lambda m: m)
+        widths = [num_channels] + [min(max_features, block_expansion * 2 ** (i + 1)) for i in range(num_blocks)]
+        self.convs = nn.ModuleList(wrap(nn.Conv2d(widths[i], widths[i + 1], 4)) for i in range(num_blocks))
+        self.norms = nn.ModuleList(nn.InstanceNorm2d(widths[i + 1], affine=True) if i else nn.Identity()
+                                   for i in range(num_blocks))
+        self.score = wrap(nn.Conv2d(widths[-1], 1, 1))
+
+    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        features = []
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            x = F.leaky_relu(norm(conv(x)), 0.2)
+            if i < len(self.convs) - 1:
+                x = F.avg_pool2d(x, 2)
+            features.append(x)
+        return features, self.score(x)
+
+
+class MultiScaleDiscriminator(nn.Module):
+    """One :class:`PatchDiscriminator` per pyramid scale. ``forward(pyramid)`` takes
+    ``{scale: image}`` and returns ``{scale: (feature maps, scores)}`` for the configured scales."""
+
+    def __init__(self, scales=(1,), **kwargs):
+        super().__init__()
+        self.scales = [float(s) for s in scales]
+        self.discs = nn.ModuleDict({str(s).replace(".", "-"): PatchDiscriminator(**kwargs) for s in self.scales})
+
+    def forward(self, pyramid: dict) -> dict:
+        return {s: self.discs[str(s).replace(".", "-")](pyramid[s]) for s in self.scales}
