@@ -87,6 +87,12 @@ def pytest_terminal_summary(terminalreporter):
         saved = f"{r['saved_MB']:9.1f}" if "saved_MB" in r else "        -"
         tr.write_line(f"{r['op']:<10} {r['mode']:<8} {r['provider']:<20} {r['dtype']:<9} {r['device']:<6} "
                       f"{r['median_us']:9.1f}us {r['GBps']:8.1f} {kernel} {share:>7} {peak} {saved}")
+    if any("frames" in r for r in ROWS):
+        tr.section("frames per second (whole model)")
+        for r in ROWS:
+            if "frames" in r:
+                tr.write_line(f"{r['provider']:<24} {r['mode']:<10} {r['dtype']:<6} {r['device']:<6} "
+                              f"{r['frames'] / (r['median_us'] * 1e-6):9.1f} frames/s")
     tr.section("kernels per call (us)")
     for r in ROWS:
         for name, us in r.get("kernels_us", {}).items():

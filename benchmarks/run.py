@@ -49,7 +49,7 @@ def environment() -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmarks", nargs="*", default=["composite"], help="which bench_*.py to run")
+    parser.add_argument("benchmarks", nargs="*", default=["composite"], help="which bench_*.py to run (composite, model, ...)")
     parser.add_argument("--save", metavar="DIR", help="write <name>-<device>-<date>.json and .txt here")
     args, extra = parser.parse_known_args()
     env = environment()

@@ -165,8 +165,9 @@ def test_shapes_through_every_module():
         assert model.generator.decoder(torch.cat([feats, r["render"]], 1)).shape == (1, 3, size, size)
         # identical keypoints: the identity motion, so the warp reproduces the (downsampled) source
         assert motion["deformation"].abs().max() <= 1.0 + 1e-5
-        for scale, (fmaps, scores) in model.discriminator({1.0: source}).items():
-            assert scores.shape[:2] == (1, 1) and len(fmaps) == m["discriminator_params"]["num_blocks"]
+        d = model.discriminator({"prediction_1": source})
+        assert d["prediction_map_1"].shape[:2] == (1, 1)
+        assert len(d["feature_maps_1"]) == m["discriminator_params"]["num_blocks"]
         edited = model.pose_editor(kp, torch.zeros(1, 3))
         assert torch.equal(edited["value"], kp["value"]) and torch.equal(edited["jacobian"], kp["jacobian"])
 

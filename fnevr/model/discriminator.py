@@ -33,13 +33,17 @@ class PatchDiscriminator(nn.Module):
 
 
 class MultiScaleDiscriminator(nn.Module):
-    """One :class:`PatchDiscriminator` per pyramid scale. ``forward(pyramid)`` takes
-    ``{scale: image}`` and returns ``{scale: (feature maps, scores)}`` for the configured scales."""
+    """One :class:`PatchDiscriminator` per pyramid scale, in FOMM's dict convention:
+    ``{"prediction_<s>": image}`` (``fnevr.losses.ImagePyramid``'s output) ->
+    ``{"feature_maps_<s>": [...], "prediction_map_<s>": [B, 1, h, w]}`` for the configured scales."""
 
     def __init__(self, scales=(1,), **kwargs):
         super().__init__()
-        self.scales = [float(s) for s in scales]
+        self.scales = [float(s) if float(s) != 1 else 1 for s in scales]
         self.discs = nn.ModuleDict({str(s).replace(".", "-"): PatchDiscriminator(**kwargs) for s in self.scales})
 
     def forward(self, pyramid: dict) -> dict:
-        return {s: self.discs[str(s).replace(".", "-")](pyramid[s]) for s in self.scales}
+        out = {}
+        for s in self.scales:
+            out[f"feature_maps_{s}"], out[f"prediction_map_{s}"] = self.discs[str(s).replace(".", "-")](pyramid[f"prediction_{s}"])
+        return out
