@@ -67,7 +67,7 @@ if want_cuda():
     )
 
 setup(
-    packages=["fnevr", "fnevr.ops", "fnevr.kernels"],
+    packages=["fnevr", "fnevr.ops", "fnevr.kernels", "fnevr.data", "fnevr.losses"],
     package_dir={"fnevr.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
