@@ -187,7 +187,7 @@ def _to_rgb(array: np.ndarray) -> Tensor:
 def _read_image(path) -> Tensor:
     import imageio.v3 as iio
 
-    image = iio.imread(path)
+    image = iio.imread(path, plugin="pillow")
     if image.ndim not in (2, 3):
         raise VideoReadError(path, f"expected a single image, decoded an array of shape {image.shape}")
     return _to_rgb(image)
@@ -199,7 +199,7 @@ def _read_movie(path) -> Tensor:
     if path.suffix.lower() == ".gif":
         import imageio.v3 as iio
 
-        frames = iio.imread(path, index=None, mode="RGB")  # pillow: [T, H, W, 3] for any palette
+        frames = iio.imread(path, index=None, mode="RGB", plugin="pillow")  # pillow: [T, H, W, 3] for any palette
         return _to_rgb(frames if frames.ndim == 4 else frames[None])
     frames = imageio.mimread(str(path), memtest=False)
     if not frames:
