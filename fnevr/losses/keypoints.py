@@ -36,20 +36,26 @@ def _check_kp(kp, name, jacobian=False):
                          f"got {tuple(kp['jacobian'].shape)}")
 
 
+def _loss_dtype(tensor: Tensor) -> torch.dtype:
+    """fp32 (fp64 for fp64 input): warps and inverses are too coarse in half precision."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
 def equivariance_value_loss(kp_driving: dict, kp_transformed: dict, transform: RandomTPS) -> Tensor:
     """:math:`\\mathrm{mean}|p_d - T(p_t)|` (module doc); a scalar."""
     _check_kp(kp_driving, "kp_driving")
     _check_kp(kp_transformed, "kp_transformed")
-    warped = transform.warp_coordinates(kp_transformed["value"].float())
-    return (kp_driving["value"].float() - warped).abs().mean()
+    dtype = _loss_dtype(kp_driving["value"])
+    warped = transform.warp_coordinates(kp_transformed["value"].to(dtype))
+    return (kp_driving["value"].to(dtype) - warped).abs().mean()
 
 
 def equivariance_jacobian_loss(kp_driving: dict, kp_transformed: dict, transform: RandomTPS) -> Tensor:
-    """:math:`\\mathrm{mean}|I - J_d^{-1} \\nabla T(p_t) J_t|` (module doc); a scalar. The inverse is
-    taken in fp32 (fp64 for fp64 input): it is ill-conditioned in half precision."""
+    """:math:`\\mathrm{mean}|I - J_d^{-1} \\nabla T(p_t) J_t|` (module doc); a scalar. Computed in
+    fp32 (fp64 for fp64 input)."""
     _check_kp(kp_driving, "kp_driving", jacobian=True)
     _check_kp(kp_transformed, "kp_transformed", jacobian=True)
-    dtype = torch.float64 if kp_driving["jacobian"].dtype == torch.float64 else torch.float32
+    dtype = _loss_dtype(kp_driving["jacobian"])
     transformed = transform.jacobian(kp_transformed["value"].to(dtype)) @ kp_transformed["jacobian"].to(dtype)
     product = torch.linalg.inv(kp_driving["jacobian"].to(dtype)) @ transformed
     return (torch.eye(2, dtype=dtype, device=product.device) - product).abs().mean()
