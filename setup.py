@@ -67,7 +67,7 @@ if want_cuda():
     )
 
 setup(
-    packages=["fnevr", "fnevr.ops", "fnevr.kernels", "fnevr.model", "fnevr.train"],
+    packages=["fnevr", "fnevr.ops", "fnevr.kernels", "fnevr.model", "fnevr.train", "fnevr.data", "fnevr.losses"],
     package_data={"fnevr": ["configs/*.yaml"]},
     package_dir={"fnevr.kernels": "kernels"},
     ext_modules=ext_modules,
