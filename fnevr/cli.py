@@ -4,6 +4,7 @@ Run ``fnevr --help`` or ``fnevr <command> --help``.
 """
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -55,13 +56,22 @@ def _read_image(path: Path) -> torch.Tensor:
 
 
 def _read_video(path: Path) -> tuple[torch.Tensor, float]:
-    from .data.video import VideoReadError, read_video, video_fps
+    """uint8 ``[T, H, W, 3]`` and the frame rate (a movie's own, else 25)."""
+    from .data.video import MOVIE_SUFFIXES, VideoReadError, read_video
 
+    if not path.exists():
+        raise SystemExit(f"error: driving video {path} does not exist")
     try:
         frames = read_video(path)
     except VideoReadError as e:
         raise SystemExit(f"error: {e}") from e
-    return frames, video_fps(path)
+    fps = 25.0
+    if path.suffix.lower() in MOVIE_SUFFIXES:
+        import imageio.v3 as iio
+
+        with contextlib.suppress(Exception):  # a movie without a frame rate (a gif) plays at 25 fps
+            fps = float(iio.immeta(path).get("fps") or fps)
+    return frames, fps
 
 
 def _load_model(args, device):

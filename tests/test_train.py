@@ -1,0 +1,149 @@
+"""Training: a step on every backend, the loss falls, resume continues exactly, DDP over two gloo
+processes equals one process on the combined batch, the demo command, evaluation."""
+
+import copy
+import csv
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from helpers import target_params
+
+from fnevr.config import load_config
+from fnevr.data.synthetic import ensure_synthetic_dataset
+from fnevr.train import TrainOptions, Trainer
+
+
+def tiny_config():
+    """The small config at 32x32: a training step takes a fraction of a second here."""
+    config = load_config("small")
+    config["dataset_params"]["frame_shape"] = [32, 32, 3]
+    config["train_params"]["batch_size"] = 4
+    config["model_params"]["discriminator_params"]["num_blocks"] = 3  # 4 blocks need 64x64 images
+    return config
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return ensure_synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic", size=32, num_frames=8,
+                                    num_train=8, num_test=2, clips_per_id=2, seed=1)
+
+
+def options(data, out, **kw):
+    base = dict(config=tiny_config(), data=str(data), out=str(out), device="cpu", num_workers=0, progress=False,
+                checkpoint_every=1000, sample_every=1000, log_every=1)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def read_log(out):
+    with open(out / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("backend, device", target_params([("reference", "cpu"), ("cpu", "cpu"), ("triton", "cpu")]))
+def test_a_training_step_on_every_backend(data, tmp_path, backend, device):
+    trainer = Trainer(options(data, tmp_path, backend=backend))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    batch = next(iter(trainer._loader(0)))
+    losses = trainer.train_step([batch])
+    assert {"perceptual", "perceptual_l1", "generator_gan", "feature_matching", "equivariance_value",
+            "equivariance_jacobian", "pose_edit", "discriminator_gan"} <= set(losses)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    after = trainer.model.state_dict()
+    for part in ("generator.", "kp_detector.", "discriminator.", "pose_editor."):
+        assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(part)), f"{part} did not change"
+
+
+def test_loss_falls_and_outputs_are_written(data, tmp_path):
+    trainer = Trainer(options(data, tmp_path, steps=30, checkpoint_every=30, sample_every=15))
+    trainer.fit()
+    rows = read_log(tmp_path)
+    assert [int(r["step"]) for r in rows] == list(range(1, 31))
+    first = sum(float(r["perceptual"]) for r in rows[:5]) / 5
+    last = sum(float(r["perceptual"]) for r in rows[-5:]) / 5
+    assert last < 0.9 * first, f"reconstruction loss did not fall: {first:.3f} -> {last:.3f}"
+    assert (tmp_path / "checkpoints" / "latest.pt").is_file() and (tmp_path / "checkpoints" / "step-0000030.pt").is_file()
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-0000015.png", "step-0000030.png"]
+    assert any((tmp_path / "tb").iterdir())
+
+
+def test_resume_continues_exactly(data, tmp_path):
+    straight = Trainer(options(data, tmp_path / "a", steps=6))
+    straight.fit()
+    first = Trainer(options(data, tmp_path / "b", steps=3, checkpoint_every=3))
+    first.fit()
+    resumed = Trainer(options(data, tmp_path / "b", steps=6, resume=True))
+    assert resumed.step == 3
+    resumed.fit()
+    a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    assert [r["step"] for r in b] == ["1", "2", "3", "4", "5", "6"]
+    for ra, rb in zip(a, b):
+        for key in ("perceptual", "equivariance_jacobian", "discriminator_gan"):
+            assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_resume_without_checkpoint_says_where_it_looked(data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*latest.pt"):
+        Trainer(options(data, tmp_path, resume=True))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, data, out, batch, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    trainer = Trainer(options(data, out, seed=3))
+    local = {k: v[rank * 2:(rank + 1) * 2] if torch.is_tensor(v) else v for k, v in batch.items()}
+    losses = trainer.train_step([local])
+    if rank == 0:
+        queue.put(({k: v.clone() for k, v in trainer.model.state_dict().items()}, losses))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_one_process_on_the_combined_batch(data, tmp_path):
+    single = Trainer(options(data, tmp_path / "single", seed=3))
+    batch = next(iter(single._loader(0)))
+    assert batch["source"].shape[0] == 4
+    single.train_step([copy.deepcopy(batch)])
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, data, tmp_path / "ddp", batch, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    state, _ = queue.get(timeout=300)
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    worst = max(state, key=lambda k: (state[k].double() - single.model.state_dict()[k].double()).abs().max()
+                if state[k].is_floating_point() else 0)
+    diff = (state[worst].double() - single.model.state_dict()[worst].double()).abs().max().item()
+    assert diff < 1e-5, f"{worst} differs by {diff:.3g}"
+
+
+def test_demo_command_runs_and_learns(tmp_path, monkeypatch, capsys):
+    from fnevr.cli import main
+
+    monkeypatch.setenv("FNEVR_CACHE", str(tmp_path / "cache"))
+    main(["train", "--demo", "--steps", "2", "--out", str(tmp_path / "run"), "--num-workers", "0"])
+    assert "done: step 2" in capsys.readouterr().out
+    assert (tmp_path / "run" / "checkpoints" / "latest.pt").is_file()
+
+
+def test_evaluate_reports_metrics(data, tmp_path):
+    from fnevr.train.evaluate import evaluate
+
+    trainer = Trainer(options(data, tmp_path, steps=1, checkpoint_every=1))
+    trainer.fit()
+    result = evaluate(tmp_path / "checkpoints" / "latest.pt", data)
+    assert result["videos"] == 2 and result["frames"] == 16
+    assert 0 < result["l1"] < 1 and result["psnr"] > 0 and -1 <= result["ssim"] <= 1
