@@ -76,7 +76,8 @@ def test_vgg19_features_are_fomm_layers(vgg_file, vgg_state):
                                              (1, 512, 2, 2)]
     # relu1_1 and relu2_1 by hand from the saved weights.
     w = {k: v.float() for k, v in vgg_state.items()}
-    h = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    h = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     relu1_1 = F.relu(F.conv2d(h, w["features.0.weight"], w["features.0.bias"], padding=1))
     relu1_2 = F.relu(F.conv2d(relu1_1, w["features.2.weight"], w["features.2.bias"], padding=1))
     relu2_1 = F.relu(F.conv2d(F.max_pool2d(relu1_2, 2), w["features.5.weight"], w["features.5.bias"], padding=1))
@@ -193,6 +194,8 @@ def test_tps_jacobian_matches_finite_differences():
         step[axis] = eps
         numeric = (tps.warp_coordinates(coords + step) - tps.warp_coordinates(coords - step)) / (2 * eps)
         torch.testing.assert_close(jac[..., :, axis], numeric, rtol=1e-6, atol=1e-7)
+    assert not jac.requires_grad
+    assert tps.jacobian(coords.clone().requires_grad_(True)).requires_grad  # differentiable for the loss
     # Affine part is I + noise: not the identity, and a draw is reproducible from its generator.
     assert (jac - torch.eye(2, dtype=torch.float64)).abs().max() > 1e-3
     again = RandomTPS(2, sigma_affine=0.1, sigma_tps=0.05, points_tps=4, generator=torch.Generator().manual_seed(0),
