@@ -12,6 +12,7 @@ import fnevr.losses.perceptual as perceptual
 from fnevr.losses import (ImagePyramid, PerceptualPyramidLoss, RandomTPS, VGG19Features, equivariance_jacobian_loss,
                           equivariance_value_loss, feature_matching_loss, find_vgg19_weights,
                           lsgan_discriminator_loss, lsgan_generator_loss, perceptual_l1, pose_edit_loss)
+from fnevr.losses.perceptual import reachable_layers
 from fnevr.losses.pyramid import gaussian_kernel
 from fnevr.losses.tps import coordinate_grid
 
@@ -106,6 +107,18 @@ def test_perceptual_loss_with_weights_by_path(vgg_file, empty_hub):
     assert 0 < only_first(x, y) < loss
     with pytest.raises(FileNotFoundError, match="no file"):
         PerceptualPyramidLoss(vgg_weights=vgg_file.with_name("absent.pth"))
+
+
+def test_perceptual_loss_on_levels_smaller_than_vgg_needs(vgg_file, empty_hub):
+    """Scale 1/8 of 32x32 is 4x4: only relu1_1 ... relu3_1 exist there."""
+    x, y = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    loss = PerceptualPyramidLoss([0.125], [1, 2, 3, 4, 5], vgg_weights=vgg_file)
+    small_x, small_y = loss.pyramid(x)["prediction_0.125"], loss.pyramid(y)["prediction_0.125"]
+    assert small_x.shape[-1] == 4
+    features = [loss.vgg(small_x, 3), loss.vgg(small_y, 3)]
+    expected = sum(w * (a - b).abs().mean() for w, a, b in zip([1, 2, 3], *features))
+    torch.testing.assert_close(loss(x, y), expected)
+    assert [reachable_layers(s, s) for s in (1, 2, 3, 4, 8, 15, 16, 256)] == [1, 2, 2, 3, 4, 4, 5, 5]
 
 
 def test_perceptual_loss_finds_hub_cache(vgg_state, empty_hub):
