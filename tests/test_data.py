@@ -188,6 +188,18 @@ def test_dataset_skips_unreadable_video(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # known bad: skipped silently afterwards
         assert ds[0]["name"] == "a#1.png"
+    # With id sampling, an identity whose clip is unreadable falls back to its other clip.
+    (root / "train" / "b#0.gif").write_bytes(b"")
+    by_id = FramesDataset(root, (H, W), id_sampling=True, seed=0)
+    with pytest.warns(RuntimeWarning, match="b#0.gif"):
+        assert {by_id.sample(1, key)["name"] for key in range(12)} == {"b#1.png"}
+    lone = tmp_path / "lone"
+    (lone / "train").mkdir(parents=True)
+    (lone / "train" / "z#0.gif").write_bytes(b"")
+    write_layout(lone / "train" / "z#1", make_frames(), "strip")
+    with pytest.warns(RuntimeWarning, match="z#0.gif"):
+        assert {FramesDataset(lone, (H, W), id_sampling=True, seed=0).sample(0, key)["name"]
+                for key in range(8)} == {"z#1.png"}
     # Nothing readable at all: a clear error.
     bad = tmp_path / "bad"
     (bad / "train").mkdir(parents=True)

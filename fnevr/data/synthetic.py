@@ -20,7 +20,8 @@ atomically: into a temporary sibling that is renamed into place when complete. E
     >>> len(FramesDataset(root, frame_shape=(64, 64), id_sampling=True))   # 40 clips of 20 identities
     20
 
-``python -m fnevr.data.synthetic OUT.png`` writes a preview (three identities, eight frames each).
+:func:`save_preview` writes a preview png, three identities of eight frames (``docs/synthetic_example.png``:
+``python -c "from fnevr.data.synthetic import save_preview; save_preview('docs/synthetic_example.png')"``).
 """
 
 import json
@@ -269,8 +270,3 @@ def save_preview(path, size: int = 64, num_frames: int = 8, num_identities: int 
         rows.append(frames.permute(1, 0, 2, 3).reshape(size, num_frames * size, 3))
     iio.imwrite(path, torch.cat(rows).numpy())
 
-
-if __name__ == "__main__":
-    import sys
-
-    save_preview(sys.argv[1] if len(sys.argv) > 1 else "synthetic_preview.png")
