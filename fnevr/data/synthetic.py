@@ -269,4 +269,3 @@ def save_preview(path, size: int = 64, num_frames: int = 8, num_identities: int 
         frames = frames[torch.linspace(0, 31, num_frames).round().long()]
         rows.append(frames.permute(1, 0, 2, 3).reshape(size, num_frames * size, 3))
     iio.imwrite(path, torch.cat(rows).numpy())
-
