@@ -188,6 +188,18 @@ def test_dataset_skips_unreadable_video(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # known bad: skipped silently afterwards
         assert ds[0]["name"] == "a#1.png"
+    # With id sampling, an identity whose clip is unreadable falls back to its other clip.
+    (root / "train" / "b#0.gif").write_bytes(b"")
+    by_id = FramesDataset(root, (H, W), id_sampling=True, seed=0)
+    with pytest.warns(RuntimeWarning, match="b#0.gif"):
+        assert {by_id.sample(1, key)["name"] for key in range(12)} == {"b#1.png"}
+    lone = tmp_path / "lone"
+    (lone / "train").mkdir(parents=True)
+    (lone / "train" / "z#0.gif").write_bytes(b"")
+    write_layout(lone / "train" / "z#1", make_frames(), "strip")
+    with pytest.warns(RuntimeWarning, match="z#0.gif"):
+        assert {FramesDataset(lone, (H, W), id_sampling=True, seed=0).sample(0, key)["name"]
+                for key in range(8)} == {"z#1.png"}
     # Nothing readable at all: a clear error.
     bad = tmp_path / "bad"
     (bad / "train").mkdir(parents=True)
@@ -295,3 +307,18 @@ def test_synthetic_faces_vary_and_blink():
     motion = random_motion(np.random.default_rng(0), 64)
     assert motion["eyes_open"].min() < 0.5 and motion["eyes_open"].max() == 1  # at least one blink
     assert motion["mouth_open"].max() > 0.3 and motion["mouth_open"].min() == 0  # speaks and closes
+
+
+def test_dataloader_workers_give_the_same_batches(tmp_path):
+    """Seeded items do not depend on which worker draws them (what makes resumed runs exact)."""
+    root = ensure_synthetic_dataset(tmp_path / "s", **SMALL)
+    aug = {"flip_param": {"horizontal_flip": True, "time_flip": True}, "jitter_param": {"brightness": 0.1}}
+    ds = DatasetRepeater(FramesDataset(root, (32, 32), id_sampling=True, augmentation=aug, seed=0), 3)
+    inline = list(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=0))
+    workers = list(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2))
+    assert len(inline) == len(workers) == 3
+    for a, b in zip(inline, workers):
+        assert a["name"] == b["name"]
+        assert a["source"].shape == (2, 3, 32, 32) and a["pose"].shape == (2, 3)
+        for key in ("source", "driving", "pose"):
+            assert torch.equal(a[key], b[key])

@@ -12,6 +12,7 @@ import fnevr.losses.perceptual as perceptual
 from fnevr.losses import (ImagePyramid, PerceptualPyramidLoss, RandomTPS, VGG19Features, equivariance_jacobian_loss,
                           equivariance_value_loss, feature_matching_loss, find_vgg19_weights,
                           lsgan_discriminator_loss, lsgan_generator_loss, perceptual_l1, pose_edit_loss)
+from fnevr.losses.perceptual import reachable_layers
 from fnevr.losses.pyramid import gaussian_kernel
 from fnevr.losses.tps import coordinate_grid
 
@@ -76,7 +77,8 @@ def test_vgg19_features_are_fomm_layers(vgg_file, vgg_state):
                                              (1, 512, 2, 2)]
     # relu1_1 and relu2_1 by hand from the saved weights.
     w = {k: v.float() for k, v in vgg_state.items()}
-    h = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    h = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     relu1_1 = F.relu(F.conv2d(h, w["features.0.weight"], w["features.0.bias"], padding=1))
     relu1_2 = F.relu(F.conv2d(relu1_1, w["features.2.weight"], w["features.2.bias"], padding=1))
     relu2_1 = F.relu(F.conv2d(F.max_pool2d(relu1_2, 2), w["features.5.weight"], w["features.5.bias"], padding=1))
@@ -105,6 +107,18 @@ def test_perceptual_loss_with_weights_by_path(vgg_file, empty_hub):
     assert 0 < only_first(x, y) < loss
     with pytest.raises(FileNotFoundError, match="no file"):
         PerceptualPyramidLoss(vgg_weights=vgg_file.with_name("absent.pth"))
+
+
+def test_perceptual_loss_on_levels_smaller_than_vgg_needs(vgg_file, empty_hub):
+    """Scale 1/8 of 32x32 is 4x4: only relu1_1 ... relu3_1 exist there."""
+    x, y = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    loss = PerceptualPyramidLoss([0.125], [1, 2, 3, 4, 5], vgg_weights=vgg_file)
+    small_x, small_y = loss.pyramid(x)["prediction_0.125"], loss.pyramid(y)["prediction_0.125"]
+    assert small_x.shape[-1] == 4
+    features = [loss.vgg(small_x, 3), loss.vgg(small_y, 3)]
+    expected = sum(w * (a - b).abs().mean() for w, a, b in zip([1, 2, 3], *features))
+    torch.testing.assert_close(loss(x, y), expected)
+    assert [reachable_layers(s, s) for s in (1, 2, 3, 4, 8, 15, 16, 256)] == [1, 2, 2, 3, 4, 4, 5, 5]
 
 
 def test_perceptual_loss_finds_hub_cache(vgg_state, empty_hub):
@@ -193,6 +207,8 @@ def test_tps_jacobian_matches_finite_differences():
         step[axis] = eps
         numeric = (tps.warp_coordinates(coords + step) - tps.warp_coordinates(coords - step)) / (2 * eps)
         torch.testing.assert_close(jac[..., :, axis], numeric, rtol=1e-6, atol=1e-7)
+    assert not jac.requires_grad
+    assert tps.jacobian(coords.clone().requires_grad_(True)).requires_grad  # differentiable for the loss
     # Affine part is I + noise: not the identity, and a draw is reproducible from its generator.
     assert (jac - torch.eye(2, dtype=torch.float64)).abs().max() > 1e-3
     again = RandomTPS(2, sigma_affine=0.1, sigma_tps=0.05, points_tps=4, generator=torch.Generator().manual_seed(0),

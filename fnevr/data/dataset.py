@@ -77,7 +77,7 @@ class FramesDataset(Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"FramesDataset: expected the FOMM layout {root}/train and {root}/test; "
                                     f"{self.root} is not a folder")
-        if frame_shape is None or len(frame_shape) not in (2, 3):
+        if frame_shape is None or len(frame_shape) not in (2, 3) or tuple(frame_shape[2:]) not in ((), (3,)):
             raise ValueError(f"FramesDataset: frame_shape must be (H, W) or (H, W, 3); got {frame_shape!r}")
         if seed is not None and not isinstance(seed, (int, np.integer)):
             raise TypeError(f"FramesDataset: seed must be None or an int; got {seed!r}")
@@ -115,7 +115,8 @@ class FramesDataset(Dataset):
         if self.seed is not None:
             state = np.random.SeedSequence([self.seed, self.epoch, int(key)]).generate_state(2, np.uint32)
             generator = torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]))
-        for attempt in range(len(self)):
+        # Each failed try drops a video or, once an identity has none left, moves to the next one.
+        for _ in range(len(self.videos) + len(self.ids)):
             video = self._pick(index, generator)
             if video is None:  # every clip of this identity is unreadable
                 index = (index + 1) % len(self)

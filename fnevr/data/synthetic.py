@@ -20,7 +20,8 @@ atomically: into a temporary sibling that is renamed into place when complete. E
     >>> len(FramesDataset(root, frame_shape=(64, 64), id_sampling=True))   # 40 clips of 20 identities
     20
 
-``python -m fnevr.data.synthetic OUT.png`` writes a preview (three identities, eight frames each).
+:func:`save_preview` writes a preview png, three identities of eight frames (``docs/synthetic_example.png``:
+``python -c "from fnevr.data.synthetic import save_preview; save_preview('docs/synthetic_example.png')"``).
 """
 
 import json
@@ -124,7 +125,8 @@ def render_video(identity: dict, motion: dict, size: int) -> Tensor:
 
     def feature(fu, fv):
         """Face-surface point (fu, fv) -> head frame: features move more than the outline."""
-        return fu * torch.cos(yaw) + 0.55 * g["head_rx"] * torch.sin(yaw), fv * torch.cos(pitch) + 0.35 * ry * torch.sin(pitch)
+        fu = fu * torch.cos(yaw) + 0.55 * g["head_rx"] * torch.sin(yaw)
+        return fu, fv * torch.cos(pitch) + 0.35 * ry * torch.sin(pitch)
 
     # Shoulders and neck (only shifted, not rolled), behind the head.
     paint(c["cloth_colour"], _ellipse(x - 0.6 * sx, y, 0, 1.25, 1.0, 0.5, px))
@@ -145,14 +147,17 @@ def render_video(identity: dict, motion: dict, size: int) -> Tensor:
         erx, ery = g["eye_rx"] * torch.cos(yaw) * shade.clamp(min=0.6), g["eye_ry"] * open_
         visible = (blink / 0.15).clamp(0, 1)
         paint(c["white_colour"], _ellipse(u, v, ex, ey, erx, ery, px) * visible)
-        paint(c["iris_colour"], _ellipse(u, v, ex + 0.25 * erx * torch.sin(yaw), ey, erx * 0.5, ery * 0.9, px) * visible)
-        paint(c["hair_colour"] * 0.8, _ellipse(u, v, ex, ey - g["eye_ry"] - 0.07 - g["brow_raise"], erx * 1.2, 0.025, px))
+        iris = _ellipse(u, v, ex + 0.25 * erx * torch.sin(yaw), ey, erx * 0.5, ery * 0.9, px)
+        paint(c["iris_colour"], iris * visible)
+        brow_y = ey - g["eye_ry"] - 0.07 - g["brow_raise"]
+        paint(c["hair_colour"] * 0.8, _ellipse(u, v, ex, brow_y, erx * 1.2, 0.025, px))
     nx, ny = feature(0.0, g["nose_y"])
     paint(c["skin_colour"] * 0.78, _ellipse(u, v, nx, ny, 0.05 * torch.cos(yaw) + 0.02, 0.035, px))
     mx, my = feature(0.0, g["mouth_y"])
     mrx = g["mouth_rx"] * torch.cos(yaw) * (1 - 0.15 * mouth)
     paint(c["lip_colour"], _ellipse(u, v, mx, my, mrx, 0.035 + 0.1 * mouth, px))
-    paint(c["mouth_colour"], _ellipse(u, v, mx, my, mrx * 0.8, (0.085 * mouth).clamp(min=1e-3), px) * (mouth / 0.1).clamp(0, 1))
+    inside = _ellipse(u, v, mx, my, mrx * 0.8, (0.085 * mouth).clamp(min=1e-3), px)
+    paint(c["mouth_colour"], inside * (mouth / 0.1).clamp(0, 1))
 
     return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous()
 
@@ -224,9 +229,19 @@ def _complete(root: Path, params: dict) -> bool:
 
 
 def _build(folder: Path, params: dict):
+    T, S, per_id = params["num_frames"], params["size"], params["clips_per_id"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the frames are small: intra-op threads cost more than they save
+    try:
+        _build_splits(folder, params, T, S, per_id)
+    finally:
+        torch.set_num_threads(threads)
+    (folder / "meta.json").write_text(json.dumps(params))
+
+
+def _build_splits(folder, params, T, S, per_id):
     import imageio.v3 as iio
 
-    T, S, per_id = params["num_frames"], params["size"], params["clips_per_id"]
     first_id = 0
     for split in ("train", "test"):
         (folder / split).mkdir(parents=True)
@@ -241,7 +256,6 @@ def _build(folder: Path, params: dict):
             write_pose_csv(folder / split / f"{name}.pose.csv",
                            np.stack([motion["yaw"], motion["pitch"], motion["roll"]], axis=1))
         first_id += -(-count // per_id)  # test identities follow the training ones
-    (folder / "meta.json").write_text(json.dumps(params))
 
 
 def save_preview(path, size: int = 64, num_frames: int = 8, num_identities: int = 3, seed: int = 0):
@@ -255,9 +269,3 @@ def save_preview(path, size: int = 64, num_frames: int = 8, num_identities: int 
         frames = frames[torch.linspace(0, 31, num_frames).round().long()]
         rows.append(frames.permute(1, 0, 2, 3).reshape(size, num_frames * size, 3))
     iio.imwrite(path, torch.cat(rows).numpy())
-
-
-if __name__ == "__main__":
-    import sys
-
-    save_preview(sys.argv[1] if len(sys.argv) > 1 else "synthetic_preview.png")

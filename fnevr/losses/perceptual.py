@@ -8,6 +8,9 @@ the five VGG19 activations FOMM uses, ``relu1_1, relu2_1, relu3_1, relu4_1, relu
 
     L = \sum_s \sum_{i=1}^{5} w_i \, \mathrm{mean}\,\lvert \phi_i(\hat x_s) - \phi_i(x_s) \rvert
 
+Pyramid levels smaller than 16 pixels (e.g. scale 1/8 of a 64² demo image) reach only the first
+layers (relu<k>_1 needs :math:`2^{k-1}` pixels per side); the sum then runs over those.
+
 The VGG19 weights are never downloaded: they come from ``vgg_weights`` (a path to torchvision's
 ``vgg19-dcbb9e9d.pth`` or any state dict with its ``features.N.*`` keys) or, if not given, from the
 torch hub cache (``torch.hub.get_dir()/checkpoints/vgg19-*.pth``, where ``torchvision`` puts it).
@@ -25,6 +28,7 @@ the ``fallback`` is used: ``"l1"`` (default) is pixel L1 on each pyramid level w
 
 import glob
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -92,14 +96,21 @@ class VGG19Features(nn.Module):
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: never leave eval mode
 
-    def forward(self, x: Tensor) -> list:
+    def forward(self, x: Tensor, layers: int = 5) -> list:
+        """The first ``layers`` activations (relu1_1 ... ), ``1 <= layers <= 5``."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"VGG19Features: expected [B, 3, H, W]; got {tuple(x.shape)}")
         out, h = [], (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        for block in self.slices:
+        for block in self.slices[:layers]:
             h = block(h)
             out.append(h)
         return out
+
+
+def reachable_layers(height: int, width: int) -> int:
+    """How many of relu1_1 ... relu5_1 an ``height x width`` input reaches: relu<k>_1 comes after
+    k - 1 2x2 max-pools, so it needs at least 2^(k-1) pixels per side."""
+    return min(len(VGG19_SLICES), 1 + int(math.log2(max(1, min(height, width)))))
 
 
 class PerceptualPyramidLoss(nn.Module):
@@ -149,9 +160,10 @@ class PerceptualPyramidLoss(nn.Module):
             if self.vgg is None:
                 total = total + sum(self.weights) * (level - real[key]).abs().float().mean()
                 continue
+            layers = reachable_layers(*level.shape[2:])
             with torch.no_grad():
-                real_features = self.vgg(real[key])
-            for weight, a, b in zip(self.weights, self.vgg(level), real_features):
+                real_features = self.vgg(real[key], layers)
+            for weight, a, b in zip(self.weights, self.vgg(level, layers), real_features):
                 if weight != 0:
                     total = total + weight * (a - b).abs().float().mean()
         return total

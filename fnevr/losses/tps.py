@@ -83,12 +83,15 @@ class RandomTPS:
 
     def jacobian(self, coords: Tensor) -> Tensor:
         """``dT/dp`` at ``coords`` ``[batch, K, 2]`` -> ``[batch, K, 2, 2]`` (row = output x/y), by
-        autograd with ``create_graph=True`` so it stays differentiable in ``coords``."""
+        autograd; when ``coords`` requires grad the result stays differentiable in it
+        (``create_graph``), as the Jacobian equivariance loss needs."""
+        differentiable = coords.requires_grad
         with torch.enable_grad():
-            if not coords.requires_grad:
+            if not differentiable:
                 coords = coords.detach().requires_grad_(True)
             warped = self.warp_coordinates(coords)
-            rows = [torch.autograd.grad(warped[..., i].sum(), coords, create_graph=True)[0] for i in range(2)]
+            rows = [torch.autograd.grad(warped[..., i].sum(), coords, retain_graph=True,
+                                        create_graph=differentiable)[0] for i in range(2)]
         return torch.stack(rows, dim=-2)
 
     def transform_frame(self, frame: Tensor) -> Tensor:
