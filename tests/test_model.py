@@ -243,3 +243,23 @@ def test_pose_editor_rejects_bad_angles():
     with pytest.raises(ValueError, match=r"angles must be \[B, 3\]"):
         model.pose_editor(kp, torch.zeros(2, 2))
     assert fnevr.model.PoseEditor is type(model.pose_editor)
+
+
+@pytest.mark.parametrize("backend, device", target_params([("reference", "cpu"), ("cpu", "cpu"), ("cuda", "cuda")]))
+def test_fused_head_equals_the_unfused_model(backend, device):
+    """Compositing the hidden features and applying the last layer per ray (render fused_head)
+    gives the unfused model's outputs and parameter gradients, in fp64."""
+    config = fnevr.load_config("small")
+    torch.manual_seed(1)
+    plain = FNeVR(config, training_modules=False).train()
+    config["model_params"]["generator_params"]["render_params"]["fused_head"] = True
+    fused = FNeVR(config, training_modules=False).train()
+    fused.load_state_dict(plain.state_dict())
+    for m in (plain, fused):
+        m.set_backend(backend).to(device, torch.float64)
+    source, driving = (f.to(device) for f in frames(2, 64, seed=5, dtype=torch.float64))
+    want, want_grads = _forward_backward(plain, source, driving)
+    errs = _errors(fused, want_grads, want, source, driving)
+    bad = {k: f"{v:.3g}" for k, v in errs.items() if not v <= 1e-9}
+    assert not bad, bad
+    assert want["render"].std() > 1e-3

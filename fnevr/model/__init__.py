@@ -43,7 +43,7 @@ def build_generator(config: dict) -> Generator:
                       "num_blocks": dm["num_blocks"], "scale_factor": dm.get("scale_factor", 1)},
         render={"color_channels": r["simpled_channel_rgb"], "shape_channels": r["simpled_channel_sigma"],
                 "samples": r["floor_num"], "hidden": r["hidden_size"],
-                "transmittance": r.get("transmittance", "inclusive")},
+                "transmittance": r.get("transmittance", "inclusive"), "fused_head": r.get("fused_head", False)},
         modulation_channels=p.get("modulation_channels", 128))
 
 

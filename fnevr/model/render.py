@@ -13,6 +13,7 @@ with the published model's inclusive transmittance :math:`\tau_i = e^{-\sum_{j \
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
@@ -69,11 +70,15 @@ class SampleMLP(nn.Module):
         self.fuse_hidden = nn.Linear(hidden, hidden)
         self.color_out = nn.Linear(hidden, out_channels)
 
-    def forward(self, color_code: Tensor, shape_code: Tensor) -> tuple[Tensor, Tensor]:
+    def hidden_features(self, color_code: Tensor, shape_code: Tensor) -> tuple[Tensor, Tensor]:
+        """Everything but the last (linear) layer: ``[..., hidden]`` features and ``[..., 1]`` density."""
         s = torch.relu(self.shape_hidden(torch.relu(self.shape_in(shape_code))))
         density = self.density(s)
         x = torch.cat([torch.relu(self.shape_feature(s)), torch.relu(self.color_in(color_code))], dim=-1)
-        x = torch.relu(self.fuse_hidden(torch.relu(self.fuse(x))))
+        return torch.relu(self.fuse_hidden(torch.relu(self.fuse(x)))), density
+
+    def forward(self, color_code: Tensor, shape_code: Tensor) -> tuple[Tensor, Tensor]:
+        x, density = self.hidden_features(color_code, shape_code)
         return self.color_out(x), density
 
 
@@ -83,12 +88,18 @@ class VolumeRenderer(nn.Module):
     Features ``[B, C, h, w]`` -> ``render`` ``[B, C, h, w]`` (composited, sigmoid),
     ``mini_render`` ``[B, 3, 4h, 4w]`` (two nearest-upsampling conv blocks, sigmoid: an auxiliary
     image) and ``shape_volume`` ``[B, e, D, h, w]``.
+
+    ``fused_head``: the MLP's last layer is linear, so it commutes with compositing,
+    :math:`\sum_i w_i (W h_i + b) = W \sum_i w_i h_i + b \sum_i w_i`. The renderer then composites
+    the ``hidden``-channel features (and, for :math:`\sum_i w_i`, a channel of ones) and applies the
+    last layer once per ray: the ``[B, h, w, D, C]`` colour field and its gradient never exist, and
+    that layer does D times less work. Same outputs up to round-off, same parameters.
     """
 
     def __init__(self, in_channels: int = 256, color_channels: int = 128, shape_channels: int = 128,
-                 samples: int = 8, hidden: int = 128, transmittance: str = "inclusive"):
+                 samples: int = 8, hidden: int = 128, transmittance: str = "inclusive", fused_head: bool = False):
         super().__init__()
-        self.transmittance = transmittance
+        self.transmittance, self.fused_head = transmittance, fused_head
         self.ops_backend = "auto"
         self.ray_sampler = RaySampler(in_channels, color_channels, shape_channels, samples)
         self.sample_mlp = SampleMLP(color_channels // samples, shape_channels // samples, hidden, in_channels)
@@ -97,9 +108,16 @@ class VolumeRenderer(nn.Module):
 
     def forward(self, features: Tensor) -> dict[str, Tensor]:
         color_code, shape_code, volume = self.ray_sampler(features)
-        color, density = self.sample_mlp(color_code, shape_code)  # [B, h, w, D, C], [B, h, w, D, 1]
-        rays = ops.composite(color, density, transmittance=self.transmittance, density_activation="relu",
-                             backend=self.ops_backend)  # [B, h, w, C]
+        kw = dict(transmittance=self.transmittance, density_activation="relu", backend=self.ops_backend)
+        if self.fused_head:
+            hidden, density = self.sample_mlp.hidden_features(color_code, shape_code)  # [B, h, w, D, hidden]
+            ones = torch.ones_like(density)
+            weight_sum = ops.composite(ones, density, **kw)  # [B, h, w, 1]
+            head = self.sample_mlp.color_out
+            rays = F.linear(ops.composite(hidden, density, **kw), head.weight) + weight_sum * head.bias
+        else:
+            color, density = self.sample_mlp(color_code, shape_code)  # [B, h, w, D, C], [B, h, w, D, 1]
+            rays = ops.composite(color, density, **kw)  # [B, h, w, C]
         render = torch.sigmoid(rays.permute(0, 3, 1, 2))
         # The published mini decoder applies ReLU after an up block that already ends in ReLU, and a
         # sigmoid after the last one: relu(relu(x)) = relu(x), so only the sigmoid is extra.
