@@ -11,7 +11,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
@@ -249,15 +248,14 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cpu(const at::Tensor& gr
   check_grid_sample_inputs(input, grid, mode, padding);
   check_grid_sample_grad(grad_out, input, grid);
   const Dims d = dims_of(input, grid, mode, padding, align_corners);
-  const auto format = grid_sample_memory_format(input);
   at::Tensor grad_input = at::empty({0}, input.options());
   at::Tensor grad_grid = grid_grad ? at::zeros_like(grid) : at::empty({0}, grid.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "grid_sample_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (input_grad) {
-      // fp16/bf16 sums go through an fp32 buffer, converted once at the end.
-      at::Tensor buf = at::zeros(input.sizes(), input.options().dtype(c10::CppTypeToScalarType<acc_t>::value)
-                                                    .memory_format(format));
+      // fp16/bf16 sums go through an fp32 buffer, converted once at the end. The buffer keeps
+      // input's layout (NCHW or channels_last), and so does the gradient.
+      at::Tensor buf = at::zeros_like(input, input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
       if (grad_out.numel() > 0) input_grad_points<scalar_t, acc_t>(grad_out, grid, buf, d);
       grad_input = std::is_same_v<scalar_t, acc_t> ? buf : buf.to(input.scalar_type());
     }

@@ -95,10 +95,10 @@ FNEVR_HD Coord<T> source_index(T g, int64_t size, int padding, bool align_corner
 
 // The pixels one output point reads: up to four taps at element offsets y * stride_h + x * stride_w,
 // each with its weight and the weight's derivatives in x and y. Taps outside the image are marked
-// invalid (they read nothing, not even a NaN).
+// invalid (they read nothing, not even a NaN); so are nearest's unused taps 1 to 3.
 template <typename T>
 struct Taps {
-  int count;
+  int count;  // taps that may be valid: 4 (bilinear) or 1 (nearest)
   int64_t offset[4];
   bool valid[4];
   T w[4], dw_dx[4], dw_dy[4];
@@ -119,7 +119,8 @@ FNEVR_HD Taps<T> make_taps(T gx, T gy, int64_t H, int64_t W, int64_t stride_h, i
     t.offset[0] = py * stride_h + px * stride_w;
     t.valid[0] = px >= 0 && px < W && py >= 0 && py < H;
     t.w[0] = T(1);
-    t.dw_dx[0] = t.dw_dy[0] = T(0);
+    for (int k = 0; k < 4; ++k) t.dw_dx[k] = t.dw_dy[k] = T(0);
+    for (int k = 1; k < 4; ++k) t.valid[k] = false, t.offset[k] = 0, t.w[k] = T(0);
     return t;
   }
   const T x0f = floor_(cx.x), y0f = floor_(cy.x);

@@ -67,7 +67,7 @@ def _clip(x: Tensor, size: int) -> Tensor:
 def _reflect(x: Tensor, twice_low: int, twice_high: int) -> Tensor:
     """Reflect x into [twice_low / 2, twice_high / 2] (x finite)."""
     if twice_low == twice_high:
-        return torch.zeros_like(x)
+        return x * 0  # (x is finite) still connected, so the grid gets its zero gradient
     low, span = twice_low / 2, (twice_high - twice_low) / 2
     d = (x - low).abs()
     extra = torch.fmod(d, span)
@@ -106,8 +106,8 @@ def grid_sample_reference(input: Tensor, grid: Tensor, mode: str = "bilinear", p
         input, grid = input.float(), grid.float()
     N, C, H, W = input.shape
     Ho, Wo = grid.shape[1:3]
-    x = _source_index(grid[..., 0].reshape(N, -1), W, padding_mode, align_corners)
-    y = _source_index(grid[..., 1].reshape(N, -1), H, padding_mode, align_corners)
+    x = _source_index(grid[..., 0].reshape(N, Ho * Wo), W, padding_mode, align_corners)
+    y = _source_index(grid[..., 1].reshape(N, Ho * Wo), H, padding_mode, align_corners)
     flat = input.reshape(N, C, H * W)
     if mode == "nearest":
         xr, yr = torch.round(x), torch.round(y)  # ties to even, as rint
