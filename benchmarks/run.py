@@ -2,7 +2,8 @@
 JSON and the printed output there, with the device, versions, commit and date.
 
     python benchmarks/run.py                     # compositing, on the GPU if there is one
-    python benchmarks/run.py --save benchmarks/results
+    python benchmarks/run.py grid_sample         # grid sampling
+    python benchmarks/run.py composite grid_sample --save benchmarks/results
 """
 
 import argparse
@@ -49,7 +50,8 @@ def environment() -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmarks", nargs="*", default=["composite"], help="which bench_*.py to run (composite, model, ...)")
+    parser.add_argument("benchmarks", nargs="*", default=["composite"],
+                        help="which bench_*.py to run: composite (default), grid_sample, spade_norm, model, train")
     parser.add_argument("--save", metavar="DIR", help="write <name>-<device>-<date>.json and .txt here")
     args, extra = parser.parse_known_args()
     env = environment()

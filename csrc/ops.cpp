@@ -9,6 +9,11 @@ TORCH_LIBRARY_FRAGMENT(fnevr, m) {
   m.def(
       "_composite_backward(Tensor grad_out, Tensor color, Tensor density, bool inclusive, "
       "int activation, bool color_grad) -> (Tensor, Tensor)");
+  m.def(
+      "_grid_sample_forward(Tensor input, Tensor grid, int mode, int padding, bool align_corners) -> Tensor");
+  m.def(
+      "_grid_sample_backward(Tensor grad_out, Tensor input, Tensor grid, int mode, int padding, "
+      "bool align_corners, bool input_grad, bool grid_grad, bool deterministic) -> (Tensor, Tensor)");
 }
 
 extern "C" PyObject* PyInit__C(void) {

@@ -1,0 +1,100 @@
+"""Grid sampling at FNeVR's four shapes: every backend against PyTorch's own op (eager and
+torch.compile'd) and the reference, forward and forward+backward (gradients for input and grid);
+on CUDA also the fused backends' deterministic backward.
+
+Cases (B = 4 on CUDA, 2 on the CPU):
+    feature      [B, 256, 64, 64] channels_last by a [B, 64, 64, 2] flow (the hot case), zeros
+    feature-nchw the same in NCHW
+    motion       [B*11, 3, 64, 64] source copies in the dense motion network, zeros
+    visual       [B, 3, 256, 256] source at full size, zeros
+    equivariance [B, 3, 256, 256] full frames, reflection padding
+
+Effective bandwidth counts the bytes that must move: forward reads input and grid and writes the
+output; backward reads grad_out, input and grid and writes both gradients.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fnevr
+from fnevr.ops import grid_sample, grid_sample_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+B = 4 if DEVICE == "cuda" else 2
+CASES = {  # name: (input shape, output size, padding, channels_last)
+    "feature": ((B, 256, 64, 64), (64, 64), "zeros", True),
+    "feature-nchw": ((B, 256, 64, 64), (64, 64), "zeros", False),
+    "motion": ((B * 11, 3, 64, 64), (64, 64), "zeros", False),
+    "visual": ((B, 3, 256, 256), (256, 256), "zeros", False),
+    "equivariance": ((B, 3, 256, 256), (256, 256), "reflection", False),
+}
+DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
+FUSED = [b for b in ("cpu", "cuda", "triton") if fnevr.ops.backends(DEVICE)[b] == "available"
+         and not (b == "triton" and DEVICE == "cpu")]  # the interpreter is for tests, not timing
+PROVIDERS = ["torch", "torch-compiled", "reference"] + FUSED + (
+    [f"{b}-deterministic" for b in FUSED] if DEVICE == "cuda" else [])
+
+
+def _op(provider, padding):
+    if provider == "torch":
+        return lambda x, g: F.grid_sample(x, g, padding_mode=padding, align_corners=False)
+    if provider == "torch-compiled":
+        return torch.compile(lambda x, g: F.grid_sample(x, g, padding_mode=padding, align_corners=False))
+    if provider == "reference":
+        return lambda x, g: grid_sample_reference(x, g, "bilinear", padding, False)
+    backend, _, det = provider.partition("-")
+    return lambda x, g: grid_sample(x, g, "bilinear", padding, False, backend=backend, deterministic=bool(det))
+
+
+def _inputs(case, dtype, grad):
+    shape, (Ho, Wo), padding, channels_last = CASES[case]
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.rand(shape, device=DEVICE, generator=gen).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    # A smooth warp, as a motion field is: identity plus a small displacement, partly off the image.
+    base = F.affine_grid(torch.eye(2, 3, device=DEVICE).expand(shape[0], 2, 3), (shape[0], 1, Ho, Wo),
+                         align_corners=False)
+    grid = (base * 1.05 + 0.1 * torch.rand(shape[0], Ho, Wo, 2, device=DEVICE, generator=gen) - 0.05).to(dtype)
+    return x.requires_grad_(grad), grid.requires_grad_(grad), padding
+
+
+def _bytes(x, grid, out_numel, backward):
+    size = lambda t: t.numel() * t.element_size()  # noqa: E731
+    out = out_numel * x.element_size()
+    fwd = size(x) + size(grid) + out
+    return fwd + (out + size(x) + size(grid) + size(x) + size(grid) if backward else 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_copy_bandwidth(measure, dtype):
+    src = torch.rand(CASES["feature"][0], device=DEVICE).to(dtype)
+    dst = torch.empty_like(src)
+    measure(lambda: dst.copy_(src), 2 * src.numel() * src.element_size(),
+            op="copy", provider="copy", mode="copy", dtype=str(dtype)[6:], device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "fwd+bwd"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_grid_sample(measure, case, provider, dtype, backward):
+    if provider.endswith("-deterministic") and not backward:
+        pytest.skip("determinism concerns the backward only")
+    x, grid, padding = _inputs(case, dtype, backward)
+    op = _op(provider, padding)
+    out_numel = x.shape[0] * x.shape[1] * grid.shape[1] * grid.shape[2]
+    grad_out = torch.rand(x.shape[0], x.shape[1], *grid.shape[1:3], device=DEVICE, dtype=dtype)
+
+    def forward():
+        with torch.no_grad():
+            return op(x, grid)
+
+    def forward_backward():
+        x.grad = grid.grad = None
+        op(x, grid).backward(grad_out)
+
+    measure(forward_backward if backward else forward, _bytes(x, grid, out_numel, backward),
+            op=f"gs/{case}", provider=provider, mode="fwd+bwd" if backward else "forward",
+            dtype=str(dtype)[6:], device=DEVICE)

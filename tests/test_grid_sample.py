@@ -1,0 +1,318 @@
+"""fnevr.ops.grid_sample: the reference and every fused backend against torch.nn.functional.grid_sample
+in fp64 for every option, gradients (first and second order), determinism, layouts, non-finite
+grids, torch.library integration, bad input."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TOL, assert_close, target_params
+
+import fnevr
+from fnevr.ops import grid_sample, grid_sample_reference
+
+OPTIONS = list(itertools.product(("bilinear", "nearest"), ("zeros", "border", "reflection"), (False, True)))
+OPTION_IDS = [f"{m}-{p}-{'ac' if a else 'noac'}" for m, p, a in OPTIONS]
+# (N, C, H, W, Ho, Wo): C in {1, 3, 256}, output larger/smaller than the input, 1-pixel axes, N = 0.
+SHAPES = [(2, 3, 5, 7, 4, 6), (1, 1, 4, 4, 9, 3), (2, 256, 6, 5, 3, 4), (0, 3, 4, 4, 2, 2), (2, 4, 1, 1, 3, 3),
+          (1, 2, 1, 5, 3, 2)]
+TRITON_SHAPES = [(2, 3, 5, 7, 4, 6), (1, 33, 4, 3, 2, 5)]  # the interpreter is slow: few, small
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+WITH_REFERENCE = target_params() + [pytest.param("reference", "cpu", id="reference-cpu")]
+
+
+def make_inputs(N, C, H, W, Ho, Wo, dtype=torch.float64, device="cpu", layout="contiguous", spread=3.0, seed=0):
+    """input [N, C, H, W] in `layout` and grid [N, Ho, Wo, 2] uniform in [-spread, spread] (so
+    many points fall outside the image), both made on `device`."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64)
+    grid = (torch.rand(N, Ho, Wo, 2, generator=g, dtype=torch.float64) * 2 - 1) * spread
+    x, grid = x.to(device, dtype), grid.to(device, dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "strided":  # every other channel and column; the grid transposed
+        x = torch.cat([x, x], 1).repeat_interleave(2, 3)[:, ::2, :, ::2]
+        grid = grid.transpose(1, 2).contiguous().transpose(1, 2)
+    return x, grid
+
+
+def torch_reference(x, grid, grad_out, mode, padding, align_corners):
+    """PyTorch's own op in fp64: (output, grad input, grad grid)."""
+    xd = x.detach().double().requires_grad_()
+    gd = grid.detach().double().requires_grad_()
+    out = F.grid_sample(xd, gd, mode=mode, padding_mode=padding, align_corners=align_corners)
+    gi, gg = torch.autograd.grad(out, (xd, gd), grad_out.double()) if out.numel() else (xd * 0, gd * 0)
+    return out, gi, gg
+
+
+def run_op(x, grid, grad_out, mode, padding, align_corners, **kw):
+    xr = x.detach().requires_grad_()
+    gr = grid.detach().requires_grad_()
+    out = grid_sample(xr, gr, mode, padding, align_corners, **kw)
+    gi, gg = torch.autograd.grad(out, (xr, gr), grad_out) if out.numel() else (xr * 0, gr * 0)
+    return out, gi, gg
+
+
+def check_against_torch(x, grid, dtype, mode, padding, align_corners, seed=1, **kw):
+    N, C, _, _ = x.shape
+    gen = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(N, C, *grid.shape[1:3], generator=gen, dtype=torch.float64).to(x.device, dtype)
+    got = run_op(x, grid, grad_out, mode, padding, align_corners, **kw)
+    want = torch_reference(x, grid, grad_out, mode, padding, align_corners)
+    for name, a, b in zip(("output", "grad input", "grad grid"), got, want):
+        assert a.dtype == x.dtype, f"{name}: dtype {a.dtype}"
+        assert_close(a, b, dtype, name)
+    return got
+
+
+@pytest.mark.parametrize("mode,padding,align_corners", OPTIONS, ids=OPTION_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_reference_matches_pytorch(mode, padding, align_corners, shape):
+    x, grid = make_inputs(*shape)
+    check_against_torch(x, grid, torch.float64, mode, padding, align_corners, backend="reference")
+
+
+@pytest.mark.parametrize("backend,device", target_params())
+@pytest.mark.parametrize("mode,padding,align_corners", OPTIONS, ids=OPTION_IDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_matches_pytorch(backend, device, mode, padding, align_corners, layout):
+    shapes = TRITON_SHAPES if backend == "triton" and device == "cpu" else SHAPES
+    for shape in shapes:
+        x, grid = make_inputs(*shape, device=device, layout=layout)
+        out, gi, _ = check_against_torch(x, grid, torch.float64, mode, padding, align_corners, backend=backend)
+        if layout == "channels_last" and shape[0] > 0 and shape[1] > 1 and shape[2] * shape[3] > 1:
+            assert out.is_contiguous(memory_format=torch.channels_last), "output must keep channels_last"
+            assert gi.is_contiguous(memory_format=torch.channels_last), "grad input must keep channels_last"
+
+
+@pytest.mark.parametrize("backend,device", target_params())
+@pytest.mark.parametrize("seed", range(4))
+def test_random_shapes(backend, device, seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=g))  # noqa: E731
+    interp = backend == "triton" and device == "cpu"
+    shape = (r(1, 3), r(1, 40 if interp else 300), r(1, 9), r(1, 9), r(1, 9), r(1, 9))
+    mode, padding, align_corners = OPTIONS[r(0, len(OPTIONS) - 1)]
+    layout = ("contiguous", "channels_last", "strided")[seed % 3]
+    x, grid = make_inputs(*shape, device=device, layout=layout, seed=seed)
+    check_against_torch(x, grid, torch.float64, mode, padding, align_corners, backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_dtypes(backend, device, dtype, layout):
+    shape = (2, 16, 5, 6, 4, 3) if backend == "triton" and device == "cpu" else (2, 256, 8, 8, 8, 8)
+    x, grid = make_inputs(*shape, dtype=dtype, device=device, layout=layout, spread=1.2)
+    for padding in ("zeros", "reflection"):
+        check_against_torch(x, grid, dtype, "bilinear", padding, False, backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
+@pytest.mark.parametrize("mode,padding,align_corners", OPTIONS, ids=OPTION_IDS)
+def test_non_finite_and_huge_grids(backend, device, mode, padding, align_corners):
+    """NaN and +-inf follow PyTorch's CUDA kernels, which equal PyTorch's op (on any device) at a
+    stand-in value: with zeros, any finite value far outside (output 0, gradients 0); with border,
+    -1e30 or 1e30 (the clipped edge) and, for NaN, the grid value whose pixel coordinate is exactly
+    0; with reflection, that value for all three. Huge finite values need no stand-in."""
+    x, grid = make_inputs(2, 3, 4, 4, 3, 5, device=device)  # W = H = 4: the stand-in for 0 is exact
+    bad = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30], dtype=torch.float64)
+    flat = grid.view(-1)
+    flat[torch.arange(0, flat.numel(), 3)] = bad.repeat(flat.numel())[: len(range(0, flat.numel(), 3))].to(device)
+    zero_at = -1.0 if align_corners else 1.0 / 4 - 1.0
+    stand_in = grid.clone()
+    nan, pinf, ninf = grid.isnan(), grid == float("inf"), grid == -float("inf")
+    if padding == "zeros":
+        stand_in[nan | pinf | ninf] = 1e30
+    elif padding == "border":
+        stand_in[nan], stand_in[pinf], stand_in[ninf] = zero_at, 1e30, -1e30
+    else:
+        stand_in[nan | pinf | ninf] = zero_at
+        stand_in[stand_in.abs() > 1e20] = zero_at  # PyTorch's reflection of 1e30 overflows an int
+        grid[grid.abs() > 1e20] = zero_at
+    grad_out = torch.randn(2, 3, 3, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(device)
+    got = run_op(x, grid, grad_out, mode, padding, align_corners, backend=backend)
+    want = torch_reference(x, stand_in, grad_out, mode, padding, align_corners)
+    for name, a, b in zip(("output", "grad input", "grad grid"), got, want):
+        assert a.isfinite().all(), f"{name} is not finite"
+        assert_close(a, b, torch.float64, name)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("mode,padding,align_corners", OPTIONS, ids=OPTION_IDS)
+def test_gradcheck_fp64(backend, mode, padding, align_corners):
+    if fnevr.ops.backends("cpu")[backend] != "available":
+        pytest.skip(fnevr.ops.backends("cpu")[backend])
+    if backend == "triton" and (mode, align_corners) != ("bilinear", False):
+        pytest.skip("the interpreter is slow: one mode each")
+    x, grid = make_inputs(1, 2, 3, 4, 2, 3, spread=1.3)
+    grid.requires_grad_(mode == "bilinear")  # nearest: the grid's gradient is 0 but not its difference quotient
+    fn = lambda a, b: grid_sample(a, b, mode, padding, align_corners, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x.requires_grad_(), grid))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("wrt", ["input", "input+grid"])
+@pytest.mark.parametrize("padding", ["zeros", "reflection"])
+def test_gradgradcheck_fp64(backend, wrt, padding):
+    if fnevr.ops.backends("cpu")[backend] != "available":
+        pytest.skip(fnevr.ops.backends("cpu")[backend])
+    if backend == "triton" and padding != "zeros":
+        pytest.skip("the interpreter is slow: one padding")
+    x, grid = make_inputs(1, 2, 3, 4, 2, 3, spread=1.3)
+    grid.requires_grad_(wrt == "input+grid")  # input only: the fused kernels; with grid: the reference
+    fn = lambda a, b: grid_sample(a, b, "bilinear", padding, False, backend=backend)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (x.requires_grad_(), grid))
+
+
+@pytest.mark.parametrize("backend,device", target_params())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("how", ["argument", "global"])
+def test_deterministic_backward_is_bit_identical(backend, device, layout, how):
+    interp = backend == "triton" and device == "cpu"
+    # Many output points per input pixel (a zoom-in), so the scatter has many colliding terms.
+    x, grid = make_inputs(2, 8 if interp else 64, 4, 4, 8 if interp else 32, 8 if interp else 32,
+                          torch.float32, device, layout, spread=1.0)
+    grad_out = torch.randn(x.shape[:2] + grid.shape[1:3], device=device)
+
+    def grads():
+        a, b = x.clone().requires_grad_(), grid.clone().requires_grad_()
+        if how == "argument":
+            out = grid_sample(a, b, "bilinear", "border", True, backend=backend, deterministic=True)
+        else:
+            previous = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(True)
+            try:
+                out = grid_sample(a, b, "bilinear", "border", True, backend=backend)
+            finally:
+                torch.use_deterministic_algorithms(previous)
+        return torch.autograd.grad(out, (a, b), grad_out)
+
+    first, second = grads(), grads()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b) and a.stride() == b.stride()
+    want = torch_reference(x, grid, grad_out, "bilinear", "border", True)
+    assert_close(first[0], want[1], torch.float32, "grad input")
+    assert_close(first[1], want[2], torch.float32, "grad grid")
+
+
+@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
+@pytest.mark.parametrize("which", ["input", "grid"])
+def test_gradient_for_one_input(backend, device, which):
+    x, grid = make_inputs(2, 5, 4, 6, 3, 3, torch.float32, device)
+    grad_out = torch.randn(2, 5, 3, 3, device=device)
+    a, b = x.clone().requires_grad_(which == "input"), grid.clone().requires_grad_(which == "grid")
+    grid_sample(a, b, backend=backend).backward(grad_out)
+    _, gi, gg = torch_reference(x, grid, grad_out, "bilinear", "zeros", False)
+    got, want, other = (a.grad, gi, b) if which == "input" else (b.grad, gg, a)
+    assert_close(got, want, torch.float32, which)
+    assert other.grad is None
+
+
+@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
+def test_align_corners_none_means_false_without_warning(backend, device, recwarn):
+    x, grid = make_inputs(1, 2, 4, 4, 3, 3, torch.float32, device)
+    out = grid_sample(x, grid, align_corners=None, backend=backend)
+    torch.testing.assert_close(out, grid_sample(x, grid, align_corners=False, backend=backend))
+    assert not [w for w in recwarn if "align_corners" in str(w.message)]
+
+
+@pytest.mark.parametrize("backend,device", target_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(backend, device, dtype, layout):
+    x, grid = make_inputs(2, 4, 5, 6, 3, 4, dtype, device, layout, spread=1.2)
+    for mode, padding in ((0, 2), (1, 1)):
+        args = (x.requires_grad_(), grid.requires_grad_(), mode, padding, False, False, backend)
+        torch.library.opcheck(torch.ops.fnevr.grid_sample.default, args)
+    grad_out = torch.randn(2, 4, 3, 4, dtype=dtype, device=device).contiguous(
+        memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    for input_grad, grid_grad, deterministic in ((True, True, False), (True, False, True), (False, True, False)):
+        args = (grad_out, x.detach(), grid.detach(), 0, 0, True, deterministic, backend, input_grad, grid_grad)
+        torch.library.opcheck(torch.ops.fnevr.grid_sample_grad.default, args)
+
+
+@pytest.mark.parametrize("backend,device,compiler", [
+    pytest.param(*p.values[:2], compiler, id=f"{p.id}-{compiler}", marks=p.marks)
+    for p in target_params() for compiler in ("aot_eager", "inductor")
+    if not (compiler == "inductor" and p.id == "triton-cpu")  # inductor cannot target the interpreter
+])
+def test_torch_compile_fullgraph(backend, device, compiler):
+    torch._dynamo.reset()
+
+    def loss(x, grid):
+        warped = grid_sample(x, torch.tanh(grid) * 1.1, "bilinear", "reflection", backend=backend)
+        return torch.sigmoid(warped).square().sum()
+
+    x, grid = make_inputs(2, 8, 6, 6, 5, 5, torch.float32, device, "channels_last")
+    grads = []
+    for fn in (loss, torch.compile(loss, fullgraph=True, backend=compiler)):
+        a, b = x.clone().requires_grad_(), grid.clone().requires_grad_()
+        fn(a, b).backward()
+        grads.append((a.grad, b.grad))
+    for (a, b), name in zip(zip(*grads), ("grad input", "grad grid")):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("backend,device", target_params())
+def test_feature_warp_shape(backend, device):
+    """FNeVR's hot case, scaled down: a 256-channel channels_last feature map warped by a flow."""
+    if backend == "triton" and device == "cpu":
+        pytest.skip("too big for the interpreter; test_dtypes covers its channels_last path")
+    x, grid = make_inputs(2, 256, 16, 16, 16, 16, torch.float32, device, "channels_last", spread=1.1)
+    check_against_torch(x, grid, torch.float32, "bilinear", "zeros", False, backend=backend)
+
+
+BAD_INPUTS = [
+    (lambda x, g: (x[0], g), ValueError, r"input must be 4-D \[N, C, H, W\], got shape \(3, 4, 5\)"),
+    (lambda x, g: (x, g[..., :1]), ValueError, r"grid must be \[N, Ho, Wo, 2\], got shape \(2, 3, 3, 1\)"),
+    (lambda x, g: (x, g[0]), ValueError, r"grid must be \[N, Ho, Wo, 2\]"),
+    (lambda x, g: (x, g[:1]), ValueError, "same batch size N, got 1 and 2"),
+    (lambda x, g: (x[:, :, :0], g), ValueError, "non-empty spatial dims"),
+    (lambda x, g: (x, g.double()), ValueError, "same dtype"),
+    (lambda x, g: (x.long(), g), ValueError, "input must be float16"),
+    (lambda x, g: (x, g.to("meta")), ValueError, "same device"),
+    (lambda x, g: (x.tolist(), g), TypeError, "input must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("make,error,match", BAD_INPUTS)
+def test_bad_tensors(make, error, match):
+    x, grid = make_inputs(2, 3, 4, 5, 3, 3, torch.float32)
+    with pytest.raises(error, match=match):
+        grid_sample(*make(x, grid))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(mode="bicubic"), ValueError, r"mode must be one of \('bilinear', 'nearest'\), got 'bicubic'"),
+    (dict(padding_mode="wrap"), ValueError, "padding_mode must be one of"),
+    (dict(backend="fastest"), ValueError, "backend must be 'auto' or one of"),
+    (dict(backend="cuda"), RuntimeError, "backend='cuda' cannot run on cpu tensors"),
+])
+def test_bad_options(kwargs, error, match):
+    x, grid = make_inputs(2, 3, 4, 5, 3, 3, torch.float32)
+    with pytest.raises(error, match=match):
+        grid_sample(x, grid, **kwargs)
+
+
+@pytest.mark.skipif(fnevr.ops.backends()["cpu"] != "available", reason="CPU extension not built")
+def test_kernel_entry_points_check_their_input():
+    from test_composite import run_python  # in a subprocess: see the composite test of the same name
+
+    proc = run_python("""
+        import torch, fnevr
+        x, grid = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 3, 2)
+        for args, message in (((x, grid[:1], 0, 0, False), "grid must be [N, Ho, Wo, 2]"),
+                              ((x, grid, 2, 0, False), "mode must be"),
+                              ((x, grid, 0, 3, False), "padding must be"),
+                              ((x, grid.double(), 0, 0, False), "one dtype")):
+            try:
+                torch.ops.fnevr._grid_sample_forward(*args)
+            except RuntimeError as err:
+                assert message in str(err), err
+            else:
+                raise AssertionError(f"no error for {message}")
+        print("ok")
+    """)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
