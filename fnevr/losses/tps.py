@@ -26,8 +26,9 @@ written for torch 1.0, whose grid_sample behaved as ``align_corners=True``). So 
 """
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from .. import ops
 
 
 def coordinate_grid(height: int, width: int, device=None, dtype=torch.float32) -> Tensor:
@@ -36,12 +37,6 @@ def coordinate_grid(height: int, width: int, device=None, dtype=torch.float32) -
     x = torch.linspace(-1, 1, width, device=device, dtype=dtype)
     yy, xx = torch.meshgrid(y, x, indexing="ij")
     return torch.stack([xx, yy], dim=-1)
-
-
-def grid_sample(frame: Tensor, grid: Tensor) -> Tensor:
-    """The one sampling call of the equivariance losses: bilinear, reflection padding,
-    ``align_corners=True``. (fnevr.ops.grid_sample, when it lands, has this signature.)"""
-    return F.grid_sample(frame, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
 
 
 class RandomTPS:
@@ -94,12 +89,14 @@ class RandomTPS:
                                         create_graph=differentiable)[0] for i in range(2)]
         return torch.stack(rows, dim=-2)
 
-    def transform_frame(self, frame: Tensor) -> Tensor:
-        """``frame`` ``[batch, C, H, W]`` resampled at ``T(grid)``: same shape."""
+    def transform_frame(self, frame: Tensor, backend: str = "auto") -> Tensor:
+        """``frame`` ``[batch, C, H, W]`` resampled at ``T(grid)``: same shape. Bilinear, reflection
+        padding, ``align_corners=True``, through ``fnevr.ops.grid_sample`` on ``backend``."""
         if frame.dim() != 4 or frame.shape[0] != self.batch:
             raise ValueError(f"RandomTPS.transform_frame: expected [{self.batch}, C, H, W]; got {tuple(frame.shape)}")
         height, width = frame.shape[2:]
         dtype = frame.dtype if frame.dtype in (torch.float32, torch.float64) else torch.float32
         grid = coordinate_grid(height, width, frame.device, dtype).view(1, -1, 2).expand(self.batch, -1, -1)
         grid = self.warp_coordinates(grid).view(self.batch, height, width, 2)
-        return grid_sample(frame, grid.to(frame.dtype))
+        return ops.grid_sample(frame, grid.to(frame.dtype), "bilinear", "reflection", align_corners=True,
+                               backend=backend)

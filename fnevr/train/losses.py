@@ -50,7 +50,7 @@ class GeneratorLoss(nn.Module):
             if sum(w["feature_matching"]) != 0:
                 losses["feature_matching"] = L.feature_matching_loss(real, fake, w["feature_matching"], self.disc_scales)
         if tps is not None and (w["equivariance_value"] != 0 or w["equivariance_jacobian"] != 0):
-            kp_transformed = self.kp_detector(tps.transform_frame(driving))
+            kp_transformed = self.kp_detector(tps.transform_frame(driving, backend=self.generator.ops_backend))
             if w["equivariance_value"] != 0:
                 losses["equivariance_value"] = w["equivariance_value"] * L.equivariance_value_loss(
                     kp_driving, kp_transformed, tps)

@@ -1,0 +1,51 @@
+"""Training speed and memory: one optimiser step (generator + keypoint detector + discriminator +
+pose editor, all losses) of the published recipe against fnevr's.
+
+Providers: ``published`` = plain PyTorch ops (reference backend), fp32, eager, as the published
+code runs; ``compiled-published`` = the same under torch.compile; ``fnevr`` = fused ops, bf16
+autocast and channels_last on a GPU (fp32 on a CPU); ``fnevr+head`` = also the fused ray head;
+``fnevr+head+compile``. On a GPU: vox-256 at 256x256, batch 8; on a CPU: the small config, batch 8.
+``saved_MB`` is what the forward pass keeps for backward (device independent); ``peak_MB`` (GPU)
+the peak allocation of one step beyond the model and optimiser state.
+"""
+
+import pytest
+import torch
+
+from fnevr.config import load_config
+from fnevr.data.synthetic import ensure_synthetic_dataset
+from fnevr.train import TrainOptions, Trainer
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CONFIG, SIZE = ("vox-256", 256) if DEVICE == "cuda" else ("small", 64)
+PROVIDERS = {
+    "published": dict(backend="reference", precision="fp32", channels_last=False),
+    "compiled-published": dict(backend="reference", precision="fp32", channels_last=False, compile=True),
+    "fnevr": dict(backend="auto", precision="auto", channels_last=None),
+    "fnevr+head": dict(backend="auto", precision="auto", channels_last=None, fused_head=True),
+    "fnevr+head+compile": dict(backend="auto", precision="auto", channels_last=None, fused_head=True, compile=True),
+}
+if DEVICE == "cpu":  # compiling the whole model takes minutes on this CPU
+    PROVIDERS = {k: v for k, v in PROVIDERS.items() if "compile" not in k}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return ensure_synthetic_dataset(tmp_path_factory.mktemp("data") / "set", size=SIZE, num_frames=4, num_train=8,
+                                    num_test=1, clips_per_id=1)
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_train_step(measure, data, tmp_path, provider):
+    opts = dict(PROVIDERS[provider])
+    config = load_config(CONFIG)
+    config["model_params"]["generator_params"]["render_params"]["fused_head"] = opts.pop("fused_head", False)
+    trainer = Trainer(TrainOptions(config=config, data=str(data), out=str(tmp_path), device=DEVICE, batch_size=8,
+                                   num_workers=0, progress=False, **opts))
+    batch = next(iter(trainer._loader(0)))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        trainer.train_step([batch])
+    measure(lambda: trainer.train_step([batch]), 0, op="train", provider=provider, mode=f"step-b8-{SIZE}",
+            dtype=str(trainer.amp_dtype or torch.float32)[6:], device=DEVICE, frames=8, saved_MB=sum(saved) / 2**20)
