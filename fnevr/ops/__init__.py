@@ -7,5 +7,6 @@ reports which can run here and, if not, why.
 
 from ._backend import BACKENDS, backends
 from .composite import composite, composite_reference
+from .spade_norm import spade_norm, spade_norm_reference
 
-__all__ = ["BACKENDS", "backends", "composite", "composite_reference"]
+__all__ = ["BACKENDS", "backends", "composite", "composite_reference", "spade_norm", "spade_norm_reference"]
