@@ -48,7 +48,9 @@ def spade_norm_reference(x: Tensor, gamma: Tensor, beta: Tensor, *, norm: str = 
                          training: bool = True, momentum: float = 0.1, process_group=None) -> Tensor:
     """The spec: PyTorch's own norms and arithmetic, differentiated by autograd. Same arguments as
     :func:`spade_norm` (unchecked)."""
-    if norm == "instance":
+    if norm == "instance" and x.shape[2] * x.shape[3] == 1:  # F.instance_norm refuses one pixel: it is 0
+        xhat = x - x.mean((2, 3), keepdim=True)
+    elif norm == "instance":
         xhat = F.instance_norm(x, eps=eps)
     elif process_group is None or not training:
         xhat = F.batch_norm(x, running_mean, running_var, training=training, momentum=momentum, eps=eps)
@@ -277,8 +279,7 @@ def _spade_norm_grad_op(grad_y: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, 
                         backend: str, gamma_grad: bool, beta_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     dx, dg, db = _backward_impl(_Kernels(backend), grad_y, x, gamma, beta, mean, var, eps, channels_last,
                                 activation, negative_slope, stats_grad, gamma_grad, beta_grad)
-    empty = x.new_empty((0,))
-    return dx, dg if gamma_grad else empty, db if beta_grad else empty
+    return dx, dg if gamma_grad else x.new_empty((0,)), db if beta_grad else x.new_empty((0,))
 
 
 @_spade_norm_grad_op.register_fake
