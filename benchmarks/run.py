@@ -2,7 +2,8 @@
 JSON and the printed output there, with the device, versions, commit and date.
 
     python benchmarks/run.py                     # compositing, on the GPU if there is one
-    python benchmarks/run.py --save benchmarks/results
+    python benchmarks/run.py spade_norm          # SPADE normalisation at the decoder's shapes
+    python benchmarks/run.py composite spade_norm --save benchmarks/results
 """
 
 import argparse

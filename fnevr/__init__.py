@@ -1,7 +1,7 @@
 """fnevr: FNeVR face animation in PyTorch, with fused kernels for its hot paths."""
 
 from . import _extension  # noqa: F401  (loads the compiled kernels, or warns once)
-from . import ops
+from . import nn, ops
 
 __version__ = "0.1.0"
-__all__ = ["ops", "__version__"]
+__all__ = ["nn", "ops", "__version__"]

@@ -169,48 +169,133 @@ struct GroupConsts {
   }
 };
 
-// Walks x as rows of contiguous elements: f(row offset, length, group consts index of element 0, stride
-// of that index along the row (0: one group per row), gamma/beta pointers along the row, stride of those
-// (0: one value per row)). NCHW rows are (n, c); channels_last rows are (n, s).
-template <typename F>
-void for_rows(const SpadeShape& s, bool g_full, bool b_full, F&& f) {
-  const int64_t N = s.N, C = s.C, S = s.S;
-  const int64_t rows = s.channels_last ? N * S : N * C, len = s.channels_last ? C : S;
+// The element loops below see one row of L contiguous elements with contiguous gamma, beta (and
+// outputs); the statistics are one value per row (NCHW, kRowStats) or one per element (channels_last:
+// the row is the channels). Branch-free bodies over contiguous pointers let the compiler vectorise.
+template <typename acc_t>
+struct RowStats {
+  const acc_t *mean, *rstd, *c1, *c2;
+};
+
+template <typename scalar_t, int kAct, bool kRowStats>
+void forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, const scalar_t* __restrict__ b,
+                 scalar_t* __restrict__ y, RowStats<at::opmath_type<scalar_t>> st, int64_t L,
+                 at::opmath_type<scalar_t> slope) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t m0 = st.mean[0], r0 = st.rstd[0];
+  for (int64_t j = 0; j < L; ++j) {
+    const acc_t xhat = spade::normalise(static_cast<acc_t>(x[j]), kRowStats ? m0 : st.mean[j], kRowStats ? r0 : st.rstd[j]);
+    y[j] = static_cast<scalar_t>(spade::modulate(xhat, static_cast<acc_t>(g[j]), static_cast<acc_t>(b[j]), kAct, slope));
+  }
+}
+
+template <typename scalar_t, int kAct, bool kRowStats>
+void backward_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
+                  const scalar_t* __restrict__ b, scalar_t* __restrict__ dx, scalar_t* __restrict__ dg,
+                  scalar_t* __restrict__ db, RowStats<at::opmath_type<scalar_t>> st, int64_t L,
+                  at::opmath_type<scalar_t> slope) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t m0 = st.mean[0], r0 = st.rstd[0], c10 = st.c1[0], c20 = st.c2[0];
+  for (int64_t j = 0; j < L; ++j) {
+    const acc_t r = kRowStats ? r0 : st.rstd[j];
+    const acc_t xhat = spade::normalise(static_cast<acc_t>(x[j]), kRowStats ? m0 : st.mean[j], r);
+    const auto e = spade::modulate_grad(static_cast<acc_t>(dy[j]), xhat, static_cast<acc_t>(g[j]),
+                                        static_cast<acc_t>(b[j]), kAct, slope);
+    dx[j] = static_cast<scalar_t>(spade::input_grad(e.dxhat, xhat, r, kRowStats ? c10 : st.c1[j], kRowStats ? c20 : st.c2[j]));
+    dg[j] = static_cast<scalar_t>(e.dz * xhat);
+    db[j] = static_cast<scalar_t>(e.dz);
+  }
+}
+
+// NCHW: the row's four sums (dxhat, dxhat xhat, dz, dz xhat), in eight lanes so they vectorise.
+template <typename scalar_t, int kAct>
+void reduce_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
+                const scalar_t* __restrict__ b, at::opmath_type<scalar_t> m, at::opmath_type<scalar_t> r, int64_t L,
+                at::opmath_type<scalar_t> slope, at::opmath_type<scalar_t> (&out)[4]) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t s[4][8] = {};
+  auto add = [&](int64_t j, int lane) {
+    const acc_t xhat = spade::normalise(static_cast<acc_t>(x[j]), m, r);
+    const auto e = spade::modulate_grad(static_cast<acc_t>(dy[j]), xhat, static_cast<acc_t>(g[j]),
+                                        static_cast<acc_t>(b[j]), kAct, slope);
+    s[0][lane] += e.dxhat;
+    s[1][lane] += e.dxhat * xhat;
+    s[2][lane] += e.dz;
+    s[3][lane] += e.dz * xhat;
+  };
+  int64_t j = 0;
+  for (; j + 8 <= L; j += 8)
+    for (int lane = 0; lane < 8; ++lane) add(j + lane, lane);
+  for (; j < L; ++j) add(j, 0);
+  for (int q = 0; q < 4; ++q)
+    out[q] = ((s[q][0] + s[q][1]) + (s[q][2] + s[q][3])) + ((s[q][4] + s[q][5]) + (s[q][6] + s[q][7]));
+}
+
+// channels_last: adds one row's per-channel contributions to acc [4][C].
+template <typename scalar_t, int kAct>
+void reduce_row_channels(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                         const scalar_t* __restrict__ g, const scalar_t* __restrict__ b,
+                         const at::opmath_type<scalar_t>* __restrict__ mean,
+                         const at::opmath_type<scalar_t>* __restrict__ rstd, int64_t C,
+                         at::opmath_type<scalar_t> slope, at::opmath_type<scalar_t>* __restrict__ acc) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t xhat = spade::normalise(static_cast<acc_t>(x[c]), mean[c], rstd[c]);
+    const auto e = spade::modulate_grad(static_cast<acc_t>(dy[c]), xhat, static_cast<acc_t>(g[c]),
+                                        static_cast<acc_t>(b[c]), kAct, slope);
+    acc[c] += e.dxhat;
+    acc[C + c] += e.dxhat * xhat;
+    acc[2 * C + c] += e.dz;
+    acc[3 * C + c] += e.dz * xhat;
+  }
+}
+
+// Walks x as rows: f(row index, element offset, n, statistics index of element 0) per row, with
+// scratch space for gamma/beta rows that are one value (NCHW with [N, C] modulation). NCHW rows are
+// (n, c) pairs of S elements; channels_last rows are (n, s) pairs of C channels.
+template <typename scalar_t, typename F>
+void for_rows(const SpadeShape& s, F&& f) {
+  const int64_t rows = s.channels_last ? s.N * s.S : s.N * s.C, len = s.channels_last ? s.C : s.S;
   at::parallel_for(0, rows, rows_per_task(len), [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> scratch(4 * len);
     for (int64_t i = begin; i < end; ++i) {
-      if (!s.channels_last) {  // row (n, c) = i
-        const int64_t grp = s.batch ? i % C : i;
-        f(i * S, len, grp, int64_t(0), g_full ? i * S : i, g_full ? 1 : 0, b_full ? i * S : i, b_full ? 1 : 0);
-      } else {  // row (n, s) = i
-        const int64_t n = i / S, grp = s.batch ? 0 : n * C;
-        f(i * C, len, grp, int64_t(1), g_full ? i * C : n * C, 1, b_full ? i * C : n * C, 1);
-      }
+      const int64_t n = s.channels_last ? i / s.S : i / s.C;
+      const int64_t grp = s.channels_last ? (s.batch ? 0 : n * s.C) : (s.batch ? i % s.C : i);
+      f(i, i * len, n, grp, len, scratch.data());
     }
   });
 }
 
+// gamma or beta along row i: itself when full size, else its (n, c) value(s).
 template <typename scalar_t>
-void forward_impl(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta, const GroupConsts<at::opmath_type<scalar_t>>& k,
-                  at::Tensor& y, const SpadeShape& s, int64_t act, double slope_d) {
+const scalar_t* modulation_row(const scalar_t* t, bool full, const SpadeShape& s, int64_t i, int64_t off, int64_t n,
+                               scalar_t* scratch) {
+  if (full) return t + off;
+  if (s.channels_last) return t + n * s.C;
+  std::fill(scratch, scratch + s.S, t[i]);  // NCHW row i is (n, c) = i: one value for the row
+  return scratch;
+}
+
+template <typename scalar_t>
+void forward_impl(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                  const GroupConsts<at::opmath_type<scalar_t>>& k, at::Tensor& y, const SpadeShape& s, int64_t act,
+                  double slope) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* gp = gamma.const_data_ptr<scalar_t>();
   const scalar_t* bp = beta.const_data_ptr<scalar_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-  const acc_t slope = acc_t(slope_d);
+  const bool g_full = gamma.dim() == 3, b_full = beta.dim() == 3;
   with_activation(act, [&](auto a) {
     constexpr int kAct = decltype(a)::value;
-    for_rows(s, gamma.dim() == 3, beta.dim() == 3, [&](int64_t off, int64_t L, int64_t grp, int64_t gs, int64_t go,
-                                                        int64_t gst, int64_t bo, int64_t bst) {
-      const acc_t* mean = k.mean.data() + grp;
-      const acc_t* rstd = k.rstd.data() + grp;
-      const scalar_t* xr = xp + off;
-      scalar_t* __restrict__ yr = yp + off;
-      for (int64_t j = 0; j < L; ++j) {
-        const acc_t xhat = spade::normalise(static_cast<acc_t>(xr[j]), mean[j * gs], rstd[j * gs]);
-        yr[j] = static_cast<scalar_t>(spade::modulate(xhat, static_cast<acc_t>(gp[go + j * gst]),
-                                                      static_cast<acc_t>(bp[bo + j * bst]), kAct, slope));
-      }
+    for_rows<scalar_t>(s, [&](int64_t i, int64_t off, int64_t n, int64_t grp, int64_t L, scalar_t* scratch) {
+      const scalar_t* g = modulation_row(gp, g_full, s, i, off, n, scratch);
+      const scalar_t* b = modulation_row(bp, b_full, s, i, off, n, scratch + L);
+      const RowStats<acc_t> st{k.mean.data() + grp, k.rstd.data() + grp, nullptr, nullptr};
+      if (s.channels_last)
+        forward_row<scalar_t, kAct, false>(xp + off, g, b, yp + off, st, L, acc_t(slope));
+      else
+        forward_row<scalar_t, kAct, true>(xp + off, g, b, yp + off, st, L, acc_t(slope));
     });
   });
 }
@@ -228,50 +313,33 @@ void reduce_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor
   const int64_t NC = s.N * s.C, C = s.C;
   const bool g_full = gamma.dim() == 3, b_full = beta.dim() == 3;
   const acc_t slope = acc_t(slope_d);
-  // One element's four contributions.
-  auto element = [&](int64_t i, int64_t grp, int64_t gi, int64_t bi, acc_t (&acc)[4], auto a) {
-    constexpr int kAct = decltype(a)::value;
-    const acc_t xhat = spade::normalise(static_cast<acc_t>(xp[i]), k.mean[grp], k.rstd[grp]);
-    const auto e = spade::modulate_grad(static_cast<acc_t>(dyp[i]), xhat, static_cast<acc_t>(gp[gi]),
-                                        static_cast<acc_t>(bp[bi]), kAct, slope);
-    acc[0] += e.dxhat;
-    acc[1] += e.dxhat * xhat;
-    acc[2] += e.dz;
-    acc[3] += e.dz * xhat;
-  };
   with_activation(act, [&](auto a) {
+    constexpr int kAct = decltype(a)::value;
     if (!s.channels_last) {
-      at::parallel_for(0, NC, rows_per_task(s.S), [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t grp = s.batch ? r % C : r;
-          acc_t acc[4] = {};
-          for (int64_t j = 0; j < s.S; ++j) {
-            const int64_t i = r * s.S + j;
-            element(i, grp, g_full ? i : r, b_full ? i : r, acc, a);
-          }
-          for (int q = 0; q < 4; ++q) out[q * NC + r] = acc[q];
-        }
+      for_rows<scalar_t>(s, [&](int64_t i, int64_t off, int64_t n, int64_t grp, int64_t L, scalar_t* scratch) {
+        acc_t row[4];
+        reduce_row<scalar_t, kAct>(dyp + off, xp + off, modulation_row(gp, g_full, s, i, off, n, scratch),
+                                   modulation_row(bp, b_full, s, i, off, n, scratch + L), k.mean[grp], k.rstd[grp],
+                                   L, slope, row);
+        for (int q = 0; q < 4; ++q) out[q * NC + i] = row[q];
       });
       return;
     }
     const RowBlocks rb(s, false);  // blocks within one sample: the sums are per (n, c)
     std::vector<acc_t> part(rb.sets * rb.blocks * C * 4, acc_t(0));
     rb.parallel([&](int64_t n, int64_t row, int64_t rows, int64_t t) {
-      acc_t* p = &part[t * C * 4];
+      const int64_t grp = s.batch ? 0 : n * C;
       for (int64_t r = row; r < row + rows; ++r)
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t i = r * C + c, grp = s.batch ? c : n * C + c;
-          acc_t acc[4] = {p[c], p[C + c], p[2 * C + c], p[3 * C + c]};
-          element(i, grp, g_full ? i : n * C + c, b_full ? i : n * C + c, acc, a);
-          for (int q = 0; q < 4; ++q) p[q * C + c] = acc[q];
-        }
+        reduce_row_channels<scalar_t, kAct>(dyp + r * C, xp + r * C, g_full ? gp + r * C : gp + n * C,
+                                            b_full ? bp + r * C : bp + n * C, k.mean.data() + grp,
+                                            k.rstd.data() + grp, C, slope, &part[t * C * 4]);
     });
     at::parallel_for(0, NC, 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = i / C, c = i % C;
         for (int q = 0; q < 4; ++q) {
           acc_t total = 0;
-          for (int64_t b = 0; b < rb.blocks; ++b) total += part[((n * rb.blocks + b) * 4 + q) * C + c];
+          for (int64_t blk = 0; blk < rb.blocks; ++blk) total += part[((n * rb.blocks + blk) * 4 + q) * C + c];
           out[q * NC + i] = total;
         }
       }
@@ -279,30 +347,30 @@ void reduce_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor
   });
 }
 
+// dg / db may be null (not wanted): the row then writes them to scratch.
 template <typename scalar_t>
 void backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
                    const GroupConsts<at::opmath_type<scalar_t>>& k, at::Tensor& dx, scalar_t* dg, scalar_t* db,
-                   const SpadeShape& s, int64_t act, double slope_d) {
+                   const SpadeShape& s, int64_t act, double slope) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* dyp = grad_y.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* gp = gamma.const_data_ptr<scalar_t>();
   const scalar_t* bp = beta.const_data_ptr<scalar_t>();
   scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-  const acc_t slope = acc_t(slope_d);
+  const bool g_full = gamma.dim() == 3, b_full = beta.dim() == 3;
   with_activation(act, [&](auto a) {
     constexpr int kAct = decltype(a)::value;
-    for_rows(s, gamma.dim() == 3, beta.dim() == 3, [&](int64_t off, int64_t L, int64_t grp, int64_t gs, int64_t go,
-                                                        int64_t gst, int64_t bo, int64_t bst) {
-      for (int64_t j = 0; j < L; ++j) {
-        const int64_t i = off + j, q = grp + j * gs;
-        const acc_t xhat = spade::normalise(static_cast<acc_t>(xp[i]), k.mean[q], k.rstd[q]);
-        const auto e = spade::modulate_grad(static_cast<acc_t>(dyp[i]), xhat, static_cast<acc_t>(gp[go + j * gst]),
-                                            static_cast<acc_t>(bp[bo + j * bst]), kAct, slope);
-        dxp[i] = static_cast<scalar_t>(spade::input_grad(e.dxhat, xhat, k.rstd[q], k.c1[q], k.c2[q]));
-        if (dg != nullptr) dg[i] = static_cast<scalar_t>(e.dz * xhat);
-        if (db != nullptr) db[i] = static_cast<scalar_t>(e.dz);
-      }
+    for_rows<scalar_t>(s, [&](int64_t i, int64_t off, int64_t n, int64_t grp, int64_t L, scalar_t* scratch) {
+      const scalar_t* g = modulation_row(gp, g_full, s, i, off, n, scratch);
+      const scalar_t* b = modulation_row(bp, b_full, s, i, off, n, scratch + L);
+      scalar_t* dgr = dg != nullptr ? dg + off : scratch + 2 * L;
+      scalar_t* dbr = db != nullptr ? db + off : scratch + 3 * L;
+      const RowStats<acc_t> st{k.mean.data() + grp, k.rstd.data() + grp, k.c1.data() + grp, k.c2.data() + grp};
+      if (s.channels_last)
+        backward_row<scalar_t, kAct, false>(dyp + off, xp + off, g, b, dxp + off, dgr, dbr, st, L, acc_t(slope));
+      else
+        backward_row<scalar_t, kAct, true>(dyp + off, xp + off, g, b, dxp + off, dgr, dbr, st, L, acc_t(slope));
     });
   });
 }

@@ -75,19 +75,20 @@ struct Moments {
   FNEVR_HD T var() const { return n > T(0) ? m2 / n : T(0); }  // biased, as normalisation uses
 };
 
-template <typename T>
-FNEVR_HD T activate(T z, int act, T slope) {
-  if (act == kRelu) return z > T(0) ? z : T(0);
-  if (act == kLeakyRelu) return z > T(0) ? z : z * slope;
-  return z;
-}
-
-// d act(z) / dz, with PyTorch's conventions at 0: relu'(0) = 0, leaky_relu'(0) = slope.
+// d act(z) / dz, with PyTorch's conventions at 0: relu'(0) = 0, leaky_relu'(0) = slope. Written as
+// arithmetic on the comparison rather than as a choice: on random signs a branch mispredicts half
+// the time, which costs a CPU loop several times its memory traffic.
 template <typename T>
 FNEVR_HD T activate_grad(T z, int act, T slope) {
-  if (act == kRelu) return z > T(0) ? T(1) : T(0);
-  if (act == kLeakyRelu) return z > T(0) ? T(1) : slope;
+  const T positive = static_cast<T>(z > T(0));
+  if (act == kRelu) return positive;
+  if (act == kLeakyRelu) return slope + (T(1) - slope) * positive;
   return T(1);
+}
+
+template <typename T>
+FNEVR_HD T activate(T z, int act, T slope) {
+  return act == kNone ? z : z * activate_grad(z, act, slope);  // both activations are z act'(z)
 }
 
 template <typename T>
