@@ -43,7 +43,9 @@ if want_cuda() and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda
     # No GPU to read the architecture from: build for Ampere and Hopper (TORCH_CUDA_ARCH_LIST overrides).
     os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
-cxx_flags = ["-O3"]
+# -fno-trapping-math: nothing here reads floating-point exception flags, and without it GCC will not
+# turn a choice such as `z > 0 ? 1 : slope` into a vector select, leaving such loops scalar and branchy.
+cxx_flags = ["-O3", "-fno-trapping-math"]
 nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 include_dirs = [os.path.abspath("csrc")]
 
@@ -67,7 +69,8 @@ if want_cuda():
     )
 
 setup(
-    packages=["fnevr", "fnevr.ops", "fnevr.kernels", "fnevr.model", "fnevr.train", "fnevr.data", "fnevr.losses"],
+    packages=["fnevr", "fnevr.ops", "fnevr.nn", "fnevr.kernels", "fnevr.model", "fnevr.train", "fnevr.data",
+              "fnevr.losses"],
     package_data={"fnevr": ["configs/*.yaml"]},
     package_dir={"fnevr.kernels": "kernels"},
     ext_modules=ext_modules,

@@ -3,7 +3,8 @@ JSON and the printed output there, with the device, versions, commit and date.
 
     python benchmarks/run.py                     # compositing, on the GPU if there is one
     python benchmarks/run.py grid_sample         # grid sampling
-    python benchmarks/run.py composite grid_sample --save benchmarks/results
+    python benchmarks/run.py spade_norm          # SPADE normalisation at the decoder's shapes
+    python benchmarks/run.py composite grid_sample spade_norm --save benchmarks/results
 """
 
 import argparse

@@ -14,6 +14,17 @@ TORCH_LIBRARY_FRAGMENT(fnevr, m) {
   m.def(
       "_grid_sample_backward(Tensor grad_out, Tensor input, Tensor grid, int mode, int padding, "
       "bool align_corners, bool input_grad, bool grid_grad, bool deterministic) -> (Tensor, Tensor)");
+  m.def("_spade_norm_stats(Tensor x, bool channels_last, bool batch) -> (Tensor, Tensor)");
+  m.def(
+      "_spade_norm_forward(Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor var, float eps, "
+      "bool channels_last, int activation, float slope) -> Tensor");
+  m.def(
+      "_spade_norm_backward_reduce(Tensor grad_y, Tensor x, Tensor gamma, Tensor beta, Tensor mean, "
+      "Tensor var, float eps, bool channels_last, int activation, float slope) -> Tensor");
+  m.def(
+      "_spade_norm_backward(Tensor grad_y, Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor var, "
+      "Tensor group_sums, float scale, float eps, bool channels_last, int activation, float slope, "
+      "bool gamma_grad, bool beta_grad) -> (Tensor, Tensor, Tensor)");
 }
 
 extern "C" PyObject* PyInit__C(void) {

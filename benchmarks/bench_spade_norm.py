@@ -1,0 +1,74 @@
+"""SPADE normalisation at FNeVR's decoder shapes ([B, 512, 64, 64], [B, 128, 128, 128],
+[B, 32, 256, 256]; B = 4 on a GPU, 1 on the CPU): the fused backends against the eager composition
+(InstanceNorm2d -> * (1 + gamma) + beta -> ReLU) and, on a GPU, its torch.compile; forward and
+forward+backward.
+
+Effective bandwidth counts the bytes that must move: forward reads x, gamma, beta and writes y;
+backward also reads grad_y, x, gamma, beta and writes the three gradients.
+"""
+
+import pytest
+import torch
+
+import fnevr
+from fnevr.ops import spade_norm
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+B = 4 if DEVICE == "cuda" else 1
+SHAPES = [(B, 512, 64, 64), (B, 128, 128, 128), (B, 32, 256, 256)]
+DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
+# Inductor's CPU code generation takes minutes on a small machine: compiled runs are for GPUs.
+PROVIDERS = ["eager"] + (["compiled-eager"] if DEVICE == "cuda" else []) + [
+    b for b in ("cpu", "cuda", "triton") if fnevr.ops.backends(DEVICE)[b] == "available"
+    and not (b == "triton" and DEVICE == "cpu")  # the interpreter is for tests, not timing
+]
+
+
+def eager(x, gamma, beta):
+    return torch.relu(torch.nn.functional.instance_norm(x) * (1 + gamma) + beta)
+
+
+def _op(provider):
+    if provider == "eager":
+        return eager
+    if provider == "compiled-eager":
+        return torch.compile(eager)
+    return lambda x, g, b: spade_norm(x, g, b, activation="relu", backend=provider)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_copy_bandwidth(measure, dtype):
+    src = torch.rand(SHAPES[0], device=DEVICE).to(dtype)
+    dst = torch.empty_like(src)
+    measure(lambda: dst.copy_(src), 2 * src.numel() * src.element_size(),
+            op="copy", provider="copy", mode="copy", dtype=str(dtype)[6:], device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "fwd+bwd"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_spade_norm(measure, shape, provider, dtype, backward):
+    torch.manual_seed(0)
+    x, gamma, beta, grad_y = (torch.randn(shape, device=DEVICE, dtype=dtype) for _ in range(4))
+    for t in (x, gamma, beta):
+        t.requires_grad_(backward)
+    op = _op(provider)
+
+    def forward():
+        with torch.no_grad():
+            return op(x, gamma, beta)
+
+    def forward_backward():
+        x.grad = gamma.grad = beta.grad = None
+        op(x, gamma, beta).backward(grad_y)
+
+    tensor_bytes = x.numel() * x.element_size()
+    saved = []
+    if backward:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            op(x, gamma, beta)
+    measure(forward_backward if backward else forward, tensor_bytes * (11 if backward else 4),
+            op=f"spade-C{shape[1]}", provider=provider, mode="fwd+bwd" if backward else "forward",
+            dtype=str(dtype)[6:], device=DEVICE, **({"saved_MB": sum(saved) / 2**20} if backward else {}))

@@ -1,0 +1,417 @@
+// SPADE normalisation on CUDA.
+//
+// Reductions (statistics; the backward's per-(n, c) sums): NCHW gives each group's run of S elements
+// (N runs for batch norm) to one block, whose threads stride through it and then merge across the
+// block; channels_last gives a block 32 channels x 8 row lanes of one sample (batch norm: of all), so
+// a warp reads 32 consecutive channels of a row. Statistics merge per-thread Welford moments by
+// Chan's rule (spade_norm_math.h), so large means do not cancel.
+// Element-wise passes (forward; dx, dgamma, dbeta) are grid-stride loops over all of x, recomputing
+// xhat from x and the group's mean and variance.
+#include "spade_norm.h"
+#include "spade_norm_math.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace fnevr {
+namespace {
+
+using spade::Moments;
+
+constexpr int kThreads = 256;  // threads of the NCHW reduction and element-wise blocks
+constexpr int kLanesC = 32;    // channels_last reductions: channels per block
+constexpr int kLanesR = 8;     // ... and row lanes per block
+constexpr int kWarps = kThreads / 32;
+
+template <typename F>
+void with_activation(int64_t act, F&& f) {
+  switch (act) {
+    case spade::kRelu: f(std::integral_constant<int, spade::kRelu>{}); break;
+    case spade::kLeakyRelu: f(std::integral_constant<int, spade::kLeakyRelu>{}); break;
+    default: f(std::integral_constant<int, spade::kNone>{}); break;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ Moments<T> shfl_down(const Moments<T>& m, int offset) {
+  Moments<T> o;
+  o.n = __shfl_down_sync(0xffffffffu, m.n, offset);
+  o.mean = __shfl_down_sync(0xffffffffu, m.mean, offset);
+  o.m2 = __shfl_down_sync(0xffffffffu, m.m2, offset);
+  return o;
+}
+
+template <typename T>
+__device__ __forceinline__ T shfl_down(T v, int offset) {
+  return __shfl_down_sync(0xffffffffu, v, offset);
+}
+
+template <typename T>
+__device__ __forceinline__ void combine(Moments<T>& a, const Moments<T>& b) { a.merge(b); }
+template <typename T>
+__device__ __forceinline__ void combine(T& a, const T& b) { a += b; }
+
+// Reduces V (Moments or a plain sum) over a 1-D block of kThreads; thread 0 gets the result.
+// Shared memory for n values of V: raw bytes, since V's default member initialisers would count as
+// a constructor, which __shared__ variables may not have.
+template <typename V, int n>
+__device__ __forceinline__ V* shared_array() {
+  __shared__ alignas(V) unsigned char bytes[sizeof(V) * n];
+  return reinterpret_cast<V*>(bytes);
+}
+
+template <typename V>
+__device__ V block_reduce(V v) {
+  V* warp_part = shared_array<V, kWarps>();
+  for (int offset = 16; offset > 0; offset >>= 1) combine(v, shfl_down(v, offset));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_part[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarps ? warp_part[lane] : V{};
+    for (int offset = 16; offset > 0; offset >>= 1) combine(v, shfl_down(v, offset));
+  }
+  __syncthreads();  // warp_part may be reused by the caller's next reduction
+  return v;
+}
+
+// Reduces V over the row lanes (threadIdx.y) of a kLanesC x kLanesR block; row lane 0 gets it.
+template <typename V>
+__device__ V lane_reduce(V v) {
+  V* part = shared_array<V, kLanesR * kLanesC>();
+  part[threadIdx.y * kLanesC + threadIdx.x] = v;
+  __syncthreads();
+  if (threadIdx.y == 0)
+    for (int r = 1; r < kLanesR; ++r) combine(v, part[r * kLanesC + threadIdx.x]);
+  __syncthreads();
+  return v;
+}
+
+struct Dims {
+  int64_t N, C, S;
+};
+
+// ---- statistics ----
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    stats_nchw_kernel(const scalar_t* __restrict__ x, acc_t* mean, acc_t* var, Dims d, bool batch) {
+  const int64_t g = blockIdx.x;  // (n, c) or c
+  Moments<acc_t> m;
+  const int64_t samples = batch ? d.N : 1;
+  for (int64_t n = 0; n < samples; ++n) {
+    const scalar_t* run = x + (batch ? n * d.C + g : g) * d.S;
+    for (int64_t s = threadIdx.x; s < d.S; s += kThreads) m.push(static_cast<acc_t>(run[s]));
+  }
+  m = block_reduce(m);
+  if (threadIdx.x == 0) {
+    mean[g] = m.mean;
+    var[g] = m.var();
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kLanesC* kLanesR)
+    stats_cl_kernel(const scalar_t* __restrict__ x, acc_t* mean, acc_t* var, Dims d, bool batch) {
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * kLanesC + threadIdx.x;
+  const int64_t set = blockIdx.x;  // sample (instance norm) or 0
+  const int64_t rows = batch ? d.N * d.S : d.S;
+  const scalar_t* base = x + set * d.S * d.C;
+  Moments<acc_t> m;
+  if (c < d.C)
+    for (int64_t r = threadIdx.y; r < rows; r += kLanesR) m.push(static_cast<acc_t>(base[r * d.C + c]));
+  m = lane_reduce(m);
+  if (threadIdx.y == 0 && c < d.C) {
+    const int64_t g = batch ? c : set * d.C + c;
+    mean[g] = m.mean;
+    var[g] = m.var();
+  }
+}
+
+// ---- element-wise passes ----
+
+// Where element i's group statistics and (per-(n, c)) modulation live.
+struct Index {
+  int64_t grp, nc;
+};
+
+__device__ __forceinline__ Index index_of(int64_t i, const Dims& d, bool channels_last, bool batch) {
+  int64_t n, c;
+  if (channels_last) {
+    c = i % d.C;
+    n = i / (d.S * d.C);
+  } else {
+    const int64_t row = i / d.S;
+    c = row % d.C;
+    n = row / d.C;
+  }
+  return {batch ? c : n * d.C + c, n * d.C + c};
+}
+
+struct Flags {
+  bool channels_last, batch, g_full, b_full;
+};
+
+template <typename scalar_t, typename acc_t, int kAct>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ gamma,
+                   const scalar_t* __restrict__ beta, const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
+                   scalar_t* __restrict__ y, int64_t total, Dims d, Flags f, acc_t eps, acc_t slope) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const Index ix = index_of(i, d, f.channels_last, f.batch);
+    const acc_t rstd = spade::rsqrt_(var[ix.grp] + eps);
+    const acc_t xhat = spade::normalise(static_cast<acc_t>(x[i]), mean[ix.grp], rstd);
+    const acc_t g = static_cast<acc_t>(gamma[f.g_full ? i : ix.nc]);
+    const acc_t b = static_cast<acc_t>(beta[f.b_full ? i : ix.nc]);
+    y[i] = static_cast<scalar_t>(spade::modulate(xhat, g, b, kAct, slope));
+  }
+}
+
+template <typename scalar_t, typename acc_t, int kAct>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ x,
+                    const scalar_t* __restrict__ gamma, const scalar_t* __restrict__ beta,
+                    const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
+                    const acc_t* __restrict__ group_sums, scalar_t* __restrict__ dx, scalar_t* __restrict__ dgamma,
+                    scalar_t* __restrict__ dbeta, int64_t total, int64_t G, Dims d, Flags f, acc_t scale, acc_t eps,
+                    acc_t slope) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const Index ix = index_of(i, d, f.channels_last, f.batch);
+    const acc_t rstd = spade::rsqrt_(var[ix.grp] + eps);
+    const acc_t xhat = spade::normalise(static_cast<acc_t>(x[i]), mean[ix.grp], rstd);
+    const acc_t g = static_cast<acc_t>(gamma[f.g_full ? i : ix.nc]);
+    const acc_t b = static_cast<acc_t>(beta[f.b_full ? i : ix.nc]);
+    const auto e = spade::modulate_grad(static_cast<acc_t>(grad_y[i]), xhat, g, b, kAct, slope);
+    const acc_t c1 = group_sums[ix.grp] * scale, c2 = group_sums[G + ix.grp] * scale;
+    dx[i] = static_cast<scalar_t>(spade::input_grad(e.dxhat, xhat, rstd, c1, c2));
+    if (dgamma != nullptr) dgamma[i] = static_cast<scalar_t>(e.dz * xhat);
+    if (dbeta != nullptr) dbeta[i] = static_cast<scalar_t>(e.dz);
+  }
+}
+
+// ---- the backward's per-(n, c) sums ----
+
+template <typename acc_t>
+struct Sums4 {
+  acc_t v[4] = {};
+};
+template <typename T>
+__device__ __forceinline__ Sums4<T> shfl_down(const Sums4<T>& s, int offset) {
+  Sums4<T> o;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) o.v[q] = __shfl_down_sync(0xffffffffu, s.v[q], offset);
+  return o;
+}
+template <typename T>
+__device__ __forceinline__ void combine(Sums4<T>& a, const Sums4<T>& b) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) a.v[q] += b.v[q];
+}
+
+template <typename scalar_t, typename acc_t, int kAct>
+__device__ __forceinline__ void accumulate(Sums4<acc_t>& s, acc_t dy, acc_t xv, acc_t m, acc_t rstd, acc_t g, acc_t b,
+                                           acc_t slope) {
+  const acc_t xhat = spade::normalise(xv, m, rstd);
+  const auto e = spade::modulate_grad(dy, xhat, g, b, kAct, slope);
+  s.v[0] += e.dxhat;
+  s.v[1] += e.dxhat * xhat;
+  s.v[2] += e.dz;
+  s.v[3] += e.dz * xhat;
+}
+
+template <typename scalar_t, typename acc_t, int kAct>
+__global__ void __launch_bounds__(kThreads)
+    reduce_nchw_kernel(const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ x,
+                       const scalar_t* __restrict__ gamma, const scalar_t* __restrict__ beta,
+                       const acc_t* __restrict__ mean, const acc_t* __restrict__ var, acc_t* __restrict__ sums,
+                       Dims d, Flags f, acc_t eps, acc_t slope) {
+  const int64_t nc = blockIdx.x, grp = f.batch ? nc % d.C : nc;
+  const acc_t m = mean[grp], rstd = spade::rsqrt_(var[grp] + eps);
+  Sums4<acc_t> s;
+  for (int64_t j = threadIdx.x; j < d.S; j += kThreads) {
+    const int64_t i = nc * d.S + j;
+    accumulate<scalar_t, acc_t, kAct>(s, static_cast<acc_t>(grad_y[i]), static_cast<acc_t>(x[i]), m, rstd,
+                                      static_cast<acc_t>(gamma[f.g_full ? i : nc]),
+                                      static_cast<acc_t>(beta[f.b_full ? i : nc]), slope);
+  }
+  s = block_reduce(s);
+  if (threadIdx.x == 0) {
+    const int64_t NC = d.N * d.C;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) sums[q * NC + nc] = s.v[q];
+  }
+}
+
+template <typename scalar_t, typename acc_t, int kAct>
+__global__ void __launch_bounds__(kLanesC* kLanesR)
+    reduce_cl_kernel(const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ x,
+                     const scalar_t* __restrict__ gamma, const scalar_t* __restrict__ beta,
+                     const acc_t* __restrict__ mean, const acc_t* __restrict__ var, acc_t* __restrict__ sums, Dims d,
+                     Flags f, acc_t eps, acc_t slope) {
+  const int64_t n = blockIdx.x, c = static_cast<int64_t>(blockIdx.y) * kLanesC + threadIdx.x;
+  const int64_t nc = n * d.C + c;
+  Sums4<acc_t> s;
+  if (c < d.C) {
+    const int64_t grp = f.batch ? c : nc;
+    const acc_t m = mean[grp], rstd = spade::rsqrt_(var[grp] + eps);
+    for (int64_t r = threadIdx.y; r < d.S; r += kLanesR) {
+      const int64_t i = (n * d.S + r) * d.C + c;
+      accumulate<scalar_t, acc_t, kAct>(s, static_cast<acc_t>(grad_y[i]), static_cast<acc_t>(x[i]), m, rstd,
+                                        static_cast<acc_t>(gamma[f.g_full ? i : nc]),
+                                        static_cast<acc_t>(beta[f.b_full ? i : nc]), slope);
+    }
+  }
+  s = lane_reduce(s);
+  if (threadIdx.y == 0 && c < d.C) {
+    const int64_t NC = d.N * d.C;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) sums[q * NC + nc] = s.v[q];
+  }
+}
+
+int64_t elementwise_blocks(int64_t total) {
+  return std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 22));
+}
+
+void check_cuda(const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), "fnevr spade_norm (cuda): x must be a CUDA tensor, got ", t.device());
+}
+
+Dims dims(const SpadeShape& s) { return {s.N, s.C, s.S}; }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> spade_norm_stats_cuda(const at::Tensor& x, bool channels_last, bool batch) {
+  SpadeShape s = check_spade_x(x, channels_last);
+  check_cuda(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto opts = x.options().dtype(spade_stats_type(x));
+  const std::vector<int64_t> shape = batch ? std::vector<int64_t>{s.C} : std::vector<int64_t>{s.N, s.C};
+  at::Tensor mean = at::zeros(shape, opts), var = at::zeros(shape, opts);
+  if (x.numel() == 0) return {mean, var};
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spade_norm_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (!channels_last) {
+      stats_nchw_kernel<scalar_t, acc_t><<<batch ? s.C : s.N * s.C, kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), dims(s), batch);
+    } else {
+      const dim3 grid(batch ? 1 : s.N, (s.C + kLanesC - 1) / kLanesC);
+      stats_cl_kernel<scalar_t, acc_t><<<grid, dim3(kLanesC, kLanesR), 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), dims(s), batch);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {mean, var};
+}
+
+at::Tensor spade_norm_forward_cuda(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                                   const at::Tensor& mean, const at::Tensor& var, double eps, bool channels_last,
+                                   int64_t activation, double slope) {
+  const SpadeShape s = check_spade_inputs(x, gamma, beta, mean, var, channels_last, activation);
+  check_cuda(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty_like(x);
+  if (x.numel() == 0) return y;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const Flags f{channels_last, s.batch, gamma.dim() == 3, beta.dim() == 3};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spade_norm_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_activation(activation, [&](auto a) {
+      forward_kernel<scalar_t, acc_t, decltype(a)::value><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), gamma.const_data_ptr<scalar_t>(), beta.const_data_ptr<scalar_t>(),
+          mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(), y.mutable_data_ptr<scalar_t>(), x.numel(),
+          dims(s), f, acc_t(eps), acc_t(slope));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return y;
+}
+
+at::Tensor spade_norm_backward_reduce_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& gamma,
+                                           const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var,
+                                           double eps, bool channels_last, int64_t activation, double slope) {
+  const SpadeShape s = check_spade_inputs(x, gamma, beta, mean, var, channels_last, activation);
+  check_spade_grad(grad_y, x);
+  check_cuda(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor sums = at::zeros({4, s.N, s.C}, mean.options());
+  if (x.numel() == 0) return sums;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const Flags f{channels_last, s.batch, gamma.dim() == 3, beta.dim() == 3};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spade_norm_backward_reduce_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_activation(activation, [&](auto a) {
+      constexpr int kAct = decltype(a)::value;
+      if (!channels_last) {
+        reduce_nchw_kernel<scalar_t, acc_t, kAct><<<s.N * s.C, kThreads, 0, stream>>>(
+            grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gamma.const_data_ptr<scalar_t>(),
+            beta.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(),
+            sums.mutable_data_ptr<acc_t>(), dims(s), f, acc_t(eps), acc_t(slope));
+      } else {
+        const dim3 grid(s.N, (s.C + kLanesC - 1) / kLanesC);
+        reduce_cl_kernel<scalar_t, acc_t, kAct><<<grid, dim3(kLanesC, kLanesR), 0, stream>>>(
+            grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gamma.const_data_ptr<scalar_t>(),
+            beta.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(),
+            sums.mutable_data_ptr<acc_t>(), dims(s), f, acc_t(eps), acc_t(slope));
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return sums;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spade_norm_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+    const at::Tensor& mean, const at::Tensor& var, const at::Tensor& group_sums, double scale, double eps,
+    bool channels_last, int64_t activation, double slope, bool gamma_grad, bool beta_grad) {
+  const SpadeShape s = check_spade_inputs(x, gamma, beta, mean, var, channels_last, activation);
+  check_spade_grad(grad_y, x);
+  check_spade_group_sums(group_sums, mean);
+  check_cuda(x);
+  TORCH_CHECK(!(gamma_grad && gamma.dim() != 3) && !(beta_grad && beta.dim() != 3),
+              "fnevr spade_norm: the backward kernel writes full-size gamma/beta gradients only");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor dg = gamma_grad ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor db = beta_grad ? at::empty_like(x) : at::empty({0}, x.options());
+  if (x.numel() == 0) return {dx, dg, db};
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const Flags f{channels_last, s.batch, gamma.dim() == 3, beta.dim() == 3};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spade_norm_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_activation(activation, [&](auto a) {
+      backward_kernel<scalar_t, acc_t, decltype(a)::value><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
+          grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gamma.const_data_ptr<scalar_t>(),
+          beta.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(),
+          group_sums.const_data_ptr<acc_t>(), dx.mutable_data_ptr<scalar_t>(),
+          gamma_grad ? dg.mutable_data_ptr<scalar_t>() : nullptr, beta_grad ? db.mutable_data_ptr<scalar_t>() : nullptr,
+          x.numel(), mean.numel(), dims(s), f, acc_t(scale), acc_t(eps), acc_t(slope));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {dx, dg, db};
+}
+
+TORCH_LIBRARY_IMPL(fnevr, CUDA, m) {
+  m.impl("_spade_norm_stats", &spade_norm_stats_cuda);
+  m.impl("_spade_norm_forward", &spade_norm_forward_cuda);
+  m.impl("_spade_norm_backward_reduce", &spade_norm_backward_reduce_cuda);
+  m.impl("_spade_norm_backward", &spade_norm_backward_cuda);
+}
+
+}  // namespace fnevr

@@ -1,0 +1,5 @@
+"""fnevr's layers built on its fused ops; their state dicts match the published FNeVR model's."""
+
+from .spade import SPADE
+
+__all__ = ["SPADE"]

@@ -1,0 +1,83 @@
+r"""SPADE: spatially-adaptive normalisation, as in FNeVR's decoder.
+
+.. math::
+
+    a = \mathrm{ReLU}(\mathrm{conv}_{3\times3}(\mathrm{resize}(m))), \quad
+    \gamma = \mathrm{conv}^\gamma_{3\times3}(a), \quad \beta = \mathrm{conv}^\beta_{3\times3}(a), \quad
+    y = \mathrm{act}(\mathrm{norm}(x)\,(1 + \gamma) + \beta)
+
+with the modulation map ``m`` resized (nearest) to ``x``'s height and width, and the last step
+:func:`fnevr.ops.spade_norm`, one fused op. γ and β come from one convolution with 2C outputs (the
+two layers' weights concatenated at call time), while ``mlp_gamma`` and ``mlp_beta`` stay separate
+parameters so the published checkpoints load unchanged.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.spade_norm import ACTIVATIONS, NORMS, spade_norm
+
+
+class SPADE(nn.Module):
+    """``SPADE(norm_channels, label_channels)(x, segmap)``: ``x`` ``[N, norm_channels, H, W]``, ``segmap``
+    ``[N, label_channels, H', W']`` -> ``[N, norm_channels, H, W]``.
+
+    Args:
+        norm_channels: C, the channels of ``x``.
+        label_channels: the channels of the modulation map (FNeVR: 128).
+        hidden_channels: the channels of the shared convolution's output.
+        norm: ``"instance"`` (FNeVR) or ``"batch"`` (keeps running statistics, like ``BatchNorm2d``).
+        activation: ``None`` (FNeVR applies its ReLU outside), ``"relu"`` or ``"leaky_relu"``, fused in.
+        backend: passed to :func:`fnevr.ops.spade_norm`.
+
+    Submodules and state-dict keys as in the published model: ``param_free_norm`` (an
+    ``InstanceNorm2d``/``BatchNorm2d`` without affine parameters; the instance norm has no state),
+    ``mlp_shared.0`` (3x3 conv label -> hidden, then a ReLU), ``mlp_gamma`` and ``mlp_beta`` (3x3 convs
+    hidden -> C). Example::
+
+        >>> import torch, fnevr
+        >>> layer = fnevr.nn.SPADE(32, 128)
+        >>> y = layer(torch.randn(2, 32, 256, 256), torch.randn(2, 128, 64, 64))
+        >>> y.shape
+        torch.Size([2, 32, 256, 256])
+    """
+
+    def __init__(self, norm_channels: int, label_channels: int, hidden_channels: int = 128, norm: str = "instance",
+                 activation: str | None = None, backend: str = "auto"):
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+        self.norm, self.activation, self.backend = norm, activation, backend
+        if norm == "instance":
+            self.param_free_norm = nn.InstanceNorm2d(norm_channels, affine=False)
+        else:
+            self.param_free_norm = nn.BatchNorm2d(norm_channels, affine=False)
+        self.mlp_shared = nn.Sequential(nn.Conv2d(label_channels, hidden_channels, 3, padding=1), nn.ReLU())
+        self.mlp_gamma = nn.Conv2d(hidden_channels, norm_channels, 3, padding=1)
+        self.mlp_beta = nn.Conv2d(hidden_channels, norm_channels, 3, padding=1)
+
+    def forward(self, x: Tensor, segmap: Tensor) -> Tensor:
+        segmap = F.interpolate(segmap, size=x.shape[2:], mode="nearest")
+        hidden = self.mlp_shared(segmap)
+        weight = torch.cat([self.mlp_gamma.weight, self.mlp_beta.weight])
+        bias = torch.cat([self.mlp_gamma.bias, self.mlp_beta.bias])
+        gamma, beta = F.conv2d(hidden, weight, bias, padding=1).chunk(2, dim=1)
+        pfn = self.param_free_norm
+        kw = {}
+        if self.norm == "batch":
+            training = self.training or pfn.running_mean is None
+            momentum = pfn.momentum
+            if self.training and pfn.num_batches_tracked is not None:
+                pfn.num_batches_tracked.add_(1)
+                if momentum is None:  # BatchNorm2d's cumulative moving average
+                    momentum = 1.0 / float(pfn.num_batches_tracked)
+            kw = dict(running_mean=pfn.running_mean, running_var=pfn.running_var, training=training,
+                      momentum=momentum if momentum is not None else 0.0)
+        return spade_norm(x, gamma, beta, norm=self.norm, eps=pfn.eps, activation=self.activation,
+                          backend=self.backend, **kw)
+
+    def extra_repr(self) -> str:
+        return f"norm={self.norm!r}, activation={self.activation!r}, backend={self.backend!r}"

@@ -1,0 +1,342 @@
+r"""SPADE normalisation: a parameter-free norm of ``x``, modulated per pixel and activated.
+
+.. math::
+
+    \hat x = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}, \qquad
+    y = \mathrm{act}\big(\hat x \, (1 + \gamma) + \beta\big)
+
+with :math:`\mu, \sigma^2` (biased) per (sample, channel) over H, W for ``norm="instance"``
+(``InstanceNorm2d(affine=False)``), or per channel over N, H, W for ``norm="batch"``
+(``BatchNorm2d(affine=False)``: running statistics are updated in training and used in eval; with a
+``process_group`` the statistics are reduced across its processes, as ``SyncBatchNorm`` does).
+``act`` is ``None``, ``"relu"`` or ``"leaky_relu"``.
+
+Shapes: ``x`` ``[N, C, H, W]`` (FNeVR's decoder: ``[B, 512, 64, 64]``, ``[B, 128, 128, 128]``,
+``[B, 32, 256, 256]``), NCHW or channels_last; ``gamma`` and ``beta`` ``[N, C, H, W]`` or anything
+that broadcasts to it (``[N, C, 1, 1]`` for AdaIN-style modulation); ``y`` like ``x``, in its memory
+format. Gradients flow to ``x``, ``gamma`` and ``beta``. The fused backends keep fp32 statistics
+(fp64 for fp64), save only the inputs and the per-group mean and variance for backward, and
+recompute :math:`\hat x` there. Example::
+
+    >>> import torch, fnevr
+    >>> x = torch.randn(2, 32, 64, 64, requires_grad=True)
+    >>> gamma, beta = torch.randn(2, 2, 32, 64, 64).unbind(0)
+    >>> y = fnevr.ops.spade_norm(x, gamma, beta, activation="relu")
+    >>> y.shape
+    torch.Size([2, 32, 64, 64])
+    >>> y.sum().backward()
+
+Backends: ``reference`` (:func:`spade_norm_reference`, the spec, plain autograd), ``cpu``
+(csrc/spade_norm/spade_norm_cpu.cpp), ``cuda`` (csrc/spade_norm/spade_norm_cuda.cu), ``triton``
+(kernels/spade_norm.py); ``auto`` picks the fastest one available for the tensors' device.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._backend import resolve
+
+NORMS = ("instance", "batch")
+ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2}  # codes shared with spade_norm_math.h
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def spade_norm_reference(x: Tensor, gamma: Tensor, beta: Tensor, *, norm: str = "instance", eps: float = 1e-5,
+                         activation: str | None = None, negative_slope: float = 0.2,
+                         running_mean: Tensor | None = None, running_var: Tensor | None = None,
+                         training: bool = True, momentum: float = 0.1, process_group=None) -> Tensor:
+    """The spec: PyTorch's own norms and arithmetic, differentiated by autograd. Same arguments as
+    :func:`spade_norm` (unchecked)."""
+    if norm == "instance" and x.shape[2] * x.shape[3] == 1:  # F.instance_norm refuses one pixel: it is 0
+        xhat = x - x.mean((2, 3), keepdim=True)
+    elif norm == "instance":
+        xhat = F.instance_norm(x, eps=eps)
+    elif process_group is None or not training:
+        xhat = F.batch_norm(x, running_mean, running_var, training=training, momentum=momentum, eps=eps)
+    else:
+        xhat = _sync_batch_norm_reference(x, eps, running_mean, running_var, momentum, process_group)
+    z = xhat * (1 + gamma) + beta
+    if activation == "relu":
+        return torch.relu(z)
+    if activation == "leaky_relu":
+        return F.leaky_relu(z, negative_slope)
+    return z
+
+
+def _sync_batch_norm_reference(x, eps, running_mean, running_var, momentum, group):
+    """Training batch norm over every process of `group`, through autograd-aware all-reduces."""
+    from torch.distributed.nn.functional import all_reduce
+
+    count = all_reduce(torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device), group=group)
+    mean = all_reduce(x.sum((0, 2, 3)), group=group) / count
+    centred = x - mean[None, :, None, None]
+    var = all_reduce(centred.square().sum((0, 2, 3)), group=group) / count
+    if running_mean is not None:
+        _update_running(running_mean, running_var, mean.detach(), var.detach(), count.item(), momentum)
+    return centred * torch.rsqrt(var + eps)[None, :, None, None]
+
+
+def spade_norm(x: Tensor, gamma: Tensor, beta: Tensor, *, norm: str = "instance", eps: float = 1e-5,
+               activation: str | None = None, negative_slope: float = 0.2, running_mean: Tensor | None = None,
+               running_var: Tensor | None = None, training: bool = True, momentum: float = 0.1,
+               process_group=None, backend: str = "auto") -> Tensor:
+    """``act(norm(x) * (1 + gamma) + beta)`` for ``x`` ``[N, C, H, W]``.
+
+    Args:
+        x: features, float16/bfloat16/float32/float64, NCHW or channels_last.
+        gamma, beta: modulation, same dtype and device as ``x``, broadcastable to its shape.
+        norm: ``"instance"`` (per sample and channel) or ``"batch"`` (per channel).
+        eps: added to the variance.
+        activation: ``None``, ``"relu"`` or ``"leaky_relu"`` (with ``negative_slope``).
+        running_mean, running_var: ``[C]`` batch-norm running statistics (``norm="batch"`` only):
+            updated in place when ``training``, used instead of the batch's when not.
+        training: batch norm only: normalise with this batch's statistics (and update the running ones).
+        momentum: weight of the batch's statistics in the running ones.
+        process_group: batch norm in training only: a ``torch.distributed`` group whose processes'
+            batches are normalised together (``SyncBatchNorm``); ``None`` normalises locally.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+
+    Returns:
+        ``[N, C, H, W]`` in ``x``'s dtype and memory format.
+    """
+    _check(x, gamma, beta, norm, activation, running_mean, running_var, training, momentum)
+    name = resolve(backend, x.device)
+    kw = dict(norm=norm, eps=eps, activation=activation, negative_slope=negative_slope, running_mean=running_mean,
+              running_var=running_var, training=training, momentum=momentum, process_group=process_group)
+    if name == "reference":
+        return spade_norm_reference(x, gamma, beta, **kw)
+    batch = norm == "batch"
+    cl = _is_channels_last(x)
+    x3, g, b = _flat(x, cl), _modulation(gamma, x, cl), _modulation(beta, x, cl)
+    opts = (float(eps), cl, ACTIVATIONS[activation], float(negative_slope))
+    if batch and training and process_group is not None:
+        y3 = _SyncSpadeNorm.apply(x3, g, b, opts, name, process_group, running_mean, running_var, momentum)
+        return _unflat(y3, x, cl)
+    if batch and not training:
+        acc = _acc(x.dtype)
+        mean, var = running_mean.detach().to(acc), running_var.detach().to(acc)
+    else:
+        mean, var = _spade_norm_stats_op(x3.detach(), cl, batch, name)
+        if batch and running_mean is not None:
+            _update_running(running_mean, running_var, mean, var, x3.numel() // x.shape[1], momentum)
+    y3 = _spade_norm_op(x3, g, b, mean, var, *opts, not batch or training, name)
+    return _unflat(y3, x, cl)
+
+
+def _update_running(running_mean, running_var, mean, var, count, momentum):
+    with torch.no_grad():
+        running_mean.mul_(1 - momentum).add_(momentum * mean.to(running_mean.dtype))
+        running_var.mul_(1 - momentum).add_((momentum * count / (count - 1)) * var.to(running_var.dtype))
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --- layouts: the kernels see x as a contiguous [N, C, S] (NCHW) or [N, S, C] (channels_last) ------
+
+def _is_channels_last(x):
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _flat(t, cl):
+    N, C, H, W = t.shape
+    return t.permute(0, 2, 3, 1).reshape(N, H * W, C) if cl else t.contiguous().view(N, C, H * W)
+
+
+def _unflat(t3, x, cl):
+    N, C, H, W = x.shape
+    return t3.view(N, H, W, C).permute(0, 3, 1, 2) if cl else t3.view(N, C, H, W)
+
+
+def _modulation(t, x, cl):
+    """gamma or beta for the kernels: per (sample, channel) ``[N, C]`` when it is constant over H, W,
+    else full size in x's layout. Broadcasting is done here, so autograd sums its gradient back."""
+    N, C = x.shape[:2]
+    t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+    if t4.shape[2] == 1 and t4.shape[3] == 1:
+        return t4.expand(N, C, 1, 1).reshape(N, C).contiguous()
+    full = t4.expand(x.shape)
+    if cl:
+        return full.permute(0, 2, 3, 1).contiguous().view(N, -1, C)
+    return full.contiguous().view(N, C, -1)
+
+
+def _check(x, gamma, beta, norm, activation, running_mean, running_var, training, momentum):
+    for arg, t in (("x", x), ("gamma", gamma), ("beta", beta)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{arg} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be [N, C, H, W], got shape {tuple(x.shape)}")
+    for arg, t in (("gamma", gamma), ("beta", beta)):
+        if t.dim() > 4 or _broadcast(t.shape, x.shape) != x.shape:
+            raise ValueError(f"{arg} must be [N, C, H, W] = {list(x.shape)} or broadcastable to it "
+                             f"(e.g. [N, C, 1, 1]), got shape {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"{arg} must have x's dtype {x.dtype}, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{arg} must be on x's device {x.device}, got {t.device}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    if norm == "instance" and running_mean is not None:
+        raise ValueError("running_mean/running_var apply to norm='batch' only")
+    if norm == "batch" and not training and running_mean is None:
+        raise ValueError("norm='batch' with training=False needs running_mean and running_var")
+    C = x.shape[1]
+    for arg, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and (not isinstance(t, Tensor) or t.shape != (C,) or not t.is_floating_point()
+                              or t.device != x.device):
+            got = f"shape {tuple(t.shape)}, {t.dtype} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{arg} must be a floating [C] = [{C}] tensor on {x.device}, got {got}")
+    if norm == "batch" and training:
+        if x.numel() // max(C, 1) <= 1 and x.numel() > 0:
+            raise ValueError(f"norm='batch' in training needs more than one value per channel, got shape "
+                             f"{tuple(x.shape)}")
+        if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
+            raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+
+
+def _broadcast(a, b):
+    try:
+        return torch.broadcast_shapes(a, b)
+    except RuntimeError:
+        return None
+
+
+# --- kernels: the same five functions from the compiled extension or from Triton ---------------------
+
+class _Kernels:
+    def __init__(self, backend):
+        if backend == "triton":
+            from ..kernels import spade_norm as k  # imports triton: only when asked for
+            self.stats, self.forward = k.spade_norm_stats, k.spade_norm_forward
+            self.reduce, self.backward = k.spade_norm_backward_reduce, k.spade_norm_backward
+        else:  # cpu, cuda: torch dispatches on the tensors' device
+            ops = torch.ops.fnevr
+            self.stats, self.forward = ops._spade_norm_stats, ops._spade_norm_forward
+            self.reduce, self.backward = ops._spade_norm_backward_reduce, ops._spade_norm_backward
+
+
+def _backward_impl(k, grad_y, x3, g, b, mean, var, eps, cl, act, slope, stats_grad, gamma_grad, beta_grad,
+                   all_reduce=None, count=None):
+    """(dx, dgamma, dbeta) for the kernel-level tensors; `all_reduce` sums [2, C] across processes."""
+    batch = mean.dim() == 1
+    need_sums = stats_grad or (g.dim() == 2 and gamma_grad) or (b.dim() == 2 and beta_grad)
+    sums = k.reduce(grad_y, x3, g, b, mean, var, eps, cl, act, slope) if need_sums else None  # [4, N, C]
+    scale = 0.0
+    if stats_grad:
+        group_sums = sums[:2].sum(1) if batch else sums[:2]
+        if all_reduce is not None:
+            all_reduce(group_sums)
+        scale = 1.0 / (count if count is not None else x3.numel() // mean.numel())
+    else:
+        group_sums = torch.zeros((2,) + tuple(mean.shape), dtype=mean.dtype, device=mean.device)
+    dx, dg, db = k.backward(grad_y, x3, g, b, mean, var, group_sums, scale, eps, cl, act, slope,
+                            gamma_grad and g.dim() == 3, beta_grad and b.dim() == 3)
+    if g.dim() == 2 and gamma_grad:
+        dg = sums[3].to(g.dtype, copy=True)
+    if b.dim() == 2 and beta_grad:
+        db = sums[2].to(b.dtype, copy=True)
+    return dx, dg, db
+
+
+# --- torch.library registration ------------------------------------------------------------------
+
+@torch.library.custom_op("fnevr::spade_norm_stats", mutates_args=())
+def _spade_norm_stats_op(x: Tensor, channels_last: bool, batch: bool, backend: str) -> tuple[Tensor, Tensor]:
+    return _Kernels(backend).stats(x, channels_last, batch)
+
+
+@_spade_norm_stats_op.register_fake
+def _(x, channels_last, batch, backend):
+    C = x.shape[2] if channels_last else x.shape[1]
+    shape = (C,) if batch else (x.shape[0], C)
+    return x.new_empty(shape, dtype=_acc(x.dtype)), x.new_empty(shape, dtype=_acc(x.dtype))
+
+
+@torch.library.custom_op("fnevr::spade_norm", mutates_args=())
+def _spade_norm_op(x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor, eps: float,
+                   channels_last: bool, activation: int, negative_slope: float, stats_grad: bool,
+                   backend: str) -> Tensor:
+    return _Kernels(backend).forward(x, gamma, beta, mean, var, eps, channels_last, activation, negative_slope)
+
+
+@_spade_norm_op.register_fake
+def _(x, gamma, beta, mean, var, eps, channels_last, activation, negative_slope, stats_grad, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fnevr::spade_norm_grad", mutates_args=())
+def _spade_norm_grad_op(grad_y: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor,
+                        eps: float, channels_last: bool, activation: int, negative_slope: float, stats_grad: bool,
+                        backend: str, gamma_grad: bool, beta_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dg, db = _backward_impl(_Kernels(backend), grad_y, x, gamma, beta, mean, var, eps, channels_last,
+                                activation, negative_slope, stats_grad, gamma_grad, beta_grad)
+    return dx, dg if gamma_grad else x.new_empty((0,)), db if beta_grad else x.new_empty((0,))
+
+
+@_spade_norm_grad_op.register_fake
+def _(grad_y, x, gamma, beta, mean, var, eps, channels_last, activation, negative_slope, stats_grad, backend,
+      gamma_grad, beta_grad):
+    return (torch.empty_like(x), torch.empty_like(gamma) if gamma_grad else x.new_empty((0,)),
+            torch.empty_like(beta) if beta_grad else x.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, gamma, beta, mean, var, *options = inputs
+    ctx.save_for_backward(x, gamma, beta, mean, var)
+    ctx.options = tuple(options)
+
+
+def _backward(ctx, grad_y):
+    x, gamma, beta, mean, var = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dg, db = _spade_norm_grad_op(grad_y.contiguous(), x, gamma, beta, mean, var, *ctx.options, need[1], need[2])
+    return dx, (dg if need[1] else None), (db if need[2] else None), None, None, None, None, None, None, None, None
+
+
+_spade_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _SyncSpadeNorm(torch.autograd.Function):
+    """Training batch norm across a process group: local statistics merged with all-reduces
+    (torch.distributed), in eager mode; the kernels are the same as the local path's."""
+
+    @staticmethod
+    def forward(ctx, x3, g, b, opts, backend, group, running_mean, running_var, momentum):
+        import torch.distributed as dist
+
+        k = _Kernels(backend)
+        eps, cl = opts[:2]
+        mean_l, var_l = k.stats(x3, cl, True)
+        n_l = x3.numel() // mean_l.numel()
+        # Exact merge (Chan): global mean from the sums, then every process's M2 moved to it.
+        packed = torch.cat([mean_l * n_l, mean_l.new_full((1,), n_l)])
+        dist.all_reduce(packed, group=group)
+        count = packed[-1].item()
+        mean = packed[:-1] / count
+        m2 = var_l * n_l + n_l * (mean_l - mean).square()
+        dist.all_reduce(m2, group=group)
+        var = m2 / count
+        if running_mean is not None:
+            _update_running(running_mean, running_var, mean, var, count, momentum)
+        ctx.save_for_backward(x3, g, b, mean, var)
+        ctx.opts, ctx.backend, ctx.group, ctx.count = opts, backend, group, count
+        return k.forward(x3, g, b, mean, var, *opts)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        import torch.distributed as dist
+
+        x3, g, b, mean, var = ctx.saved_tensors
+        dx, dg, db = _backward_impl(_Kernels(ctx.backend), grad_y.contiguous(), x3, g, b, mean, var, *ctx.opts,
+                                    True, ctx.needs_input_grad[1], ctx.needs_input_grad[2],
+                                    all_reduce=lambda t: dist.all_reduce(t, group=ctx.group), count=ctx.count)
+        return dx, (dg if ctx.needs_input_grad[1] else None), (db if ctx.needs_input_grad[2] else None), *[None] * 6

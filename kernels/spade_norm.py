@@ -1,0 +1,292 @@
+"""Triton kernels for SPADE normalisation; the math is in `fnevr.ops.spade_norm` and
+csrc/spade_norm/spade_norm_math.h.
+
+x is a contiguous [N, C, S] (NCHW) or [N, S, C] (channels_last) tensor. The reductions (statistics,
+backward sums) run one program per (sample or all samples, tile of channels) over [BLOCK_C, BLOCK_S]
+tiles: each tile's per-channel moments are taken around the tile's own mean and merged by Chan's rule,
+so large means do not cancel. The element-wise passes are flat over all of x. eps and the leaky-ReLU
+slope are compile-time constants: Triton would pass them as fp32, too coarse for fp64.
+"""
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr, slope):
+    if ACT == 1:
+        z = tl.where(z > 0.0, z, 0.0)
+    elif ACT == 2:
+        z = tl.where(z > 0.0, z, z * slope)
+    return z
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr, slope):
+    one = z * 0.0 + 1.0  # in z's dtype: a bare float constant would be fp32
+    if ACT == 1:
+        d = tl.where(z > 0.0, one, 0.0)
+    elif ACT == 2:
+        d = tl.where(z > 0.0, one, one * slope)
+    else:
+        d = one
+    return d
+
+
+@triton.jit
+def _tile(s0, chans, S, C, CL: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Offsets in one sample, and mask, of its [BLOCK_C, BLOCK_S] tile at spatial positions s0..."""
+    s = s0 + tl.arange(0, BLOCK_S)
+    if CL:
+        offs = s[None, :] * C + chans[:, None]
+    else:
+        offs = chans[:, None] * S + s[None, :]
+    return offs, (chans < C)[:, None] & (s < S)[None, :]
+
+
+@triton.jit
+def _stats_kernel(x, mean, var, N, C, S, BATCH: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid_n = tl.program_id(0)
+    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    xn = x + pid_n.to(tl.int64) * C * S  # this program's sample (batch norm: the first, then all)
+    if BATCH:
+        samples = N
+    else:
+        samples = 1
+    count = tl.zeros([BLOCK_C], ACC)
+    mu = tl.zeros([BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_C], ACC)
+    for _ in range(0, samples):
+        for s0 in range(0, S, BLOCK_S):
+            offs, mask = _tile(s0, chans, S, C, CL, BLOCK_S)
+            v = tl.load(xn + offs, mask=mask, other=0.0).to(ACC)
+            cnt = tl.minimum(S - s0, BLOCK_S).to(ACC)
+            shift = tl.sum(v, axis=1) / cnt
+            d = tl.where(mask, v - shift[:, None], 0.0)
+            d1 = tl.sum(d, axis=1)
+            t_mean = shift + d1 / cnt
+            t_m2 = tl.maximum(tl.sum(d * d, axis=1) - d1 * d1 / cnt, 0.0)
+            total = count + cnt  # Chan's merge of (count, mu, m2) with the tile's (cnt, t_mean, t_m2)
+            delta = t_mean - mu
+            w = cnt / total
+            mu += delta * w
+            m2 += t_m2 + delta * delta * count * w
+            count = total
+        xn += C * S
+    out = (0 if BATCH else pid_n * C) + chans
+    cmask = chans < C
+    tl.store(mean + out, mu, mask=cmask)
+    tl.store(var + out, m2 / tl.maximum(count, 1.0), mask=cmask)
+
+
+@triton.jit
+def _element(i, x, gamma, beta, mean, var, eps, N, C, S, G_FULL: tl.constexpr, B_FULL: tl.constexpr,
+             BATCH: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr, mask):
+    """Per element: (xhat, rstd, gamma, beta, statistics index)."""
+    if CL:
+        c = i % C
+        n = i // (S * C)
+    else:
+        c = (i // S) % C
+        n = i // (C * S)
+    nc = n * C + c
+    grp = c if BATCH else nc
+    m = tl.load(mean + grp, mask=mask, other=0.0)
+    v = tl.load(var + grp, mask=mask, other=1.0)
+    rstd = 1.0 / tl.sqrt(v + eps)
+    xhat = (tl.load(x + i, mask=mask, other=0.0).to(ACC) - m) * rstd
+    g = tl.load(gamma + (i if G_FULL else nc), mask=mask, other=0.0).to(ACC)
+    b = tl.load(beta + (i if B_FULL else nc), mask=mask, other=0.0).to(ACC)
+    return xhat, rstd, g, b, grp
+
+
+@triton.jit
+def _forward_kernel(x, gamma, beta, mean, var, y, total, N, C, S, eps: tl.constexpr, slope: tl.constexpr,
+                    ACT: tl.constexpr,
+                    G_FULL: tl.constexpr, B_FULL: tl.constexpr, BATCH: tl.constexpr, CL: tl.constexpr,
+                    ACC: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < total
+    xhat, _, g, b, _ = _element(i, x, gamma, beta, mean, var, eps, N, C, S, G_FULL, B_FULL, BATCH, CL, ACC, mask)
+    tl.store(y + i, _act(xhat * (1.0 + g) + b, ACT, slope).to(y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _reduce_kernel(grad_y, x, gamma, beta, mean, var, sums, N, C, S, eps: tl.constexpr, slope: tl.constexpr,
+                   ACT: tl.constexpr,
+                   G_FULL: tl.constexpr, B_FULL: tl.constexpr, BATCH: tl.constexpr, CL: tl.constexpr,
+                   ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    n = tl.program_id(0)
+    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = chans < C
+    nc = n * C + chans
+    grp = chans if BATCH else nc
+    m = tl.load(mean + grp, mask=cmask, other=0.0)
+    rstd = 1.0 / tl.sqrt(tl.load(var + grp, mask=cmask, other=1.0) + eps)
+    g_nc = tl.zeros([BLOCK_C], ACC)
+    b_nc = tl.zeros([BLOCK_C], ACC)
+    if not G_FULL:
+        g_nc = tl.load(gamma + nc, mask=cmask, other=0.0).to(ACC)
+    if not B_FULL:
+        b_nc = tl.load(beta + nc, mask=cmask, other=0.0).to(ACC)
+    s_dxhat = tl.zeros([BLOCK_C], ACC)
+    s_dxhat_xhat = tl.zeros([BLOCK_C], ACC)
+    s_dz = tl.zeros([BLOCK_C], ACC)
+    s_dz_xhat = tl.zeros([BLOCK_C], ACC)
+    base = n.to(tl.int64) * C * S
+    for s0 in range(0, S, BLOCK_S):
+        offs, mask = _tile(s0, chans, S, C, CL, BLOCK_S)
+        offs = base + offs
+        xhat = (tl.load(x + offs, mask=mask, other=0.0).to(ACC) - m[:, None]) * rstd[:, None]
+        dy = tl.load(grad_y + offs, mask=mask, other=0.0).to(ACC)
+        if G_FULL:
+            g = tl.load(gamma + offs, mask=mask, other=0.0).to(ACC)
+        else:
+            g = g_nc[:, None] + xhat * 0.0
+        if B_FULL:
+            b = tl.load(beta + offs, mask=mask, other=0.0).to(ACC)
+        else:
+            b = b_nc[:, None] + xhat * 0.0
+        dz = tl.where(mask, dy * _act_grad(xhat * (1.0 + g) + b, ACT, slope), 0.0)
+        dxhat = dz * (1.0 + g)
+        s_dxhat += tl.sum(dxhat, axis=1)
+        s_dxhat_xhat += tl.sum(dxhat * xhat, axis=1)
+        s_dz += tl.sum(dz, axis=1)
+        s_dz_xhat += tl.sum(dz * xhat, axis=1)
+    NC = N * C
+    tl.store(sums + nc, s_dxhat, mask=cmask)
+    tl.store(sums + NC + nc, s_dxhat_xhat, mask=cmask)
+    tl.store(sums + 2 * NC + nc, s_dz, mask=cmask)
+    tl.store(sums + 3 * NC + nc, s_dz_xhat, mask=cmask)
+
+
+@triton.jit
+def _backward_kernel(grad_y, x, gamma, beta, mean, var, group_means, dx, dgamma, dbeta, total, G, N, C, S,
+                     eps: tl.constexpr, slope: tl.constexpr, ACT: tl.constexpr, G_FULL: tl.constexpr, B_FULL: tl.constexpr,
+                     BATCH: tl.constexpr, CL: tl.constexpr, GAMMA_GRAD: tl.constexpr, BETA_GRAD: tl.constexpr,
+                     ACC: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < total
+    xhat, rstd, g, b, grp = _element(i, x, gamma, beta, mean, var, eps, N, C, S, G_FULL, B_FULL, BATCH, CL, ACC,
+                                     mask)
+    c1 = tl.load(group_means + grp, mask=mask, other=0.0)
+    c2 = tl.load(group_means + G + grp, mask=mask, other=0.0)
+    dz = tl.load(grad_y + i, mask=mask, other=0.0).to(ACC) * _act_grad(xhat * (1.0 + g) + b, ACT, slope)
+    dxhat = dz * (1.0 + g)
+    tl.store(dx + i, (rstd * (dxhat - c1 - xhat * c2)).to(dx.dtype.element_ty), mask=mask)
+    if GAMMA_GRAD:
+        tl.store(dgamma + i, (dz * xhat).to(dgamma.dtype.element_ty), mask=mask)
+    if BETA_GRAD:
+        tl.store(dbeta + i, dz.to(dbeta.dtype.element_ty), mask=mask)
+
+
+_BLOCK = 1024  # elements per program of the element-wise kernels
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _launch_ctx(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _dims(x: torch.Tensor, channels_last: bool):
+    N, A, B = x.shape
+    return (N, B, A) if channels_last else (N, A, B)  # N, C, S
+
+
+def _reduce_blocks(C: int, S: int, channels_last: bool):
+    """(BLOCK_C, BLOCK_S) of about 4K elements; NCHW tiles are one channel's run of S."""
+    if channels_last:
+        block_c = min(64, triton.next_power_of_2(max(C, 1)))
+        return block_c, max(1, min(triton.next_power_of_2(max(S, 1)), 4096 // block_c))
+    return 1, min(4096, triton.next_power_of_2(max(S, 1)))
+
+
+def _as_fp32(*ts):
+    return [t.float() if t.dtype == torch.bfloat16 else t for t in ts]
+
+
+def spade_norm_stats(x: torch.Tensor, channels_last: bool, batch: bool):
+    """-> (mean, biased var) [C] (batch) or [N, C], fp32 (fp64 for fp64)."""
+    if _interpreting() and x.dtype == torch.bfloat16:  # numpy has no bf16
+        return spade_norm_stats(x.float(), channels_last, batch)
+    N, C, S = _dims(x, channels_last)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    shape = (C,) if batch else (N, C)
+    mean = torch.zeros(shape, dtype=acc, device=x.device)
+    var = torch.zeros(shape, dtype=acc, device=x.device)
+    if x.numel() == 0:
+        return mean, var
+    block_c, block_s = _reduce_blocks(C, S, channels_last)
+    grid = (1 if batch else N, triton.cdiv(C, block_c))
+    with _launch_ctx(x):
+        _stats_kernel[grid](x, mean, var, N, C, S, BATCH=batch, CL=channels_last, ACC=_acc(x.dtype),
+                            BLOCK_C=block_c, BLOCK_S=block_s)
+    return mean, var
+
+
+def spade_norm_forward(x, gamma, beta, mean, var, eps: float, channels_last: bool, activation: int, slope: float):
+    """-> y = act(xhat (1 + gamma) + beta), like x."""
+    if _interpreting() and x.dtype == torch.bfloat16:
+        return spade_norm_forward(*_as_fp32(x, gamma, beta), mean, var, eps, channels_last, activation,
+                                  slope).to(x.dtype)
+    N, C, S = _dims(x, channels_last)
+    y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y
+    with _launch_ctx(x):
+        _forward_kernel[(triton.cdiv(x.numel(), _BLOCK),)](
+            x, gamma, beta, mean, var, y, x.numel(), N, C, S, eps=eps, slope=slope, ACT=activation, G_FULL=gamma.dim() == 3,
+            B_FULL=beta.dim() == 3, BATCH=mean.dim() == 1, CL=channels_last, ACC=_acc(x.dtype), BLOCK=_BLOCK)
+    return y
+
+
+def spade_norm_backward_reduce(grad_y, x, gamma, beta, mean, var, eps: float, channels_last: bool, activation: int,
+                               slope: float):
+    """-> [4, N, C] per-(n, c) sums of dxhat, dxhat xhat, dz, dz xhat (statistics' dtype)."""
+    if _interpreting() and x.dtype == torch.bfloat16:
+        return spade_norm_backward_reduce(*_as_fp32(grad_y, x, gamma, beta), mean, var, eps, channels_last,
+                                          activation, slope)
+    N, C, S = _dims(x, channels_last)
+    sums = torch.zeros((4, N, C), dtype=mean.dtype, device=x.device)
+    if x.numel() == 0:
+        return sums
+    block_c, block_s = _reduce_blocks(C, S, channels_last)
+    with _launch_ctx(x):
+        _reduce_kernel[(N, triton.cdiv(C, block_c))](
+            grad_y, x, gamma, beta, mean, var, sums, N, C, S, eps=eps, slope=slope, ACT=activation, G_FULL=gamma.dim() == 3,
+            B_FULL=beta.dim() == 3, BATCH=mean.dim() == 1, CL=channels_last, ACC=_acc(x.dtype), BLOCK_C=block_c,
+            BLOCK_S=block_s)
+    return sums
+
+
+def spade_norm_backward(grad_y, x, gamma, beta, mean, var, group_sums, scale: float, eps: float, channels_last: bool,
+                        activation: int, slope: float, gamma_grad: bool, beta_grad: bool):
+    """-> (dx like x; dgamma, dbeta like x when asked for (full-size gamma/beta), else empty)."""
+    if _interpreting() and x.dtype == torch.bfloat16:
+        grads = spade_norm_backward(*_as_fp32(grad_y, x, gamma, beta), mean, var, group_sums, scale, eps,
+                                    channels_last, activation, slope, gamma_grad, beta_grad)
+        return tuple(t.to(x.dtype) for t in grads)
+    N, C, S = _dims(x, channels_last)
+    dx = torch.empty_like(x)
+    dg = torch.empty_like(x) if gamma_grad else x.new_empty((0,))
+    db = torch.empty_like(x) if beta_grad else x.new_empty((0,))
+    if x.numel() == 0:
+        return dx, dg, db
+    with _launch_ctx(x):
+        _backward_kernel[(triton.cdiv(x.numel(), _BLOCK),)](
+            grad_y, x, gamma, beta, mean, var, group_sums * scale, dx, dg, db, x.numel(), mean.numel(), N, C, S,
+            eps=eps, slope=slope, ACT=activation, G_FULL=gamma.dim() == 3, B_FULL=beta.dim() == 3, BATCH=mean.dim() == 1,
+            CL=channels_last, GAMMA_GRAD=gamma_grad, BETA_GRAD=beta_grad, ACC=_acc(x.dtype), BLOCK=_BLOCK)
+    return dx, dg, db

@@ -1,0 +1,106 @@
+"""fnevr.nn.SPADE: loads state dicts with the published model's key names and matches a plain
+PyTorch SPADE layer (written here) in fp64, for instance and batch norm, forward and backward."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close
+from torch import nn
+
+import fnevr
+
+PUBLISHED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "fnevr_official_state_dict.json")
+BACKENDS = ["reference", "cpu", "triton"]
+
+
+class PlainSPADE(nn.Module):
+    """What the published code computes, in plain PyTorch."""
+
+    def __init__(self, norm_channels, label_channels, hidden, norm):
+        super().__init__()
+        self.param_free_norm = (nn.InstanceNorm2d(norm_channels, affine=False) if norm == "instance"
+                                else nn.BatchNorm2d(norm_channels, affine=False))
+        self.mlp_shared = nn.Sequential(nn.Conv2d(label_channels, hidden, 3, padding=1), nn.ReLU())
+        self.mlp_gamma = nn.Conv2d(hidden, norm_channels, 3, padding=1)
+        self.mlp_beta = nn.Conv2d(hidden, norm_channels, 3, padding=1)
+
+    def forward(self, x, segmap):
+        normalized = self.param_free_norm(x)
+        segmap = F.interpolate(segmap, size=x.size()[2:], mode="nearest")
+        actv = self.mlp_shared(segmap)
+        return normalized * (1 + self.mlp_gamma(actv)) + self.mlp_beta(actv)
+
+
+def random_state_dict(C, L, hidden, norm, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64) * 0.2  # noqa: E731
+    sd = {"mlp_shared.0.weight": rand(hidden, L, 3, 3), "mlp_shared.0.bias": rand(hidden),
+          "mlp_gamma.weight": rand(C, hidden, 3, 3), "mlp_gamma.bias": rand(C),
+          "mlp_beta.weight": rand(C, hidden, 3, 3), "mlp_beta.bias": rand(C)}
+    if norm == "batch":
+        sd.update({"param_free_norm.running_mean": rand(C), "param_free_norm.running_var": rand(C).abs() + 0.5,
+                   "param_free_norm.num_batches_tracked": torch.tensor(7)})
+    return sd
+
+
+@pytest.mark.skipif(not os.path.exists(PUBLISHED), reason="published state-dict listing not found")
+def test_state_dict_keys_and_shapes_match_the_published_spade_layers():
+    with open(PUBLISHED) as f:
+        published = json.load(f)["generator"]
+    prefixes = sorted({k.rsplit(".mlp_", 1)[0] for k in published if ".mlp_shared." in k})
+    assert len(prefixes) == 8, prefixes  # the decoder's eight SPADE layers
+    for prefix in prefixes:
+        want = {k[len(prefix) + 1:]: v for k, v in published.items() if k.startswith(prefix + ".")}
+        C, hidden = want["mlp_gamma.weight"][:2]
+        layer = fnevr.nn.SPADE(C, want["mlp_shared.0.weight"][1], hidden)
+        got = {k: list(v.shape) for k, v in layer.state_dict().items()}
+        assert got == want, prefix
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_plain_spade_fp64(backend, norm, training):
+    if fnevr.ops.backends("cpu")[backend] != "available":
+        pytest.skip(fnevr.ops.backends("cpu")[backend])
+    C, L, hidden = 6, 5, 8
+    sd = random_state_dict(C, L, hidden, norm)
+    ours = fnevr.nn.SPADE(C, L, hidden, norm=norm, backend=backend).double()
+    plain = PlainSPADE(C, L, hidden, norm).double()
+    ours.load_state_dict(sd, strict=True)
+    plain.load_state_dict(sd, strict=True)
+    ours.train(training), plain.train(training)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, C, 8, 6, generator=g, dtype=torch.float64)
+    segmap = torch.randn(2, L, 4, 3, generator=g, dtype=torch.float64)
+    grad_y = torch.randn(2, C, 8, 6, generator=g, dtype=torch.float64)
+    outs = []
+    for layer in (ours, plain):
+        xi, si = x.clone().requires_grad_(), segmap.clone().requires_grad_()
+        y = layer(xi, si)
+        y.backward(grad_y)
+        outs.append((y, xi.grad, si.grad, layer.mlp_gamma.weight.grad, layer.mlp_beta.bias.grad,
+                     layer.mlp_shared[0].weight.grad))
+    for name, a, b in zip(("y", "grad x", "grad segmap", "grad mlp_gamma.weight", "grad mlp_beta.bias",
+                           "grad mlp_shared.0.weight"), *outs):
+        assert_close(a, b, torch.float64, name)
+    for key, value in plain.state_dict().items():  # running statistics, and their count
+        assert_close(ours.state_dict()[key].double(), value.double(), torch.float64, key)
+
+
+def test_activation_is_fused():
+    layer = fnevr.nn.SPADE(4, 3, 8, activation="relu")
+    x, segmap = torch.randn(2, 4, 6, 6), torch.randn(2, 3, 3, 3)
+    plain = fnevr.nn.SPADE(4, 3, 8)
+    plain.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(layer(x, segmap), torch.relu(plain(x, segmap)))
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="norm must be one of"):
+        fnevr.nn.SPADE(4, 3, norm="group")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fnevr.nn.SPADE(4, 3, activation="tanh")
