@@ -23,6 +23,8 @@ Example::
 import torch
 from torch import Tensor
 
+from ._precision import loss_dtype, to_loss_dtype
+
 MAP, FEATURES = "prediction_map_", "feature_maps_"
 
 
@@ -39,7 +41,7 @@ def _scales(outputs: dict, prefix: str, scales):
 def lsgan_generator_loss(fake: dict, scales=None) -> Tensor:
     """:math:`\\sum_s \\mathrm{mean}(1 - \\hat D_s)^2` over ``fake["prediction_map_<s>"]``
     (all such keys, or those of ``scales``)."""
-    return sum(((1 - fake[k].float()) ** 2).mean() for k in _scales(fake, MAP, scales))
+    return sum(((1 - to_loss_dtype(fake[k])) ** 2).mean() for k in _scales(fake, MAP, scales))
 
 
 def lsgan_discriminator_loss(real: dict, fake: dict, scales=None) -> Tensor:
@@ -47,7 +49,7 @@ def lsgan_discriminator_loss(real: dict, fake: dict, scales=None) -> Tensor:
     generated images."""
     keys = _scales(real, MAP, scales)
     _scales(fake, MAP, [k[len(MAP):] for k in keys])
-    return sum(((1 - real[k].float()) ** 2 + fake[k].float() ** 2).mean() for k in keys)
+    return sum(((1 - to_loss_dtype(real[k])) ** 2 + to_loss_dtype(fake[k]) ** 2).mean() for k in keys)
 
 
 def feature_matching_loss(real: dict, fake: dict, weights, scales=None) -> Tensor:
@@ -56,12 +58,12 @@ def feature_matching_loss(real: dict, fake: dict, weights, scales=None) -> Tenso
     treated as constants (detached)."""
     keys = _scales(real, FEATURES, scales)
     _scales(fake, FEATURES, [k[len(FEATURES):] for k in keys])
-    total = torch.zeros((), device=real[keys[0]][0].device)
+    total = torch.zeros((), dtype=loss_dtype(real[keys[0]][0]), device=real[keys[0]][0].device)
     for key in keys:
         if len(real[key]) != len(fake[key]) or len(weights) < len(real[key]):
             raise ValueError(f"feature_matching_loss: {key} has {len(real[key])} real and {len(fake[key])} fake "
                              f"feature maps and {len(weights)} weights; expected equal counts and a weight each")
         for weight, a, b in zip(weights, real[key], fake[key]):
             if weight != 0:
-                total = total + float(weight) * (a.detach().float() - b.float()).abs().mean()
+                total = total + float(weight) * (to_loss_dtype(a.detach()) - to_loss_dtype(b)).abs().mean()
     return total

@@ -25,6 +25,7 @@ Both are zero for a perfectly equivariant detector. Example::
 import torch
 from torch import Tensor
 
+from ._precision import loss_dtype, to_loss_dtype
 from .tps import RandomTPS
 
 
@@ -39,16 +40,11 @@ def _check_kp(kp, name, jacobian=False):
                          f"got {tuple(kp['jacobian'].shape)}")
 
 
-def _loss_dtype(tensor: Tensor) -> torch.dtype:
-    """fp32 (fp64 for fp64 input): warps and inverses are too coarse in half precision."""
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
-
-
 def equivariance_value_loss(kp_driving: dict, kp_transformed: dict, transform: RandomTPS) -> Tensor:
     """:math:`\\mathrm{mean}|p_d - T(p_t)|` (module doc); a scalar."""
     _check_kp(kp_driving, "kp_driving")
     _check_kp(kp_transformed, "kp_transformed")
-    dtype = _loss_dtype(kp_driving["value"])
+    dtype = loss_dtype(kp_driving["value"])
     warped = transform.warp_coordinates(kp_transformed["value"].to(dtype))
     return (kp_driving["value"].to(dtype) - warped).abs().mean()
 
@@ -58,7 +54,7 @@ def equivariance_jacobian_loss(kp_driving: dict, kp_transformed: dict, transform
     fp32 (fp64 for fp64 input)."""
     _check_kp(kp_driving, "kp_driving", jacobian=True)
     _check_kp(kp_transformed, "kp_transformed", jacobian=True)
-    dtype = _loss_dtype(kp_driving["jacobian"])
+    dtype = loss_dtype(kp_driving["jacobian"])
     transformed = transform.jacobian(kp_transformed["value"].to(dtype)) @ kp_transformed["jacobian"].to(dtype)
     product = torch.linalg.inv(kp_driving["jacobian"].to(dtype)) @ transformed
     return (torch.eye(2, dtype=dtype, device=product.device) - product).abs().mean()
@@ -75,4 +71,4 @@ def pose_edit_loss(predicted_change, target_change) -> Tensor:
     if predicted_change.shape != target_change.shape:
         raise ValueError(f"pose_edit_loss: predicted_change {tuple(predicted_change.shape)} and target_change "
                          f"{tuple(target_change.shape)} differ in shape")
-    return (predicted_change.float() - target_change.detach().float()).abs().mean()
+    return (to_loss_dtype(predicted_change) - to_loss_dtype(target_change.detach())).abs().mean()

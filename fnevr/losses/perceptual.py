@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._precision import loss_dtype, to_loss_dtype
 from .pyramid import ImagePyramid
 
 logger = logging.getLogger(__name__)
@@ -155,17 +156,17 @@ class PerceptualPyramidLoss(nn.Module):
             raise ValueError(f"PerceptualPyramidLoss: prediction {tuple(prediction.shape)} and target "
                              f"{tuple(target.shape)} differ in shape")
         predicted, real = self.pyramid(prediction), self.pyramid(target.detach())
-        total = prediction.new_zeros((), dtype=torch.float32)
+        total = prediction.new_zeros((), dtype=loss_dtype(prediction))
         for key, level in predicted.items():
             if self.vgg is None:
-                total = total + sum(self.weights) * (level - real[key]).abs().float().mean()
+                total = total + sum(self.weights) * to_loss_dtype((level - real[key]).abs()).mean()
                 continue
             layers = reachable_layers(*level.shape[2:])
             with torch.no_grad():
                 real_features = self.vgg(real[key], layers)
             for weight, a, b in zip(self.weights, self.vgg(level, layers), real_features):
                 if weight != 0:
-                    total = total + weight * (a - b).abs().float().mean()
+                    total = total + weight * to_loss_dtype((a - b).abs()).mean()
         return total
 
 
@@ -183,4 +184,4 @@ def perceptual_l1(render: Tensor, target: Tensor) -> Tensor:
     target = target.detach()
     if target.shape[2:] != render.shape[2:]:
         target = F.interpolate(target, size=render.shape[2:], mode="bilinear", antialias=True, align_corners=False)
-    return (render - target.to(render.dtype)).abs().float().mean()
+    return to_loss_dtype((render - target.to(render.dtype)).abs()).mean()

@@ -50,7 +50,7 @@ class SPADE(nn.Module):
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
-        self.norm, self.activation, self.backend = norm, activation, backend
+        self.norm, self.activation, self.ops_backend = norm, activation, backend
         if norm == "instance":
             self.param_free_norm = nn.InstanceNorm2d(norm_channels, affine=False)
         else:
@@ -77,7 +77,7 @@ class SPADE(nn.Module):
             kw = dict(running_mean=pfn.running_mean, running_var=pfn.running_var, training=training,
                       momentum=momentum if momentum is not None else 0.0)
         return spade_norm(x, gamma, beta, norm=self.norm, eps=pfn.eps, activation=self.activation,
-                          backend=self.backend, **kw)
+                          backend=self.ops_backend, **kw)
 
     def extra_repr(self) -> str:
-        return f"norm={self.norm!r}, activation={self.activation!r}, backend={self.backend!r}"
+        return f"norm={self.norm!r}, activation={self.activation!r}, backend={self.ops_backend!r}"

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import losses as L
+from ..losses._precision import to_loss_dtype
 from ..model import FNeVR
 
 
@@ -40,9 +41,10 @@ class GeneratorLoss(nn.Module):
         out.update(kp_source=kp_source, kp_driving=kp_driving)
         losses = {}
         if sum(w["perceptual"]) != 0:
-            losses["perceptual"] = self.perceptual(out["prediction"].float(), driving.float())
+            losses["perceptual"] = self.perceptual(to_loss_dtype(out["prediction"]), to_loss_dtype(driving))
         if w["perceptual_l1"] != 0:
-            losses["perceptual_l1"] = w["perceptual_l1"] * L.perceptual_l1(out["mini_render"].float(), driving.float())
+            losses["perceptual_l1"] = w["perceptual_l1"] * L.perceptual_l1(to_loss_dtype(out["mini_render"]),
+                                                                           to_loss_dtype(driving))
         if w["generator_gan"] != 0:
             real_pyr, fake_pyr = self.pyramid(driving), self.pyramid(out["prediction"])
             real, fake = self.discriminator(real_pyr), self.discriminator(fake_pyr)

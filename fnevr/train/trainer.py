@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -45,7 +45,7 @@ class TrainOptions:
     device: str = "auto"
     steps: int | None = None           # stop after this many optimiser steps (default: the config's epochs)
     batch_size: int | None = None      # global batch (split across processes); default: the config's
-    precision: str = "auto"            # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16
+    precision: str = "auto"            # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16, fp64
     channels_last: bool | None = None  # default: on CUDA
     compile: bool = False              # torch.compile the generator and keypoint detector
     accumulate: int = 1                # micro-batches per optimiser step
@@ -59,7 +59,6 @@ class TrainOptions:
     perceptual_fallback: str = "l1"
     backend: str | None = None         # fused-op backend; default: the config's
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -93,7 +92,10 @@ class Trainer:
                              f"({opts.accumulate})")
         self.global_batch, self.micro_batch = batch, batch // (self.world * opts.accumulate)
         precision = opts.precision if opts.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
-        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        if precision not in ("fp32", "bf16", "fp16", "fp64"):
+            raise ValueError(f"precision must be auto, fp32, bf16, fp16 or fp64, got {precision!r}")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.param_dtype = torch.float64 if precision == "fp64" else torch.float32  # fp64: for exactness checks
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
 
         torch.manual_seed(opts.seed)
@@ -103,15 +105,16 @@ class Trainer:
         if self.world > 1:
             self.model = _sync_batchnorm(self.model, self.device)
         channels_last = opts.channels_last if opts.channels_last is not None else self.device.type == "cuda"
-        self.model.to(self.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        self.model.to(self.device, self.param_dtype,
+                      memory_format=torch.channels_last if channels_last else torch.preserve_format)
         if opts.compile:
             self.model.generator.compile()
             self.model.kp_detector.compile()
         perceptual = L.PerceptualPyramidLoss(tp["scales"], tp["loss_weights"]["perceptual"],
                                              vgg_weights=opts.vgg_weights, fallback=opts.perceptual_fallback)
         self.perceptual_mode = perceptual.mode
-        self.gen_loss = GeneratorLoss(self.model, tp, perceptual).to(self.device)
-        self.disc_loss = DiscriminatorLoss(self.model, tp).to(self.device)
+        self.gen_loss = GeneratorLoss(self.model, tp, perceptual).to(self.device, self.param_dtype)
+        self.disc_loss = DiscriminatorLoss(self.model, tp).to(self.device, self.param_dtype)
         self.use_gan = tp["loss_weights"]["generator_gan"] != 0
         self.gen_step, self.disc_step = self.gen_loss, self.disc_loss
         if self.world > 1:  # the generator-side DDP must not own the discriminator (see train_step)
@@ -164,7 +167,8 @@ class Trainer:
     def tps_for_step(self, step: int, offset: int):
         tp = self.config["train_params"]
         g = torch.Generator().manual_seed(self.opts.seed * 1_000_003 + step)
-        return sliced_tps(self.micro_batch, self.global_batch, offset, tp["transform_params"], g, self.device)
+        return sliced_tps(self.micro_batch, self.global_batch, offset, tp["transform_params"], g, self.device,
+                          self.param_dtype)
 
     def train_step(self, micro_batches: list[dict]) -> dict:
         """One optimiser step over this process's micro-batches; returns the (local) mean losses."""
@@ -214,7 +218,7 @@ class Trainer:
         out = {}
         for k, v in batch.items():
             if torch.is_tensor(v):
-                v = v.to(self.device, non_blocking=True)
+                v = v.to(self.device, self.param_dtype if v.is_floating_point() else v.dtype, non_blocking=True)
                 if fmt is not None and v.dim() == 4:
                     v = v.contiguous(memory_format=fmt)
             out[k] = v
@@ -358,7 +362,7 @@ def _sync_batchnorm(model: FNeVR, device: torch.device) -> FNeVR:
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     from ..nn import SyncBatchNorm
-    return SyncBatchNorm.convert(model)
+    return SyncBatchNorm.convert(model).set_backend(model.backend)
 
 
 def _plain(model):
