@@ -1,7 +1,9 @@
-# Set-up and the two everyday commands; each builds what it needs first, in ./.venv.
-#   make bench   the main job: the compositing benchmark on an embedded default (no downloads)
+# Set-up and the everyday commands; each builds what it needs first, in ./.venv.
+#   make demo    the main job: trains the small FNeVR on the embedded synthetic talking-head set
+#                (CPU, a few minutes, no downloads); writes runs/demo/
 #   make test    the tests (Python, with Triton through its interpreter when there is no GPU,
-#                and the C++ test of the shared kernel math through CMake/ctest)
+#                and the C++ tests of the shared kernel math through CMake/ctest)
+#   make bench   the op benchmarks (compositing, grid sample, SPADE norm)
 # FNEVR_BUILD_CUDA=1|0 forces the CUDA extension on or off (default: when torch has CUDA and nvcc).
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +14,7 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
-.PHONY: bench test
+.PHONY: demo bench test
 
 $(STAMP): $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +23,11 @@ $(STAMP): $(SOURCES)
 	$(BIN)/pip install -q --no-build-isolation -e .
 	touch $@
 
+demo: $(STAMP)
+	$(BIN)/fnevr train --demo
+
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/run.py composite grid_sample spade_norm
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -8,6 +8,7 @@ import contextlib
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -41,18 +42,17 @@ def _resize(frames: torch.Tensor, shape) -> torch.Tensor:
 
 
 def _read_image(path: Path) -> torch.Tensor:
-    import imageio.v3 as iio
+    """uint8 ``[1, H, W, 3]``; grey and RGBA images become RGB."""
+    from PIL import Image
 
     try:
-        image = iio.imread(path)
-    except Exception as e:  # noqa: BLE001 - every reader failure means the same to the user
+        with Image.open(path) as image:
+            rgb = torch.as_tensor(np.asarray(image.convert("RGB")))
+    except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot read source image {path}: {e}") from e
-    t = torch.as_tensor(image)
-    if t.dim() == 2:
-        t = t[..., None].expand(-1, -1, 3)
-    if t.dim() != 3 or t.shape[-1] not in (3, 4) or t.numel() == 0:
-        raise SystemExit(f"error: source image {path} is not an RGB image (shape {tuple(t.shape)})")
-    return t[..., :3].to(torch.uint8)[None]
+    if rgb.numel() == 0:
+        raise SystemExit(f"error: source image {path} is empty")
+    return rgb[None]
 
 
 def _read_video(path: Path) -> tuple[torch.Tensor, float]:

@@ -83,7 +83,7 @@ class SampleMLP(nn.Module):
 
 
 class VolumeRenderer(nn.Module):
-    """Ray sampler + per-sample MLP + compositing + mini decoder.
+    r"""Ray sampler + per-sample MLP + compositing + mini decoder.
 
     Features ``[B, C, h, w]`` -> ``render`` ``[B, C, h, w]`` (composited, sigmoid),
     ``mini_render`` ``[B, 3, 4h, 4w]`` (two nearest-upsampling conv blocks, sigmoid: an auxiliary
@@ -91,7 +91,7 @@ class VolumeRenderer(nn.Module):
 
     ``fused_head``: the MLP's last layer is linear, so it commutes with compositing,
     :math:`\sum_i w_i (W h_i + b) = W \sum_i w_i h_i + b \sum_i w_i`. The renderer then composites
-    the ``hidden``-channel features (and, for :math:`\sum_i w_i`, a channel of ones) and applies the
+    the ``hidden``-channel features (and a tensor of ones, for :math:`\sum_i w_i`) and applies the
     last layer once per ray: the ``[B, h, w, D, C]`` colour field and its gradient never exist, and
     that layer does D times less work. Same outputs up to round-off, same parameters.
     """
