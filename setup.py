@@ -44,6 +44,8 @@ if want_cuda() and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda
     os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
 cxx_flags = ["-O3"]
+# at::parallel_for is inline: without OpenMP in this build it runs serially, whatever torch's threads.
+openmp = [] if os.name == "nt" else ["-fopenmp"]
 nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 include_dirs = [os.path.abspath("csrc")]
 
@@ -52,7 +54,8 @@ ext_modules = [
         "fnevr._C",
         ["csrc/ops.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp")),
         include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx_flags},
+        extra_compile_args={"cxx": cxx_flags + openmp},
+        extra_link_args=openmp,
         py_limited_api=False,
     )
 ]
