@@ -21,7 +21,7 @@ _FAR: tl.constexpr = tl.constexpr(-100.0)  # kFar
 
 @triton.jit
 def _clip(x, dx, size):
-    hi = (size - 1).to(x.dtype)
+    hi = (size - 1) * 1.0  # not .to(): a size of 1 arrives as a constexpr (Triton specialises 1)
     inside = (x > 0.0) & (x < hi)
     return tl.where(inside, x, tl.where(x > 0.0, hi, 0.0)), tl.where(inside, dx, 0.0)
 
@@ -29,7 +29,7 @@ def _clip(x, dx, size):
 @triton.jit
 def _source_index(g, size, PADDING: tl.constexpr, ALIGN: tl.constexpr):
     """Grid values -> (pixel coordinates after padding, d coordinate / d grid value)."""
-    sizef = size.to(g.dtype)
+    sizef = size * 1.0  # to float (promoted to fp64 with g where ACC is fp64)
     if ALIGN:
         x = (g + 1.0) / 2.0 * (sizef - 1.0)
         dx = tl.zeros_like(g) + (sizef - 1.0) / 2.0
