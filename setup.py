@@ -46,6 +46,8 @@ if want_cuda() and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda
 # -fno-trapping-math: nothing here reads floating-point exception flags, and without it GCC will not
 # turn a choice such as `z > 0 ? 1 : slope` into a vector select, leaving such loops scalar and branchy.
 cxx_flags = ["-O3", "-fno-trapping-math"]
+# at::parallel_for is inline: without OpenMP in this build it runs serially, whatever torch's threads.
+openmp = [] if os.name == "nt" else ["-fopenmp"]
 nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 include_dirs = [os.path.abspath("csrc")]
 
@@ -54,7 +56,8 @@ ext_modules = [
         "fnevr._C",
         ["csrc/ops.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp")),
         include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx_flags},
+        extra_compile_args={"cxx": cxx_flags + openmp},
+        extra_link_args=openmp,
         py_limited_api=False,
     )
 ]

@@ -21,7 +21,7 @@ _FAR: tl.constexpr = tl.constexpr(-100.0)  # kFar
 
 @triton.jit
 def _clip(x, dx, size):
-    hi = (size - 1).to(x.dtype)
+    hi = (size - 1) * 1.0  # not .to(): a size of 1 arrives as a constexpr (Triton specialises 1)
     inside = (x > 0.0) & (x < hi)
     return tl.where(inside, x, tl.where(x > 0.0, hi, 0.0)), tl.where(inside, dx, 0.0)
 
@@ -29,7 +29,7 @@ def _clip(x, dx, size):
 @triton.jit
 def _source_index(g, size, PADDING: tl.constexpr, ALIGN: tl.constexpr):
     """Grid values -> (pixel coordinates after padding, d coordinate / d grid value)."""
-    sizef = size.to(g.dtype)
+    sizef = size * 1.0  # to float (promoted to fp64 with g where ACC is fp64)
     if ALIGN:
         x = (g + 1.0) / 2.0 * (sizef - 1.0)
         dx = tl.zeros_like(g) + (sizef - 1.0) / 2.0
@@ -163,7 +163,8 @@ def _grid_grad_kernel(grad_out, inp, grid, grad_grid, C, H, W, P, Wo, s_in_n, s_
 @triton.jit
 def _scatter(buf, offs, mask, val, scale, FIXED: tl.constexpr):
     if FIXED:  # round to the nearest multiple of 1/scale; the integer sum is order-independent
-        q = tl.floor(val.to(tl.float64) * scale + 0.5).to(tl.int64)
+        q = tl.floor(val.to(tl.float64) * scale + 0.5)
+        q = tl.where(q == q, q, 0.0).to(tl.int64)  # scale NaN: the result is NaN anyway
         tl.atomic_add(buf + offs, q, mask=mask)
     else:
         tl.atomic_add(buf + offs, val, mask=mask)
@@ -247,9 +248,11 @@ def grid_sample_forward(input: torch.Tensor, grid: torch.Tensor, mode: int, padd
 
 def _fixed_point_scale(grad_out: torch.Tensor, points: int) -> torch.Tensor:
     """2^(62 - e) with points * max|grad_out| < 2^e: a grad_input element sums at most `points`
-    terms of at most max|grad_out| each, so its fixed-point sum stays below 2^62. fp64, on device."""
+    terms of at most max|grad_out| each, so its fixed-point sum stays below 2^62. fp64, on device;
+    NaN where grad_out is not finite (it has no fixed-point form)."""
     bound = grad_out.abs().amax().double() * points
-    return torch.ldexp(torch.ones_like(bound), 62 - torch.frexp(bound).exponent)
+    scale = torch.ldexp(torch.ones_like(bound), 62 - torch.frexp(bound).exponent)
+    return torch.where(bound.isfinite(), scale, float("nan"))
 
 
 def grid_sample_backward(grad_out: torch.Tensor, input: torch.Tensor, grid: torch.Tensor, mode: int, padding: int,
@@ -280,9 +283,7 @@ def grid_sample_backward(grad_out: torch.Tensor, input: torch.Tensor, grid: torc
                     PADDING=padding, ALIGN=align_corners, ACC=acc, FIXED=deterministic, BLOCK_P=block_p,
                     BLOCK_C=block_c)
             if deterministic:
-                # A non-finite grad_out has no fixed-point form: its gradient is NaN, not garbage.
-                value = torch.where(scale.isfinite() & (scale > 0), buf.double() / scale, float("nan"))
-                grad_input = value.to(input.dtype)
+                grad_input = (buf.double() / scale).to(input.dtype)  # NaN for a non-finite grad_out
             else:
                 grad_input = buf.to(input.dtype)
         if grid_grad and mode == 0 and not empty:

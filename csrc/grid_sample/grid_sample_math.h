@@ -43,6 +43,13 @@ FNEVR_HD double rint_(double x) { return rint(x); }
 template <typename T>
 FNEVR_HD bool finite_(T x) { return x - x == T(0); }
 
+// floor for |x| < 2^30 (source_index guarantees it) by truncation: no library call, vectorisable.
+template <typename T>
+FNEVR_HD T floor_small(T x) {
+  const T t = static_cast<T>(static_cast<int32_t>(x));
+  return t > x ? t - T(1) : t;
+}
+
 // A pixel coordinate and its derivative in the grid value it came from.
 template <typename T>
 struct Coord {
@@ -93,6 +100,20 @@ FNEVR_HD Coord<T> source_index(T g, int64_t size, int padding, bool align_corner
   return c;
 }
 
+// The first of the two pixels bilinear reads along an axis, and the fraction of the way to the
+// second: weights 1 - frac and frac.
+template <typename T>
+struct Corner {
+  int64_t index;
+  T frac;
+};
+
+template <typename T>
+FNEVR_HD Corner<T> corner(T x) {
+  const T f = floor_small(x);
+  return {static_cast<int64_t>(f), x - f};
+}
+
 // The pixels one output point reads: up to four taps at element offsets y * stride_h + x * stride_w,
 // each with its weight and the weight's derivatives in x and y. Taps outside the image are marked
 // invalid (they read nothing, not even a NaN); so are nearest's unused taps 1 to 3.
@@ -123,15 +144,12 @@ FNEVR_HD Taps<T> make_taps(T gx, T gy, int64_t H, int64_t W, int64_t stride_h, i
     for (int k = 1; k < 4; ++k) t.valid[k] = false, t.offset[k] = 0, t.w[k] = T(0);
     return t;
   }
-  const T x0f = floor_(cx.x), y0f = floor_(cy.x);
-  const int64_t x0 = static_cast<int64_t>(x0f), y0 = static_cast<int64_t>(y0f);
-  const T ex = x0f + T(1) - cx.x, wx = cx.x - x0f;  // weights of columns x0 and x0 + 1
-  const T ey = y0f + T(1) - cy.x, wy = cy.x - y0f;  // weights of rows y0 and y0 + 1
+  const Corner<T> x0 = corner(cx.x), y0 = corner(cy.x);
   t.count = 4;
-  const T wxs[2] = {ex, wx}, wys[2] = {ey, wy};
-  for (int k = 0; k < 4; ++k) {
+  const T wxs[2] = {T(1) - x0.frac, x0.frac}, wys[2] = {T(1) - y0.frac, y0.frac};  // columns x0, x0 + 1; rows
+  for (int k = 0; k < 4; ++k) {  // tap k: column x0 + (k & 1), row y0 + (k >> 1)
     const int dx = k & 1, dy = k >> 1;
-    const int64_t px = x0 + dx, py = y0 + dy;
+    const int64_t px = x0.index + dx, py = y0.index + dy;
     t.offset[k] = py * stride_h + px * stride_w;
     t.valid[k] = px >= 0 && px < W && py >= 0 && py < H;
     t.w[k] = wxs[dx] * wys[dy];

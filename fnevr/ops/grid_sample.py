@@ -257,7 +257,6 @@ def _grad_setup_context(ctx, inputs, output):
     grad_out, input, grid, mode, padding, align_corners, deterministic, backend, input_grad, grid_grad = inputs
     ctx.save_for_backward(grid)
     ctx.options = (mode, padding, align_corners, deterministic, backend)
-    ctx.layout = _memory_format(grad_out)
     ctx.grid_grad_is_live = grid_grad and mode == MODES["bilinear"]
 
 
