@@ -1,8 +1,8 @@
 """Training speed and memory: one optimiser step (generator + keypoint detector + discriminator +
 pose editor, all losses) of the published recipe against fnevr's.
 
-Providers: ``published`` = plain PyTorch ops (reference backend), fp32, eager, as the published
-code runs; ``compiled-published`` = the same under torch.compile; ``fnevr`` = fused ops, bf16
+Providers: ``published`` = plain PyTorch ops (the reference backend, with PyTorch's own
+grid_sample in place of our gather-based reference), fp32, eager, as the published code runs; ``compiled-published`` = the same under torch.compile; ``fnevr`` = fused ops, bf16
 autocast and channels_last on a GPU (fp32 on a CPU); ``fnevr+head`` = also the fused ray head;
 ``fnevr+head+compile``. On a GPU: vox-256 at 256x256, batch 8; on a CPU: the small config, batch 8.
 ``saved_MB`` is what the forward pass keeps for backward (device independent); ``peak_MB`` (GPU)
@@ -29,6 +29,7 @@ if DEVICE == "cpu":  # compiling the whole model takes minutes on this CPU
     PROVIDERS = {k: v for k, v in PROVIDERS.items() if "compile" not in k}
 
 
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return ensure_synthetic_dataset(tmp_path_factory.mktemp("data") / "set", size=SIZE, num_frames=4, num_train=8,
@@ -36,8 +37,10 @@ def data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
-def test_train_step(measure, data, tmp_path, provider):
+def test_train_step(measure, data, tmp_path, use_pytorch_grid_sample, provider):
     opts = dict(PROVIDERS[provider])
+    if opts["backend"] == "reference":
+        use_pytorch_grid_sample()
     config = load_config(CONFIG)
     config["model_params"]["generator_params"]["render_params"]["fused_head"] = opts.pop("fused_head", False)
     trainer = Trainer(TrainOptions(config=config, data=str(data), out=str(tmp_path), device=DEVICE, batch_size=8,

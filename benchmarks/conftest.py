@@ -4,6 +4,8 @@ a closing table of median time, effective bandwidth and memory."""
 import pytest
 import torch
 
+import fnevr
+
 ROWS = []
 
 
@@ -59,6 +61,19 @@ def measure(benchmark):
     return run
 
 
+@pytest.fixture
+def use_pytorch_grid_sample(monkeypatch):
+    """Calling it makes the model use PyTorch's own grid_sample (as the published code does) for
+    the rest of the test, instead of our gather-based reference."""
+
+    def torch_grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=False, *,
+                          backend="auto"):
+        return torch.nn.functional.grid_sample(input, grid, mode=mode, padding_mode=padding_mode,
+                                               align_corners=align_corners)
+
+    return lambda: monkeypatch.setattr(fnevr.ops, "grid_sample", torch_grid_sample)
+
+
 def kernel_times(fn, device, calls=10) -> dict:
     """Device time per call of each kernel fn launches, in microseconds, from the profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -88,7 +103,7 @@ def pytest_terminal_summary(terminalreporter):
         tr.write_line(f"{r['op']:<10} {r['mode']:<8} {r['provider']:<20} {r['dtype']:<9} {r['device']:<6} "
                       f"{r['median_us']:9.1f}us {r['GBps']:8.1f} {kernel} {share:>7} {peak} {saved}")
     if any("frames" in r for r in ROWS):
-        tr.section("frames per second (whole model)")
+        tr.section("frames (inference) or samples (training) per second")
         for r in ROWS:
             if "frames" in r:
                 tr.write_line(f"{r['provider']:<24} {r['mode']:<10} {r['dtype']:<6} {r['device']:<6} "
