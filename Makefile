@@ -19,7 +19,7 @@ endif
 $(STAMP): $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 numpy pyyaml imageio imageio-ffmpeg tqdm torchmetrics tensorboard \
-		pytest pytest-benchmark ninja
+		pytest pytest-benchmark ninja matplotlib
 	$(BIN)/pip install -q --no-build-isolation -e .
 	touch $@
 

@@ -47,7 +47,7 @@ def _read_image(path: Path) -> torch.Tensor:
 
     try:
         with Image.open(path) as image:
-            rgb = torch.as_tensor(np.asarray(image.convert("RGB")))
+            rgb = torch.from_numpy(np.array(image.convert("RGB")))
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot read source image {path}: {e}") from e
     if rgb.numel() == 0:

@@ -1,0 +1,62 @@
+"""Op-call overhead: each op on a tiny input, where the arithmetic is negligible, so the time per
+call is the cost of getting to the kernel (Python argument checks, torch.library dispatch,
+autograd bookkeeping, launch). On a GPU the table's "kernel" column is the device time alone; the
+rest of "time" is overhead. Forward only, and forward+backward.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fnevr
+from fnevr.ops import composite, grid_sample, spade_norm
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FUSED = [b for b in ("cpu", "cuda", "triton") if fnevr.ops.backends(DEVICE)[b] == "available"
+         and not (b == "triton" and DEVICE == "cpu")]
+
+
+def _inputs(op):
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        return torch.rand(*shape, generator=g).to(DEVICE)
+
+    if op == "composite":
+        return t(1, 4, 4, 8, 8), t(1, 4, 4, 8, 1)
+    if op == "grid_sample":
+        return t(1, 4, 8, 8), t(1, 8, 8, 2) * 2 - 1
+    return t(1, 4, 8, 8), t(1, 4, 8, 8), t(1, 4, 8, 8)
+
+
+def _call(op, provider):
+    if provider == "torch":  # PyTorch's own ops where it has them
+        if op == "grid_sample":
+            return lambda x, g: F.grid_sample(x, g, align_corners=False)
+        return lambda x, gamma, beta: torch.relu(F.instance_norm(x) * (1 + gamma) + beta)
+    if op == "composite":
+        return lambda c, d: composite(c, d, transmittance="inclusive", backend=provider)
+    if op == "grid_sample":
+        return lambda x, g: grid_sample(x, g, backend=provider)
+    return lambda x, gamma, beta: spade_norm(x, gamma, beta, activation="relu", backend=provider)
+
+
+CASES = [(op, p) for op in ("composite", "grid_sample", "spade_norm")
+         for p in (["torch"] if op != "composite" else []) + ["reference"] + FUSED]
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "fwd+bwd"])
+@pytest.mark.parametrize("op, provider", CASES, ids=[f"{o}-{p}" for o, p in CASES])
+def test_overhead(measure, op, provider, backward):
+    args = [a.requires_grad_(backward) for a in _inputs(op)]
+    fn = _call(op, provider)
+
+    def run():
+        if backward:
+            fn(*args).sum().backward()
+        else:
+            with torch.no_grad():
+                fn(*args)
+
+    measure(run, 0, op=f"{op}-tiny", provider=provider, mode="fwd+bwd" if backward else "forward",
+            dtype="float32", device=DEVICE)
