@@ -7,8 +7,6 @@ path. The dict keeps the published layout (``dataset_params``, ``model_params``,
 import copy
 from pathlib import Path
 
-import yaml
-
 CONFIG_DIR = Path(__file__).parent / "configs"
 BUILTIN = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
 
@@ -20,6 +18,8 @@ def load_config(name_or_path: str | Path | dict) -> dict:
     path = CONFIG_DIR / f"{name_or_path}.yaml" if str(name_or_path) in BUILTIN else Path(name_or_path)
     if not path.is_file():
         raise FileNotFoundError(f"config {str(name_or_path)!r} is neither a bundled config {BUILTIN} nor a YAML file")
+    import yaml  # here, so that `import fnevr` needs nothing beyond torch
+
     with open(path) as f:
         config = yaml.safe_load(f)
     if not isinstance(config, dict) or "model_params" not in config:
