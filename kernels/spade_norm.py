@@ -4,8 +4,10 @@ csrc/spade_norm/spade_norm_math.h.
 x is a contiguous [N, C, S] (NCHW) or [N, S, C] (channels_last) tensor. The reductions (statistics,
 backward sums) run one program per (sample or all samples, tile of channels) over [BLOCK_C, BLOCK_S]
 tiles: each tile's per-channel moments are taken around the tile's own mean and merged by Chan's rule,
-so large means do not cancel. The element-wise passes are flat over all of x. eps and the leaky-ReLU
-slope are compile-time constants: Triton would pass them as fp32, too coarse for fp64.
+so large means do not cancel. The element-wise passes work on tiles of one (n, c) row (NCHW) or of
+rows x channels (channels_last), so finding an element's statistics costs a division per row, not
+per element. eps and the leaky-ReLU slope are compile-time constants: Triton would pass them as
+fp32, too coarse for fp64.
 """
 
 import contextlib
@@ -85,35 +87,53 @@ def _stats_kernel(x, mean, var, N, C, S, BATCH: tl.constexpr, CL: tl.constexpr, 
 
 
 @triton.jit
-def _element(i, x, gamma, beta, mean, var, eps, N, C, S, G_FULL: tl.constexpr, B_FULL: tl.constexpr,
-             BATCH: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr, mask):
-    """Per element: (xhat, rstd, gamma, beta, statistics index)."""
+def _element_tile(x, gamma, beta, mean, var, eps, N, C, S, G_FULL: tl.constexpr, B_FULL: tl.constexpr,
+                  BATCH: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
+    """This program's [BLOCK_R, BLOCK_C] tile of the element-wise passes: (offsets, mask, xhat, rstd,
+    gamma, beta, statistics index). NCHW: BLOCK_C positions of one (n, c) row (BLOCK_R = 1);
+    channels_last: BLOCK_R (n, s) rows x BLOCK_C channels. Divisions are per row, not per element."""
     if CL:
-        c = i % C
-        n = i // (S * C)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        offs = rows[:, None] * C + chans[None, :]
+        mask = (rows < N * S)[:, None] & (chans < C)[None, :]
+        nc = (rows // S)[:, None] * C + chans[None, :]
+        if BATCH:
+            grp = nc * 0 + chans[None, :]
+        else:
+            grp = nc
     else:
-        c = (i // S) % C
-        n = i // (C * S)
-    nc = n * C + c
-    grp = c if BATCH else nc
+        row = tl.program_id(0)  # (n, c)
+        pos = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        offs = (row.to(tl.int64) * S + pos)[None, :]
+        mask = (pos < S)[None, :]
+        nc = (pos * 0 + row)[None, :]
+        if BATCH:
+            grp = nc % C
+        else:
+            grp = nc
     m = tl.load(mean + grp, mask=mask, other=0.0)
-    v = tl.load(var + grp, mask=mask, other=1.0)
-    rstd = 1.0 / tl.sqrt(v + eps)
-    xhat = (tl.load(x + i, mask=mask, other=0.0).to(ACC) - m) * rstd
-    g = tl.load(gamma + (i if G_FULL else nc), mask=mask, other=0.0).to(ACC)
-    b = tl.load(beta + (i if B_FULL else nc), mask=mask, other=0.0).to(ACC)
-    return xhat, rstd, g, b, grp
+    rstd = 1.0 / tl.sqrt(tl.load(var + grp, mask=mask, other=1.0) + eps)
+    xhat = (tl.load(x + offs, mask=mask, other=0.0).to(ACC) - m) * rstd
+    if G_FULL:
+        g = tl.load(gamma + offs, mask=mask, other=0.0).to(ACC)
+    else:
+        g = tl.load(gamma + nc, mask=mask, other=0.0).to(ACC)
+    if B_FULL:
+        b = tl.load(beta + offs, mask=mask, other=0.0).to(ACC)
+    else:
+        b = tl.load(beta + nc, mask=mask, other=0.0).to(ACC)
+    return offs, mask, xhat, rstd, g, b, grp
 
 
 @triton.jit
-def _forward_kernel(x, gamma, beta, mean, var, y, total, N, C, S, eps: tl.constexpr, slope: tl.constexpr,
-                    ACT: tl.constexpr,
+def _forward_kernel(x, gamma, beta, mean, var, y, N, C, S, eps: tl.constexpr, slope: tl.constexpr, ACT: tl.constexpr,
                     G_FULL: tl.constexpr, B_FULL: tl.constexpr, BATCH: tl.constexpr, CL: tl.constexpr,
-                    ACC: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < total
-    xhat, _, g, b, _ = _element(i, x, gamma, beta, mean, var, eps, N, C, S, G_FULL, B_FULL, BATCH, CL, ACC, mask)
-    tl.store(y + i, _act(xhat * (1.0 + g) + b, ACT, slope).to(y.dtype.element_ty), mask=mask)
+                    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    offs, mask, xhat, _, g, b, _ = _element_tile(x, gamma, beta, mean, var, eps, N, C, S, G_FULL, B_FULL, BATCH, CL,
+                                                 ACC, BLOCK_R, BLOCK_C)
+    tl.store(y + offs, _act(xhat * (1.0 + g) + b, ACT, slope).to(y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -166,26 +186,31 @@ def _reduce_kernel(grad_y, x, gamma, beta, mean, var, sums, N, C, S, eps: tl.con
 
 
 @triton.jit
-def _backward_kernel(grad_y, x, gamma, beta, mean, var, group_means, dx, dgamma, dbeta, total, G, N, C, S,
-                     eps: tl.constexpr, slope: tl.constexpr, ACT: tl.constexpr, G_FULL: tl.constexpr, B_FULL: tl.constexpr,
-                     BATCH: tl.constexpr, CL: tl.constexpr, GAMMA_GRAD: tl.constexpr, BETA_GRAD: tl.constexpr,
-                     ACC: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < total
-    xhat, rstd, g, b, grp = _element(i, x, gamma, beta, mean, var, eps, N, C, S, G_FULL, B_FULL, BATCH, CL, ACC,
-                                     mask)
+def _backward_kernel(grad_y, x, gamma, beta, mean, var, group_means, dx, dgamma, dbeta, G, N, C, S,
+                     eps: tl.constexpr, slope: tl.constexpr, ACT: tl.constexpr, G_FULL: tl.constexpr,
+                     B_FULL: tl.constexpr, BATCH: tl.constexpr, CL: tl.constexpr, GAMMA_GRAD: tl.constexpr,
+                     BETA_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    offs, mask, xhat, rstd, g, b, grp = _element_tile(x, gamma, beta, mean, var, eps, N, C, S, G_FULL, B_FULL, BATCH,
+                                                      CL, ACC, BLOCK_R, BLOCK_C)
     c1 = tl.load(group_means + grp, mask=mask, other=0.0)
     c2 = tl.load(group_means + G + grp, mask=mask, other=0.0)
-    dz = tl.load(grad_y + i, mask=mask, other=0.0).to(ACC) * _act_grad(xhat * (1.0 + g) + b, ACT, slope)
+    dz = tl.load(grad_y + offs, mask=mask, other=0.0).to(ACC) * _act_grad(xhat * (1.0 + g) + b, ACT, slope)
     dxhat = dz * (1.0 + g)
-    tl.store(dx + i, (rstd * (dxhat - c1 - xhat * c2)).to(dx.dtype.element_ty), mask=mask)
+    tl.store(dx + offs, (rstd * (dxhat - c1 - xhat * c2)).to(dx.dtype.element_ty), mask=mask)
     if GAMMA_GRAD:
-        tl.store(dgamma + i, (dz * xhat).to(dgamma.dtype.element_ty), mask=mask)
+        tl.store(dgamma + offs, (dz * xhat).to(dgamma.dtype.element_ty), mask=mask)
     if BETA_GRAD:
-        tl.store(dbeta + i, dz.to(dbeta.dtype.element_ty), mask=mask)
+        tl.store(dbeta + offs, dz.to(dbeta.dtype.element_ty), mask=mask)
 
 
-_BLOCK = 1024  # elements per program of the element-wise kernels
+def _element_blocks(N: int, C: int, S: int, channels_last: bool):
+    """(grid, BLOCK_R, BLOCK_C) of the element-wise kernels: tiles of about 2K elements."""
+    if channels_last:
+        block_c = min(128, triton.next_power_of_2(max(C, 1)))
+        block_r = max(1, 2048 // block_c)
+        return (triton.cdiv(N * S, block_r), triton.cdiv(C, block_c)), block_r, block_c
+    block_c = min(2048, triton.next_power_of_2(max(S, 1)))
+    return (N * C, triton.cdiv(S, block_c)), 1, block_c
 
 
 def _interpreting() -> bool:
@@ -245,10 +270,12 @@ def spade_norm_forward(x, gamma, beta, mean, var, eps: float, channels_last: boo
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
+    grid, block_r, block_c = _element_blocks(N, C, S, channels_last)
     with _launch_ctx(x):
-        _forward_kernel[(triton.cdiv(x.numel(), _BLOCK),)](
-            x, gamma, beta, mean, var, y, x.numel(), N, C, S, eps=eps, slope=slope, ACT=activation, G_FULL=gamma.dim() == 3,
-            B_FULL=beta.dim() == 3, BATCH=mean.dim() == 1, CL=channels_last, ACC=_acc(x.dtype), BLOCK=_BLOCK)
+        _forward_kernel[grid](
+            x, gamma, beta, mean, var, y, N, C, S, eps=eps, slope=slope, ACT=activation, G_FULL=gamma.dim() == 3,
+            B_FULL=beta.dim() == 3, BATCH=mean.dim() == 1, CL=channels_last, ACC=_acc(x.dtype), BLOCK_R=block_r,
+            BLOCK_C=block_c)
     return y
 
 
@@ -284,9 +311,11 @@ def spade_norm_backward(grad_y, x, gamma, beta, mean, var, group_sums, scale: fl
     db = torch.empty_like(x) if beta_grad else x.new_empty((0,))
     if x.numel() == 0:
         return dx, dg, db
+    grid, block_r, block_c = _element_blocks(N, C, S, channels_last)
     with _launch_ctx(x):
-        _backward_kernel[(triton.cdiv(x.numel(), _BLOCK),)](
-            grad_y, x, gamma, beta, mean, var, group_sums * scale, dx, dg, db, x.numel(), mean.numel(), N, C, S,
-            eps=eps, slope=slope, ACT=activation, G_FULL=gamma.dim() == 3, B_FULL=beta.dim() == 3, BATCH=mean.dim() == 1,
-            CL=channels_last, GAMMA_GRAD=gamma_grad, BETA_GRAD=beta_grad, ACC=_acc(x.dtype), BLOCK=_BLOCK)
+        _backward_kernel[grid](
+            grad_y, x, gamma, beta, mean, var, group_sums * scale, dx, dg, db, mean.numel(), N, C, S, eps=eps,
+            slope=slope, ACT=activation, G_FULL=gamma.dim() == 3, B_FULL=beta.dim() == 3, BATCH=mean.dim() == 1,
+            CL=channels_last, GAMMA_GRAD=gamma_grad, BETA_GRAD=beta_grad, ACC=_acc(x.dtype), BLOCK_R=block_r,
+            BLOCK_C=block_c)
     return dx, dg, db
