@@ -170,6 +170,18 @@ def test_constant_input(backend, device, norm):
 
 @pytest.mark.parametrize("backend,device", ALL)
 @pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_empty_batch(backend, device, norm):
+    x, gamma, beta, _ = make_inputs((0, 3, 4, 4), device=device)
+    beta = torch.randn(1, 3, 1, 1, device=device).requires_grad_()
+    running = dict(running_mean=torch.zeros(3, device=device), running_var=torch.ones(3, device=device))
+    y = spade_norm(x.requires_grad_(), gamma, beta, norm=norm, backend=backend, **(running if norm == "batch" else {}))
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape and torch.equal(beta.grad, torch.zeros_like(beta))
+    assert torch.equal(running["running_var"], torch.ones(3, device=device)), "nothing to fold in"
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+@pytest.mark.parametrize("norm", ["instance", "batch"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_large_mean_does_not_cancel(backend, device, norm, channels_last):
     # fp64 around 1e8 with unit spread: E[x^2] - E[x]^2 would lose every digit (1e16 vs 1).

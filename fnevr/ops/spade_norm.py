@@ -125,6 +125,8 @@ def spade_norm(x: Tensor, gamma: Tensor, beta: Tensor, *, norm: str = "instance"
 
 
 def _update_running(running_mean, running_var, mean, var, count, momentum):
+    if count < 2:  # an empty batch has no statistics to fold in
+        return
     with torch.no_grad():
         running_mean.mul_(1 - momentum).add_(momentum * mean.to(running_mean.dtype))
         running_var.mul_(1 - momentum).add_((momentum * count / (count - 1)) * var.to(running_var.dtype))
@@ -158,9 +160,10 @@ def _modulation(t, x, cl):
     if t4.shape[2] == 1 and t4.shape[3] == 1:
         return t4.expand(N, C, 1, 1).reshape(N, C).contiguous()
     full = t4.expand(x.shape)
+    S = x.shape[2] * x.shape[3]
     if cl:
-        return full.permute(0, 2, 3, 1).contiguous().view(N, -1, C)
-    return full.contiguous().view(N, C, -1)
+        return full.permute(0, 2, 3, 1).contiguous().view(N, S, C)
+    return full.contiguous().view(N, C, S)
 
 
 def _check(x, gamma, beta, norm, activation, running_mean, running_var, training, momentum):
@@ -235,7 +238,8 @@ def _backward_impl(k, grad_y, x3, g, b, mean, var, eps, cl, act, slope, stats_gr
         group_sums = sums[:2].sum(1) if batch else sums[:2]
         if all_reduce is not None:
             all_reduce(group_sums)
-        scale = 1.0 / (count if count is not None else x3.numel() // mean.numel())
+        count = count if count is not None else x3.numel() // max(mean.numel(), 1)
+        scale = 1.0 / count if count else 0.0
     else:
         group_sums = torch.zeros((2,) + tuple(mean.shape), dtype=mean.dtype, device=mean.device)
     dx, dg, db = k.backward(grad_y, x3, g, b, mean, var, group_sums, scale, eps, cl, act, slope,
