@@ -231,7 +231,8 @@ def _dims(x: torch.Tensor, channels_last: bool):
 
 
 def _reduce_blocks(C: int, S: int, channels_last: bool):
-    """(BLOCK_C, BLOCK_S) of about 4K elements; NCHW tiles are one channel's run of S."""
+    """(BLOCK_C, BLOCK_S) of about 4K elements (8 warps: 16 per thread); NCHW tiles are one
+    channel's run of S."""
     if channels_last:
         block_c = min(64, triton.next_power_of_2(max(C, 1)))
         return block_c, max(1, min(triton.next_power_of_2(max(S, 1)), 4096 // block_c))
@@ -257,7 +258,7 @@ def spade_norm_stats(x: torch.Tensor, channels_last: bool, batch: bool):
     grid = (1 if batch else N, triton.cdiv(C, block_c))
     with _launch_ctx(x):
         _stats_kernel[grid](x, mean, var, N, C, S, BATCH=batch, CL=channels_last, ACC=_acc(x.dtype),
-                            BLOCK_C=block_c, BLOCK_S=block_s)
+                            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=8)
     return mean, var
 
 
@@ -294,7 +295,7 @@ def spade_norm_backward_reduce(grad_y, x, gamma, beta, mean, var, eps: float, ch
         _reduce_kernel[(N, triton.cdiv(C, block_c))](
             grad_y, x, gamma, beta, mean, var, sums, N, C, S, eps=eps, slope=slope, ACT=activation, G_FULL=gamma.dim() == 3,
             B_FULL=beta.dim() == 3, BATCH=mean.dim() == 1, CL=channels_last, ACC=_acc(x.dtype), BLOCK_C=block_c,
-            BLOCK_S=block_s)
+            BLOCK_S=block_s, num_warps=8)
     return sums
 
 

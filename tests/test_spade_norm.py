@@ -365,6 +365,7 @@ def test_bad_tensors(make, error, match):
      r"running_mean must be a floating \[C\] = \[3\]"),
     (dict(running_mean=torch.zeros(3), running_var=torch.ones(3)), ValueError, "norm='batch' only"),
     (dict(norm="batch", momentum=2.0), ValueError, "momentum must be"),
+    (dict(process_group=object()), ValueError, "process_group applies to norm='batch' only"),
 ])
 def test_bad_options(kwargs, error, match):
     x, gamma, beta, _ = make_inputs((2, 3, 4, 5))

@@ -101,6 +101,8 @@ def spade_norm(x: Tensor, gamma: Tensor, beta: Tensor, *, norm: str = "instance"
         ``[N, C, H, W]`` in ``x``'s dtype and memory format.
     """
     _check(x, gamma, beta, norm, activation, running_mean, running_var, training, momentum)
+    if process_group is not None and norm != "batch":
+        raise ValueError("process_group applies to norm='batch' only")
     name = resolve(backend, x.device)
     kw = dict(norm=norm, eps=eps, activation=activation, negative_slope=negative_slope, running_mean=running_mean,
               running_var=running_var, training=training, momentum=momentum, process_group=process_group)
