@@ -203,6 +203,98 @@ def _backward_kernel(grad_y, x, gamma, beta, mean, var, group_means, dx, dgamma,
         tl.store(dbeta + offs, dz.to(dbeta.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _instance_tile(grad_y, x, gamma, beta, offs, mask, g_row, b_row, m, rstd, slope, ACT: tl.constexpr,
+                   G_FULL: tl.constexpr, B_FULL: tl.constexpr, ACC: tl.constexpr):
+    """One tile of an (n, c) row: (xhat, dz, dxhat), zero where masked."""
+    dy = tl.load(grad_y + offs, mask=mask, other=0.0).to(ACC)
+    xv = tl.load(x + offs, mask=mask, other=0.0).to(ACC)
+    if G_FULL:
+        g = tl.load(gamma + offs, mask=mask, other=0.0).to(ACC)
+    else:
+        g = xv * 0.0 + g_row
+    if B_FULL:
+        b = tl.load(beta + offs, mask=mask, other=0.0).to(ACC)
+    else:
+        b = xv * 0.0 + b_row
+    xhat = tl.where(mask, (xv - m) * rstd, 0.0)
+    dz = tl.where(mask, dy * _act_grad(xhat * (1.0 + g) + b, ACT, slope), 0.0)
+    return xhat, dz, dz * (1.0 + g)
+
+
+@triton.jit
+def _instance_store(dx, dgamma, dbeta, offs, mask, xhat, dz, dxhat, rstd, c1, c2, G_FULL: tl.constexpr,
+                    B_FULL: tl.constexpr, GAMMA_GRAD: tl.constexpr, BETA_GRAD: tl.constexpr):
+    tl.store(dx + offs, (rstd * (dxhat - c1 - xhat * c2)).to(dx.dtype.element_ty), mask=mask)
+    if GAMMA_GRAD and G_FULL:
+        tl.store(dgamma + offs, (dz * xhat).to(dgamma.dtype.element_ty), mask=mask)
+    if BETA_GRAD and B_FULL:
+        tl.store(dbeta + offs, dz.to(dbeta.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _instance_backward_kernel(grad_y, x, gamma, beta, mean, var, dx, dgamma, dbeta, S, eps: tl.constexpr,
+                              slope: tl.constexpr, ACT: tl.constexpr, G_FULL: tl.constexpr, B_FULL: tl.constexpr,
+                              GAMMA_GRAD: tl.constexpr, BETA_GRAD: tl.constexpr, ACC: tl.constexpr,
+                              BLOCK_S: tl.constexpr, ONE_TILE: tl.constexpr):
+    """Instance norm, NCHW: the whole backward of one (n, c) row. With ONE_TILE the row is loaded
+    once and stays in registers for both the group sums and the gradients; else a second pass
+    re-reads it (from cache, mostly). [N, C] gamma/beta get their gradients as row sums."""
+    row = tl.program_id(0)
+    base = row.to(tl.int64) * S
+    m = tl.load(mean + row)
+    rstd = 1.0 / tl.sqrt(tl.load(var + row) + eps)
+    g_row = 0.0
+    b_row = 0.0
+    if not G_FULL:
+        g_row = tl.load(gamma + row).to(ACC)
+    if not B_FULL:
+        b_row = tl.load(beta + row).to(ACC)
+    pos = tl.arange(0, BLOCK_S)
+    if ONE_TILE:
+        mask = pos < S
+        offs = base + pos
+        xhat, dz, dxhat = _instance_tile(grad_y, x, gamma, beta, offs, mask, g_row, b_row, m, rstd, slope, ACT,
+                                         G_FULL, B_FULL, ACC)
+        s_dz = tl.sum(dz, axis=0)
+        s_dz_xhat = tl.sum(dz * xhat, axis=0)
+        c1 = tl.sum(dxhat, axis=0) / S
+        c2 = tl.sum(dxhat * xhat, axis=0) / S
+        _instance_store(dx, dgamma, dbeta, offs, mask, xhat, dz, dxhat, rstd, c1, c2, G_FULL, B_FULL, GAMMA_GRAD,
+                        BETA_GRAD)
+    else:
+        a_dxhat = tl.zeros([BLOCK_S], ACC)
+        a_dxhat_xhat = tl.zeros([BLOCK_S], ACC)
+        a_dz = tl.zeros([BLOCK_S], ACC)
+        a_dz_xhat = tl.zeros([BLOCK_S], ACC)
+        for s0 in range(0, S, BLOCK_S):
+            mask = s0 + pos < S
+            xhat, dz, dxhat = _instance_tile(grad_y, x, gamma, beta, base + s0 + pos, mask, g_row, b_row, m, rstd,
+                                             slope, ACT, G_FULL, B_FULL, ACC)
+            a_dxhat += dxhat
+            a_dxhat_xhat += dxhat * xhat
+            a_dz += dz
+            a_dz_xhat += dz * xhat
+        s_dz = tl.sum(a_dz, axis=0)
+        s_dz_xhat = tl.sum(a_dz_xhat, axis=0)
+        c1 = tl.sum(a_dxhat, axis=0) / S
+        c2 = tl.sum(a_dxhat_xhat, axis=0) / S
+        for s0 in range(0, S, BLOCK_S):
+            mask = s0 + pos < S
+            offs = base + s0 + pos
+            xhat, dz, dxhat = _instance_tile(grad_y, x, gamma, beta, offs, mask, g_row, b_row, m, rstd, slope, ACT,
+                                             G_FULL, B_FULL, ACC)
+            _instance_store(dx, dgamma, dbeta, offs, mask, xhat, dz, dxhat, rstd, c1, c2, G_FULL, B_FULL,
+                            GAMMA_GRAD, BETA_GRAD)
+    if GAMMA_GRAD and not G_FULL:
+        tl.store(dgamma + row, s_dz_xhat.to(dgamma.dtype.element_ty))
+    if BETA_GRAD and not B_FULL:
+        tl.store(dbeta + row, s_dz.to(dbeta.dtype.element_ty))
+
+
+_ONE_TILE_MAX = 4096  # rows up to this long are held in registers through the fused instance backward
+
+
 def _element_blocks(N: int, C: int, S: int, channels_last: bool):
     """(grid, BLOCK_R, BLOCK_C) of the element-wise kernels: tiles of about 2K elements."""
     if channels_last:
@@ -319,4 +411,27 @@ def spade_norm_backward(grad_y, x, gamma, beta, mean, var, group_sums, scale: fl
             slope=slope, ACT=activation, G_FULL=gamma.dim() == 3, B_FULL=beta.dim() == 3, BATCH=mean.dim() == 1,
             CL=channels_last, GAMMA_GRAD=gamma_grad, BETA_GRAD=beta_grad, ACC=_acc(x.dtype), BLOCK_R=block_r,
             BLOCK_C=block_c)
+    return dx, dg, db
+
+
+def spade_norm_instance_backward(grad_y, x, gamma, beta, mean, var, eps: float, activation: int, slope: float,
+                                 gamma_grad: bool, beta_grad: bool):
+    """Instance norm of an NCHW x ([N, C, S]), whole backward in one kernel -> (dx; dgamma, dbeta
+    shaped like gamma, beta when asked for, else empty)."""
+    if _interpreting() and x.dtype == torch.bfloat16:
+        grads = spade_norm_instance_backward(*_as_fp32(grad_y, x, gamma, beta), mean, var, eps, activation, slope,
+                                             gamma_grad, beta_grad)
+        return tuple(t.to(x.dtype) for t in grads)
+    N, C, S = x.shape
+    dx = torch.empty_like(x)
+    dg = torch.empty_like(gamma) if gamma_grad else x.new_empty((0,))
+    db = torch.empty_like(beta) if beta_grad else x.new_empty((0,))
+    if x.numel() == 0:
+        return dx, dg.zero_(), db.zero_()
+    block_s = min(_ONE_TILE_MAX, triton.next_power_of_2(S))
+    with _launch_ctx(x):
+        _instance_backward_kernel[(N * C,)](
+            grad_y, x, gamma, beta, mean, var, dx, dg, db, S, eps=eps, slope=slope, ACT=activation,
+            G_FULL=gamma.dim() == 3, B_FULL=beta.dim() == 3, GAMMA_GRAD=gamma_grad, BETA_GRAD=beta_grad,
+            ACC=_acc(x.dtype), BLOCK_S=block_s, ONE_TILE=S <= block_s, num_warps=8 if block_s >= 2048 else 4)
     return dx, dg, db

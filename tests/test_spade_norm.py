@@ -122,6 +122,16 @@ def test_layouts_and_broadcast_modulation(backend, device, norm, modulation, cha
     check(x, gamma, beta, grad_y, torch.float32, stats=stats, norm=norm, activation="relu", backend=backend)
 
 
+@pytest.mark.parametrize("backend,device", [p for p in target_params() if p.values[0] == "triton"])
+@pytest.mark.parametrize("modulation", ["full", "per-sample-channel"])
+def test_triton_fused_instance_backward_over_several_tiles(backend, device, modulation, monkeypatch):
+    from fnevr.kernels import spade_norm as triton_spade
+
+    monkeypatch.setattr(triton_spade, "_ONE_TILE_MAX", 16)  # rows of 35 take three tiles and two passes
+    x, gamma, beta, grad_y = make_inputs((2, 3, 5, 7), torch.float64, device, modulation)
+    check(x, gamma, beta, grad_y, torch.float64, activation="leaky_relu", backend=backend)
+
+
 @pytest.mark.parametrize("backend,device", target_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("norm", ["instance", "batch"])

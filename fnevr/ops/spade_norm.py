@@ -223,16 +223,20 @@ class _Kernels:
             from ..kernels import spade_norm as k  # imports triton: only when asked for
             self.stats, self.forward = k.spade_norm_stats, k.spade_norm_forward
             self.reduce, self.backward = k.spade_norm_backward_reduce, k.spade_norm_backward
+            self.instance_backward = k.spade_norm_instance_backward
         else:  # cpu, cuda: torch dispatches on the tensors' device
             ops = torch.ops.fnevr
             self.stats, self.forward = ops._spade_norm_stats, ops._spade_norm_forward
             self.reduce, self.backward = ops._spade_norm_backward_reduce, ops._spade_norm_backward
+            self.instance_backward = None
 
 
 def _backward_impl(k, grad_y, x3, g, b, mean, var, eps, cl, act, slope, stats_grad, gamma_grad, beta_grad,
                    all_reduce=None, count=None):
     """(dx, dgamma, dbeta) for the kernel-level tensors; `all_reduce` sums [2, C] across processes."""
     batch = mean.dim() == 1
+    if k.instance_backward is not None and not batch and not cl:  # one fused kernel
+        return k.instance_backward(grad_y, x3, g, b, mean, var, eps, act, slope, gamma_grad, beta_grad)
     need_sums = stats_grad or (g.dim() == 2 and gamma_grad) or (b.dim() == 2 and beta_grad)
     sums = k.reduce(grad_y, x3, g, b, mean, var, eps, cl, act, slope) if need_sums else None  # [4, N, C]
     scale = 0.0
