@@ -51,15 +51,10 @@ def _tile(s0, chans, S, C, CL: tl.constexpr, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def _stats_kernel(x, mean, var, N, C, S, BATCH: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    pid_n = tl.program_id(0)
-    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    xn = x + pid_n.to(tl.int64) * C * S  # this program's sample (batch norm: the first, then all)
-    if BATCH:
-        samples = N
-    else:
-        samples = 1
+def _moments(xn, chans, samples, C, S, CL: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+             BLOCK_S: tl.constexpr):
+    """Per-channel (mean, biased variance) over `samples` consecutive samples from xn: each tile's
+    moments around its own mean (corrected two-pass), merged by Chan's rule."""
     count = tl.zeros([BLOCK_C], ACC)
     mu = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
@@ -80,10 +75,69 @@ def _stats_kernel(x, mean, var, N, C, S, BATCH: tl.constexpr, CL: tl.constexpr, 
             m2 += t_m2 + delta * delta * count * w
             count = total
         xn += C * S
+    return mu, m2 / tl.maximum(count, 1.0)
+
+
+@triton.jit
+def _stats_kernel(x, mean, var, N, C, S, BATCH: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid_n = tl.program_id(0)
+    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    xn = x + pid_n.to(tl.int64) * C * S  # this program's sample (batch norm: the first, then all)
+    if BATCH:
+        mu, v = _moments(xn, chans, N, C, S, CL, ACC, BLOCK_C, BLOCK_S)
+    else:
+        mu, v = _moments(xn, chans, 1, C, S, CL, ACC, BLOCK_C, BLOCK_S)
     out = (0 if BATCH else pid_n * C) + chans
     cmask = chans < C
     tl.store(mean + out, mu, mask=cmask)
-    tl.store(var + out, m2 / tl.maximum(count, 1.0), mask=cmask)
+    tl.store(var + out, v, mask=cmask)
+
+
+@triton.jit
+def _instance_forward_kernel(x, gamma, beta, y, mean, var, S, eps: tl.constexpr, slope: tl.constexpr,
+                             ACT: tl.constexpr, G_FULL: tl.constexpr, B_FULL: tl.constexpr, ACC: tl.constexpr,
+                             BLOCK_S: tl.constexpr, ONE_TILE: tl.constexpr):
+    """Instance norm, NCHW: statistics and output of one (n, c) row in one program. With ONE_TILE the
+    row is read once; else the statistics pass is followed by a second (mostly cached) read."""
+    row = tl.program_id(0)
+    base = row.to(tl.int64) * S
+    pos = tl.arange(0, BLOCK_S)
+    if ONE_TILE:
+        mask = pos < S
+        xv = tl.load(x + base + pos, mask=mask, other=0.0).to(ACC)
+        shift = tl.sum(xv, axis=0) / S
+        d = tl.where(mask, xv - shift, 0.0)
+        d1 = tl.sum(d, axis=0)
+        m = shift + d1 / S
+        v = tl.maximum(tl.sum(d * d, axis=0) - d1 * d1 / S, 0.0) / S
+    else:
+        mu, vv = _moments(x + base, tl.arange(0, 1), 1, 1, S, False, ACC, 1, BLOCK_S)
+        m = tl.sum(mu, axis=0)
+        v = tl.sum(vv, axis=0)
+    tl.store(mean + row, m)
+    tl.store(var + row, v)
+    rstd = 1.0 / tl.sqrt(v + eps)
+    g_row = 0.0
+    b_row = 0.0
+    if not G_FULL:
+        g_row = tl.load(gamma + row).to(ACC)
+    if not B_FULL:
+        b_row = tl.load(beta + row).to(ACC)
+    for s0 in range(0, S, BLOCK_S):
+        mask = s0 + pos < S
+        offs = base + s0 + pos
+        if not ONE_TILE:
+            xv = tl.load(x + offs, mask=mask, other=0.0).to(ACC)
+        if G_FULL:
+            g = tl.load(gamma + offs, mask=mask, other=0.0).to(ACC)
+        else:
+            g = xv * 0.0 + g_row
+        if B_FULL:
+            b = tl.load(beta + offs, mask=mask, other=0.0).to(ACC)
+        else:
+            b = xv * 0.0 + b_row
+        tl.store(y + offs, _act((xv - m) * rstd * (1.0 + g) + b, ACT, slope).to(y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -292,7 +346,7 @@ def _instance_backward_kernel(grad_y, x, gamma, beta, mean, var, dx, dgamma, dbe
         tl.store(dbeta + row, s_dz.to(dbeta.dtype.element_ty))
 
 
-_ONE_TILE_MAX = 4096  # rows up to this long are held in registers through the fused instance backward
+_ONE_TILE_MAX = 4096  # rows up to this long are read once by the fused instance-norm kernels
 
 
 def _element_blocks(N: int, C: int, S: int, channels_last: bool):
@@ -435,3 +489,24 @@ def spade_norm_instance_backward(grad_y, x, gamma, beta, mean, var, eps: float, 
             G_FULL=gamma.dim() == 3, B_FULL=beta.dim() == 3, GAMMA_GRAD=gamma_grad, BETA_GRAD=beta_grad,
             ACC=_acc(x.dtype), BLOCK_S=block_s, ONE_TILE=S <= block_s, num_warps=8 if block_s >= 2048 else 4)
     return dx, dg, db
+
+
+def spade_norm_instance_forward(x, gamma, beta, eps: float, activation: int, slope: float):
+    """Instance norm of an NCHW x ([N, C, S]), statistics and output in one kernel -> (y, mean, var)."""
+    if _interpreting() and x.dtype == torch.bfloat16:
+        y, mean, var = spade_norm_instance_forward(*_as_fp32(x, gamma, beta), eps, activation, slope)
+        return y.to(x.dtype), mean, var
+    N, C, S = x.shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = torch.empty_like(x)
+    mean = torch.zeros((N, C), dtype=acc, device=x.device)
+    var = torch.zeros((N, C), dtype=acc, device=x.device)
+    if x.numel() == 0:
+        return y, mean, var
+    block_s = min(_ONE_TILE_MAX, triton.next_power_of_2(S))
+    with _launch_ctx(x):
+        _instance_forward_kernel[(N * C,)](
+            x, gamma, beta, y, mean, var, S, eps=eps, slope=slope, ACT=activation, G_FULL=gamma.dim() == 3,
+            B_FULL=beta.dim() == 3, ACC=_acc(x.dtype), BLOCK_S=block_s, ONE_TILE=S <= block_s,
+            num_warps=8 if block_s >= 2048 else 4)
+    return y, mean, var

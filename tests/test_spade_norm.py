@@ -272,6 +272,15 @@ def test_opcheck(backend, device, dtype, channels_last, batch):
                                2, 0.2, True, backend, gamma_grad, beta_grad))
 
 
+@pytest.mark.parametrize("backend,device", [p for p in target_params() if p.values[0] == "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_opcheck_fused_instance(backend, device, dtype):
+    x = torch.randn(2, 3, 10, dtype=dtype, device=device, requires_grad=True)
+    gamma = torch.randn(2, 3, 10, dtype=dtype, device=device, requires_grad=True)
+    beta = torch.randn(2, 3, dtype=dtype, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.fnevr.spade_norm_instance.default, (x, gamma, beta, 1e-5, 1, 0.2, backend))
+
+
 @pytest.mark.parametrize("backend,device,compiler", [
     pytest.param(*p.values[:2], compiler, id=f"{p.id}-{compiler}", marks=p.marks)
     for p in target_params() for compiler in ("aot_eager", "inductor")

@@ -29,6 +29,12 @@ recompute :math:`\hat x` there. Example::
 Backends: ``reference`` (:func:`spade_norm_reference`, the spec, plain autograd), ``cpu``
 (csrc/spade_norm/spade_norm_cpu.cpp), ``cuda`` (csrc/spade_norm/spade_norm_cuda.cu), ``triton``
 (kernels/spade_norm.py); ``auto`` picks the fastest one available for the tensors' device.
+
+Kernel passes: a statistics pass, then an element-wise pass; backward, a pass for the per-group sums
+of ``dxhat`` and ``dxhat * xhat`` (skipped in eval-mode batch norm), then one for the gradients.
+Triton fuses each direction into one kernel for NCHW instance norm (FNeVR's case). Batch norm with a
+``process_group`` all-reduces the statistics and the backward sums with ``torch.distributed``
+between the passes (eager mode only).
 """
 
 import torch
@@ -112,6 +118,9 @@ def spade_norm(x: Tensor, gamma: Tensor, beta: Tensor, *, norm: str = "instance"
     cl = _is_channels_last(x)
     x3, g, b = _flat(x, cl), _modulation(gamma, x, cl), _modulation(beta, x, cl)
     opts = (float(eps), cl, ACTIVATIONS[activation], float(negative_slope))
+    if name == "triton" and not batch and not cl:  # statistics and output in one kernel
+        y3, _, _ = _spade_norm_instance_op(x3, g, b, opts[0], opts[2], opts[3], name)
+        return _unflat(y3, x, cl)
     if batch and training and process_group is not None:
         y3 = _SyncSpadeNorm.apply(x3, g, b, opts, name, process_group, running_mean, running_var, momentum)
         return _unflat(y3, x, cl)
@@ -313,6 +322,36 @@ def _backward(ctx, grad_y):
 
 
 _spade_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fnevr::spade_norm_instance", mutates_args=())
+def _spade_norm_instance_op(x: Tensor, gamma: Tensor, beta: Tensor, eps: float, activation: int,
+                            negative_slope: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Instance norm of an NCHW [N, C, S] x in one kernel (Triton) -> (y, mean, var)."""
+    from ..kernels import spade_norm as k
+
+    return k.spade_norm_instance_forward(x, gamma, beta, eps, activation, negative_slope)
+
+
+@_spade_norm_instance_op.register_fake
+def _(x, gamma, beta, eps, activation, negative_slope, backend):
+    stats = lambda: x.new_empty(x.shape[:2], dtype=_acc(x.dtype))  # noqa: E731
+    return torch.empty_like(x), stats(), stats()
+
+
+def _instance_setup_context(ctx, inputs, output):
+    x, gamma, beta, eps, activation, negative_slope, backend = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(x, gamma, beta, mean, var)
+    ctx.options = (eps, False, activation, negative_slope, True, backend)
+
+
+def _instance_backward(ctx, grad_y, _grad_mean, _grad_var):
+    return _backward(ctx, grad_y)[:3] + (None,) * 4
+
+
+_spade_norm_instance_op.register_autograd(_instance_backward, setup_context=_instance_setup_context)
 
 
 class _SyncSpadeNorm(torch.autograd.Function):
