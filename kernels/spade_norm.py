@@ -86,9 +86,10 @@ def _stats_kernel(x, mean, var, N, C, S, BATCH: tl.constexpr, CL: tl.constexpr, 
     xn = x + pid_n.to(tl.int64) * C * S  # this program's sample (batch norm: the first, then all)
     if BATCH:
         mu, v = _moments(xn, chans, N, C, S, CL, ACC, BLOCK_C, BLOCK_S)
+        out = chans
     else:
         mu, v = _moments(xn, chans, 1, C, S, CL, ACC, BLOCK_C, BLOCK_S)
-    out = (0 if BATCH else pid_n * C) + chans
+        out = pid_n * C + chans
     cmask = chans < C
     tl.store(mean + out, mu, mask=cmask)
     tl.store(var + out, v, mask=cmask)
@@ -192,14 +193,16 @@ def _forward_kernel(x, gamma, beta, mean, var, y, N, C, S, eps: tl.constexpr, sl
 
 @triton.jit
 def _reduce_kernel(grad_y, x, gamma, beta, mean, var, sums, N, C, S, eps: tl.constexpr, slope: tl.constexpr,
-                   ACT: tl.constexpr,
-                   G_FULL: tl.constexpr, B_FULL: tl.constexpr, BATCH: tl.constexpr, CL: tl.constexpr,
+                   ACT: tl.constexpr, G_FULL: tl.constexpr, B_FULL: tl.constexpr, BATCH: tl.constexpr, CL: tl.constexpr,
                    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     n = tl.program_id(0)
     chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = chans < C
     nc = n * C + chans
-    grp = chans if BATCH else nc
+    if BATCH:
+        grp = chans
+    else:
+        grp = nc
     m = tl.load(mean + grp, mask=cmask, other=0.0)
     rstd = 1.0 / tl.sqrt(tl.load(var + grp, mask=cmask, other=1.0) + eps)
     g_nc = tl.zeros([BLOCK_C], ACC)
@@ -439,7 +442,8 @@ def spade_norm_backward_reduce(grad_y, x, gamma, beta, mean, var, eps: float, ch
     block_c, block_s = _reduce_blocks(C, S, channels_last)
     with _launch_ctx(x):
         _reduce_kernel[(N, triton.cdiv(C, block_c))](
-            grad_y, x, gamma, beta, mean, var, sums, N, C, S, eps=eps, slope=slope, ACT=activation, G_FULL=gamma.dim() == 3,
+            grad_y, x, gamma, beta, mean, var, sums, N, C, S, eps=eps, slope=slope, ACT=activation,
+            G_FULL=gamma.dim() == 3,
             B_FULL=beta.dim() == 3, BATCH=mean.dim() == 1, CL=channels_last, ACC=_acc(x.dtype), BLOCK_C=block_c,
             BLOCK_S=block_s, num_warps=8)
     return sums

@@ -215,7 +215,8 @@ def test_large_mean_fp32_statistics(backend, device, norm):
     torch.testing.assert_close(dx.double().cpu(), want[1], rtol=0, atol=4e-3)
 
 
-GRADCHECK_MODES = [("instance", "full"), ("instance", "per-channel"), ("batch", "full"), ("batch", "per-sample-channel")]
+GRADCHECK_MODES = [("instance", "full"), ("instance", "per-channel"), ("batch", "full"),
+                   ("batch", "per-sample-channel")]
 
 
 @pytest.mark.parametrize("backend,norm,modulation", [(b, *m) for b in ("reference", "cpu") for m in GRADCHECK_MODES]

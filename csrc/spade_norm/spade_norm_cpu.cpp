@@ -134,7 +134,9 @@ void stats_impl(const scalar_t* x, at::opmath_type<scalar_t>* mean, at::opmath_t
   }
   const RowBlocks rb(s, s.batch);
   std::vector<Moments<acc_t>> part(rb.sets * rb.blocks * C);
-  rb.parallel([&](int64_t, int64_t row, int64_t rows, int64_t t) { block_moments(x + row * C, rows, C, &part[t * C]); });
+  rb.parallel([&](int64_t, int64_t row, int64_t rows, int64_t t) {
+    block_moments(x + row * C, rows, C, &part[t * C]);
+  });
   at::parallel_for(0, rb.sets * C, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t set = i / C, c = i % C;
@@ -184,8 +186,10 @@ void forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t m0 = st.mean[0], r0 = st.rstd[0];
   for (int64_t j = 0; j < L; ++j) {
-    const acc_t xhat = spade::normalise(static_cast<acc_t>(x[j]), kRowStats ? m0 : st.mean[j], kRowStats ? r0 : st.rstd[j]);
-    y[j] = static_cast<scalar_t>(spade::modulate(xhat, static_cast<acc_t>(g[j]), static_cast<acc_t>(b[j]), kAct, slope));
+    const acc_t xhat =
+        spade::normalise(static_cast<acc_t>(x[j]), kRowStats ? m0 : st.mean[j], kRowStats ? r0 : st.rstd[j]);
+    y[j] = static_cast<scalar_t>(
+        spade::modulate(xhat, static_cast<acc_t>(g[j]), static_cast<acc_t>(b[j]), kAct, slope));
   }
 }
 
@@ -201,7 +205,8 @@ void backward_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ 
     const acc_t xhat = spade::normalise(static_cast<acc_t>(x[j]), kRowStats ? m0 : st.mean[j], r);
     const auto e = spade::modulate_grad(static_cast<acc_t>(dy[j]), xhat, static_cast<acc_t>(g[j]),
                                         static_cast<acc_t>(b[j]), kAct, slope);
-    dx[j] = static_cast<scalar_t>(spade::input_grad(e.dxhat, xhat, r, kRowStats ? c10 : st.c1[j], kRowStats ? c20 : st.c2[j]));
+    dx[j] = static_cast<scalar_t>(
+        spade::input_grad(e.dxhat, xhat, r, kRowStats ? c10 : st.c1[j], kRowStats ? c20 : st.c2[j]));
     dg[j] = static_cast<scalar_t>(e.dz * xhat);
     db[j] = static_cast<scalar_t>(e.dz);
   }
@@ -386,7 +391,8 @@ std::tuple<at::Tensor, at::Tensor> spade_norm_stats_cpu(const at::Tensor& x, boo
   if (x.numel() == 0) return {mean, var};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spade_norm_stats_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    stats_impl<scalar_t>(x.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), s);
+    stats_impl<scalar_t>(x.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
+                         s);
   });
   return {mean, var};
 }
