@@ -118,7 +118,7 @@ def spade_norm(x: Tensor, gamma: Tensor, beta: Tensor, *, norm: str = "instance"
     cl = _is_channels_last(x)
     x3, g, b = _flat(x, cl), _modulation(gamma, x, cl), _modulation(beta, x, cl)
     opts = (float(eps), cl, ACTIVATIONS[activation], float(negative_slope))
-    if name == "triton" and not batch and not cl:  # statistics and output in one kernel
+    if name in _FUSED_INSTANCE and not batch and not cl:  # statistics and output in one pass
         y3, _, _ = _spade_norm_instance_op(x3, g, b, opts[0], opts[2], opts[3], name)
         return _unflat(y3, x, cl)
     if batch and training and process_group is not None:
@@ -232,12 +232,16 @@ class _Kernels:
             from ..kernels import spade_norm as k  # imports triton: only when asked for
             self.stats, self.forward = k.spade_norm_stats, k.spade_norm_forward
             self.reduce, self.backward = k.spade_norm_backward_reduce, k.spade_norm_backward
+            self.instance_forward = k.spade_norm_instance_forward
             self.instance_backward = k.spade_norm_instance_backward
         else:  # cpu, cuda: torch dispatches on the tensors' device
             ops = torch.ops.fnevr
             self.stats, self.forward = ops._spade_norm_stats, ops._spade_norm_forward
             self.reduce, self.backward = ops._spade_norm_backward_reduce, ops._spade_norm_backward
-            self.instance_backward = None
+            # NCHW instance norm fused into one pass per direction (CPU; CUDA runs the general passes)
+            fused = backend == "cpu"
+            self.instance_forward = ops._spade_norm_instance_forward if fused else None
+            self.instance_backward = ops._spade_norm_instance_backward if fused else None
 
 
 def _backward_impl(k, grad_y, x3, g, b, mean, var, eps, cl, act, slope, stats_grad, gamma_grad, beta_grad,
@@ -324,13 +328,14 @@ def _backward(ctx, grad_y):
 _spade_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+_FUSED_INSTANCE = ("cpu", "triton")  # backends with the one-pass NCHW instance-norm kernels
+
+
 @torch.library.custom_op("fnevr::spade_norm_instance", mutates_args=())
 def _spade_norm_instance_op(x: Tensor, gamma: Tensor, beta: Tensor, eps: float, activation: int,
                             negative_slope: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Instance norm of an NCHW [N, C, S] x in one kernel (Triton) -> (y, mean, var)."""
-    from ..kernels import spade_norm as k
-
-    return k.spade_norm_instance_forward(x, gamma, beta, eps, activation, negative_slope)
+    """Instance norm of an NCHW [N, C, S] x in one pass -> (y, mean, var)."""
+    return _Kernels(backend).instance_forward(x, gamma, beta, eps, activation, negative_slope)
 
 
 @_spade_norm_instance_op.register_fake
