@@ -124,7 +124,7 @@ def test_layouts_and_broadcast_modulation(backend, device, norm, modulation, cha
 
 @pytest.mark.parametrize("backend,device", [p for p in target_params() if p.values[0] == "triton"])
 @pytest.mark.parametrize("modulation", ["full", "per-sample-channel"])
-def test_triton_fused_instance_backward_over_several_tiles(backend, device, modulation, monkeypatch):
+def test_triton_fused_instance_norm_over_several_tiles(backend, device, modulation, monkeypatch):
     from fnevr.kernels import spade_norm as triton_spade
 
     monkeypatch.setattr(triton_spade, "_ONE_TILE_MAX", 16)  # rows of 35 take three tiles and two passes
@@ -273,7 +273,7 @@ def test_opcheck(backend, device, dtype, channels_last, batch):
                                2, 0.2, True, backend, gamma_grad, beta_grad))
 
 
-@pytest.mark.parametrize("backend,device", [p for p in target_params() if p.values[0] == "triton"])
+@pytest.mark.parametrize("backend,device", [p for p in target_params() if p.values[0] in ("cpu", "triton")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_opcheck_fused_instance(backend, device, dtype):
     x = torch.randn(2, 3, 10, dtype=dtype, device=device, requires_grad=True)
