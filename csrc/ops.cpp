@@ -25,6 +25,13 @@ TORCH_LIBRARY_FRAGMENT(fnevr, m) {
       "_spade_norm_backward(Tensor grad_y, Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor var, "
       "Tensor group_sums, float scale, float eps, bool channels_last, int activation, float slope, "
       "bool gamma_grad, bool beta_grad) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_spade_norm_instance_forward(Tensor x, Tensor gamma, Tensor beta, float eps, int activation, "
+      "float slope) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_spade_norm_instance_backward(Tensor grad_y, Tensor x, Tensor gamma, Tensor beta, Tensor mean, "
+      "Tensor var, float eps, int activation, float slope, bool gamma_grad, bool beta_grad) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 extern "C" PyObject* PyInit__C(void) {

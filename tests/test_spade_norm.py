@@ -122,6 +122,16 @@ def test_layouts_and_broadcast_modulation(backend, device, norm, modulation, cha
     check(x, gamma, beta, grad_y, torch.float32, stats=stats, norm=norm, activation="relu", backend=backend)
 
 
+@pytest.mark.parametrize("backend,device", [p for p in target_params() if p.values[0] == "triton"])
+@pytest.mark.parametrize("modulation", ["full", "per-sample-channel"])
+def test_triton_fused_instance_norm_over_several_tiles(backend, device, modulation, monkeypatch):
+    from fnevr.kernels import spade_norm as triton_spade
+
+    monkeypatch.setattr(triton_spade, "_ONE_TILE_MAX", 16)  # rows of 35 take three tiles and two passes
+    x, gamma, beta, grad_y = make_inputs((2, 3, 5, 7), torch.float64, device, modulation)
+    check(x, gamma, beta, grad_y, torch.float64, activation="leaky_relu", backend=backend)
+
+
 @pytest.mark.parametrize("backend,device", target_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("norm", ["instance", "batch"])
@@ -170,6 +180,18 @@ def test_constant_input(backend, device, norm):
 
 @pytest.mark.parametrize("backend,device", ALL)
 @pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_empty_batch(backend, device, norm):
+    x, gamma, beta, _ = make_inputs((0, 3, 4, 4), device=device)
+    beta = torch.randn(1, 3, 1, 1, device=device).requires_grad_()
+    running = dict(running_mean=torch.zeros(3, device=device), running_var=torch.ones(3, device=device))
+    y = spade_norm(x.requires_grad_(), gamma, beta, norm=norm, backend=backend, **(running if norm == "batch" else {}))
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape and torch.equal(beta.grad, torch.zeros_like(beta))
+    assert torch.equal(running["running_var"], torch.ones(3, device=device)), "nothing to fold in"
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+@pytest.mark.parametrize("norm", ["instance", "batch"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_large_mean_does_not_cancel(backend, device, norm, channels_last):
     # fp64 around 1e8 with unit spread: E[x^2] - E[x]^2 would lose every digit (1e16 vs 1).
@@ -193,7 +215,8 @@ def test_large_mean_fp32_statistics(backend, device, norm):
     torch.testing.assert_close(dx.double().cpu(), want[1], rtol=0, atol=4e-3)
 
 
-GRADCHECK_MODES = [("instance", "full"), ("instance", "per-channel"), ("batch", "full"), ("batch", "per-sample-channel")]
+GRADCHECK_MODES = [("instance", "full"), ("instance", "per-channel"), ("batch", "full"),
+                   ("batch", "per-sample-channel")]
 
 
 @pytest.mark.parametrize("backend,norm,modulation", [(b, *m) for b in ("reference", "cpu") for m in GRADCHECK_MODES]
@@ -248,6 +271,15 @@ def test_opcheck(backend, device, dtype, channels_last, batch):
         torch.library.opcheck(torch.ops.fnevr.spade_norm_grad.default,
                               (grad_y, x.detach(), gamma.detach(), beta.detach(), mean, var, 1e-5, channels_last,
                                2, 0.2, True, backend, gamma_grad, beta_grad))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in target_params() if p.values[0] in ("cpu", "triton")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_opcheck_fused_instance(backend, device, dtype):
+    x = torch.randn(2, 3, 10, dtype=dtype, device=device, requires_grad=True)
+    gamma = torch.randn(2, 3, 10, dtype=dtype, device=device, requires_grad=True)
+    beta = torch.randn(2, 3, dtype=dtype, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.fnevr.spade_norm_instance.default, (x, gamma, beta, 1e-5, 1, 0.2, backend))
 
 
 @pytest.mark.parametrize("backend,device,compiler", [
@@ -353,6 +385,7 @@ def test_bad_tensors(make, error, match):
      r"running_mean must be a floating \[C\] = \[3\]"),
     (dict(running_mean=torch.zeros(3), running_var=torch.ones(3)), ValueError, "norm='batch' only"),
     (dict(norm="batch", momentum=2.0), ValueError, "momentum must be"),
+    (dict(process_group=object()), ValueError, "process_group applies to norm='batch' only"),
 ])
 def test_bad_options(kwargs, error, match):
     x, gamma, beta, _ = make_inputs((2, 3, 4, 5))

@@ -1,6 +1,7 @@
 // Compositing on the CPU: rays are split across threads; each ray is one front-to-back pass.
 #include "composite.h"
 #include "composite_math.h"
+#include "cpu_memory.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -14,10 +15,6 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 namespace fnevr {
 namespace {
 
@@ -26,21 +23,6 @@ using composite::RayMarcher;
 
 // Rays per task: enough samples that a task amortises its scheduling.
 int64_t grain_size(int64_t D, int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, D * C)); }
-
-// A fresh tensor to be written in full. A large fresh allocation costs one page fault per 4 KiB on
-// first touch, which for FNeVR's 134 MB colour gradient takes longer than computing it; asking for
-// transparent huge pages (where the system allows them on request) cuts that by up to 512x.
-at::Tensor empty_for_writing(const at::Tensor& like) {
-  at::Tensor t = at::empty_like(like);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr std::uintptr_t kHuge = std::uintptr_t(2) << 20;
-  const auto begin = reinterpret_cast<std::uintptr_t>(t.data_ptr());
-  const std::uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const std::uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice only
-#endif
-  return t;
-}
 
 // Eight independent partial sums so the compiler vectorises the dot product without -ffast-math.
 template <typename acc_t, typename scalar_t>

@@ -46,6 +46,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spade_norm_backward_cuda(
     const at::Tensor& mean, const at::Tensor& var, const at::Tensor& group_sums, double scale, double eps,
     bool channels_last, int64_t activation, double slope, bool gamma_grad, bool beta_grad);
 
+// Instance norm of an NCHW x, fused one (n, c) row at a time (CPU only; Triton has its own):
+// -> (y, mean, var), and backward -> (dx; dgamma, dbeta shaped like gamma, beta when asked for, else empty).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spade_norm_instance_forward_cpu(
+    const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta, double eps, int64_t activation,
+    double slope);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spade_norm_instance_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+    const at::Tensor& mean, const at::Tensor& var, double eps, int64_t activation, double slope, bool gamma_grad,
+    bool beta_grad);
+
 // The Python layer validates user input with friendlier messages; these checks guard the kernels
 // against direct calls of the torch.ops entry points.
 struct SpadeShape {

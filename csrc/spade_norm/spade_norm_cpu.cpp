@@ -1,6 +1,7 @@
 // SPADE normalisation on the CPU. NCHW: a task owns whole (n, c) rows of S contiguous elements, so
 // the statistics are scalars per row. channels_last: a task owns blocks of rows of C channels, and
 // per-channel partial results of the blocks are merged in a second, cheap step.
+#include "cpu_memory.h"
 #include "spade_norm.h"
 #include "spade_norm_math.h"
 
@@ -16,6 +17,15 @@
 #include <cstdint>
 #include <type_traits>
 #include <vector>
+
+// The hot loops are also compiled for AVX2 + FMA machines and picked at load time (GCC function
+// multi-versioning): the build targets baseline x86-64 (SSE2), whose 4-wide vectors leave these
+// arithmetic-heavy loops well short of memory speed.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FNEVR_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FNEVR_CPU_CLONES
+#endif
 
 namespace fnevr {
 namespace {
@@ -41,6 +51,7 @@ void with_activation(int64_t act, F&& f) {
 // deviations from it, whose own (small) mean is folded back in (the corrected two-pass formula), so a
 // large common offset never cancels. Chunks merge by Chan's rule.
 template <typename acc_t, typename scalar_t>
+FNEVR_CPU_CLONES
 Moments<acc_t> run_moments(const scalar_t* p, int64_t len) {
   Moments<acc_t> total;
   for (int64_t s0 = 0; s0 < len; s0 += kChunk) {
@@ -76,6 +87,7 @@ Moments<acc_t> run_moments(const scalar_t* p, int64_t len) {
 
 // Per-channel moments of `rows` consecutive rows of C channels, the same two-pass way.
 template <typename acc_t, typename scalar_t>
+FNEVR_CPU_CLONES
 void block_moments(const scalar_t* p, int64_t rows, int64_t C, Moments<acc_t>* out) {
   std::vector<acc_t> shift(C, acc_t(0)), d1(C, acc_t(0)), d2(C, acc_t(0));
   for (int64_t r = 0; r < rows; ++r)
@@ -134,7 +146,9 @@ void stats_impl(const scalar_t* x, at::opmath_type<scalar_t>* mean, at::opmath_t
   }
   const RowBlocks rb(s, s.batch);
   std::vector<Moments<acc_t>> part(rb.sets * rb.blocks * C);
-  rb.parallel([&](int64_t, int64_t row, int64_t rows, int64_t t) { block_moments(x + row * C, rows, C, &part[t * C]); });
+  rb.parallel([&](int64_t, int64_t row, int64_t rows, int64_t t) {
+    block_moments(x + row * C, rows, C, &part[t * C]);
+  });
   at::parallel_for(0, rb.sets * C, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t set = i / C, c = i % C;
@@ -178,18 +192,22 @@ struct RowStats {
 };
 
 template <typename scalar_t, int kAct, bool kRowStats>
+FNEVR_CPU_CLONES
 void forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, const scalar_t* __restrict__ b,
                  scalar_t* __restrict__ y, RowStats<at::opmath_type<scalar_t>> st, int64_t L,
                  at::opmath_type<scalar_t> slope) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t m0 = st.mean[0], r0 = st.rstd[0];
   for (int64_t j = 0; j < L; ++j) {
-    const acc_t xhat = spade::normalise(static_cast<acc_t>(x[j]), kRowStats ? m0 : st.mean[j], kRowStats ? r0 : st.rstd[j]);
-    y[j] = static_cast<scalar_t>(spade::modulate(xhat, static_cast<acc_t>(g[j]), static_cast<acc_t>(b[j]), kAct, slope));
+    const acc_t xhat =
+        spade::normalise(static_cast<acc_t>(x[j]), kRowStats ? m0 : st.mean[j], kRowStats ? r0 : st.rstd[j]);
+    y[j] = static_cast<scalar_t>(
+        spade::modulate(xhat, static_cast<acc_t>(g[j]), static_cast<acc_t>(b[j]), kAct, slope));
   }
 }
 
 template <typename scalar_t, int kAct, bool kRowStats>
+FNEVR_CPU_CLONES
 void backward_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
                   const scalar_t* __restrict__ b, scalar_t* __restrict__ dx, scalar_t* __restrict__ dg,
                   scalar_t* __restrict__ db, RowStats<at::opmath_type<scalar_t>> st, int64_t L,
@@ -201,7 +219,8 @@ void backward_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ 
     const acc_t xhat = spade::normalise(static_cast<acc_t>(x[j]), kRowStats ? m0 : st.mean[j], r);
     const auto e = spade::modulate_grad(static_cast<acc_t>(dy[j]), xhat, static_cast<acc_t>(g[j]),
                                         static_cast<acc_t>(b[j]), kAct, slope);
-    dx[j] = static_cast<scalar_t>(spade::input_grad(e.dxhat, xhat, r, kRowStats ? c10 : st.c1[j], kRowStats ? c20 : st.c2[j]));
+    dx[j] = static_cast<scalar_t>(
+        spade::input_grad(e.dxhat, xhat, r, kRowStats ? c10 : st.c1[j], kRowStats ? c20 : st.c2[j]));
     dg[j] = static_cast<scalar_t>(e.dz * xhat);
     db[j] = static_cast<scalar_t>(e.dz);
   }
@@ -209,6 +228,7 @@ void backward_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ 
 
 // NCHW: the row's four sums (dxhat, dxhat xhat, dz, dz xhat), in eight lanes so they vectorise.
 template <typename scalar_t, int kAct>
+FNEVR_CPU_CLONES
 void reduce_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
                 const scalar_t* __restrict__ b, at::opmath_type<scalar_t> m, at::opmath_type<scalar_t> r, int64_t L,
                 at::opmath_type<scalar_t> slope, at::opmath_type<scalar_t> (&out)[4]) {
@@ -233,6 +253,7 @@ void reduce_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
 
 // channels_last: adds one row's per-channel contributions to acc [4][C].
 template <typename scalar_t, int kAct>
+FNEVR_CPU_CLONES
 void reduce_row_channels(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                          const scalar_t* __restrict__ g, const scalar_t* __restrict__ b,
                          const at::opmath_type<scalar_t>* __restrict__ mean,
@@ -375,6 +396,69 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::Tens
   });
 }
 
+// Instance norm of NCHW x, one (n, c) row at a time from statistics to output, so the row is read
+// from memory once and then from cache.
+template <typename scalar_t>
+void instance_forward_impl(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& y,
+                           at::Tensor& mean, at::Tensor& var, const SpadeShape& s, double eps, int64_t act,
+                           double slope) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* gp = gamma.const_data_ptr<scalar_t>();
+  const scalar_t* bp = beta.const_data_ptr<scalar_t>();
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  acc_t* mp = mean.mutable_data_ptr<acc_t>();
+  acc_t* vp = var.mutable_data_ptr<acc_t>();
+  const bool g_full = gamma.dim() == 3, b_full = beta.dim() == 3;
+  with_activation(act, [&](auto a) {
+    constexpr int kAct = decltype(a)::value;
+    for_rows<scalar_t>(s, [&](int64_t i, int64_t off, int64_t n, int64_t, int64_t L, scalar_t* scratch) {
+      const Moments<acc_t> m = run_moments<acc_t>(xp + off, L);
+      mp[i] = m.mean;
+      vp[i] = m.var();
+      const acc_t rstd = spade::rsqrt_(m.var() + acc_t(eps));
+      const RowStats<acc_t> st{&mp[i], &rstd, nullptr, nullptr};
+      forward_row<scalar_t, kAct, true>(xp + off, modulation_row(gp, g_full, s, i, off, n, scratch),
+                                        modulation_row(bp, b_full, s, i, off, n, scratch + L), yp + off, st, L,
+                                        acc_t(slope));
+    });
+  });
+}
+
+// Its backward, likewise one row at a time: the group sums, then the gradients from cache. [N, C]
+// gamma/beta get their gradients as row sums (dg, db then point to [N, C]).
+template <typename scalar_t>
+void instance_backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& gamma,
+                            const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var, at::Tensor& dx,
+                            scalar_t* dg, scalar_t* db, const SpadeShape& s, double eps, int64_t act, double slope) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* dyp = grad_y.const_data_ptr<scalar_t>();
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* gp = gamma.const_data_ptr<scalar_t>();
+  const scalar_t* bp = beta.const_data_ptr<scalar_t>();
+  const acc_t* mp = mean.const_data_ptr<acc_t>();
+  const acc_t* vp = var.const_data_ptr<acc_t>();
+  scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+  const bool g_full = gamma.dim() == 3, b_full = beta.dim() == 3;
+  with_activation(act, [&](auto a) {
+    constexpr int kAct = decltype(a)::value;
+    for_rows<scalar_t>(s, [&](int64_t i, int64_t off, int64_t n, int64_t, int64_t L, scalar_t* scratch) {
+      const scalar_t* g = modulation_row(gp, g_full, s, i, off, n, scratch);
+      const scalar_t* b = modulation_row(bp, b_full, s, i, off, n, scratch + L);
+      const acc_t rstd = spade::rsqrt_(vp[i] + acc_t(eps));
+      acc_t sums[4];
+      reduce_row<scalar_t, kAct>(dyp + off, xp + off, g, b, mp[i], rstd, L, acc_t(slope), sums);
+      const acc_t c1 = sums[0] / acc_t(L), c2 = sums[1] / acc_t(L);
+      const RowStats<acc_t> st{&mp[i], &rstd, &c1, &c2};
+      scalar_t* dgr = dg != nullptr && g_full ? dg + off : scratch + 2 * L;
+      scalar_t* dbr = db != nullptr && b_full ? db + off : scratch + 3 * L;
+      backward_row<scalar_t, kAct, true>(dyp + off, xp + off, g, b, dxp + off, dgr, dbr, st, L, acc_t(slope));
+      if (dg != nullptr && !g_full) dg[i] = static_cast<scalar_t>(sums[3]);
+      if (db != nullptr && !b_full) db[i] = static_cast<scalar_t>(sums[2]);
+    });
+  });
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> spade_norm_stats_cpu(const at::Tensor& x, bool channels_last, bool batch) {
@@ -386,7 +470,8 @@ std::tuple<at::Tensor, at::Tensor> spade_norm_stats_cpu(const at::Tensor& x, boo
   if (x.numel() == 0) return {mean, var};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spade_norm_stats_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    stats_impl<scalar_t>(x.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), s);
+    stats_impl<scalar_t>(x.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
+                         s);
   });
   return {mean, var};
 }
@@ -395,7 +480,7 @@ at::Tensor spade_norm_forward_cpu(const at::Tensor& x, const at::Tensor& gamma, 
                                   const at::Tensor& mean, const at::Tensor& var, double eps, bool channels_last,
                                   int64_t activation, double slope) {
   const SpadeShape s = check_spade_inputs(x, gamma, beta, mean, var, channels_last, activation);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = empty_for_writing(x);
   if (x.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spade_norm_forward_cpu", [&] {
     const GroupConsts<at::opmath_type<scalar_t>> k(mean, var, eps, nullptr, 0.0);
@@ -427,9 +512,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spade_norm_backward_cpu(
   check_spade_group_sums(group_sums, mean);
   TORCH_CHECK(!(gamma_grad && gamma.dim() != 3) && !(beta_grad && beta.dim() != 3),
               "fnevr spade_norm: the backward kernel writes full-size gamma/beta gradients only");
-  at::Tensor dx = at::empty_like(x);
-  at::Tensor dg = gamma_grad ? at::empty_like(x) : at::empty({0}, x.options());
-  at::Tensor db = beta_grad ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor dx = empty_for_writing(x);
+  at::Tensor dg = gamma_grad ? empty_for_writing(x) : at::empty({0}, x.options());
+  at::Tensor db = beta_grad ? empty_for_writing(x) : at::empty({0}, x.options());
   if (x.numel() == 0) return {dx, dg, db};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spade_norm_backward_cpu", [&] {
     const GroupConsts<at::opmath_type<scalar_t>> k(mean, var, eps, &group_sums, scale);
@@ -439,7 +524,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spade_norm_backward_cpu(
   return {dx, dg, db};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spade_norm_instance_forward_cpu(
+    const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta, double eps, int64_t activation,
+    double slope) {
+  const SpadeShape s = check_spade_x(x, false);
+  const auto stats_opts = x.options().dtype(spade_stats_type(x));
+  at::Tensor mean = at::zeros({s.N, s.C}, stats_opts), var = at::zeros({s.N, s.C}, stats_opts);
+  check_spade_inputs(x, gamma, beta, mean, var, false, activation);
+  at::Tensor y = empty_for_writing(x);
+  if (x.numel() == 0) return {y, mean, var};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spade_norm_instance_forward_cpu", [&] {
+    instance_forward_impl<scalar_t>(x, gamma, beta, y, mean, var, s, eps, activation, slope);
+  });
+  return {y, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spade_norm_instance_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+    const at::Tensor& mean, const at::Tensor& var, double eps, int64_t activation, double slope, bool gamma_grad,
+    bool beta_grad) {
+  const SpadeShape s = check_spade_inputs(x, gamma, beta, mean, var, false, activation);
+  check_spade_grad(grad_y, x);
+  TORCH_CHECK(!s.batch, "fnevr spade_norm: the fused instance-norm backward needs [N, C] statistics");
+  at::Tensor dx = empty_for_writing(x);
+  at::Tensor dg = gamma_grad ? empty_for_writing(gamma) : at::empty({0}, x.options());
+  at::Tensor db = beta_grad ? empty_for_writing(beta) : at::empty({0}, x.options());
+  if (x.numel() == 0) return {dx, dg.zero_(), db.zero_()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spade_norm_instance_backward_cpu", [&] {
+    instance_backward_impl<scalar_t>(grad_y, x, gamma, beta, mean, var, dx,
+                                     gamma_grad ? dg.mutable_data_ptr<scalar_t>() : nullptr,
+                                     beta_grad ? db.mutable_data_ptr<scalar_t>() : nullptr, s, eps, activation, slope);
+  });
+  return {dx, dg, db};
+}
+
 TORCH_LIBRARY_IMPL(fnevr, CPU, m) {
+  m.impl("_spade_norm_instance_forward", &spade_norm_instance_forward_cpu);
+  m.impl("_spade_norm_instance_backward", &spade_norm_instance_backward_cpu);
   m.impl("_spade_norm_stats", &spade_norm_stats_cpu);
   m.impl("_spade_norm_forward", &spade_norm_forward_cpu);
   m.impl("_spade_norm_backward_reduce", &spade_norm_backward_reduce_cpu);

@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -147,31 +148,35 @@ struct Index {
   int64_t grp, nc;
 };
 
-__device__ __forceinline__ Index index_of(int64_t i, const Dims& d, bool channels_last, bool batch) {
-  int64_t n, c;
+// index_t is 32-bit whenever x is small enough: 64-bit division is emulated and would dominate.
+template <typename index_t>
+__device__ __forceinline__ Index index_of(index_t i, const Dims& d, bool channels_last, bool batch) {
+  const index_t C = static_cast<index_t>(d.C), S = static_cast<index_t>(d.S);
+  index_t n, c;
   if (channels_last) {
-    c = i % d.C;
-    n = i / (d.S * d.C);
+    c = i % C;
+    n = i / (S * C);
   } else {
-    const int64_t row = i / d.S;
-    c = row % d.C;
-    n = row / d.C;
+    const index_t row = i / S;
+    c = row % C;
+    n = row / C;
   }
-  return {batch ? c : n * d.C + c, n * d.C + c};
+  const index_t nc = n * C + c;
+  return {batch ? c : nc, nc};
 }
 
 struct Flags {
   bool channels_last, batch, g_full, b_full;
 };
 
-template <typename scalar_t, typename acc_t, int kAct>
+template <typename scalar_t, typename acc_t, int kAct, typename index_t>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ gamma,
                    const scalar_t* __restrict__ beta, const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
-                   scalar_t* __restrict__ y, int64_t total, Dims d, Flags f, acc_t eps, acc_t slope) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const Index ix = index_of(i, d, f.channels_last, f.batch);
+                   scalar_t* __restrict__ y, index_t total, Dims d, Flags f, acc_t eps, acc_t slope) {
+  for (index_t i = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<index_t>(gridDim.x) * kThreads) {
+    const Index ix = index_of<index_t>(i, d, f.channels_last, f.batch);
     const acc_t rstd = spade::rsqrt_(var[ix.grp] + eps);
     const acc_t xhat = spade::normalise(static_cast<acc_t>(x[i]), mean[ix.grp], rstd);
     const acc_t g = static_cast<acc_t>(gamma[f.g_full ? i : ix.nc]);
@@ -180,17 +185,17 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename scalar_t, typename acc_t, int kAct>
+template <typename scalar_t, typename acc_t, int kAct, typename index_t>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ x,
                     const scalar_t* __restrict__ gamma, const scalar_t* __restrict__ beta,
                     const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
                     const acc_t* __restrict__ group_sums, scalar_t* __restrict__ dx, scalar_t* __restrict__ dgamma,
-                    scalar_t* __restrict__ dbeta, int64_t total, int64_t G, Dims d, Flags f, acc_t scale, acc_t eps,
+                    scalar_t* __restrict__ dbeta, index_t total, int64_t G, Dims d, Flags f, acc_t scale, acc_t eps,
                     acc_t slope) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const Index ix = index_of(i, d, f.channels_last, f.batch);
+  for (index_t i = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<index_t>(gridDim.x) * kThreads) {
+    const Index ix = index_of<index_t>(i, d, f.channels_last, f.batch);
     const acc_t rstd = spade::rsqrt_(var[ix.grp] + eps);
     const acc_t xhat = spade::normalise(static_cast<acc_t>(x[i]), mean[ix.grp], rstd);
     const acc_t g = static_cast<acc_t>(gamma[f.g_full ? i : ix.nc]);
@@ -283,8 +288,17 @@ __global__ void __launch_bounds__(kLanesC* kLanesR)
   }
 }
 
+constexpr int64_t kMaxBlocks = int64_t(1) << 22;  // grid-stride beyond this
+
 int64_t elementwise_blocks(int64_t total) {
-  return std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 22));
+  return std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, kMaxBlocks));
+}
+
+// Calls f with int32_t or int64_t: 32-bit when no index, nor index plus the grid's stride, overflows.
+template <typename F>
+void with_index_type(int64_t total, F&& f) {
+  if (total + kMaxBlocks * kThreads <= INT32_MAX) f(int32_t{});
+  else f(int64_t{});
 }
 
 void check_cuda(const at::Tensor& t) {
@@ -332,11 +346,15 @@ at::Tensor spade_norm_forward_cuda(const at::Tensor& x, const at::Tensor& gamma,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spade_norm_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_activation(activation, [&](auto a) {
-      forward_kernel<scalar_t, acc_t, decltype(a)::value><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), gamma.const_data_ptr<scalar_t>(), beta.const_data_ptr<scalar_t>(),
-          mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(), y.mutable_data_ptr<scalar_t>(), x.numel(),
-          dims(s), f, acc_t(eps), acc_t(slope));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_index_type(x.numel(), [&](auto index) {
+        using index_t = decltype(index);
+        forward_kernel<scalar_t, acc_t, decltype(a)::value, index_t>
+            <<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
+                x.const_data_ptr<scalar_t>(), gamma.const_data_ptr<scalar_t>(), beta.const_data_ptr<scalar_t>(),
+                mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(), y.mutable_data_ptr<scalar_t>(),
+                static_cast<index_t>(x.numel()), dims(s), f, acc_t(eps), acc_t(slope));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return y;
@@ -395,13 +413,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spade_norm_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spade_norm_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_activation(activation, [&](auto a) {
-      backward_kernel<scalar_t, acc_t, decltype(a)::value><<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
-          grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gamma.const_data_ptr<scalar_t>(),
-          beta.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(),
-          group_sums.const_data_ptr<acc_t>(), dx.mutable_data_ptr<scalar_t>(),
-          gamma_grad ? dg.mutable_data_ptr<scalar_t>() : nullptr, beta_grad ? db.mutable_data_ptr<scalar_t>() : nullptr,
-          x.numel(), mean.numel(), dims(s), f, acc_t(scale), acc_t(eps), acc_t(slope));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_index_type(x.numel(), [&](auto index) {
+        using index_t = decltype(index);
+        backward_kernel<scalar_t, acc_t, decltype(a)::value, index_t>
+            <<<elementwise_blocks(x.numel()), kThreads, 0, stream>>>(
+                grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gamma.const_data_ptr<scalar_t>(),
+                beta.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(),
+                group_sums.const_data_ptr<acc_t>(), dx.mutable_data_ptr<scalar_t>(),
+                gamma_grad ? dg.mutable_data_ptr<scalar_t>() : nullptr,
+                beta_grad ? db.mutable_data_ptr<scalar_t>() : nullptr, static_cast<index_t>(x.numel()), mean.numel(),
+                dims(s), f, acc_t(scale), acc_t(eps), acc_t(slope));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return {dx, dg, db};

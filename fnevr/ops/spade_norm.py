@@ -29,6 +29,12 @@ recompute :math:`\hat x` there. Example::
 Backends: ``reference`` (:func:`spade_norm_reference`, the spec, plain autograd), ``cpu``
 (csrc/spade_norm/spade_norm_cpu.cpp), ``cuda`` (csrc/spade_norm/spade_norm_cuda.cu), ``triton``
 (kernels/spade_norm.py); ``auto`` picks the fastest one available for the tensors' device.
+
+Kernel passes: a statistics pass, then an element-wise pass; backward, a pass for the per-group sums
+of ``dxhat`` and ``dxhat * xhat`` (skipped in eval-mode batch norm), then one for the gradients.
+Triton fuses each direction into one kernel for NCHW instance norm (FNeVR's case). Batch norm with a
+``process_group`` all-reduces the statistics and the backward sums with ``torch.distributed``
+between the passes (eager mode only).
 """
 
 import torch
@@ -101,6 +107,8 @@ def spade_norm(x: Tensor, gamma: Tensor, beta: Tensor, *, norm: str = "instance"
         ``[N, C, H, W]`` in ``x``'s dtype and memory format.
     """
     _check(x, gamma, beta, norm, activation, running_mean, running_var, training, momentum)
+    if process_group is not None and norm != "batch":
+        raise ValueError("process_group applies to norm='batch' only")
     name = resolve(backend, x.device)
     kw = dict(norm=norm, eps=eps, activation=activation, negative_slope=negative_slope, running_mean=running_mean,
               running_var=running_var, training=training, momentum=momentum, process_group=process_group)
@@ -110,6 +118,9 @@ def spade_norm(x: Tensor, gamma: Tensor, beta: Tensor, *, norm: str = "instance"
     cl = _is_channels_last(x)
     x3, g, b = _flat(x, cl), _modulation(gamma, x, cl), _modulation(beta, x, cl)
     opts = (float(eps), cl, ACTIVATIONS[activation], float(negative_slope))
+    if name in _FUSED_INSTANCE and not batch and not cl:  # statistics and output in one pass
+        y3, _, _ = _spade_norm_instance_op(x3, g, b, opts[0], opts[2], opts[3], name)
+        return _unflat(y3, x, cl)
     if batch and training and process_group is not None:
         y3 = _SyncSpadeNorm.apply(x3, g, b, opts, name, process_group, running_mean, running_var, momentum)
         return _unflat(y3, x, cl)
@@ -125,6 +136,8 @@ def spade_norm(x: Tensor, gamma: Tensor, beta: Tensor, *, norm: str = "instance"
 
 
 def _update_running(running_mean, running_var, mean, var, count, momentum):
+    if count < 2:  # an empty batch has no statistics to fold in
+        return
     with torch.no_grad():
         running_mean.mul_(1 - momentum).add_(momentum * mean.to(running_mean.dtype))
         running_var.mul_(1 - momentum).add_((momentum * count / (count - 1)) * var.to(running_var.dtype))
@@ -158,9 +171,10 @@ def _modulation(t, x, cl):
     if t4.shape[2] == 1 and t4.shape[3] == 1:
         return t4.expand(N, C, 1, 1).reshape(N, C).contiguous()
     full = t4.expand(x.shape)
+    S = x.shape[2] * x.shape[3]
     if cl:
-        return full.permute(0, 2, 3, 1).contiguous().view(N, -1, C)
-    return full.contiguous().view(N, C, -1)
+        return full.permute(0, 2, 3, 1).contiguous().view(N, S, C)
+    return full.contiguous().view(N, C, S)
 
 
 def _check(x, gamma, beta, norm, activation, running_mean, running_var, training, momentum):
@@ -218,16 +232,24 @@ class _Kernels:
             from ..kernels import spade_norm as k  # imports triton: only when asked for
             self.stats, self.forward = k.spade_norm_stats, k.spade_norm_forward
             self.reduce, self.backward = k.spade_norm_backward_reduce, k.spade_norm_backward
+            self.instance_forward = k.spade_norm_instance_forward
+            self.instance_backward = k.spade_norm_instance_backward
         else:  # cpu, cuda: torch dispatches on the tensors' device
             ops = torch.ops.fnevr
             self.stats, self.forward = ops._spade_norm_stats, ops._spade_norm_forward
             self.reduce, self.backward = ops._spade_norm_backward_reduce, ops._spade_norm_backward
+            # NCHW instance norm fused into one pass per direction (CPU; CUDA runs the general passes)
+            fused = backend == "cpu"
+            self.instance_forward = ops._spade_norm_instance_forward if fused else None
+            self.instance_backward = ops._spade_norm_instance_backward if fused else None
 
 
 def _backward_impl(k, grad_y, x3, g, b, mean, var, eps, cl, act, slope, stats_grad, gamma_grad, beta_grad,
                    all_reduce=None, count=None):
     """(dx, dgamma, dbeta) for the kernel-level tensors; `all_reduce` sums [2, C] across processes."""
     batch = mean.dim() == 1
+    if k.instance_backward is not None and not batch and not cl:  # one fused kernel
+        return k.instance_backward(grad_y, x3, g, b, mean, var, eps, act, slope, gamma_grad, beta_grad)
     need_sums = stats_grad or (g.dim() == 2 and gamma_grad) or (b.dim() == 2 and beta_grad)
     sums = k.reduce(grad_y, x3, g, b, mean, var, eps, cl, act, slope) if need_sums else None  # [4, N, C]
     scale = 0.0
@@ -235,7 +257,8 @@ def _backward_impl(k, grad_y, x3, g, b, mean, var, eps, cl, act, slope, stats_gr
         group_sums = sums[:2].sum(1) if batch else sums[:2]
         if all_reduce is not None:
             all_reduce(group_sums)
-        scale = 1.0 / (count if count is not None else x3.numel() // mean.numel())
+        count = count if count is not None else x3.numel() // max(mean.numel(), 1)
+        scale = 1.0 / count if count else 0.0
     else:
         group_sums = torch.zeros((2,) + tuple(mean.shape), dtype=mean.dtype, device=mean.device)
     dx, dg, db = k.backward(grad_y, x3, g, b, mean, var, group_sums, scale, eps, cl, act, slope,
@@ -303,6 +326,37 @@ def _backward(ctx, grad_y):
 
 
 _spade_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+_FUSED_INSTANCE = ("cpu", "triton")  # backends with the one-pass NCHW instance-norm kernels
+
+
+@torch.library.custom_op("fnevr::spade_norm_instance", mutates_args=())
+def _spade_norm_instance_op(x: Tensor, gamma: Tensor, beta: Tensor, eps: float, activation: int,
+                            negative_slope: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Instance norm of an NCHW [N, C, S] x in one pass -> (y, mean, var)."""
+    return _Kernels(backend).instance_forward(x, gamma, beta, eps, activation, negative_slope)
+
+
+@_spade_norm_instance_op.register_fake
+def _(x, gamma, beta, eps, activation, negative_slope, backend):
+    stats = lambda: x.new_empty(x.shape[:2], dtype=_acc(x.dtype))  # noqa: E731
+    return torch.empty_like(x), stats(), stats()
+
+
+def _instance_setup_context(ctx, inputs, output):
+    x, gamma, beta, eps, activation, negative_slope, backend = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(x, gamma, beta, mean, var)
+    ctx.options = (eps, False, activation, negative_slope, True, backend)
+
+
+def _instance_backward(ctx, grad_y, _grad_mean, _grad_var):
+    return _backward(ctx, grad_y)[:3] + (None,) * 4
+
+
+_spade_norm_instance_op.register_autograd(_instance_backward, setup_context=_instance_setup_context)
 
 
 class _SyncSpadeNorm(torch.autograd.Function):

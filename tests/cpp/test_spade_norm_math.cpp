@@ -75,7 +75,11 @@ void test_moments(double offset, double rel_tol, const char* name) {
         std::string(name) + " naive formula is indeed inaccurate here");
 }
 
-LD act(LD z, int a, LD slope) { return a == sm::kRelu ? (z > 0 ? z : 0) : a == sm::kLeakyRelu ? (z > 0 ? z : z * slope) : z; }
+LD act(LD z, int a, LD slope) {
+  if (a == sm::kRelu) return z > 0 ? z : 0;
+  if (a == sm::kLeakyRelu) return z > 0 ? z : z * slope;
+  return z;
+}
 
 // L = sum_i w_i y_i over one group, y_i = act(xhat_i (1 + g_i) + b_i).
 LD loss(const std::vector<LD>& x, const std::vector<LD>& g, const std::vector<LD>& b, const std::vector<LD>& w,
