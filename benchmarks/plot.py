@@ -4,7 +4,7 @@
     python benchmarks/plot.py benchmarks/results/*.json --out benchmarks/results/plots
 
 For each (op, mode, dtype, device) group, every provider's median time is compared with the
-group's baseline: PyTorch's own op ("torch") where the benchmark has one, else the eager reference
+group's baseline: PyTorch's own op ("torch") or the eager composition ("eager") where the benchmark has one, else the eager reference
 ("reference"), else the published recipe ("published"). Kernel (device) time is used where it was
 measured, wall time otherwise. Needs matplotlib.
 """
@@ -14,7 +14,7 @@ import json
 import os
 from collections import defaultdict
 
-BASELINES = ("torch", "reference", "published")
+BASELINES = ("torch", "eager", "reference", "published")
 
 
 def rows(paths):
