@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fnevr
+from conftest import measure_copy
 from fnevr.ops import composite, composite_reference
 
 SHAPE = (4, 64, 64, 8, 256)
@@ -42,10 +43,7 @@ def _bytes(color, density, backward):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_copy_bandwidth(measure, dtype):
-    src = torch.rand(SHAPE, device=DEVICE).to(dtype)
-    dst = torch.empty_like(src)
-    measure(lambda: dst.copy_(src), 2 * src.numel() * src.element_size(),
-            op="copy", provider="copy", mode="copy", dtype=str(dtype)[6:], device=DEVICE)
+    measure_copy(measure, SHAPE, dtype, DEVICE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import fnevr
+from conftest import measure_copy
 from fnevr.ops import grid_sample, grid_sample_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,10 +70,7 @@ def _bytes(x, grid, out_numel, backward):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_copy_bandwidth(measure, dtype):
-    src = torch.rand(CASES["feature"][0], device=DEVICE).to(dtype)
-    dst = torch.empty_like(src)
-    measure(lambda: dst.copy_(src), 2 * src.numel() * src.element_size(),
-            op="copy", provider="copy", mode="copy", dtype=str(dtype)[6:], device=DEVICE)
+    measure_copy(measure, CASES["feature"][0], dtype, DEVICE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

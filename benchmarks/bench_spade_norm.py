@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fnevr
+from conftest import measure_copy
 from fnevr.ops import spade_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,10 +39,7 @@ def _op(provider):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_copy_bandwidth(measure, dtype):
-    src = torch.rand(SHAPES[0], device=DEVICE).to(dtype)
-    dst = torch.empty_like(src)
-    measure(lambda: dst.copy_(src), 2 * src.numel() * src.element_size(),
-            op="copy", provider="copy", mode="copy", dtype=str(dtype)[6:], device=DEVICE)
+    measure_copy(measure, SHAPES[0], dtype, DEVICE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -1,9 +1,10 @@
 """Training speed and memory: one optimiser step (generator + keypoint detector + discriminator +
 pose editor, all losses) of the published recipe against fnevr's.
 
-Providers: ``published`` = plain PyTorch ops (the reference backend, with PyTorch's own
-grid_sample in place of our gather-based reference), fp32, eager, as the published code runs; ``compiled-published`` = the same under torch.compile; ``fnevr`` = fused ops, bf16
-autocast and channels_last on a GPU (fp32 on a CPU); ``fnevr+head`` = also the fused ray head;
+Providers: ``published`` = plain PyTorch ops (the reference backend, with PyTorch's own grid_sample
+in place of our gather-based reference), fp32, eager, as the published code runs;
+``compiled-published`` = the same under torch.compile; ``fnevr`` = fused ops, bf16 autocast and
+channels_last on a GPU (fp32 on a CPU); ``fnevr+head`` = also the fused ray head;
 ``fnevr+head+compile``. On a GPU: vox-256 at 256x256, batch 8; on a CPU: the small config, batch 8.
 ``saved_MB`` is what the forward pass keeps for backward (device independent); ``peak_MB`` (GPU)
 the peak allocation of one step beyond the model and optimiser state.

@@ -61,6 +61,14 @@ def measure(benchmark):
     return run
 
 
+def measure_copy(measure, shape, dtype, device):
+    """The baseline of the "% copy" column: a device copy of a tensor of ``shape``."""
+    src = torch.rand(shape, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    measure(lambda: dst.copy_(src), 2 * src.numel() * src.element_size(),
+            op="copy", provider="copy", mode="copy", dtype=str(dtype)[6:], device=device)
+
+
 @pytest.fixture
 def use_pytorch_grid_sample(monkeypatch):
     """Calling it makes the model use PyTorch's own grid_sample (as the published code does) for

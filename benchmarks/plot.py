@@ -3,10 +3,10 @@
 
     python benchmarks/plot.py benchmarks/results/*.json --out benchmarks/results/plots
 
-For each (op, mode, dtype, device) group, every provider's median time is compared with the
-group's baseline: PyTorch's own op ("torch") or the eager composition ("eager") where the benchmark has one, else the eager reference
-("reference"), else the published recipe ("published"). Kernel (device) time is used where it was
-measured, wall time otherwise. Needs matplotlib.
+For each (op, mode, dtype, device) group, every provider's median time is compared with the group's
+baseline: PyTorch's own op ("torch") or the eager composition ("eager") where the benchmark has one,
+else the eager reference ("reference"), else the published recipe ("published"). Kernel (device)
+time is used where it was measured, wall time otherwise. Needs matplotlib.
 """
 
 import argparse

@@ -52,7 +52,8 @@ def environment() -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmarks", nargs="*", default=["composite"],
-                        help="which bench_*.py to run: composite (default), grid_sample, spade_norm, overhead, model, train")
+                        help="which bench_*.py to run: composite (default), grid_sample, spade_norm, overhead, "
+                             "model, train")
     parser.add_argument("--save", metavar="DIR", help="write <name>-<device>-<date>.json and .txt here")
     args, extra = parser.parse_known_args()
     env = environment()

@@ -61,8 +61,9 @@ def animate(model: FNeVR, source: Tensor, driving: Tensor, *, relative: bool = T
     model's device) -> ``[T, 3, H, W]`` predictions.
 
     ``initial_frame``: the driving frame whose pose matches the source's (the first, or the one a
-    best-frame search found); with relative motion, every frame moves relative to it. ``autocast_dtype`` (e.g. ``torch.bfloat16`` on a GPU) runs the
-    model under autocast. ``progress(n)`` is called after each batch with the frames done.
+    best-frame search found); with relative motion, every frame moves relative to it.
+    ``autocast_dtype`` (e.g. ``torch.bfloat16`` on a GPU) runs the model under autocast.
+    ``progress(n)`` is called after each batch with the frames done.
     """
     device = source.device
     amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None

@@ -87,7 +87,9 @@ def _match(model: torch.nn.Module, state: dict, path, prefixes) -> None:
                        for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
     if missing or unexpected or misshaped:
         def block(title, items):
-            shown = "\n".join(f"    {i}" for i in items[:20]) + (f"\n    ... {len(items) - 20} more" if len(items) > 20 else "")
+            shown = "\n".join(f"    {i}" for i in items[:20])
+            if len(items) > 20:
+                shown += f"\n    ... {len(items) - 20} more"
             return f"  {title} ({len(items)}):\n{shown}" if items else ""
         parts = [block("missing", missing), block("unexpected", unexpected), block("misshaped", misshaped)]
         raise CheckpointMismatchError(f"checkpoint {path} does not fit the model of this config:\n"

@@ -107,7 +107,8 @@ def _run(model, source, driving, fps, args, device, relative, initial_frame=0):
     from .animate import animate
     from .data.video import write_video
 
-    autocast = torch.bfloat16 if (args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")) else None
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    autocast = torch.bfloat16 if bf16 else None
     with tqdm(total=driving.shape[0], unit="frame", desc=args.command, disable=not sys.stderr.isatty()) as bar:
         pred = animate(model, source.to(device), driving.to(device), relative=relative,
                        adapt_movement_scale=relative, initial_frame=initial_frame, batch_size=args.batch_size,

@@ -6,12 +6,12 @@ each sample's partial value is kept in a [BLOCK_R, BLOCK_D] register tile until 
 known, so the whole backward is one pass over the colours.
 """
 
-import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import accumulator, interpreting, launch_ctx
 
 _UNROLL_D: tl.constexpr = tl.constexpr(32)  # up to this many samples, the loop over D is unrolled
 
@@ -166,27 +166,14 @@ def _pick(kernel, tuned, color: torch.Tensor):
     """(kernel to launch, BLOCK_C, the launch options the autotuner does not choose)."""
     R, D, C = color.shape
     block_r, block_c, warps = _blocks(C, color.dtype)
-    if not _interpreting() and R * D * C >= _TUNE_MIN_ELEMENTS and C <= block_c:
+    if not interpreting() and R * D * C >= _TUNE_MIN_ELEMENTS and C <= block_c:
         return tuned, block_c, {}
     return kernel, block_c, {"BLOCK_R": block_r, "num_warps": warps}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _launch_ctx(t: torch.Tensor):
-    # Triton launches on the current device; make it the tensors' one.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def composite_forward(color: torch.Tensor, density: torch.Tensor, inclusive: bool, activation: int) -> torch.Tensor:
     """color [R, D, C], density [R, D] (contiguous, one dtype) -> [R, C]."""
-    if _interpreting() and color.dtype == torch.bfloat16:  # numpy has no bf16
+    if interpreting() and color.dtype == torch.bfloat16:  # numpy has no bf16
         return composite_forward(color.float(), density.float(), inclusive, activation).to(color.dtype)
     R, D, C = color.shape
     out = torch.empty((R, C), dtype=color.dtype, device=color.device)
@@ -194,8 +181,8 @@ def composite_forward(color: torch.Tensor, density: torch.Tensor, inclusive: boo
         return out.zero_()
     kernel, block_c, launch = _pick(_forward_kernel, _forward_tuned, color)
     grid = lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(C, block_c))  # noqa: E731
-    with _launch_ctx(color):
-        kernel[grid](color, density, out, R, D, C, INCLUSIVE=inclusive, ACT=activation, ACC=_acc(color.dtype),
+    with launch_ctx(color):
+        kernel[grid](color, density, out, R, D, C, INCLUSIVE=inclusive, ACT=activation, ACC=accumulator(color.dtype),
                      BLOCK_C=block_c, **launch)
     return out
 
@@ -203,7 +190,7 @@ def composite_forward(color: torch.Tensor, density: torch.Tensor, inclusive: boo
 def composite_backward(grad_out: torch.Tensor, color: torch.Tensor, density: torch.Tensor, inclusive: bool,
                        activation: int, color_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (grad_color [R, D, C] or an empty tensor when color_grad is False, grad_density [R, D])."""
-    if _interpreting() and color.dtype == torch.bfloat16:
+    if interpreting() and color.dtype == torch.bfloat16:
         gc, gd = composite_backward(grad_out.float(), color.float(), density.float(), inclusive, activation,
                                     color_grad)
         return gc.to(color.dtype), gd.to(color.dtype)
@@ -214,8 +201,8 @@ def composite_backward(grad_out: torch.Tensor, color: torch.Tensor, density: tor
         return grad_color, grad_density
     kernel, block_c, launch = _pick(_backward_kernel, _backward_tuned, color)
     grid = lambda meta: (triton.cdiv(R, meta["BLOCK_R"]),)  # noqa: E731  (a program spans all of C)
-    with _launch_ctx(color):
+    with launch_ctx(color):
         kernel[grid](grad_out, color, density, grad_color, grad_density, R, D, C, COLOR_GRAD=color_grad,
-                     INCLUSIVE=inclusive, ACT=activation, ACC=_acc(color.dtype), BLOCK_C=block_c,
+                     INCLUSIVE=inclusive, ACT=activation, ACC=accumulator(color.dtype), BLOCK_C=block_c,
                      BLOCK_D=triton.next_power_of_2(D), ONE_TILE=C <= block_c, **launch)
     return grad_color, grad_density

@@ -8,12 +8,12 @@ program. The input gradient is a scatter: floating-point atomics, or, when deter
 adds of 64-bit fixed-point values (2^-k scaled and rounded; integer sums do not depend on order).
 """
 
-import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import accumulator, interpreting, launch_ctx
 
 _MAX_COORD: tl.constexpr = tl.constexpr(1073741824.0)  # 2^30, as grid_sample_math.h's kMaxCoord
 _FAR: tl.constexpr = tl.constexpr(-100.0)  # kFar
@@ -203,19 +203,6 @@ def _input_grad_kernel(grad_out, grid, buf, scale_ptr, C, H, W, P, Wo, s_b_n, s_
             _scatter(buf, dst + off[:, None], (valid & pmask)[:, None] & cmask, w[:, None] * g, scale, FIXED)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _launch_ctx(t: torch.Tensor):
-    # Triton launches on the current device; make it the tensors' one.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _memory_format(t: torch.Tensor):
     cl = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
     return torch.channels_last if cl else torch.contiguous_format
@@ -230,7 +217,7 @@ def _blocks(C: int) -> tuple[int, int]:
 def grid_sample_forward(input: torch.Tensor, grid: torch.Tensor, mode: int, padding: int,
                         align_corners: bool) -> torch.Tensor:
     """input [N, C, H, W] (NCHW or channels_last), grid [N, Ho, Wo, 2] contiguous -> [N, C, Ho, Wo]."""
-    if _interpreting() and input.dtype == torch.bfloat16:  # numpy has no bf16
+    if interpreting() and input.dtype == torch.bfloat16:  # numpy has no bf16
         return grid_sample_forward(input.float(), grid.float(), mode, padding, align_corners).to(input.dtype)
     N, C, H, W = input.shape
     Ho, Wo = grid.shape[1:3]
@@ -239,10 +226,10 @@ def grid_sample_forward(input: torch.Tensor, grid: torch.Tensor, mode: int, padd
         return out
     block_p, block_c = _blocks(C)
     P = Ho * Wo
-    with _launch_ctx(input):
+    with launch_ctx(input):
         _forward_kernel[(triton.cdiv(P, block_p), triton.cdiv(C, block_c), N)](
             input, grid, out, C, H, W, P, Wo, *input.stride(), *out.stride(), MODE=mode, PADDING=padding,
-            ALIGN=align_corners, ACC=_acc(input.dtype), BLOCK_P=block_p, BLOCK_C=block_c)
+            ALIGN=align_corners, ACC=accumulator(input.dtype), BLOCK_P=block_p, BLOCK_C=block_c)
     return out
 
 
@@ -259,7 +246,7 @@ def grid_sample_backward(grad_out: torch.Tensor, input: torch.Tensor, grid: torc
                          align_corners: bool, input_grad: bool, grid_grad: bool,
                          deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (grad_input like input or an empty tensor, grad_grid like grid or an empty tensor)."""
-    if _interpreting() and input.dtype == torch.bfloat16:
+    if interpreting() and input.dtype == torch.bfloat16:
         gi, gg = grid_sample_backward(grad_out.float(), input.float(), grid.float(), mode, padding, align_corners,
                                       input_grad, grid_grad, deterministic)
         return gi.to(input.dtype), gg.to(input.dtype)
@@ -267,16 +254,17 @@ def grid_sample_backward(grad_out: torch.Tensor, input: torch.Tensor, grid: torc
     Ho, Wo = grid.shape[1:3]
     P = Ho * Wo
     block_p, block_c = _blocks(C)
-    acc = _acc(input.dtype)
+    acc = accumulator(input.dtype)
     grad_input = input.new_empty((0,))
     grad_grid = torch.zeros_like(grid) if grid_grad else grid.new_empty((0,))
     empty = grad_out.numel() == 0
-    with _launch_ctx(input):
+    with launch_ctx(input):
         if input_grad:
             buf_dtype = torch.int64 if deterministic else (torch.float64 if input.dtype == torch.float64
                                                            else torch.float32)
             buf = torch.zeros_like(input, dtype=buf_dtype)  # input is NCHW or channels_last: kept
-            scale = _fixed_point_scale(grad_out, P) if deterministic and not empty else buf.new_ones((), dtype=torch.float64)
+            scale = (_fixed_point_scale(grad_out, P) if deterministic and not empty
+                     else buf.new_ones((), dtype=torch.float64))
             if not empty:
                 _input_grad_kernel[(triton.cdiv(P, block_p), triton.cdiv(C, block_c), N)](
                     grad_out, grid, buf, scale, C, H, W, P, Wo, *buf.stride(), *grad_out.stride(), MODE=mode,

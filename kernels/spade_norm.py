@@ -10,12 +10,12 @@ per element. eps and the leaky-ReLU slope are compile-time constants: Triton wou
 fp32, too coarse for fp64.
 """
 
-import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import accumulator, interpreting, launch_ctx
 
 
 @triton.jit
@@ -362,18 +362,6 @@ def _element_blocks(N: int, C: int, S: int, channels_last: bool):
     return (N * C, triton.cdiv(S, block_c)), 1, block_c
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _launch_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _dims(x: torch.Tensor, channels_last: bool):
     N, A, B = x.shape
     return (N, B, A) if channels_last else (N, A, B)  # N, C, S
@@ -394,7 +382,7 @@ def _as_fp32(*ts):
 
 def spade_norm_stats(x: torch.Tensor, channels_last: bool, batch: bool):
     """-> (mean, biased var) [C] (batch) or [N, C], fp32 (fp64 for fp64)."""
-    if _interpreting() and x.dtype == torch.bfloat16:  # numpy has no bf16
+    if interpreting() and x.dtype == torch.bfloat16:  # numpy has no bf16
         return spade_norm_stats(x.float(), channels_last, batch)
     N, C, S = _dims(x, channels_last)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -405,15 +393,15 @@ def spade_norm_stats(x: torch.Tensor, channels_last: bool, batch: bool):
         return mean, var
     block_c, block_s = _reduce_blocks(C, S, channels_last)
     grid = (1 if batch else N, triton.cdiv(C, block_c))
-    with _launch_ctx(x):
-        _stats_kernel[grid](x, mean, var, N, C, S, BATCH=batch, CL=channels_last, ACC=_acc(x.dtype),
+    with launch_ctx(x):
+        _stats_kernel[grid](x, mean, var, N, C, S, BATCH=batch, CL=channels_last, ACC=accumulator(x.dtype),
                             BLOCK_C=block_c, BLOCK_S=block_s, num_warps=8)
     return mean, var
 
 
 def spade_norm_forward(x, gamma, beta, mean, var, eps: float, channels_last: bool, activation: int, slope: float):
     """-> y = act(xhat (1 + gamma) + beta), like x."""
-    if _interpreting() and x.dtype == torch.bfloat16:
+    if interpreting() and x.dtype == torch.bfloat16:
         return spade_norm_forward(*_as_fp32(x, gamma, beta), mean, var, eps, channels_last, activation,
                                   slope).to(x.dtype)
     N, C, S = _dims(x, channels_last)
@@ -421,10 +409,10 @@ def spade_norm_forward(x, gamma, beta, mean, var, eps: float, channels_last: boo
     if x.numel() == 0:
         return y
     grid, block_r, block_c = _element_blocks(N, C, S, channels_last)
-    with _launch_ctx(x):
+    with launch_ctx(x):
         _forward_kernel[grid](
             x, gamma, beta, mean, var, y, N, C, S, eps=eps, slope=slope, ACT=activation, G_FULL=gamma.dim() == 3,
-            B_FULL=beta.dim() == 3, BATCH=mean.dim() == 1, CL=channels_last, ACC=_acc(x.dtype), BLOCK_R=block_r,
+            B_FULL=beta.dim() == 3, BATCH=mean.dim() == 1, CL=channels_last, ACC=accumulator(x.dtype), BLOCK_R=block_r,
             BLOCK_C=block_c)
     return y
 
@@ -432,7 +420,7 @@ def spade_norm_forward(x, gamma, beta, mean, var, eps: float, channels_last: boo
 def spade_norm_backward_reduce(grad_y, x, gamma, beta, mean, var, eps: float, channels_last: bool, activation: int,
                                slope: float):
     """-> [4, N, C] per-(n, c) sums of dxhat, dxhat xhat, dz, dz xhat (statistics' dtype)."""
-    if _interpreting() and x.dtype == torch.bfloat16:
+    if interpreting() and x.dtype == torch.bfloat16:
         return spade_norm_backward_reduce(*_as_fp32(grad_y, x, gamma, beta), mean, var, eps, channels_last,
                                           activation, slope)
     N, C, S = _dims(x, channels_last)
@@ -440,11 +428,11 @@ def spade_norm_backward_reduce(grad_y, x, gamma, beta, mean, var, eps: float, ch
     if x.numel() == 0:
         return sums
     block_c, block_s = _reduce_blocks(C, S, channels_last)
-    with _launch_ctx(x):
+    with launch_ctx(x):
         _reduce_kernel[(N, triton.cdiv(C, block_c))](
             grad_y, x, gamma, beta, mean, var, sums, N, C, S, eps=eps, slope=slope, ACT=activation,
             G_FULL=gamma.dim() == 3,
-            B_FULL=beta.dim() == 3, BATCH=mean.dim() == 1, CL=channels_last, ACC=_acc(x.dtype), BLOCK_C=block_c,
+            B_FULL=beta.dim() == 3, BATCH=mean.dim() == 1, CL=channels_last, ACC=accumulator(x.dtype), BLOCK_C=block_c,
             BLOCK_S=block_s, num_warps=8)
     return sums
 
@@ -452,7 +440,7 @@ def spade_norm_backward_reduce(grad_y, x, gamma, beta, mean, var, eps: float, ch
 def spade_norm_backward(grad_y, x, gamma, beta, mean, var, group_sums, scale: float, eps: float, channels_last: bool,
                         activation: int, slope: float, gamma_grad: bool, beta_grad: bool):
     """-> (dx like x; dgamma, dbeta like x when asked for (full-size gamma/beta), else empty)."""
-    if _interpreting() and x.dtype == torch.bfloat16:
+    if interpreting() and x.dtype == torch.bfloat16:
         grads = spade_norm_backward(*_as_fp32(grad_y, x, gamma, beta), mean, var, group_sums, scale, eps,
                                     channels_last, activation, slope, gamma_grad, beta_grad)
         return tuple(t.to(x.dtype) for t in grads)
@@ -463,11 +451,11 @@ def spade_norm_backward(grad_y, x, gamma, beta, mean, var, group_sums, scale: fl
     if x.numel() == 0:
         return dx, dg, db
     grid, block_r, block_c = _element_blocks(N, C, S, channels_last)
-    with _launch_ctx(x):
+    with launch_ctx(x):
         _backward_kernel[grid](
             grad_y, x, gamma, beta, mean, var, group_sums * scale, dx, dg, db, mean.numel(), N, C, S, eps=eps,
             slope=slope, ACT=activation, G_FULL=gamma.dim() == 3, B_FULL=beta.dim() == 3, BATCH=mean.dim() == 1,
-            CL=channels_last, GAMMA_GRAD=gamma_grad, BETA_GRAD=beta_grad, ACC=_acc(x.dtype), BLOCK_R=block_r,
+            CL=channels_last, GAMMA_GRAD=gamma_grad, BETA_GRAD=beta_grad, ACC=accumulator(x.dtype), BLOCK_R=block_r,
             BLOCK_C=block_c)
     return dx, dg, db
 
@@ -476,7 +464,7 @@ def spade_norm_instance_backward(grad_y, x, gamma, beta, mean, var, eps: float, 
                                  gamma_grad: bool, beta_grad: bool):
     """Instance norm of an NCHW x ([N, C, S]), whole backward in one kernel -> (dx; dgamma, dbeta
     shaped like gamma, beta when asked for, else empty)."""
-    if _interpreting() and x.dtype == torch.bfloat16:
+    if interpreting() and x.dtype == torch.bfloat16:
         grads = spade_norm_instance_backward(*_as_fp32(grad_y, x, gamma, beta), mean, var, eps, activation, slope,
                                              gamma_grad, beta_grad)
         return tuple(t.to(x.dtype) for t in grads)
@@ -487,17 +475,17 @@ def spade_norm_instance_backward(grad_y, x, gamma, beta, mean, var, eps: float, 
     if x.numel() == 0:
         return dx, dg.zero_(), db.zero_()
     block_s = min(_ONE_TILE_MAX, triton.next_power_of_2(S))
-    with _launch_ctx(x):
+    with launch_ctx(x):
         _instance_backward_kernel[(N * C,)](
             grad_y, x, gamma, beta, mean, var, dx, dg, db, S, eps=eps, slope=slope, ACT=activation,
             G_FULL=gamma.dim() == 3, B_FULL=beta.dim() == 3, GAMMA_GRAD=gamma_grad, BETA_GRAD=beta_grad,
-            ACC=_acc(x.dtype), BLOCK_S=block_s, ONE_TILE=S <= block_s, num_warps=8 if block_s >= 2048 else 4)
+            ACC=accumulator(x.dtype), BLOCK_S=block_s, ONE_TILE=S <= block_s, num_warps=8 if block_s >= 2048 else 4)
     return dx, dg, db
 
 
 def spade_norm_instance_forward(x, gamma, beta, eps: float, activation: int, slope: float):
     """Instance norm of an NCHW x ([N, C, S]), statistics and output in one kernel -> (y, mean, var)."""
-    if _interpreting() and x.dtype == torch.bfloat16:
+    if interpreting() and x.dtype == torch.bfloat16:
         y, mean, var = spade_norm_instance_forward(*_as_fp32(x, gamma, beta), eps, activation, slope)
         return y.to(x.dtype), mean, var
     N, C, S = x.shape
@@ -508,9 +496,9 @@ def spade_norm_instance_forward(x, gamma, beta, eps: float, activation: int, slo
     if x.numel() == 0:
         return y, mean, var
     block_s = min(_ONE_TILE_MAX, triton.next_power_of_2(S))
-    with _launch_ctx(x):
+    with launch_ctx(x):
         _instance_forward_kernel[(N * C,)](
             x, gamma, beta, y, mean, var, S, eps=eps, slope=slope, ACT=activation, G_FULL=gamma.dim() == 3,
-            B_FULL=beta.dim() == 3, ACC=_acc(x.dtype), BLOCK_S=block_s, ONE_TILE=S <= block_s,
+            B_FULL=beta.dim() == 3, ACC=accumulator(x.dtype), BLOCK_S=block_s, ONE_TILE=S <= block_s,
             num_warps=8 if block_s >= 2048 else 4)
     return y, mean, var

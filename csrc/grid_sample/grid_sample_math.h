@@ -15,11 +15,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define FNEVR_HD __host__ __device__ __forceinline__
-#else
-#define FNEVR_HD inline
-#endif
+#include "../fnevr_hd.h"
 
 namespace fnevr {
 namespace grid_sample {

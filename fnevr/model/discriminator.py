@@ -45,5 +45,6 @@ class MultiScaleDiscriminator(nn.Module):
     def forward(self, pyramid: dict) -> dict:
         out = {}
         for s in self.scales:
-            out[f"feature_maps_{s}"], out[f"prediction_map_{s}"] = self.discs[str(s).replace(".", "-")](pyramid[f"prediction_{s}"])
+            disc = self.discs[str(s).replace(".", "-")]
+            out[f"feature_maps_{s}"], out[f"prediction_map_{s}"] = disc(pyramid[f"prediction_{s}"])
         return out
