@@ -253,3 +253,19 @@ def test_fused_head_equals_the_unfused_model(backend, device):
     bad = {k: f"{v:.3g}" for k, v in errs.items() if not v <= 1e-9}
     assert not bad, bad
     assert want["render"].std() > 1e-3
+
+
+@pytest.mark.parametrize("backend, device", target_params([("reference", "cpu"), ("cpu", "cpu"), ("cuda", "cuda"),
+                                                           ("triton", "cuda")]))
+def test_bf16_autocast(backend, device):
+    """Under bf16 autocast the features are bf16 while motion fields may stay fp32: the warps
+    promote as PyTorch's grid_sample does, and the result stays close to the fp32 model's."""
+    torch.manual_seed(0)
+    model = FNeVR("small", training_modules=False).eval().set_backend(backend).to(device)
+    source, driving = (f.to(device) for f in frames(2, 64, seed=7))
+    with torch.no_grad():
+        want = model(source, driving)["prediction"]
+        with torch.autocast(device, dtype=torch.bfloat16):
+            got = model(source, driving)["prediction"]
+    assert got.isfinite().all()
+    assert (got.float() - want).abs().mean() < 0.02

@@ -57,6 +57,13 @@ def test_a_training_step_on_every_backend(data, tmp_path, backend, device):
         assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(part)), f"{part} did not change"
 
 
+def test_bf16_training_step(data, tmp_path):
+    trainer = Trainer(options(data, tmp_path, precision="bf16"))
+    assert trainer.amp_dtype == torch.bfloat16
+    losses = trainer.train_step([next(iter(trainer._loader(0)))])
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+
 def test_loss_falls_and_outputs_are_written(data, tmp_path):
     trainer = Trainer(options(data, tmp_path, steps=30, checkpoint_every=30, sample_every=15))
     trainer.fit()

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ops
+
 
 def coordinate_grid(height: int, width: int, like: Tensor) -> Tensor:
     """``[H, W, 2]`` grid of (x, y) pixel centres in [-1, 1], corners included (the keypoints'
@@ -19,6 +21,14 @@ def coordinate_grid(height: int, width: int, like: Tensor) -> Tensor:
         return 2 * (i / (n - 1)) - 1 if n > 1 else torch.zeros_like(i)
 
     return torch.stack(torch.meshgrid(axis(width), axis(height), indexing="xy"), dim=-1)
+
+
+def sample(input: Tensor, grid: Tensor, backend: str) -> Tensor:
+    """``fnevr.ops.grid_sample`` (bilinear, zeros, align_corners=False, as every published call),
+    with input and grid promoted to their wider dtype, as autocast does for PyTorch's op (under
+    bf16 autocast the features are bf16 while the motion field stays fp32)."""
+    dtype = torch.promote_types(input.dtype, grid.dtype)
+    return ops.grid_sample(input.to(dtype), grid.to(dtype), backend=backend)
 
 
 def gaussian_heatmaps(kp: Tensor, height: int, width: int, variance: float) -> Tensor:

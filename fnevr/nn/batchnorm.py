@@ -41,8 +41,9 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if group is None and training and dist.is_available() and dist.is_initialized():
             group = dist.group.WORLD
         x4 = x if x.dim() == 4 else x.reshape(N, C, -1, 1)
-        gamma = (self.weight - 1).view(1, C, 1, 1) if self.affine else x4.new_zeros(1, C, 1, 1)
-        beta = self.bias.view(1, C, 1, 1) if self.affine else x4.new_zeros(1, C, 1, 1)
+        # (under autocast x may be bf16 while the parameters stay fp32)
+        gamma = (self.weight - 1).view(1, C, 1, 1).to(x.dtype) if self.affine else x4.new_zeros(1, C, 1, 1)
+        beta = self.bias.view(1, C, 1, 1).to(x.dtype) if self.affine else x4.new_zeros(1, C, 1, 1)
         y = spade_norm(x4, gamma, beta, norm="batch", eps=self.eps, running_mean=self.running_mean,
                        running_var=self.running_var, training=training,
                        momentum=momentum if momentum is not None else 0.0,
