@@ -106,7 +106,7 @@ def load_checkpoint(path: str | os.PathLike, config: str | dict | None = None, *
     Args:
         path: the ``.pth``/``.pth.tar`` file.
         config: bundled name, YAML path or dict; defaults to the config stored in our checkpoints,
-            and is required for published ones (``"vox-256"`` for the released weights).
+            and for published ones to ``"vox-256"``, the only configuration the authors released.
         training_modules: build the discriminator and pose editor; default: when the checkpoint has them.
 
     Returns:
@@ -127,9 +127,7 @@ def load_checkpoint(path: str | os.PathLike, config: str | dict | None = None, *
         state = ckpt["model"]
         extra = {k: v for k, v in ckpt.items() if k not in ("model", "config")}
     elif "generator" in ckpt and "kp_detector" in ckpt:
-        if config is None:
-            raise ValueError(f"checkpoint {path} is in the published format, which stores no config: pass one "
-                             f"(e.g. config='vox-256')")
+        config = "vox-256" if config is None else config
         state = published_to_fnevr(ckpt)
         extra = {k: v for k, v in ckpt.items() if k not in ("generator", "kp_detector")}
     else:

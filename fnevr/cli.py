@@ -20,7 +20,7 @@ commands:
   animate       drive a source image with a driving video (relative motion, as in the paper's demo)
   reconstruct   re-create a video from its first frame and its own keypoints (self-reenactment)
 
-Checkpoints: the authors' published ones (give --config vox-256) or fnevr's own (config stored inside).
+Checkpoints: the authors' published ones (config vox-256) or fnevr's own (config stored inside).
 """
 
 
@@ -89,7 +89,8 @@ def _load_model(args, device):
 def _common(p: argparse.ArgumentParser):
     p.add_argument("--checkpoint", required=True, type=Path, help="published or fnevr checkpoint (.pth/.pt)")
     p.add_argument("--config", default=None,
-                   help="bundled config name (vox-256, small) or YAML path; required for published checkpoints")
+                   help="bundled config name (vox-256, small) or YAML path (default: the one stored in fnevr "
+                        "checkpoints; vox-256 for the authors' published ones)")
     p.add_argument("--out", required=True, type=Path, help="output video (.mp4)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     p.add_argument("--batch-size", type=int, default=8, help="frames per forward pass (default 8)")
@@ -232,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Re-create every test video from its first frame and report mean L1, PSNR, SSIM "
                                    "and, given AlexNet weights, LPIPS.")
     p.add_argument("--checkpoint", required=True, type=Path)
-    p.add_argument("--config", default=None, help="required for published checkpoints")
+    p.add_argument("--config", default=None, help="default: stored in fnevr checkpoints; vox-256 for published ones")
     p.add_argument("--data", required=True, help="dataset folder with a test/ split")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
