@@ -236,7 +236,8 @@ class Trainer:
         total = self.opts.steps or per_epoch * tp["num_epochs"]
         logger = _Logger(self.out, self.is_main, asdict(self.opts), self.perceptual_mode)
         bar = None
-        if self.is_main and self.opts.progress:
+        lines = self.is_main and self.opts.progress and not sys.stderr.isatty()  # logs, not a terminal
+        if self.is_main and self.opts.progress and not lines:
             from tqdm import tqdm
             bar = tqdm(total=total, initial=self.step, unit="it", dynamic_ncols=True, file=sys.stderr)
         last, window, tick = {}, [], time.perf_counter()
@@ -264,6 +265,10 @@ class Trainer:
                     last["lr"] = self.optimizers["generator"].param_groups[0]["lr"]
                     logger.log(self.step, self.epoch, last)
                     window, tick = [], now
+                    if lines:
+                        eta = (total - self.step) / max(last["it_per_s"], 1e-9)
+                        print(f"step {self.step}/{total} (ETA {eta:.0f} s) "
+                              + " ".join(f"{k} {v:.4g}" for k, v in last.items()), file=sys.stderr, flush=True)
                 if self.is_main and (self.step % self.opts.sample_every == 0 or self.step == total):
                     save_sample_grid(self.out / "samples" / f"step-{self.step:07d}.png", self._last_batch,
                                      self._last_out)
