@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import TOL, assert_close, target_params
+from helpers import assert_close, target_params
 
 import fnevr
 from fnevr.ops import composite, composite_reference

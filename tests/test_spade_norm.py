@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TOL, assert_close, target_params
+from helpers import assert_close, target_params
 
 import fnevr
 from fnevr.ops import spade_norm

@@ -5,8 +5,6 @@ reconstruction benchmark does, and L1, PSNR, SSIM and (with backbone weights) LP
 over all frames of all videos.
 """
 
-import torch
-
 from ..animate import animate
 from ..checkpoint import load_checkpoint
 from ..data.dataset import FramesDataset
