@@ -8,9 +8,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 DESCRIPTION = """FNeVR face animation (Neural Volume Rendering for Face Animation, NeurIPS 2022).
 
@@ -33,36 +31,27 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _resize(frames: torch.Tensor, shape) -> torch.Tensor:
-    """uint8 ``[T, H, W, 3]`` -> float ``[T, 3, h, w]`` in [0, 1] at the config's frame shape."""
-    x = frames.permute(0, 3, 1, 2).float() / 255
-    if tuple(x.shape[2:]) != tuple(shape):
-        x = F.interpolate(x, size=tuple(shape), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-    return x
+def _as_float(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[T, H, W, 3]`` -> float ``[T, 3, H, W]`` in [0, 1]."""
+    return frames.permute(0, 3, 1, 2).float() / 255
 
 
-def _read_image(path: Path) -> torch.Tensor:
-    """uint8 ``[1, H, W, 3]``; grey and RGBA images become RGB."""
-    from PIL import Image
+def _read_image(path: Path, shape) -> torch.Tensor:
+    """The source image as float ``[3, h, w]`` at the config's frame shape."""
+    from .data.video import VideoReadError, read_image
 
     try:
-        with Image.open(path) as image:
-            rgb = torch.from_numpy(np.array(image.convert("RGB")))
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot read source image {path}: {e}") from e
-    if rgb.numel() == 0:
-        raise SystemExit(f"error: source image {path} is empty")
-    return rgb[None]
+        return _as_float(read_image(path, shape))[0]
+    except VideoReadError as e:
+        raise SystemExit(f"error: source image: {e}") from e
 
 
-def _read_video(path: Path) -> tuple[torch.Tensor, float]:
-    """uint8 ``[T, H, W, 3]`` and the frame rate (a movie's own, else 25)."""
+def _read_video(path: Path, shape) -> tuple[torch.Tensor, float]:
+    """float ``[T, 3, h, w]`` at the config's frame shape, and the frame rate (a movie's own, else 25)."""
     from .data.video import MOVIE_SUFFIXES, VideoReadError, read_video
 
-    if not path.exists():
-        raise SystemExit(f"error: driving video {path} does not exist")
     try:
-        frames = read_video(path)
+        frames = _as_float(read_video(path, shape))
     except VideoReadError as e:
         raise SystemExit(f"error: {e}") from e
     fps = 25.0
@@ -126,9 +115,8 @@ def cmd_animate(args):
     device = _device(args.device)
     model = _load_model(args, device)
     shape = model.config["dataset_params"]["frame_shape"][:2]
-    source = _resize(_read_image(args.source), shape)[0]
-    frames, fps = _read_video(args.driving)
-    driving = _resize(frames, shape)
+    source = _read_image(args.source, shape)
+    driving, fps = _read_video(args.driving, shape)
     initial = 0
     if args.find_best_frame:
         from .animate import find_best_frame
@@ -144,8 +132,7 @@ def cmd_animate(args):
 def cmd_reconstruct(args):
     device = _device(args.device)
     model = _load_model(args, device)
-    frames, fps = _read_video(args.video)
-    driving = _resize(frames, model.config["dataset_params"]["frame_shape"][:2])
+    driving, fps = _read_video(args.video, model.config["dataset_params"]["frame_shape"][:2])
     pred = _run(model, driving[0], driving, fps, args, device, relative=False)
     if not args.side_by_side:
         print(f"wrote {args.out} ({driving.shape[0]} frames); L1 to the video: {(pred - driving).abs().mean():.4f}")

@@ -284,6 +284,20 @@ def test_bad_tensors(make, error, match):
         grid_sample(*make(x, grid))
 
 
+@pytest.mark.parametrize("backend, device", target_params([("reference", "cpu"), ("cpu", "cpu"), ("cuda", "cuda"),
+                                                           ("triton", "cuda")]))
+def test_autocast_promotes_mixed_dtypes_like_pytorch(backend, device):
+    """Under autocast, bf16 features sampled by an fp32 flow run in fp32, as F.grid_sample does;
+    outside autocast the same call is an error (test_bad_tensors)."""
+    x, grid = make_inputs(2, 3, 4, 5, 3, 3, torch.float32)
+    x, grid = x.to(device, torch.bfloat16), grid.to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = grid_sample(x, grid, backend=backend)
+        want = F.grid_sample(x, grid, align_corners=False)
+    assert got.dtype == want.dtype == torch.float32
+    assert_close(got, want.double(), torch.float32, "autocast output")
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(mode="bicubic"), ValueError, r"mode must be one of \('bilinear', 'nearest'\), got 'bicubic'"),
     (dict(padding_mode="wrap"), ValueError, "padding_mode must be one of"),

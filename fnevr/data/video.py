@@ -184,6 +184,27 @@ def _to_rgb(array: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
+def read_image(path, frame_shape=None) -> Tensor:
+    """One image as ``uint8`` ``[1, H, W, 3]`` (any size; resized to ``frame_shape`` if given).
+
+    Raises:
+        VideoReadError: missing, corrupt or empty input; the message names ``path``.
+    """
+    path = Path(path)
+    size = _check_shape(frame_shape)
+    if not path.is_file():
+        raise VideoReadError(path, "no such file")
+    try:
+        image = _read_image(path)[None]
+    except VideoReadError:
+        raise
+    except Exception as error:  # decoders raise many types (OSError, ValueError, ...)
+        raise VideoReadError(path, f"{type(error).__name__}: {error}") from error
+    if image.numel() == 0:
+        raise VideoReadError(path, "empty image")
+    return resize_frames(image, size)
+
+
 def _read_image(path) -> Tensor:
     import imageio.v3 as iio
 

@@ -13,9 +13,10 @@ padding, as FOMM) and then sampled every :math:`1/s` pixels (nearest), giving
     (2, 3, 32, 32)
 """
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..model.blocks import gaussian_kernel
 
 
 class ImagePyramid(nn.Module):
@@ -38,16 +39,6 @@ class ImagePyramid(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"ImagePyramid: expected [B, C, H, W]; got {tuple(x.shape)}")
         return {f"prediction_{s}": downsample(x, s, getattr(self, f"kernel{i}")) for i, s in enumerate(self.scales)}
-
-
-def gaussian_kernel(scale: float) -> Tensor:
-    """The normalised 1-D Gaussian taps for downsampling by ``scale`` (``[1]`` for scale 1)."""
-    sigma = (1 / scale - 1) / 2
-    if sigma == 0:
-        return torch.ones(1)
-    size = 2 * round(4 * sigma) + 1
-    taps = torch.exp(-((torch.arange(size, dtype=torch.float64) - (size - 1) / 2) ** 2) / (2 * sigma**2))
-    return (taps / taps.sum()).float()
 
 
 def downsample(x: Tensor, scale: float, kernel: Tensor) -> Tensor:

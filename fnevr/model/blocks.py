@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
 
 
 def coordinate_grid(height: int, width: int, like: Tensor) -> Tensor:
@@ -21,14 +20,6 @@ def coordinate_grid(height: int, width: int, like: Tensor) -> Tensor:
         return 2 * (i / (n - 1)) - 1 if n > 1 else torch.zeros_like(i)
 
     return torch.stack(torch.meshgrid(axis(width), axis(height), indexing="xy"), dim=-1)
-
-
-def sample(input: Tensor, grid: Tensor, backend: str) -> Tensor:
-    """``fnevr.ops.grid_sample`` (bilinear, zeros, align_corners=False, as every published call),
-    with input and grid promoted to their wider dtype, as autocast does for PyTorch's op (under
-    bf16 autocast the features are bf16 while the motion field stays fp32)."""
-    dtype = torch.promote_types(input.dtype, grid.dtype)
-    return ops.grid_sample(input.to(dtype), grid.to(dtype), backend=backend)
 
 
 def gaussian_heatmaps(kp: Tensor, height: int, width: int, variance: float) -> Tensor:
@@ -102,6 +93,17 @@ class Hourglass(nn.Module):
         return out
 
 
+def gaussian_kernel(scale: float) -> Tensor:
+    """The normalised 1-D Gaussian taps for band-limited downsampling by ``scale`` (``[1]`` for
+    scale 1): ``sigma = (1/scale - 1) / 2``, ``2 round(4 sigma) + 1`` taps (FOMM's choice)."""
+    sigma = (1 / scale - 1) / 2
+    if sigma == 0:
+        return torch.ones(1)
+    size = 2 * round(4 * sigma) + 1
+    taps = torch.exp(-((torch.arange(size, dtype=torch.float64) - (size - 1) / 2) ** 2) / (2 * sigma**2))
+    return (taps / taps.sum()).float()
+
+
 class AntiAliasDownsample(nn.Module):
     """Gaussian blur then stride-``1/scale`` subsampling (band-limited downsampling), per channel.
 
@@ -113,14 +115,10 @@ class AntiAliasDownsample(nn.Module):
         super().__init__()
         self.scale = scale
         self.stride = int(round(1 / scale))
-        sigma = (1 / scale - 1) / 2
-        size = 2 * round(sigma * 4) + 1
+        taps = gaussian_kernel(scale)
+        size = taps.numel()
         self.pad = size // 2
-        ax = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-        g = torch.exp(-ax**2 / (2 * sigma**2)) if sigma > 0 else (ax == 0).float()
-        kernel = g[:, None] * g[None, :]
-        kernel = kernel / kernel.sum()
-        self.register_buffer("weight", kernel.expand(channels, 1, size, size).clone())
+        self.register_buffer("weight", (taps[:, None] * taps[None, :]).expand(channels, 1, size, size).clone())
 
     def forward(self, x: Tensor) -> Tensor:
         if self.scale == 1:

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import AntiAliasDownsample, Hourglass, coordinate_grid, gaussian_heatmaps, sample
+from .. import ops
+from .blocks import AntiAliasDownsample, Hourglass, coordinate_grid, gaussian_heatmaps
 
 
 class DenseMotion(nn.Module):
@@ -52,7 +53,7 @@ class DenseMotion(nn.Module):
         heat = torch.cat([heat.new_zeros(B, 1, h, w), heat], dim=1).unsqueeze(2)  # [B, K+1, 1, h, w]
         motions = self.sparse_motions(source, kp_driving, kp_source)
         repeated = source.unsqueeze(1).expand(B, K1, C, h, w).reshape(B * K1, C, h, w)
-        deformed = sample(repeated, motions.reshape(B * K1, h, w, 2), self.ops_backend)
+        deformed = ops.grid_sample(repeated, motions.reshape(B * K1, h, w, 2), backend=self.ops_backend)
         deformed = deformed.view(B, K1, C, h, w)
         features = self.hourglass(torch.cat([heat, deformed], dim=2).view(B, -1, h, w))
         mask = F.softmax(self.mask_head(features), dim=1)

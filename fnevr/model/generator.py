@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import ConvBlock, sample
+from .. import ops
+from .blocks import ConvBlock
 from .decoder import SPADEDecoder
 from .dense_motion import DenseMotion
 from .render import VolumeRenderer
@@ -50,7 +51,7 @@ class Generator(nn.Module):
         if deformation.shape[1:3] != x.shape[2:]:
             deformation = F.interpolate(deformation.permute(0, 3, 1, 2), size=x.shape[2:], mode="bilinear",
                                         align_corners=False).permute(0, 2, 3, 1)
-        return sample(x, deformation, self.ops_backend)
+        return ops.grid_sample(x, deformation, backend=self.ops_backend)
 
     def forward(self, source: Tensor, kp_driving: dict, kp_source: dict) -> dict[str, Tensor]:
         features = self.encode(source)

@@ -145,6 +145,11 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
     Returns:
         ``[N, C, Ho, Wo]`` in ``input``'s dtype (fused backends accumulate in fp32, fp64 for fp64).
     """
+    if (isinstance(input, Tensor) and isinstance(grid, Tensor) and input.dtype != grid.dtype
+            and torch.is_autocast_enabled(input.device.type)):
+        # As PyTorch's op under autocast: both run in the wider dtype (bf16 features, fp32 flow).
+        dtype = torch.promote_types(input.dtype, grid.dtype)
+        input, grid = input.to(dtype), grid.to(dtype)
     _check(input, grid, mode, padding_mode)
     align_corners = bool(align_corners)
     name = resolve(backend, input.device)

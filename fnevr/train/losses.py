@@ -47,7 +47,9 @@ class GeneratorLoss(nn.Module):
                                                                            to_loss_dtype(driving))
         if w["generator_gan"] != 0:
             real_pyr, fake_pyr = self.pyramid(driving), self.pyramid(out["prediction"])
-            real, fake = self.discriminator(real_pyr), self.discriminator(fake_pyr)
+            with torch.no_grad():  # real features are targets only (the discriminator is frozen here)
+                real = self.discriminator(real_pyr)
+            fake = self.discriminator(fake_pyr)
             losses["generator_gan"] = w["generator_gan"] * L.lsgan_generator_loss(fake, self.disc_scales)
             if sum(w["feature_matching"]) != 0:
                 losses["feature_matching"] = L.feature_matching_loss(real, fake, w["feature_matching"], self.disc_scales)
