@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from ._backend import resolve
+from ._layout import is_channels_last
 
 MODES = {"bilinear": 0, "nearest": 1}  # codes shared with grid_sample_math.h
 PADDINGS = {"zeros": 0, "border": 1, "reflection": 2}
@@ -157,15 +158,10 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
         return grid_sample_reference(input, grid, mode, padding_mode, align_corners)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    if not _is_channels_last(input):
+    if not is_channels_last(input):
         input = input.contiguous()
     return _grid_sample_op(input, grid.contiguous(), MODES[mode], PADDINGS[padding_mode], align_corners,
                            bool(deterministic), name)
-
-
-def _is_channels_last(t: Tensor) -> bool:
-    """The layout the kernels keep: channels_last, unless t is (also) plain contiguous."""
-    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _check(input, grid, mode, padding_mode):
@@ -202,7 +198,7 @@ def _kernels(backend: str):
 
 
 def _memory_format(t: Tensor):
-    return torch.channels_last if _is_channels_last(t) else torch.contiguous_format
+    return torch.channels_last if is_channels_last(t) else torch.contiguous_format
 
 
 @torch.library.custom_op("fnevr::grid_sample", mutates_args=())
@@ -276,7 +272,7 @@ def _grad_backward(ctx, gg_input, gg_grid):
     mode, padding, align_corners, deterministic, backend = ctx.options
     grad_grad_out = None
     if ctx.needs_input_grad[0] and gg_input is not None and gg_input.numel() > 0:
-        if not _is_channels_last(gg_input):
+        if not is_channels_last(gg_input):
             gg_input = gg_input.contiguous()
         grad_grad_out = _grid_sample_op(gg_input, grid, mode, padding, align_corners, deterministic, backend)
     return (grad_grad_out,) + (None,) * 9

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._backend import resolve
+from ._layout import is_channels_last
 
 NORMS = ("instance", "batch")
 ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2}  # codes shared with spade_norm_math.h
@@ -115,7 +116,7 @@ def spade_norm(x: Tensor, gamma: Tensor, beta: Tensor, *, norm: str = "instance"
     if name == "reference":
         return spade_norm_reference(x, gamma, beta, **kw)
     batch = norm == "batch"
-    cl = _is_channels_last(x)
+    cl = is_channels_last(x)
     x3, g, b = _flat(x, cl), _modulation(gamma, x, cl), _modulation(beta, x, cl)
     opts = (float(eps), cl, ACTIVATIONS[activation], float(negative_slope))
     if name in _FUSED_INSTANCE and not batch and not cl:  # statistics and output in one pass
@@ -148,10 +149,6 @@ def _acc(dtype):
 
 
 # --- layouts: the kernels see x as a contiguous [N, C, S] (NCHW) or [N, S, C] (channels_last) ------
-
-def _is_channels_last(x):
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
 
 def _flat(t, cl):
     N, C, H, W = t.shape
