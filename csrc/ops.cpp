@@ -14,6 +14,12 @@ TORCH_LIBRARY_FRAGMENT(fnevr, m) {
   m.def(
       "_grid_sample_backward(Tensor grad_out, Tensor input, Tensor grid, int mode, int padding, "
       "bool align_corners, bool input_grad, bool grid_grad, bool deterministic) -> (Tensor, Tensor)");
+  m.def(
+      "_mlp_composite_forward(Tensor color_code, Tensor shape_code, Tensor[] params, bool inclusive, "
+      "int activation) -> (Tensor, Tensor)");
+  m.def(
+      "_mlp_composite_backward(Tensor grad_features, Tensor grad_weight_sum, Tensor color_code, "
+      "Tensor shape_code, Tensor[] params, bool inclusive, int activation) -> Tensor[]");
   m.def("_spade_norm_stats(Tensor x, bool channels_last, bool batch) -> (Tensor, Tensor)");
   m.def(
       "_spade_norm_forward(Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor var, float eps, "
