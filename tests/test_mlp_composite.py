@@ -2,17 +2,15 @@
 backend against the reference (outputs and all 16 gradients), memory (only inputs saved),
 torch.library integration, autocast, bad input."""
 
-import importlib
-
 import pytest
 import torch
 from helpers import TOL, assert_close, target_params
 
 import fnevr
 from fnevr.model.render import SampleMLP
+from fnevr.ops import MLP_PARAMETERS as PARAMETERS
 from fnevr.ops import composite_reference, mlp_composite, mlp_composite_reference
 
-PARAMETERS = importlib.import_module("fnevr.ops.mlp_composite").PARAMETERS
 MODES = [("exclusive", "relu"), ("inclusive", "relu"), ("exclusive", "softplus"), ("inclusive", "none")]
 # (leading ray dims, D, Ec, Es, H, H4): odd widths, D=1, FNeVR's per-sample widths (16/16/128/32) on few rays.
 SHAPES = [((5,), 3, 3, 5, 8, 2), ((2, 3), 8, 16, 16, 32, 8), ((4,), 1, 4, 4, 16, 4), ((3,), 8, 16, 16, 128, 32)]
