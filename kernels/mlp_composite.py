@@ -311,9 +311,10 @@ _BACKWARD_TILE = 64 * 128
 _MAX_ROWS = 128
 
 
-def _tile(D: int, HP: int, budget: int, interp: bool) -> tuple[int, int, int]:
-    """(BLOCK_R, DC, num_warps). Under the interpreter, small tiles (16 rows, more programs, fast)."""
-    rows = 16 if interp else max(16, min(_MAX_ROWS, budget // HP))
+def _tile(D: int, HP: int, budget: int) -> tuple[int, int, int]:
+    """(BLOCK_R, DC, num_warps) for tiles of about `budget` elements (the interpreter runs the same
+    tiles: it too is faster with fewer, larger ones)."""
+    rows = max(16, min(_MAX_ROWS, budget // HP))
     dc = min(triton.next_power_of_2(D), rows)
     return rows // dc, dc, 4 if rows * HP <= 4096 else 8
 
@@ -368,7 +369,7 @@ def mlp_composite_forward(color_code: torch.Tensor, shape_code: torch.Tensor, pa
     weight_sum = new((R,), dtype=color_code.dtype, device=color_code.device)
     if launch:
         const = _constexprs(dtype, emu, inclusive, activation, Ec, Es, H, H4)
-        block_r, dc, warps = _tile(D, const["HP"], _FORWARD_TILE, interpreting())
+        block_r, dc, warps = _tile(D, const["HP"], _FORWARD_TILE)
         with launch_ctx(color_code):
             _forward_kernel[(triton.cdiv(R, block_r),)](
                 color_code, shape_code, *params, features, weight_sum, R, D, Ec, Es, H, H4, BLOCK_R=block_r, DC=dc,
@@ -391,7 +392,7 @@ def mlp_composite_backward(grad_features: torch.Tensor, grad_weight_sum: torch.T
     grad_sc = torch.empty_like(shape_code)
     const = _constexprs(dtype, emu, inclusive, activation, Ec, Es, H, H4)
     KS, KC, HP, H4P = const["KS"], const["KC"], const["HP"], const["H4P"]
-    block_r, dc, warps = _tile(D, HP, _BACKWARD_TILE, interpreting())
+    block_r, dc, warps = _tile(D, HP, _BACKWARD_TILE)
     num_tiles = triton.cdiv(R, block_r)
     programs = min(num_tiles, _programs(color_code.device))
     offsets, length = _grad_layout(KS, KC, HP, H4P)
