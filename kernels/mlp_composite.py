@@ -81,7 +81,7 @@ def _codes(x, rows, valid, E, EP: tl.constexpr, OP: tl.constexpr):
 
 @triton.jit
 def _relu(z):
-    return tl.maximum(z, 0.0)
+    return tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.relu
 
 
 @triton.jit
@@ -137,8 +137,11 @@ def _weights(sigma, trans, c, D, INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC
     j = tl.arange(0, DC)[None, :]
     inside = (c * DC + j) < D
     p = tl.where(inside, _activate(sigma, ACT), 0.0)
-    excl, incl = tl.associative_scan((tl.full([BLOCK_R, DC], 1.0, ACC), tl.exp(-p)), axis=1,
-                                     combine_fn=_excl_prod)
+    if DC == 1:  # one sample per chunk: no scan
+        excl, incl = tl.full([BLOCK_R, DC], 1.0, ACC), tl.exp(-p)
+    else:
+        excl, incl = tl.associative_scan((tl.full([BLOCK_R, DC], 1.0, ACC), tl.exp(-p)), axis=1,
+                                         combine_fn=_excl_prod)
     w, dw, _ = _step(p, trans[:, None] * excl, INCLUSIVE)
     w = tl.where(inside, w, 0.0)
     trans = trans * tl.sum(tl.where(j == DC - 1, incl, 0.0), axis=1)
@@ -235,7 +238,10 @@ def _backward_kernel(grad_features, grad_weight_sum, cc, sc, wsi, bsi, wsh, bsh,
             ew = e * w
             if not MULTI:
                 total = tl.sum(ew, axis=1)
-            pushed = e * dw + (prefix[:, None] + tl.cumsum(ew, axis=1))
+            if DC == 1:
+                pushed = e * dw + (prefix[:, None] + ew)
+            else:
+                pushed = e * dw + (prefix[:, None] + tl.cumsum(ew, axis=1))
             prefix += tl.sum(ew, axis=1)
             dsigma = tl.where(inside, (pushed - total[:, None]) * _activate_grad(sigma, ACT), 0.0)
             dsigma = tl.reshape(dsigma, [ROWS])
@@ -300,21 +306,27 @@ def _dims(color_code, shape_code, params):
     return R, D, Ec, Es, H, H4
 
 
-# Rows (ray samples) per tile, as a budget of ROWS x HP elements per activation tile. Forward: at
-# most ~3 tiles of [ROWS, HP] live at once (two activations and the dot result) besides one weight
-# operand, so 128 x 128 fp32 with 8 warps is ~64 registers per tile and thread. Backward: a0, a1, a3,
-# a4, h / the incoming gradient and a dot result are live together (~6 tiles), so 64 x 128 with 8
-# warps (32 registers per tile and thread) keeps it under the 255-register cap. Every program
-# reloads the weights (~240 KB in fp32 at H=128, from L2) per tile: more rows amortise that.
+# Rows (ray samples) per tile, from a budget of ROWS x HP fp32 elements per activation tile (fp64
+# tiles take half the rows). Forward: at most ~3 [ROWS, HP] tiles are live at once (two activations
+# and a dot result) besides a weight operand, so 128 x 128 with 8 warps is ~64 registers per tile
+# and thread. Backward: a0, a1, a3, a4, h (then the incoming gradient) and a dot result are live
+# together (~6 tiles), so 64 x 128 with 8 warps (32 registers per tile and thread) stays within the
+# 255-register cap. Each tile reloads the weights (~240 KB in fp32 at H=128, from L2) and, in
+# backward, reads and writes its program's weight-gradient partials (as much again): larger tiles
+# amortise that, smaller ones spill less. Untuned (no GPU where this was written): the first thing
+# to measure on an H100 is 64 vs 128 backward rows and 4 vs 8 warps.
 _FORWARD_TILE = 128 * 128
 _BACKWARD_TILE = 64 * 128
 _MAX_ROWS = 128
+# fp32 dots without allow_tf32: "ieee" (FMA, exact like PyTorch's fp32 Linear). "tf32x3" (three TF32
+# tensor-core products, about fp32's accuracy) would be several times faster on an H100.
+_FP32_DOT = "ieee"
 
 
-def _tile(D: int, HP: int, budget: int) -> tuple[int, int, int]:
+def _tile(D: int, HP: int, budget: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_R, DC, num_warps) for tiles of about `budget` elements (the interpreter runs the same
-    tiles: it too is faster with fewer, larger ones)."""
-    rows = max(16, min(_MAX_ROWS, budget // HP))
+    tiles: it too is faster with fewer, larger ones). At least 16 rows: the smallest MMA M."""
+    rows = max(16, min(_MAX_ROWS, budget // (HP * (2 if dtype == torch.float64 else 1))))
     dc = min(triton.next_power_of_2(D), rows)
     return rows // dc, dc, 4 if rows * HP <= 4096 else 8
 
@@ -325,9 +337,11 @@ def _constexprs(dtype: torch.dtype, emu: bool, inclusive: bool, activation: int,
     else:
         op = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
               torch.float64: tl.float64}[dtype]
+    # The precision matters to fp32 dots only (fp16/bf16/fp64 products are exact in the accumulator).
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting()
     return dict(INCLUSIVE=bool(inclusive), ACT=int(activation), ACC=accumulator(dtype), OP=op, EMU=emu,
-                PREC="tf32" if tf32 else "ieee", KS=_pad(Es), KC=_pad(Ec), HP=_pad(H), H4P=_pad(H4))
+                PREC="tf32" if tf32 else (_FP32_DOT if dtype == torch.float32 else "ieee"), KS=_pad(Es),
+                KC=_pad(Ec), HP=_pad(H), H4P=_pad(H4))
 
 
 def _grad_layout(KS: int, KC: int, HP: int, H4P: int) -> tuple[dict, int]:
@@ -369,7 +383,7 @@ def mlp_composite_forward(color_code: torch.Tensor, shape_code: torch.Tensor, pa
     weight_sum = new((R,), dtype=color_code.dtype, device=color_code.device)
     if launch:
         const = _constexprs(dtype, emu, inclusive, activation, Ec, Es, H, H4)
-        block_r, dc, warps = _tile(D, const["HP"], _FORWARD_TILE)
+        block_r, dc, warps = _tile(D, const["HP"], _FORWARD_TILE, dtype)
         with launch_ctx(color_code):
             _forward_kernel[(triton.cdiv(R, block_r),)](
                 color_code, shape_code, *params, features, weight_sum, R, D, Ec, Es, H, H4, BLOCK_R=block_r, DC=dc,
@@ -392,7 +406,7 @@ def mlp_composite_backward(grad_features: torch.Tensor, grad_weight_sum: torch.T
     grad_sc = torch.empty_like(shape_code)
     const = _constexprs(dtype, emu, inclusive, activation, Ec, Es, H, H4)
     KS, KC, HP, H4P = const["KS"], const["KC"], const["HP"], const["H4P"]
-    block_r, dc, warps = _tile(D, HP, _BACKWARD_TILE)
+    block_r, dc, warps = _tile(D, HP, _BACKWARD_TILE, dtype)
     num_tiles = triton.cdiv(R, block_r)
     programs = min(num_tiles, _programs(color_code.device))
     offsets, length = _grad_layout(KS, KC, HP, H4P)
