@@ -51,24 +51,25 @@ def _op(x, OP: tl.constexpr, EMU_BF16: tl.constexpr):
 
 
 @triton.jit
-def _wt(w, N, K, ld, col0, KP: tl.constexpr, NP: tl.constexpr, OP: tl.constexpr):
-    """W^T as a [KP, NP] dot operand: W[n, col0 + k] for n < N, k < K (row stride ld), else 0."""
-    k = tl.arange(0, KP)[:, None]
+def _wt(w, N, K, ld, col0, KP: tl.constexpr, NP: tl.constexpr, OP: tl.constexpr, z):
+    """W^T as a [KP, NP] dot operand: W[n, col0 + k] for n < N, k < K (row stride ld), else 0.
+    z: 0, but opaque to the compiler and different in each loop iteration (see _opaque_zero)."""
+    k = tl.arange(0, KP)[:, None] + z
     n = tl.arange(0, NP)[None, :]
     return tl.load(w + n * ld + col0 + k, mask=(k < K) & (n < N), other=0.0).to(OP)
 
 
 @triton.jit
-def _w(w, N, K, ld, col0, NP: tl.constexpr, KP: tl.constexpr, OP: tl.constexpr):
+def _w(w, N, K, ld, col0, NP: tl.constexpr, KP: tl.constexpr, OP: tl.constexpr, z):
     """W as a [NP, KP] dot operand (for the backward dz @ W)."""
-    n = tl.arange(0, NP)[:, None]
+    n = tl.arange(0, NP)[:, None] + z
     k = tl.arange(0, KP)[None, :]
     return tl.load(w + n * ld + col0 + k, mask=(n < N) & (k < K), other=0.0).to(OP)
 
 
 @triton.jit
-def _vec(b, N, NP: tl.constexpr, ACC: tl.constexpr):
-    n = tl.arange(0, NP)
+def _vec(b, N, NP: tl.constexpr, ACC: tl.constexpr, z):
+    n = tl.arange(0, NP) + z
     return tl.load(b + n, mask=n < N, other=0.0).to(ACC)
 
 
@@ -77,6 +78,15 @@ def _codes(x, rows, valid, E, EP: tl.constexpr, OP: tl.constexpr):
     """The [ROWS, EP] tile of codes x[row, :E] (rows: (ray, sample) indices, int64), 0 elsewhere."""
     k = tl.arange(0, EP)
     return tl.load(x + rows[:, None] * E + k[None, :], mask=valid[:, None] & (k < E)[None, :], other=0.0).to(OP)
+
+
+@triton.jit
+def _opaque_zero(i, R):
+    """0 (R >= 0), as a value the compiler cannot fold and that changes with the loop index i.
+    Weight addresses and masks built from it are computed in each iteration: left loop-invariant,
+    Triton hoists them out of the loop and keeps every [K, N] pointer and mask tensor of every layer
+    live across it (hundreds of registers per thread: spills, and weights held in shared memory)."""
+    return i * (R >> 31) * 1024  # a multiple of 1024: addresses keep their alignment (vector loads)
 
 
 @triton.jit
@@ -105,26 +115,26 @@ def _rows(ray0, c, R, D, ROWS: tl.constexpr, DC: tl.constexpr):
 @triton.jit
 def _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, rows, valid,
          Ec, Es, H, H4, ACC: tl.constexpr, OP: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr,
-         KS: tl.constexpr, KC: tl.constexpr, HP: tl.constexpr, H4P: tl.constexpr):
+         KS: tl.constexpr, KC: tl.constexpr, HP: tl.constexpr, H4P: tl.constexpr, z):
     """One tile's MLP: the codes s, c, the activations a0..a4 (as dot operands), h (ACC) and the
-    densities sigma [ROWS] (ACC)."""
+    densities sigma [ROWS] (ACC). z: an opaque 0 (see _opaque_zero)."""
     s = _codes(sc, rows, valid, Es, KS, OP)
-    z = tl.dot(s, _wt(wsi, H, Es, Es, 0, KS, HP, OP), input_precision=PREC, out_dtype=ACC)
-    a0 = _op(_relu(z + _vec(bsi, H, HP, ACC)[None, :]), OP, EMU)
-    z = tl.dot(a0, _wt(wsh, H, H, H, 0, HP, HP, OP), input_precision=PREC, out_dtype=ACC)
-    a1 = _op(_relu(z + _vec(bsh, H, HP, ACC)[None, :]), OP, EMU)
-    sigma = tl.sum(a1.to(ACC) * _vec(wd, H, HP, ACC)[None, :], axis=1) + tl.load(bd).to(ACC)
-    z = tl.dot(a1, _wt(wsf, H4, H, H, 0, HP, H4P, OP), input_precision=PREC, out_dtype=ACC)
-    a2 = _op(_relu(z + _vec(bsf, H4, H4P, ACC)[None, :]), OP, EMU)
+    y = tl.dot(s, _wt(wsi, H, Es, Es, 0, KS, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    a0 = _op(_relu(y + _vec(bsi, H, HP, ACC, z)[None, :]), OP, EMU)
+    y = tl.dot(a0, _wt(wsh, H, H, H, 0, HP, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    a1 = _op(_relu(y + _vec(bsh, H, HP, ACC, z)[None, :]), OP, EMU)
+    sigma = tl.sum(a1.to(ACC) * _vec(wd, H, HP, ACC, z)[None, :], axis=1) + tl.load(bd).to(ACC)
+    y = tl.dot(a1, _wt(wsf, H4, H, H, 0, HP, H4P, OP, z), input_precision=PREC, out_dtype=ACC)
+    a2 = _op(_relu(y + _vec(bsf, H4, H4P, ACC, z)[None, :]), OP, EMU)
     c = _codes(cc, rows, valid, Ec, KC, OP)
-    z = tl.dot(c, _wt(wci, H, Ec, Ec, 0, KC, HP, OP), input_precision=PREC, out_dtype=ACC)
-    a3 = _op(_relu(z + _vec(bci, H, HP, ACC)[None, :]), OP, EMU)
+    y = tl.dot(c, _wt(wci, H, Ec, Ec, 0, KC, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    a3 = _op(_relu(y + _vec(bci, H, HP, ACC, z)[None, :]), OP, EMU)
     # fuse takes concat(a2, a3): its weight's first H4 columns meet a2, the other H meet a3.
-    z = tl.dot(a2, _wt(wf, H, H4, H4 + H, 0, H4P, HP, OP), input_precision=PREC, out_dtype=ACC)
-    z = tl.dot(a3, _wt(wf, H, H, H4 + H, H4, HP, HP, OP), z, input_precision=PREC, out_dtype=ACC)
-    a4 = _op(_relu(z + _vec(bf, H, HP, ACC)[None, :]), OP, EMU)
-    z = tl.dot(a4, _wt(wfh, H, H, H, 0, HP, HP, OP), input_precision=PREC, out_dtype=ACC)
-    h = _relu(z + _vec(bfh, H, HP, ACC)[None, :])
+    y = tl.dot(a2, _wt(wf, H, H4, H4 + H, 0, H4P, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    y = tl.dot(a3, _wt(wf, H, H, H4 + H, H4, HP, HP, OP, z), y, input_precision=PREC, out_dtype=ACC)
+    a4 = _op(_relu(y + _vec(bf, H, HP, ACC, z)[None, :]), OP, EMU)
+    y = tl.dot(a4, _wt(wfh, H, H, H, 0, HP, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    h = _relu(y + _vec(bfh, H, HP, ACC, z)[None, :])
     return s, c, a0, a1, a2, a3, a4, h, sigma
 
 
@@ -151,22 +161,39 @@ def _weights(sigma, trans, c, D, INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC
 # --- forward --------------------------------------------------------------------------------------
 
 @triton.jit
+def _forward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, ray0, c, trans, feat, wsum,
+                   R, D, Ec, Es, H, H4, INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+                   OP: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr,
+                   HP: tl.constexpr, H4P: tl.constexpr, BLOCK_R: tl.constexpr, DC: tl.constexpr, z):
+    rows, valid = _rows(ray0, c, R, D, BLOCK_R * DC, DC)
+    _, _, _, _, _, _, _, h, sigma = _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh,
+                                         rows, valid, Ec, Es, H, H4, ACC, OP, EMU, PREC, KS, KC, HP, H4P, z)
+    _, w, _, _, trans = _weights(sigma, trans, c, D, INCLUSIVE, ACT, ACC, BLOCK_R, DC)
+    feat += tl.sum(w[:, :, None] * tl.reshape(h, [BLOCK_R, DC, HP]), axis=1)
+    wsum += tl.sum(w, axis=1)
+    return trans, feat, wsum
+
+
+@triton.jit
 def _forward_kernel(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, features, weight_sum,
                     R, D, Ec, Es, H, H4, INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
                     OP: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr,
-                    HP: tl.constexpr, H4P: tl.constexpr, BLOCK_R: tl.constexpr, DC: tl.constexpr):
-    ROWS: tl.constexpr = BLOCK_R * DC
+                    HP: tl.constexpr, H4P: tl.constexpr, BLOCK_R: tl.constexpr, DC: tl.constexpr,
+                    MULTI: tl.constexpr):
     ray0 = tl.program_id(0) * BLOCK_R  # < R: int32 is enough; row offsets are int64
     trans = tl.full([BLOCK_R], 1.0, ACC)
     feat = tl.zeros([BLOCK_R, HP], ACC)
     wsum = tl.zeros([BLOCK_R], ACC)
-    for c in range(tl.cdiv(D, DC)):
-        rows, valid = _rows(ray0, c, R, D, ROWS, DC)
-        _, _, _, _, _, _, _, h, sigma = _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh,
-                                             bfh, rows, valid, Ec, Es, H, H4, ACC, OP, EMU, PREC, KS, KC, HP, H4P)
-        _, w, _, _, trans = _weights(sigma, trans, c, D, INCLUSIVE, ACT, ACC, BLOCK_R, DC)
-        feat += tl.sum(w[:, :, None] * tl.reshape(h, [BLOCK_R, DC, HP]), axis=1)
-        wsum += tl.sum(w, axis=1)
+    if MULTI:  # a ray spans several chunks
+        for c in range(tl.cdiv(D, DC)):
+            trans, feat, wsum = _forward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh,
+                                               bfh, ray0, c, trans, feat, wsum, R, D, Ec, Es, H, H4, INCLUSIVE,
+                                               ACT, ACC, OP, EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC,
+                                               _opaque_zero(c, R))
+    else:
+        trans, feat, wsum = _forward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh,
+                                           ray0, 0, trans, feat, wsum, R, D, Ec, Es, H, H4, INCLUSIVE, ACT, ACC, OP,
+                                           EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC, 0)
     rays = (ray0 + tl.arange(0, BLOCK_R)).to(tl.int64)
     n = tl.arange(0, HP)
     tl.store(features + rays[:, None] * H + n[None, :], feat.to(features.dtype.element_ty),
@@ -177,19 +204,101 @@ def _forward_kernel(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
 # --- backward -------------------------------------------------------------------------------------
 
 @triton.jit
-def _wgrad(part, dz, a, keep, NP: tl.constexpr, KP: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+def _wgrad(part, dz, a, keep, NP: tl.constexpr, KP: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, z):
     """part[NP, KP] += dz^T a (dz [ROWS, NP], a [ROWS, KP]); keep = 0: part is uninitialised, start at 0."""
-    offs = tl.arange(0, NP)[:, None] * KP + tl.arange(0, KP)[None, :]
-    g = tl.load(part + offs, mask=(offs >= 0) & keep, other=0.0)
+    offs = (tl.arange(0, NP)[:, None] + z) * KP + tl.arange(0, KP)[None, :]
+    g = tl.load(part + offs, mask=keep, other=0.0)  # a scalar mask: vector loads
     g = tl.dot(tl.trans(dz), a, g, input_precision=PREC, out_dtype=ACC)
     tl.store(part + offs, g)
 
 
 @triton.jit
-def _vgrad(part, v, keep, NP: tl.constexpr):
+def _vgrad(part, v, keep, NP: tl.constexpr, z):
     """part[NP] += v."""
-    offs = tl.arange(0, NP)
-    tl.store(part + offs, tl.load(part + offs, mask=(offs >= 0) & keep, other=0.0) + v)
+    offs = tl.arange(0, NP) + z
+    tl.store(part + offs, tl.load(part + offs, mask=keep, other=0.0) + v)
+
+
+@triton.jit
+def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, grad_cc, grad_sc, part,
+                    gF, gS, ray0, c, keep, trans, prefix, total, R, D, Ec, Es, H, H4, INCLUSIVE: tl.constexpr,
+                    ACT: tl.constexpr, ACC: tl.constexpr, OP: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr,
+                    KS: tl.constexpr, KC: tl.constexpr, HP: tl.constexpr, H4P: tl.constexpr, BLOCK_R: tl.constexpr,
+                    DC: tl.constexpr, MULTI: tl.constexpr, O_SI: tl.constexpr, O_SH: tl.constexpr,
+                    O_SF: tl.constexpr, O_CI: tl.constexpr, O_FA: tl.constexpr, O_FB: tl.constexpr,
+                    O_FH: tl.constexpr, O_BSI: tl.constexpr, O_BSH: tl.constexpr, O_BSF: tl.constexpr,
+                    O_BCI: tl.constexpr, O_BF: tl.constexpr, O_BFH: tl.constexpr, O_WD: tl.constexpr,
+                    O_BD: tl.constexpr, z):
+    """Chunk c of a tile: recompute, composite's GradScan, backprop; input gradients stored, weight
+    gradients added to this program's partials `part` (keep = 0: they are not initialised yet)."""
+    ROWS: tl.constexpr = BLOCK_R * DC
+    rows, valid = _rows(ray0, c, R, D, ROWS, DC)
+    # a0 and a3 (from the codes, K = 16) are recomputed where needed: cheaper than keeping them live.
+    s, cd, _, a1, a2, _, a4, h, sigma = _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh,
+                                               bfh, rows, valid, Ec, Es, H, H4, ACC, OP, EMU, PREC, KS, KC, HP, H4P,
+                                               z)
+    sigma, w, dw, inside, trans = _weights(sigma, trans, c, D, INCLUSIVE, ACT, ACC, BLOCK_R, DC)
+    # Compositing: composite_math.h's GradScan over the chunk's samples.
+    e = tl.sum(tl.reshape(h, [BLOCK_R, DC, HP]) * gF[:, None, :], axis=2) + gS[:, None]
+    ew = e * w
+    if not MULTI:  # the whole ray is in this chunk
+        total = tl.sum(ew, axis=1)
+    if DC == 1:
+        pushed = e * dw + (prefix[:, None] + ew)
+    else:
+        pushed = e * dw + (prefix[:, None] + tl.cumsum(ew, axis=1))
+    prefix += tl.sum(ew, axis=1)
+    dsigma = tl.where(inside, (pushed - total[:, None]) * _activate_grad(sigma, ACT), 0.0)
+    dsigma = tl.reshape(dsigma, [ROWS])
+    dh = tl.reshape(w[:, :, None] * gF[:, None, :], [ROWS, HP])
+    # fuse_hidden
+    dz = _op(tl.where(h > 0.0, dh, 0.0), OP, EMU)
+    _wgrad(part + O_FH, dz, a4, keep, HP, HP, ACC, PREC, z)
+    _vgrad(part + O_BFH, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
+    da = tl.dot(dz, _w(wfh, H, H, H, 0, HP, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    # fuse
+    dz = _op(tl.where(a4 > 0.0, da, 0.0), OP, EMU)
+    y = tl.dot(cd, _wt(wci, H, Ec, Ec, 0, KC, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    a3 = _op(_relu(y + _vec(bci, H, HP, ACC, z)[None, :]), OP, EMU)
+    _wgrad(part + O_FA, dz, a2, keep, HP, H4P, ACC, PREC, z)
+    _wgrad(part + O_FB, dz, a3, keep, HP, HP, ACC, PREC, z)
+    _vgrad(part + O_BF, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
+    da2 = tl.dot(dz, _w(wf, H, H4, H4 + H, 0, HP, H4P, OP, z), input_precision=PREC, out_dtype=ACC)
+    da = tl.dot(dz, _w(wf, H, H, H4 + H, H4, HP, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    # color_in
+    dz = _op(tl.where(a3 > 0.0, da, 0.0), OP, EMU)
+    _wgrad(part + O_CI, dz, cd, keep, HP, KC, ACC, PREC, z)
+    _vgrad(part + O_BCI, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
+    gc = tl.dot(dz, _w(wci, H, Ec, Ec, 0, HP, KC, OP, z), input_precision=PREC, out_dtype=ACC)
+    k = tl.arange(0, KC)
+    tl.store(grad_cc + rows[:, None] * Ec + k[None, :], gc.to(grad_cc.dtype.element_ty),
+             mask=valid[:, None] & (k < Ec)[None, :])
+    # shape_feature
+    dz = _op(tl.where(a2 > 0.0, da2, 0.0), OP, EMU)
+    _wgrad(part + O_SF, dz, a1, keep, H4P, HP, ACC, PREC, z)
+    _vgrad(part + O_BSF, tl.sum(dz.to(ACC), axis=0), keep, H4P, z)
+    da = tl.dot(dz, _w(wsf, H4, H, H, 0, H4P, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    # density
+    _vgrad(part + O_WD, tl.sum(dsigma[:, None] * a1.to(ACC), axis=0), keep, HP, z)
+    bd_old = tl.load(part + O_BD, mask=keep, other=0.0)
+    tl.store(part + O_BD, bd_old + tl.sum(dsigma, axis=0))
+    da += dsigma[:, None] * _vec(wd, H, HP, ACC, z)[None, :]
+    # shape_hidden
+    dz = _op(tl.where(a1 > 0.0, da, 0.0), OP, EMU)
+    y = tl.dot(s, _wt(wsi, H, Es, Es, 0, KS, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    a0 = _op(_relu(y + _vec(bsi, H, HP, ACC, z)[None, :]), OP, EMU)
+    _wgrad(part + O_SH, dz, a0, keep, HP, HP, ACC, PREC, z)
+    _vgrad(part + O_BSH, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
+    da = tl.dot(dz, _w(wsh, H, H, H, 0, HP, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    # shape_in
+    dz = _op(tl.where(a0 > 0.0, da, 0.0), OP, EMU)
+    _wgrad(part + O_SI, dz, s, keep, HP, KS, ACC, PREC, z)
+    _vgrad(part + O_BSI, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
+    gs = tl.dot(dz, _w(wsi, H, Es, Es, 0, HP, KS, OP, z), input_precision=PREC, out_dtype=ACC)
+    k = tl.arange(0, KS)
+    tl.store(grad_sc + rows[:, None] * Es + k[None, :], gs.to(grad_sc.dtype.element_ty),
+             mask=valid[:, None] & (k < Es)[None, :])
+    return trans, prefix
 
 
 @triton.jit
@@ -206,90 +315,42 @@ def _backward_kernel(grad_features, grad_weight_sum, cc, sc, wsi, bsi, wsh, bsh,
     pid = tl.program_id(0)
     part = partials + pid.to(tl.int64) * PT  # this program's own partial sums
     n = tl.arange(0, HP)
-    for t in range(pid, num_tiles, tl.num_programs(0)):
+    for t in range(pid, num_tiles, tl.num_programs(0)):  # a fixed order of tiles per program
         ray0 = t * BLOCK_R  # < R: int32 is enough; row offsets are int64
         rays = (ray0 + tl.arange(0, BLOCK_R)).to(tl.int64)
         rmask = rays < R
         gF = tl.load(grad_features + rays[:, None] * H + n[None, :], mask=rmask[:, None] & (n < H)[None, :],
                      other=0.0).to(ACC)
         gS = tl.load(grad_weight_sum + rays, mask=rmask, other=0.0).to(ACC)
-        total = tl.zeros([BLOCK_R], ACC)  # sum_i e_i w_i over the ray
-        if MULTI:  # the ray spans several chunks: a first pass for the total
-            trans = tl.full([BLOCK_R], 1.0, ACC)
+        trans = tl.full([BLOCK_R], 1.0, ACC)
+        prefix = tl.zeros([BLOCK_R], ACC)  # sum_{k < chunk} e_k w_k
+        total = tl.zeros([BLOCK_R], ACC)  # sum_k e_k w_k over the ray
+        # The last tile's (chunk's) partial-sum stores, by whichever threads held those elements, must
+        # land before this one's loads, by others: a CTA barrier orders them.
+        tl.debug_barrier()
+        if MULTI:  # a ray spans several chunks: a first pass for the total, then one per chunk
             for c in range(tl.cdiv(D, DC)):
                 rows, valid = _rows(ray0, c, R, D, ROWS, DC)
                 _, _, _, _, _, _, _, h, sigma = _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf,
                                                      wfh, bfh, rows, valid, Ec, Es, H, H4, ACC, OP, EMU, PREC, KS,
-                                                     KC, HP, H4P)
+                                                     KC, HP, H4P, _opaque_zero(c, R))
                 _, w, _, _, trans = _weights(sigma, trans, c, D, INCLUSIVE, ACT, ACC, BLOCK_R, DC)
                 e = tl.sum(tl.reshape(h, [BLOCK_R, DC, HP]) * gF[:, None, :], axis=2) + gS[:, None]
                 total += tl.sum(e * w, axis=1)
-        trans = tl.full([BLOCK_R], 1.0, ACC)
-        prefix = tl.zeros([BLOCK_R], ACC)  # sum_{k < chunk} e_k w_k
-        for c in range(tl.cdiv(D, DC)):
-            keep = (t != pid) | (c > 0)  # this program's partials hold a sum already
-            rows, valid = _rows(ray0, c, R, D, ROWS, DC)
-            s, cd, a0, a1, a2, a3, a4, h, sigma = _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf,
-                                                       bf, wfh, bfh, rows, valid, Ec, Es, H, H4, ACC, OP, EMU, PREC,
-                                                       KS, KC, HP, H4P)
-            sigma, w, dw, inside, trans = _weights(sigma, trans, c, D, INCLUSIVE, ACT, ACC, BLOCK_R, DC)
-            # Compositing: composite_math.h's GradScan over the chunk's samples.
-            e = tl.sum(tl.reshape(h, [BLOCK_R, DC, HP]) * gF[:, None, :], axis=2) + gS[:, None]
-            ew = e * w
-            if not MULTI:
-                total = tl.sum(ew, axis=1)
-            if DC == 1:
-                pushed = e * dw + (prefix[:, None] + ew)
-            else:
-                pushed = e * dw + (prefix[:, None] + tl.cumsum(ew, axis=1))
-            prefix += tl.sum(ew, axis=1)
-            dsigma = tl.where(inside, (pushed - total[:, None]) * _activate_grad(sigma, ACT), 0.0)
-            dsigma = tl.reshape(dsigma, [ROWS])
-            dh = tl.reshape(w[:, :, None] * gF[:, None, :], [ROWS, HP])
-            # fuse_hidden
-            dz = _op(tl.where(h > 0.0, dh, 0.0), OP, EMU)
-            _wgrad(part + O_FH, dz, a4, keep, HP, HP, ACC, PREC)
-            _vgrad(part + O_BFH, tl.sum(dz.to(ACC), axis=0), keep, HP)
-            da = tl.dot(dz, _w(wfh, H, H, H, 0, HP, HP, OP), input_precision=PREC, out_dtype=ACC)
-            # fuse
-            dz = _op(tl.where(a4 > 0.0, da, 0.0), OP, EMU)
-            _wgrad(part + O_FA, dz, a2, keep, HP, H4P, ACC, PREC)
-            _wgrad(part + O_FB, dz, a3, keep, HP, HP, ACC, PREC)
-            _vgrad(part + O_BF, tl.sum(dz.to(ACC), axis=0), keep, HP)
-            da2 = tl.dot(dz, _w(wf, H, H4, H4 + H, 0, HP, H4P, OP), input_precision=PREC, out_dtype=ACC)
-            da = tl.dot(dz, _w(wf, H, H, H4 + H, H4, HP, HP, OP), input_precision=PREC, out_dtype=ACC)
-            # color_in
-            dz = _op(tl.where(a3 > 0.0, da, 0.0), OP, EMU)
-            _wgrad(part + O_CI, dz, cd, keep, HP, KC, ACC, PREC)
-            _vgrad(part + O_BCI, tl.sum(dz.to(ACC), axis=0), keep, HP)
-            gc = tl.dot(dz, _w(wci, H, Ec, Ec, 0, HP, KC, OP), input_precision=PREC, out_dtype=ACC)
-            k = tl.arange(0, KC)
-            tl.store(grad_cc + rows[:, None] * Ec + k[None, :], gc.to(grad_cc.dtype.element_ty),
-                     mask=valid[:, None] & (k < Ec)[None, :])
-            # shape_feature
-            dz = _op(tl.where(a2 > 0.0, da2, 0.0), OP, EMU)
-            _wgrad(part + O_SF, dz, a1, keep, H4P, HP, ACC, PREC)
-            _vgrad(part + O_BSF, tl.sum(dz.to(ACC), axis=0), keep, H4P)
-            da = tl.dot(dz, _w(wsf, H4, H, H, 0, H4P, HP, OP), input_precision=PREC, out_dtype=ACC)
-            # density
-            wdv = _vec(wd, H, HP, ACC)
-            _vgrad(part + O_WD, tl.sum(dsigma[:, None] * a1.to(ACC), axis=0), keep, HP)
-            bd_old = tl.load(part + O_BD, mask=keep, other=0.0)
-            tl.store(part + O_BD, bd_old + tl.sum(dsigma, axis=0))
-            da += dsigma[:, None] * wdv[None, :]
-            # shape_hidden
-            dz = _op(tl.where(a1 > 0.0, da, 0.0), OP, EMU)
-            _wgrad(part + O_SH, dz, a0, keep, HP, HP, ACC, PREC)
-            _vgrad(part + O_BSH, tl.sum(dz.to(ACC), axis=0), keep, HP)
-            da = tl.dot(dz, _w(wsh, H, H, H, 0, HP, HP, OP), input_precision=PREC, out_dtype=ACC)
-            # shape_in
-            dz = _op(tl.where(a0 > 0.0, da, 0.0), OP, EMU)
-            _wgrad(part + O_SI, dz, s, keep, HP, KS, ACC, PREC)
-            _vgrad(part + O_BSI, tl.sum(dz.to(ACC), axis=0), keep, HP)
-            gs = tl.dot(dz, _w(wsi, H, Es, Es, 0, HP, KS, OP), input_precision=PREC, out_dtype=ACC)
-            k = tl.arange(0, KS)
-            tl.store(grad_sc + rows[:, None] * Es + k[None, :], gs.to(grad_sc.dtype.element_ty),
-                     mask=valid[:, None] & (k < Es)[None, :])
+            trans = tl.full([BLOCK_R], 1.0, ACC)
+            for c in range(tl.cdiv(D, DC)):
+                tl.debug_barrier()
+                trans, prefix = _backward_chunk(
+                    cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, grad_cc, grad_sc, part,
+                    gF, gS, ray0, c, (t != pid) | (c > 0), trans, prefix, total, R, D, Ec, Es, H, H4, INCLUSIVE,
+                    ACT, ACC, OP, EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC, MULTI, O_SI, O_SH, O_SF, O_CI, O_FA,
+                    O_FB, O_FH, O_BSI, O_BSH, O_BSF, O_BCI, O_BF, O_BFH, O_WD, O_BD, _opaque_zero(c, R))
+        else:
+            trans, prefix = _backward_chunk(
+                cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, grad_cc, grad_sc, part,
+                gF, gS, ray0, 0, t != pid, trans, prefix, total, R, D, Ec, Es, H, H4, INCLUSIVE, ACT, ACC, OP, EMU,
+                PREC, KS, KC, HP, H4P, BLOCK_R, DC, MULTI, O_SI, O_SH, O_SF, O_CI, O_FA, O_FB, O_FH, O_BSI, O_BSH,
+                O_BSF, O_BCI, O_BF, O_BFH, O_WD, O_BD, _opaque_zero(t, R))
 
 
 # --- launchers ------------------------------------------------------------------------------------
@@ -351,7 +412,7 @@ def _grad_layout(KS: int, KC: int, HP: int, H4P: int) -> tuple[dict, int]:
     offsets, total = {}, 0
     for name, size in sizes.items():
         offsets[name] = total
-        total += size
+        total += -(-size // 32) * 32  # 128-byte aligned blocks (vector loads; the buffer is too)
     return offsets, total
 
 
@@ -387,7 +448,7 @@ def mlp_composite_forward(color_code: torch.Tensor, shape_code: torch.Tensor, pa
         with launch_ctx(color_code):
             _forward_kernel[(triton.cdiv(R, block_r),)](
                 color_code, shape_code, *params, features, weight_sum, R, D, Ec, Es, H, H4, BLOCK_R=block_r, DC=dc,
-                num_warps=warps, **const)
+                MULTI=D > dc, num_warps=warps, **const)
     return features.to(dtype), weight_sum.to(dtype)
 
 
