@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from triton.runtime.errors import OutOfResources
+
 from ._common import accumulator, interpreting, launch_ctx
 from .composite import _activate, _activate_grad, _step
 
@@ -233,8 +235,10 @@ def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
     gradients added to this program's partials `part` (keep = 0: they are not initialised yet)."""
     ROWS: tl.constexpr = BLOCK_R * DC
     rows, valid = _rows(ray0, c, R, D, ROWS, DC)
-    # a0 and a3 (from the codes, K = 16) are recomputed where needed: cheaper than keeping them live.
-    s, cd, _, a1, a2, _, a4, h, sigma = _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh,
+    # a0, a1 and a3 are recomputed where they are needed again (a0 and a3 from the codes, K = 16;
+    # a1 costs one more H x H dot): keeping them live from here costs registers and, as wgmma
+    # operands, shared memory (fp32 would not fit an H100's 227 KB).
+    s, cd, _, _, a2, _, a4, h, sigma = _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh,
                                                bfh, rows, valid, Ec, Es, H, H4, ACC, OP, EMU, PREC, KS, KC, HP, H4P,
                                                z)
     sigma, w, dw, inside, trans = _weights(sigma, trans, c, D, INCLUSIVE, ACT, ACC, BLOCK_R, DC)
@@ -274,6 +278,10 @@ def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
     tl.store(grad_cc + rows[:, None] * Ec + k[None, :], gc.to(grad_cc.dtype.element_ty),
              mask=valid[:, None] & (k < Ec)[None, :])
     # shape_feature
+    y = tl.dot(s, _wt(wsi, H, Es, Es, 0, KS, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    a0 = _op(_relu(y + _vec(bsi, H, HP, ACC, z)[None, :]), OP, EMU)
+    y = tl.dot(a0, _wt(wsh, H, H, H, 0, HP, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    a1 = _op(_relu(y + _vec(bsh, H, HP, ACC, z)[None, :]), OP, EMU)
     dz = _op(tl.where(a2 > 0.0, da2, 0.0), OP, EMU)
     _wgrad(part + O_SF, dz, a1, keep, H4P, HP, ACC, PREC, z)
     _vgrad(part + O_BSF, tl.sum(dz.to(ACC), axis=0), keep, H4P, z)
@@ -285,8 +293,6 @@ def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
     da += dsigma[:, None] * _vec(wd, H, HP, ACC, z)[None, :]
     # shape_hidden
     dz = _op(tl.where(a1 > 0.0, da, 0.0), OP, EMU)
-    y = tl.dot(s, _wt(wsi, H, Es, Es, 0, KS, HP, OP, z), input_precision=PREC, out_dtype=ACC)
-    a0 = _op(_relu(y + _vec(bsi, H, HP, ACC, z)[None, :]), OP, EMU)
     _wgrad(part + O_SH, dz, a0, keep, HP, HP, ACC, PREC, z)
     _vgrad(part + O_BSH, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
     da = tl.dot(dz, _w(wsh, H, H, H, 0, HP, HP, OP, z), input_precision=PREC, out_dtype=ACC)
@@ -367,29 +373,53 @@ def _dims(color_code, shape_code, params):
     return R, D, Ec, Es, H, H4
 
 
-# Rows (ray samples) per tile, from a budget of ROWS x HP fp32 elements per activation tile (fp64
-# tiles take half the rows). Forward: at most ~3 [ROWS, HP] tiles are live at once (two activations
-# and a dot result) besides a weight operand, so 128 x 128 with 8 warps is ~64 registers per tile
-# and thread. Backward: a0, a1, a3, a4, h (then the incoming gradient) and a dot result are live
-# together (~6 tiles), so 64 x 128 with 8 warps (32 registers per tile and thread) stays within the
-# 255-register cap. Each tile reloads the weights (~240 KB in fp32 at H=128, from L2) and, in
-# backward, reads and writes its program's weight-gradient partials (as much again): larger tiles
-# amortise that, smaller ones spill less. Untuned (no GPU where this was written): the first thing
-# to measure on an H100 is 64 vs 128 backward rows and 4 vs 8 warps.
-_FORWARD_TILE = 128 * 128
-_BACKWARD_TILE = 64 * 128
-_MAX_ROWS = 128
-# fp32 dots without allow_tf32: "ieee" (FMA, exact like PyTorch's fp32 Linear). "tf32x3" (three TF32
-# tensor-core products, about fp32's accuracy) would be several times faster on an H100.
-_FP32_DOT = "ieee"
+# Rows (ray samples) per tile at H = 128 (fewer for wider layers), first choice per dtype. Chosen from
+# sm_90 compiles (ptxas register and spill counts, Triton's shared memory) without a GPU to time them:
+# - a wgmma tile gives each warp 16 rows of the full width: an fp32 [rows, 128] activation is 64
+#   registers per thread whatever the rows, so rows = 16 x warps (8 warps for 128 rows);
+# - forward, 128 rows: fp16/bf16 use ~220 registers and no spills, fp32 a little spilling;
+# - backward holds several activations and a [128, 128] fp32 weight-gradient accumulator, and
+#   keeps its wgmma operands in shared memory: 128 rows for fp16/bf16 (~150 KB of shared memory,
+#   ~2 KB/thread of spills), 64 for fp32 (~220 KB: 128 rows would need ~300 KB, over an H100's
+#   227 KB), 32 for fp64;
+# - more rows amortise what each tile reloads: the weights (~240 KB in fp32 at H=128, from L2) and,
+#   in backward, its program's weight-gradient partials (read and written, as much again).
+# A launch that runs out of resources (shared memory) retries with half the rows; what launched
+# is remembered per shape. To tune on a GPU: rows (and a1's recompute in backward) per dtype.
+_FORWARD_ROWS = {torch.float16: 128, torch.bfloat16: 128, torch.float32: 128, torch.float64: 64}
+_BACKWARD_ROWS = {torch.float16: 128, torch.bfloat16: 128, torch.float32: 64, torch.float64: 32}
+_MIN_ROWS, _MAX_ROWS = 16, 128  # 16: the smallest MMA M
+_launched_rows: dict = {}  # (kernel, device, dtype, dims) -> rows of a launch that fitted
+# fp32 dots without allow_tf32: "tf32x3" (three TF32 tensor-core products per dot, split operands:
+# about fp32's accuracy). "ieee" (FMA, exact like PyTorch's fp32 Linear) compiles here, at H=128, to
+# ~30 KB of register spills per thread: unusable at speed.
+_FP32_DOT = "tf32x3"
 
 
-def _tile(D: int, HP: int, budget: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_R, DC, num_warps) for tiles of about `budget` elements (the interpreter runs the same
-    tiles: it too is faster with fewer, larger ones). At least 16 rows: the smallest MMA M."""
-    rows = max(16, min(_MAX_ROWS, budget // (HP * (2 if dtype == torch.float64 else 1))))
+def _tile(D: int, rows: int) -> tuple[int, int, int]:
+    """(BLOCK_R, DC, num_warps) for tiles of `rows` (ray, sample) rows: DC samples of BLOCK_R rays."""
     dc = min(triton.next_power_of_2(D), rows)
-    return rows // dc, dc, 4 if rows * HP <= 4096 else 8
+    return rows // dc, dc, 8 if rows >= 128 else 4
+
+
+def _first_rows(table: dict, dtype: torch.dtype, HP: int) -> int:
+    """The table's rows at HP = 128, scaled for other widths (registers go with rows x HP)."""
+    return max(_MIN_ROWS, min(_MAX_ROWS, table[dtype] * 128 // HP))
+
+
+def _launch(name: str, key: tuple, rows: int, launch) -> None:
+    """launch(rows); on OutOfResources again with half the rows, down to _MIN_ROWS."""
+    rows = _launched_rows.get((name, *key), rows)
+    while True:
+        try:
+            launch(rows)
+        except OutOfResources:
+            if rows <= _MIN_ROWS:
+                raise
+            rows //= 2
+            continue
+        _launched_rows[(name, *key)] = rows
+        return
 
 
 def _constexprs(dtype: torch.dtype, emu: bool, inclusive: bool, activation: int, Ec, Es, H, H4) -> dict:
@@ -417,8 +447,9 @@ def _grad_layout(KS: int, KC: int, HP: int, H4P: int) -> tuple[dict, int]:
 
 
 def _programs(device: torch.device) -> int:
-    """Backward's persistent grid: one program per SM (its ~200 registers per thread at 8 warps leave
-    room for one); a fixed count per device, so the order of the weight-gradient sums is fixed.
+    """Backward's persistent grid: one program per SM (its 255 registers per thread and up to ~220 KB
+    of shared memory leave room for one); a fixed count per device, so the order of the
+    weight-gradient sums is fixed.
     A few under the interpreter, so that programs loop over several tiles there too."""
     if device.type != "cuda":
         return 3
@@ -438,17 +469,22 @@ def mlp_composite_forward(color_code: torch.Tensor, shape_code: torch.Tensor, pa
     if emu:
         color_code, shape_code, params = color_code.float(), shape_code.float(), [p.float() for p in params]
     R, D, Ec, Es, H, H4 = _dims(color_code, shape_code, params)
-    launch = R > 0 and D > 0  # then the kernel writes every element
-    new = torch.empty if launch else torch.zeros
+    run = R > 0 and D > 0  # then the kernel writes every element
+    new = torch.empty if run else torch.zeros
     features = new((R, H), dtype=color_code.dtype, device=color_code.device)
     weight_sum = new((R,), dtype=color_code.dtype, device=color_code.device)
-    if launch:
+    if run:
         const = _constexprs(dtype, emu, inclusive, activation, Ec, Es, H, H4)
-        block_r, dc, warps = _tile(D, const["HP"], _FORWARD_TILE, dtype)
-        with launch_ctx(color_code):
+
+        def launch(rows):
+            block_r, dc, warps = _tile(D, rows)
             _forward_kernel[(triton.cdiv(R, block_r),)](
                 color_code, shape_code, *params, features, weight_sum, R, D, Ec, Es, H, H4, BLOCK_R=block_r, DC=dc,
                 MULTI=D > dc, num_warps=warps, **const)
+
+        with launch_ctx(color_code):
+            _launch("forward", (color_code.device, dtype, D, Ec, Es, H, H4),
+                    _first_rows(_FORWARD_ROWS, dtype, const["HP"]), launch)
     return features.to(dtype), weight_sum.to(dtype)
 
 
@@ -467,17 +503,25 @@ def mlp_composite_backward(grad_features: torch.Tensor, grad_weight_sum: torch.T
     grad_sc = torch.empty_like(shape_code)
     const = _constexprs(dtype, emu, inclusive, activation, Ec, Es, H, H4)
     KS, KC, HP, H4P = const["KS"], const["KC"], const["HP"], const["H4P"]
-    block_r, dc, warps = _tile(D, HP, _BACKWARD_TILE, dtype)
-    num_tiles = triton.cdiv(R, block_r)
-    programs = min(num_tiles, _programs(color_code.device))
     offsets, length = _grad_layout(KS, KC, HP, H4P)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    partials = torch.empty((programs, length), dtype=acc, device=color_code.device)  # each program starts its own
-    with launch_ctx(color_code):
+    partials = None
+
+    def launch(rows):
+        nonlocal partials
+        block_r, dc, warps = _tile(D, rows)
+        num_tiles = triton.cdiv(R, block_r)
+        programs = min(num_tiles, _programs(color_code.device))
+        # Each program initialises its own partials (its first tile stores without loading).
+        partials = torch.empty((programs, length), dtype=acc, device=color_code.device)
         _backward_kernel[(programs,)](
             grad_features, grad_weight_sum, color_code, shape_code, *params, grad_cc, grad_sc, partials,
             R, D, Ec, Es, H, H4, num_tiles, BLOCK_R=block_r, DC=dc, MULTI=D > dc, PT=length, num_warps=warps,
             **const, **offsets)
+
+    with launch_ctx(color_code):
+        _launch("backward", (color_code.device, dtype, D, Ec, Es, H, H4), _first_rows(_BACKWARD_ROWS, dtype, HP),
+                launch)
     g = partials.sum(0)  # fixed order: deterministic
 
     def block(name, rows, cols, n, k):
