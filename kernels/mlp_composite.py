@@ -3,34 +3,36 @@
 Rows are (ray, sample) pairs. A program owns BLOCK_R rays and, per chunk, DC samples of each (DC is
 D rounded up to a power of two, capped at the tile's rows; D > DC takes several chunks): a
 [ROWS = BLOCK_R * DC, K] tile of codes. Each layer is one `tl.dot` of the activation tile with the
-layer's (transposed, zero-padded to powers of two >= 16) weight, then bias and ReLU, all on chip;
-padded channels stay exactly 0. The density is a row-wise dot with the density weight. Compositing
-reshapes the densities to [BLOCK_R, DC]: the transmittance in front of each sample is an exclusive
-running product of exp(-p) (an associative scan of (product but the last, product) pairs; as
-composite_math.h, never exp of a running sum, so huge densities give an exact 0 and no NaN), then
-`kernels.composite._step` gives each weight and its derivative. Features are
+layer's weight (read transposed, zero-padded to powers of two >= 16), then bias and ReLU, all on
+chip; padded channels stay exactly 0. The density is a row-wise dot with the density weight.
+Compositing reshapes the densities to [BLOCK_R, DC]: the transmittance in front of each sample is
+an exclusive running product of exp(-p) (an associative scan of (product but the last, product)
+pairs; as composite_math.h, never exp of a running sum, so huge densities give an exact 0 and no
+NaN), then `kernels.composite._step` gives each weight and its derivative. Features are
 sum_i w_i h_i over [BLOCK_R, DC, H]; across chunks the transmittance is carried per ray.
 
 Backward recomputes the tile's forward on chip, then e_i = <gF, h_i> + gS, the GradScan of
 composite_math.h (pushed_i = e_i dw_i + prefix_i, dsigma_i = (pushed_i - total) act'(sigma_i); with
 several chunks a first pass over the ray finds the total), and backprops layer by layer with
-`tl.dot`: input gradients are stored per sample; weight gradients are dz^T a dots accumulated in
-the dot itself onto this program's own fp32 (fp64) partial buffer (load, dot-accumulate, store: no
-atomics). The grid is persistent and fixed by the device (programs loop over tiles in a fixed
-order), and the P partials are summed in torch, so the gradients are deterministic.
+`tl.dot` (a0, a1, a3 recomputed where needed again rather than kept live): input gradients are
+stored per sample; weight gradients are dz^T a dots accumulated, in the dot itself, onto this
+program's own fp32 (fp64) partial buffer (load, dot-accumulate, store; a program's first tile
+stores without loading: no zero fill, no atomics). The grid is persistent, one program per SM
+(fixed per device), each looping over tiles in a fixed order; the P partials are summed in torch,
+so the gradients are deterministic.
 
-Dtypes: fp32 dots run at IEEE precision unless torch.backends.cuda.matmul.allow_tf32 is set (as
-PyTorch's Linear); fp16/bf16 dots take operands in that dtype (activations and gradients rounded as
-PyTorch's own fp16/bf16 Linear would round its outputs) and accumulate in fp32; fp64 is fp64
-throughout. Biases, densities, compositing and everything between dots are fp32 (fp64). Under the
-interpreter bf16 runs in fp32 with bf16 rounding emulated on the dot operands (numpy has no bf16).
+Dtypes: fp16/bf16 dots take operands in that dtype (activations and gradients rounded as PyTorch's
+own fp16/bf16 Linear rounds its outputs) and accumulate in fp32; fp32 dots run as tf32x3 (three
+TF32 tensor-core products: about fp32's accuracy; see _FP32_DOT), plain TF32 if
+torch.backends.cuda.matmul.allow_tf32 is set (as PyTorch's Linear); fp64 is fp64 throughout.
+Biases, densities, compositing and everything between dots are fp32 (fp64). Under the interpreter
+bf16 runs in fp32 with bf16 rounding (round to nearest even) emulated on the dot operands (numpy
+has no bf16); precisions of fp32 dots do not apply there (numpy's fp32 products).
 """
-
 
 import torch
 import triton
 import triton.language as tl
-
 from triton.runtime.errors import OutOfResources
 
 from ._common import accumulator, interpreting, launch_ctx
@@ -389,7 +391,7 @@ def _dims(color_code, shape_code, params):
 _FORWARD_ROWS = {torch.float16: 128, torch.bfloat16: 128, torch.float32: 128, torch.float64: 64}
 _BACKWARD_ROWS = {torch.float16: 128, torch.bfloat16: 128, torch.float32: 64, torch.float64: 32}
 _MIN_ROWS, _MAX_ROWS = 16, 128  # 16: the smallest MMA M
-_launched_rows: dict = {}  # (kernel, device, dtype, dims) -> rows of a launch that fitted
+_launched_rows: dict = {}  # (kernel, device, dtype, dims, options) -> rows of a launch that fitted
 # fp32 dots without allow_tf32: "tf32x3" (three TF32 tensor-core products per dot, split operands:
 # about fp32's accuracy). "ieee" (FMA, exact like PyTorch's fp32 Linear) compiles here, at H=128, to
 # ~30 KB of register spills per thread: unusable at speed.
@@ -483,7 +485,7 @@ def mlp_composite_forward(color_code: torch.Tensor, shape_code: torch.Tensor, pa
                 MULTI=D > dc, num_warps=warps, **const)
 
         with launch_ctx(color_code):
-            _launch("forward", (color_code.device, dtype, D, Ec, Es, H, H4),
+            _launch("forward", (color_code.device, dtype, D, Ec, Es, H, H4, inclusive, activation, const["PREC"]),
                     _first_rows(_FORWARD_ROWS, dtype, const["HP"]), launch)
     return features.to(dtype), weight_sum.to(dtype)
 
@@ -520,8 +522,8 @@ def mlp_composite_backward(grad_features: torch.Tensor, grad_weight_sum: torch.T
             **const, **offsets)
 
     with launch_ctx(color_code):
-        _launch("backward", (color_code.device, dtype, D, Ec, Es, H, H4), _first_rows(_BACKWARD_ROWS, dtype, HP),
-                launch)
+        _launch("backward", (color_code.device, dtype, D, Ec, Es, H, H4, inclusive, activation, const["PREC"]),
+                _first_rows(_BACKWARD_ROWS, dtype, HP), launch)
     g = partials.sum(0)  # fixed order: deterministic
 
     def block(name, rows, cols, n, k):
