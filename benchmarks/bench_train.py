@@ -5,6 +5,7 @@ Providers: ``published`` = plain PyTorch ops (the reference backend, with PyTorc
 in place of our gather-based reference), fp32, eager, as the published code runs;
 ``compiled-published`` = the same under torch.compile; ``fnevr`` = fused ops, bf16 autocast and
 channels_last on a GPU (fp32 on a CPU); ``fnevr+head`` = also the fused ray head;
+``fnevr+mlp`` = the per-sample MLP and compositing as one fused op (``fused_head: mlp``);
 ``fnevr+head+compile``. On a GPU: vox-256 at 256x256, batch 8; on a CPU: the small config, batch 8.
 ``saved_MB`` is what the forward pass keeps for backward (device independent); ``peak_MB`` (GPU)
 the peak allocation of one step beyond the model and optimiser state.
@@ -24,6 +25,7 @@ PROVIDERS = {
     "compiled-published": dict(backend="reference", precision="fp32", channels_last=False, compile=True),
     "fnevr": dict(backend="auto", precision="auto", channels_last=None),
     "fnevr+head": dict(backend="auto", precision="auto", channels_last=None, fused_head=True),
+    "fnevr+mlp": dict(backend="auto", precision="auto", channels_last=None, fused_head="mlp"),
     "fnevr+head+compile": dict(backend="auto", precision="auto", channels_last=None, fused_head=True, compile=True),
 }
 if DEVICE == "cpu":  # compiling the whole model takes minutes on this CPU

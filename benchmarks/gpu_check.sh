@@ -2,7 +2,7 @@
 # The whole check on a machine with a CUDA GPU: build fnevr with its CUDA kernels, run every test
 # there (CUDA kernels, compiled Triton, bf16), then the benchmarks. Everything it prints and saves
 # goes to ${OUT:-benchmarks/results}. Usage: bash benchmarks/gpu_check.sh [benchmark names...]
-# (default: every benchmark: the three ops, the op-call overhead, inference and a training step)
+# (default: every benchmark: the four ops, the op-call overhead, inference and a training step)
 set -uo pipefail
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
@@ -23,7 +23,7 @@ if ! $py -m pip install --no-build-isolation --no-deps -e . > "$out/gpu-build-$d
   exit 1
 fi
 $py -m pytest tests -q -rfE -p no:cacheprovider "${PYTEST_ARGS[@]}" 2>&1 | tee "$out/gpu-tests-$day.txt" | tail -25
-[ $# -gt 0 ] || set -- composite grid_sample spade_norm overhead model train
+[ $# -gt 0 ] || set -- composite grid_sample spade_norm mlp_composite overhead model train
 for bench in "$@"; do
   $py benchmarks/run.py "$bench" --save "$out" 2>&1 | grep -v "^$" | tail -40
 done

@@ -5,8 +5,9 @@
 
 For each (op, mode, dtype, device) group, every provider's median time is compared with the group's
 baseline: PyTorch's own op ("torch") or the eager composition ("eager") where the benchmark has one,
-else the eager reference ("reference"), else the published recipe ("published"). Kernel (device)
-time is used where it was measured, wall time otherwise. Needs matplotlib.
+else the eager reference ("reference"), else the unfused ray head ("unfused"), else the published
+recipe ("published"). Kernel (device) time is used where it was measured, wall time otherwise.
+Needs matplotlib.
 """
 
 import argparse
@@ -14,7 +15,7 @@ import json
 import os
 from collections import defaultdict
 
-BASELINES = ("torch", "eager", "reference", "published")
+BASELINES = ("torch", "eager", "reference", "unfused", "published")
 
 
 def rows(paths):

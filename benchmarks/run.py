@@ -4,6 +4,7 @@ JSON and the printed output there, with the device, versions, commit and date.
     python benchmarks/run.py                     # compositing, on the GPU if there is one
     python benchmarks/run.py grid_sample         # grid sampling
     python benchmarks/run.py spade_norm          # SPADE normalisation at the decoder's shapes
+    python benchmarks/run.py mlp_composite       # the ray head: unfused, fused head, fused MLP
     python benchmarks/run.py composite grid_sample spade_norm --save benchmarks/results
 """
 
@@ -52,7 +53,7 @@ def environment() -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmarks", nargs="*", default=["composite"],
-                        help="which bench_*.py to run: composite (default), grid_sample, spade_norm, overhead, "
+                        help="which bench_*.py to run: composite (default), grid_sample, spade_norm, mlp_composite, overhead, "
                              "model, train")
     parser.add_argument("--save", metavar="DIR", help="write <name>-<device>-<date>.json and .txt here")
     args, extra = parser.parse_known_args()

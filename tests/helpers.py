@@ -26,9 +26,11 @@ def target_params(pairs=FUSED):
     return params
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = ""):
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "",
+                 tol: dict | None = None):
     """`actual` (any dtype) against an fp64 `expected`: same shape, finite where it is, and
-    max |actual - expected| <= TOL[dtype] * max |expected|."""
+    max |actual - expected| <= tol[dtype] * max |expected| (tol defaults to TOL)."""
+    tol = tol or TOL
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     actual = actual.detach().to("cpu", torch.float64)
     expected = expected.detach().to("cpu", torch.float64)
@@ -39,4 +41,4 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
         return
     scale = expected.abs().max().clamp_min(1e-30)
     err = ((actual - expected).abs().max() / scale).item()
-    assert err <= TOL[dtype], f"{what}: max error {err:.3g} x max|ref| exceeds {TOL[dtype]:.1g} for {dtype}"
+    assert err <= tol[dtype], f"{what}: max error {err:.3g} x max|ref| exceeds {tol[dtype]:.1g} for {dtype}"

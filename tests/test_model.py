@@ -235,14 +235,17 @@ def test_pose_editor_rejects_bad_angles():
     assert fnevr.model.PoseEditor is type(model.pose_editor)
 
 
-@pytest.mark.parametrize("backend, device", target_params([("reference", "cpu"), ("cpu", "cpu"), ("cuda", "cuda")]))
-def test_fused_head_equals_the_unfused_model(backend, device):
-    """Compositing the hidden features and applying the last layer per ray (render fused_head)
-    gives the unfused model's outputs and parameter gradients, in fp64."""
+@pytest.mark.parametrize("head", [True, "mlp"])
+@pytest.mark.parametrize("backend, device", target_params([("reference", "cpu"), ("cpu", "cpu"), ("triton", "cpu"),
+                                                           ("cuda", "cuda"), ("triton", "cuda")]))
+def test_fused_head_equals_the_unfused_model(backend, device, head):
+    """Compositing the hidden features and applying the last layer per ray (render fused_head: true),
+    or the whole MLP and compositing as one op (fused_head: mlp), gives the unfused model's outputs
+    and parameter gradients, in fp64."""
     config = fnevr.load_config("small")
     torch.manual_seed(1)
     plain = FNeVR(config, training_modules=False).train()
-    config["model_params"]["generator_params"]["render_params"]["fused_head"] = True
+    config["model_params"]["generator_params"]["render_params"]["fused_head"] = head
     fused = FNeVR(config, training_modules=False).train()
     fused.load_state_dict(plain.state_dict())
     for m in (plain, fused):

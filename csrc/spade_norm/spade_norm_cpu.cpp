@@ -1,6 +1,7 @@
 // SPADE normalisation on the CPU. NCHW: a task owns whole (n, c) rows of S contiguous elements, so
 // the statistics are scalars per row. channels_last: a task owns blocks of rows of C channels, and
 // per-channel partial results of the blocks are merged in a second, cheap step.
+#include "cpu_clones.h"
 #include "cpu_memory.h"
 #include "spade_norm.h"
 #include "spade_norm_math.h"
@@ -17,15 +18,6 @@
 #include <cstdint>
 #include <type_traits>
 #include <vector>
-
-// The hot loops are also compiled for AVX2 + FMA machines and picked at load time (GCC function
-// multi-versioning): the build targets baseline x86-64 (SSE2), whose 4-wide vectors leave these
-// arithmetic-heavy loops well short of memory speed.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FNEVR_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define FNEVR_CPU_CLONES
-#endif
 
 namespace fnevr {
 namespace {

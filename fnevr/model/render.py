@@ -90,15 +90,21 @@ class VolumeRenderer(nn.Module):
     image) and ``shape_volume`` ``[B, e, D, h, w]``.
 
     ``fused_head``: the MLP's last layer is linear, so it commutes with compositing,
-    :math:`\sum_i w_i (W h_i + b) = W \sum_i w_i h_i + b \sum_i w_i`. The renderer then composites
-    the ``hidden``-channel features (and a tensor of ones, for :math:`\sum_i w_i`) and applies the
-    last layer once per ray: the ``[B, h, w, D, C]`` colour field and its gradient never exist, and
-    that layer does D times less work. Same outputs up to round-off, same parameters.
+    :math:`\sum_i w_i (W h_i + b) = W \sum_i w_i h_i + b \sum_i w_i`. With ``True`` the renderer
+    composites the ``hidden``-channel features (and a tensor of ones, for :math:`\sum_i w_i`) and
+    applies the last layer once per ray: the ``[B, h, w, D, C]`` colour field and its gradient never
+    exist, and that layer does D times less work. With ``"mlp"`` the whole per-sample MLP and the
+    compositing run as one fused op (:func:`fnevr.ops.mlp_composite`), which keeps the per-sample
+    activations on chip and recomputes them in backward. Same outputs up to round-off, same
+    parameters, in every mode.
     """
 
     def __init__(self, in_channels: int = 256, color_channels: int = 128, shape_channels: int = 128,
-                 samples: int = 8, hidden: int = 128, transmittance: str = "inclusive", fused_head: bool = False):
+                 samples: int = 8, hidden: int = 128, transmittance: str = "inclusive",
+                 fused_head: bool | str = False):
         super().__init__()
+        if fused_head not in (False, True, "mlp"):
+            raise ValueError(f"fused_head must be false, true or 'mlp', got {fused_head!r}")
         self.transmittance, self.fused_head = transmittance, fused_head
         self.ops_backend = "auto"
         self.ray_sampler = RaySampler(in_channels, color_channels, shape_channels, samples)
@@ -109,11 +115,14 @@ class VolumeRenderer(nn.Module):
     def forward(self, features: Tensor) -> dict[str, Tensor]:
         color_code, shape_code, volume = self.ray_sampler(features)
         kw = dict(transmittance=self.transmittance, density_activation="relu", backend=self.ops_backend)
-        if self.fused_head:
+        head = self.sample_mlp.color_out
+        if self.fused_head == "mlp":
+            features, weight_sum = ops.mlp_composite(color_code, shape_code, dict(self.sample_mlp.named_parameters()),
+                                                     **kw)  # [B, h, w, hidden], [B, h, w, 1]
+            rays = F.linear(features, head.weight) + weight_sum * head.bias
+        elif self.fused_head:
             hidden, density = self.sample_mlp.hidden_features(color_code, shape_code)  # [B, h, w, D, hidden]
-            ones = torch.ones_like(density)
-            weight_sum = ops.composite(ones, density, **kw)  # [B, h, w, 1]
-            head = self.sample_mlp.color_out
+            weight_sum = ops.composite(torch.ones_like(density), density, **kw)  # [B, h, w, 1]
             rays = F.linear(ops.composite(hidden, density, **kw), head.weight) + weight_sum * head.bias
         else:
             color, density = self.sample_mlp(color_code, shape_code)  # [B, h, w, D, C], [B, h, w, D, 1]

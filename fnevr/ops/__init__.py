@@ -8,8 +8,9 @@ reports which can run here and, if not, why.
 from ._backend import BACKENDS, backends
 from .composite import composite, composite_reference
 from .grid_sample import grid_sample, grid_sample_reference
+from .mlp_composite import PARAMETERS as MLP_PARAMETERS
 from .mlp_composite import mlp_composite, mlp_composite_reference
 from .spade_norm import spade_norm, spade_norm_reference
 
 __all__ = ["BACKENDS", "backends", "composite", "composite_reference", "grid_sample", "grid_sample_reference",
-           "mlp_composite", "mlp_composite_reference", "spade_norm", "spade_norm_reference"]
+           "MLP_PARAMETERS", "mlp_composite", "mlp_composite_reference", "spade_norm", "spade_norm_reference"]

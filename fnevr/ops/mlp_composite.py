@@ -19,7 +19,7 @@ Because the MLP's last layer :math:`(W, b)` is linear, the colour the unfused mo
 chip and recompute them in backward: nothing of size ``[..., D, H]`` is stored, only the inputs.
 
 Shapes: ``color_code`` ``[..., D, Ec]``, ``shape_code`` ``[..., D, Es]``; ``params`` the 14
-tensors named in :data:`PARAMETERS` (Linear layout, ``weight`` ``[out, in]``), as a mapping (e.g.
+tensors named in :data:`PARAMETERS` (``fnevr.ops.MLP_PARAMETERS``; Linear layout, ``weight`` ``[out, in]``), as a mapping (e.g.
 ``dict(sample_mlp.named_parameters())``; extra names are ignored) or a sequence in that order.
 Result: ``features`` ``[..., H]`` and ``weight_sum`` ``[..., 1]``. Gradients flow to the codes and
 every parameter. Under autocast the codes and parameters run in the autocast dtype, as
