@@ -10,6 +10,7 @@
 // gradient once its last reader is done. Weight gradients accumulate into one partial buffer per
 // chunk of tiles; chunks depend on R and D only, not on the thread count, and their partials are
 // summed in chunk order, so the results are bit-identical run to run and across thread counts.
+#include "cpu_clones.h"
 #include "cpu_memory.h"
 #include "mlp_composite.h"
 #include "mlp_composite_math.h"
@@ -31,14 +32,6 @@
 
 #if !defined(__GNUC__)
 #error "mlp_composite_cpu.cpp uses GCC/Clang vector extensions"
-#endif
-
-// The hot loops are also compiled for AVX2 machines and picked at load time (GCC function
-// multi-versioning), as in spade_norm_cpu.cpp: the build targets baseline x86-64 (SSE2).
-#if !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FNEVR_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define FNEVR_CPU_CLONES
 #endif
 
 namespace fnevr {
