@@ -222,6 +222,7 @@ std::vector<T> make_bias(const at::Tensor& b) {
 template <typename T>
 struct Mlp {
   Dims d;
+  // density's W is one row, w_sigma, read from its bwd layout in both directions
   Weight<T> shape_in, shape_hidden, density, shape_feature, color_in, fuse_a2, fuse_a3, fuse_hidden;
   std::vector<T> b_shape_in, b_shape_hidden, b_shape_feature, b_color_in, b_fuse, b_fuse_hidden;
   T b_density;
@@ -252,7 +253,7 @@ Mlp<T> make_mlp(const Dims& d, at::TensorList p) {
 
 // ---- one tile of rays ----------------------------------------------------------------------------
 
-// Samples per tile: a few hundred KB of activations (L2-resident) and rows that are a multiple of kMR.
+// Samples per tile (16 micro-tile rows): a few hundred KB of activations at H = 128, L2-resident.
 constexpr int64_t kTileRows = 96;
 
 int64_t rays_per_tile(int64_t D) { return std::max<int64_t>(1, kTileRows / D); }
@@ -391,7 +392,9 @@ void tile_layers_backward(const Problem<T, scalar_t>& p, Workspace<T>& ws, int64
   };
   // dx = dz W, then through x's ReLU when x is an activation (in place over x).
   auto input_grad = [&](const T* dz, int64_t ldz, int64_t out, const Weight<T>& w, int64_t in, Mode mode, T* x,
-                        int64_t ldx) { gemm<T>(rows, in, {{dz, ldz, 1, w.bwd.data(), w.ld_bwd, out}}, mode, nullptr, x, ldx); };
+                        int64_t ldx) {
+    gemm<T>(rows, in, {{dz, ldz, 1, w.bwd.data(), w.ld_bwd, out}}, mode, nullptr, x, ldx);
+  };
 
   // fuse_hidden (dz in h)
   weight_grad(ws.h, ws.ld_h, d.H, ws.a4, ws.ld_h, d.H, grad_of(kFuseHiddenW), d.H);

@@ -235,7 +235,8 @@ __device__ void input_grad_through_relu(const T* dz, int out, const T* w, int ld
 template <typename T, typename scalar_t>
 __device__ void code_grad(const T* dz, int out, const T* w, int in, int rows, scalar_t* dst) {
   const Term<T> terms[1] = {{dz, out, 1, w, in, out}};
-  block_gemm(rows, in, terms, [&](int m, int n, T v) { dst[static_cast<int64_t>(m) * in + n] = static_cast<scalar_t>(v); });
+  block_gemm(rows, in, terms,
+             [&](int m, int n, T v) { dst[static_cast<int64_t>(m) * in + n] = static_cast<scalar_t>(v); });
 }
 
 // The flat gradient layout of mlp_composite_math.h, as offsets into a block's partial slice.
@@ -398,7 +399,8 @@ std::tuple<at::Tensor, at::Tensor> mlp_composite_forward_cuda(const at::Tensor& 
   if (R == 0 || D == 0) return {at::zeros({R, d.H}, color_code.options()), at::zeros({R}, color_code.options())};
   at::Tensor features = at::empty({R, d.H}, color_code.options());
   at::Tensor weight_sum = at::empty({R}, color_code.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, color_code.scalar_type(), "mlp_composite_forward_cuda", [&] {
+  const auto dtype = color_code.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mlp_composite_forward_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
     std::vector<at::Tensor> keep;
     Net<T> net = make_net<T>(d, params, R, D, inclusive, activation, keep);
@@ -430,7 +432,8 @@ std::vector<at::Tensor> mlp_composite_backward_cuda(const at::Tensor& grad_featu
     return grads;
   }
   grads = {at::empty_like(color_code), at::empty_like(shape_code)};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, color_code.scalar_type(), "mlp_composite_backward_cuda", [&] {
+  const auto dtype = color_code.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mlp_composite_backward_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
     const auto stream = c10::cuda::getCurrentCUDAStream();
     std::vector<at::Tensor> keep;
@@ -460,7 +463,7 @@ std::vector<at::Tensor> mlp_composite_backward_cuda(const at::Tensor& grad_featu
     for (int q = 0; q < mlp::kNumParams; ++q)  // copies: the outputs own their memory
       grads.push_back(flat.narrow(0, off.of[q], mlp::param_numel(d, q))
                           .view(params[q].sizes())
-                          .to(color_code.scalar_type(), /*non_blocking=*/false, /*copy=*/true));
+                          .to(dtype, /*non_blocking=*/false, /*copy=*/true));
   });
   return grads;
 }
