@@ -16,12 +16,12 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -361,11 +361,18 @@ Net<T> make_net(const Dims& d, at::TensorList params, int64_t R, int64_t D, bool
   return net;
 }
 
+// An attribute of the current device (not ATen's device properties: their header needs cuSPARSE's).
+int device_attribute(cudaDeviceAttr attr) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, c10::cuda::current_device()));
+  return value;
+}
+
 // Rays per tile: about kTileRows samples, fewer if shared memory runs short; sets the kernel's
 // dynamic shared memory limit and returns the bytes it needs.
 template <typename T, typename Kernel>
 size_t fit_tile(Net<T>& net, const Dims& d, Kernel kernel) {
-  const int64_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  const int64_t limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
   int64_t rays = std::max<int64_t>(1, kTileRows / net.D);
   while (rays > 1 && tile_values(d, rays * net.D) * int64_t(sizeof(T)) > limit) rays /= 2;
   const int64_t bytes = tile_values(d, rays * net.D) * sizeof(T);
@@ -441,7 +448,7 @@ std::vector<at::Tensor> mlp_composite_backward_cuda(const at::Tensor& grad_featu
     const auto kernel = mlp_composite_backward_kernel<T, scalar_t>;
     const size_t smem = fit_tile(net, d, kernel);
     const int64_t tiles = num_tiles(R, net.rays_per_tile);
-    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
     const int G = static_cast<int>(std::min<int64_t>(tiles, int64_t(kBlocksPerSM) * sms));
     Offsets off;
     for (int q = 0; q < mlp::kNumParams; ++q) off.of[q] = mlp::param_offset(d, q);
