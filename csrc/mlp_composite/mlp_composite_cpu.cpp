@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <memory>
 #include <vector>
 
 #if !defined(__GNUC__)
@@ -462,18 +463,21 @@ std::vector<at::opmath_type<scalar_t>> backward(const Problem<at::opmath_type<sc
   const int64_t per_chunk = std::max(kMinTilesPerChunk, (tiles + kMaxChunks - 1) / kMaxChunks);
   const int64_t chunks = (tiles + per_chunk - 1) / per_chunk;
   const int64_t P = mlp::num_param_elements(p.m.d);
-  std::vector<T> partials(chunks * P, T(0));
+  std::unique_ptr<T[]> partials(new T[chunks * P]);  // each chunk zeroes its own, in parallel
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     Workspace<T> ws(p.m.d, tile * p.D);
-    for (int64_t chunk = c0; chunk < c1; ++chunk)
+    for (int64_t chunk = c0; chunk < c1; ++chunk) {
+      T* partial = partials.get() + chunk * P;
+      std::fill(partial, partial + P, T(0));
       for (int64_t t = chunk * per_chunk; t < std::min(tiles, (chunk + 1) * per_chunk); ++t) {
         const int64_t ray0 = t * tile, rays = std::min(tile, p.R - ray0);
         tile_forward(p, ws, ray0 * p.D, rays * p.D);
         tile_composite_backward(p, ws, ray0, rays, grad_features, grad_weight_sum);
-        tile_layers_backward(p, ws, ray0 * p.D, rays * p.D, partials.data() + chunk * P, grad_color, grad_shape);
+        tile_layers_backward(p, ws, ray0 * p.D, rays * p.D, partial, grad_color, grad_shape);
       }
+    }
   });
-  std::vector<T> total(partials.begin(), partials.begin() + P);
+  std::vector<T> total(partials.get(), partials.get() + P);
   at::parallel_for(0, P, 4096, [&](int64_t i0, int64_t i1) {
     for (int64_t chunk = 1; chunk < chunks; ++chunk)
       for (int64_t i = i0; i < i1; ++i) total[i] += partials[chunk * P + i];
