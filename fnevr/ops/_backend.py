@@ -58,14 +58,24 @@ def backends(device: str | torch.device = "cpu") -> dict[str, str]:
 
 def resolve(backend: str, device: torch.device) -> str:
     """The backend that will run for tensors on `device`; raises if a forced one cannot."""
+    # Every op call asks: the common answers are looked up (a non-str backend gets _resolve's error).
+    name = _RESOLVED.get((backend, device.type)) if isinstance(backend, str) else None
+    return name if name is not None else _resolve(backend, device.type)
+
+
+def _resolve(backend: str, kind: str) -> str:
     if backend == "auto":
-        for name in AUTO_ORDER.get(device.type, ("reference",)):
-            if not _UNAVAILABLE.get((name, device.type), "n/a"):
+        for name in AUTO_ORDER.get(kind, ("reference",)):
+            if not _UNAVAILABLE.get((name, kind), "n/a"):
                 return name
         return "reference"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    why = _UNAVAILABLE.get((backend, device.type), f"tensors on {device.type} are not supported")
+    why = _UNAVAILABLE.get((backend, kind), f"tensors on {kind} are not supported")
     if why:
-        raise RuntimeError(f"backend={backend!r} cannot run on {device.type} tensors: {why}")
+        raise RuntimeError(f"backend={backend!r} cannot run on {kind} tensors: {why}")
     return backend
+
+
+_RESOLVED = {(b, kind): _resolve(b, kind) for b in ("auto",) + BACKENDS for kind in AUTO_ORDER
+             if b == "auto" or not _UNAVAILABLE[(b, kind)]}
