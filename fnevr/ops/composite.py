@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import resolve
+from ._backend import custom_op, resolve
 
 TRANSMITTANCES = ("exclusive", "inclusive")
 ACTIVATIONS = {"relu": 0, "softplus": 1, "none": 2}  # codes shared with composite_math.h
@@ -81,9 +81,8 @@ def composite(color: Tensor, density: Tensor, *, transmittance: str = "exclusive
         return composite_reference(color, density, transmittance=transmittance,
                                    density_activation=density_activation)
     R = math.prod(lead)
-    out = torch.ops.fnevr.composite(color.reshape(R, D, C).contiguous(),
-                                    density.reshape(R, D).contiguous(),
-                                    transmittance == "inclusive", ACTIVATIONS[density_activation], name)
+    out = _composite_op(color.reshape(R, D, C).contiguous(), density.reshape(R, D).contiguous(),
+                        transmittance == "inclusive", ACTIVATIONS[density_activation], name)
     return out.reshape(*lead, C)
 
 
@@ -127,7 +126,7 @@ def _kernels(backend: str):
     return torch.ops.fnevr._composite_forward, torch.ops.fnevr._composite_backward  # cpu, cuda
 
 
-@torch.library.custom_op("fnevr::composite", mutates_args=())
+@custom_op("fnevr::composite")
 def _composite_op(color: Tensor, density: Tensor, inclusive: bool, activation: int, backend: str) -> Tensor:
     return _kernels(backend)[0](color, density, inclusive, activation)
 
@@ -137,7 +136,7 @@ def _(color, density, inclusive, activation, backend):
     return color.new_empty((color.shape[0], color.shape[2]))
 
 
-@torch.library.custom_op("fnevr::composite_grad", mutates_args=())
+@custom_op("fnevr::composite_grad")
 def _composite_grad_op(grad_out: Tensor, color: Tensor, density: Tensor, inclusive: bool, activation: int,
                        backend: str, color_grad: bool) -> tuple[Tensor, Tensor]:
     return _kernels(backend)[1](grad_out, color, density, inclusive, activation, color_grad)

@@ -47,7 +47,7 @@ double-differentiable by autograd), ``cpu`` (csrc/grid_sample/grid_sample_cpu.cp
 import torch
 from torch import Tensor
 
-from ._backend import resolve
+from ._backend import custom_op, resolve
 from ._layout import is_channels_last
 
 MODES = {"bilinear": 0, "nearest": 1}  # codes shared with grid_sample_math.h
@@ -201,7 +201,7 @@ def _memory_format(t: Tensor):
     return torch.channels_last if is_channels_last(t) else torch.contiguous_format
 
 
-@torch.library.custom_op("fnevr::grid_sample", mutates_args=())
+@custom_op("fnevr::grid_sample")
 def _grid_sample_op(input: Tensor, grid: Tensor, mode: int, padding: int, align_corners: bool,
                     deterministic: bool, backend: str) -> Tensor:
     return _kernels(backend)[0](input, grid, mode, padding, align_corners)
@@ -213,7 +213,7 @@ def _(input, grid, mode, padding, align_corners, deterministic, backend):
     return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=_memory_format(input))
 
 
-@torch.library.custom_op("fnevr::grid_sample_grad", mutates_args=())
+@custom_op("fnevr::grid_sample_grad")
 def _grid_sample_grad_op(grad_out: Tensor, input: Tensor, grid: Tensor, mode: int, padding: int,
                          align_corners: bool, deterministic: bool, backend: str, input_grad: bool,
                          grid_grad: bool) -> tuple[Tensor, Tensor]:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import resolve
+from ._backend import custom_op, resolve
 from ._layout import is_channels_last
 
 NORMS = ("instance", "batch")
@@ -269,7 +269,7 @@ def _backward_impl(k, grad_y, x3, g, b, mean, var, eps, cl, act, slope, stats_gr
 
 # --- torch.library registration ------------------------------------------------------------------
 
-@torch.library.custom_op("fnevr::spade_norm_stats", mutates_args=())
+@custom_op("fnevr::spade_norm_stats")
 def _spade_norm_stats_op(x: Tensor, channels_last: bool, batch: bool, backend: str) -> tuple[Tensor, Tensor]:
     return _Kernels(backend).stats(x, channels_last, batch)
 
@@ -281,7 +281,7 @@ def _(x, channels_last, batch, backend):
     return x.new_empty(shape, dtype=_acc(x.dtype)), x.new_empty(shape, dtype=_acc(x.dtype))
 
 
-@torch.library.custom_op("fnevr::spade_norm", mutates_args=())
+@custom_op("fnevr::spade_norm")
 def _spade_norm_op(x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor, eps: float,
                    channels_last: bool, activation: int, negative_slope: float, stats_grad: bool,
                    backend: str) -> Tensor:
@@ -293,7 +293,7 @@ def _(x, gamma, beta, mean, var, eps, channels_last, activation, negative_slope,
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("fnevr::spade_norm_grad", mutates_args=())
+@custom_op("fnevr::spade_norm_grad")
 def _spade_norm_grad_op(grad_y: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor,
                         eps: float, channels_last: bool, activation: int, negative_slope: float, stats_grad: bool,
                         backend: str, gamma_grad: bool, beta_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -328,7 +328,7 @@ _spade_norm_op.register_autograd(_backward, setup_context=_setup_context)
 _FUSED_INSTANCE = ("cpu", "triton")  # backends with the one-pass NCHW instance-norm kernels
 
 
-@torch.library.custom_op("fnevr::spade_norm_instance", mutates_args=())
+@custom_op("fnevr::spade_norm_instance")
 def _spade_norm_instance_op(x: Tensor, gamma: Tensor, beta: Tensor, eps: float, activation: int,
                             negative_slope: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Instance norm of an NCHW [N, C, S] x in one pass -> (y, mean, var)."""
