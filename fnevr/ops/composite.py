@@ -92,18 +92,19 @@ def _check(color, density, transmittance, density_activation):
             raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _DTYPES:
             raise ValueError(f"{arg} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if color.dim() < 2:
-        raise ValueError(f"color must be [..., D, C] (at least 2-D), got shape {tuple(color.shape)}")
-    lead, (D, C) = tuple(color.shape[:-2]), color.shape[-2:]
-    if density.dim() == color.dim() and density.shape[-1] == 1:
-        d_lead, d_samples = tuple(density.shape[:-2]), density.shape[-2]
-    elif density.dim() == color.dim() - 1:
-        d_lead, d_samples = tuple(density.shape[:-1]), density.shape[-1]
+    shape, d_shape = color.shape, density.shape  # each .shape is a new torch.Size: read them once
+    if len(shape) < 2:
+        raise ValueError(f"color must be [..., D, C] (at least 2-D), got shape {tuple(shape)}")
+    lead, D, C = shape[:-2], shape[-2], shape[-1]
+    if len(d_shape) == len(shape) and d_shape[-1] == 1:
+        d_lead, d_samples = d_shape[:-2], d_shape[-2]
+    elif len(d_shape) == len(shape) - 1:
+        d_lead, d_samples = d_shape[:-1], d_shape[-1]
     else:
         raise ValueError(f"density must be [..., D] or [..., D, 1] for color [..., D, C] of shape "
-                         f"{tuple(color.shape)}, got shape {tuple(density.shape)}")
+                         f"{tuple(shape)}, got shape {tuple(d_shape)}")
     if d_lead != lead:
-        raise ValueError(f"density's leading (ray) dims {d_lead} differ from color's {lead}")
+        raise ValueError(f"density's leading (ray) dims {tuple(d_lead)} differ from color's {tuple(lead)}")
     if d_samples != D:
         raise ValueError(f"density has D={d_samples} samples per ray but color has D={D}")
     if density.dtype != color.dtype:

@@ -180,11 +180,12 @@ def _check(x, gamma, beta, norm, activation, running_mean, running_var, training
             raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _DTYPES:
             raise ValueError(f"{arg} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be [N, C, H, W], got shape {tuple(x.shape)}")
+    shape = x.shape  # each .shape is a new torch.Size: read it once
+    if len(shape) != 4:
+        raise ValueError(f"x must be [N, C, H, W], got shape {tuple(shape)}")
     for arg, t in (("gamma", gamma), ("beta", beta)):
-        if not _broadcasts_to(t.shape, x.shape):
-            raise ValueError(f"{arg} must be [N, C, H, W] = {list(x.shape)} or broadcastable to it "
+        if not _broadcasts_to(t.shape, shape):
+            raise ValueError(f"{arg} must be [N, C, H, W] = {list(shape)} or broadcastable to it "
                              f"(e.g. [N, C, 1, 1]), got shape {tuple(t.shape)}")
         if t.dtype != x.dtype:
             raise ValueError(f"{arg} must have x's dtype {x.dtype}, got {t.dtype}")
@@ -200,7 +201,7 @@ def _check(x, gamma, beta, norm, activation, running_mean, running_var, training
         raise ValueError("running_mean/running_var apply to norm='batch' only")
     if norm == "batch" and not training and running_mean is None:
         raise ValueError("norm='batch' with training=False needs running_mean and running_var")
-    C = x.shape[1]
+    C = shape[1]
     for arg, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and (not isinstance(t, Tensor) or t.shape != (C,) or not t.is_floating_point()
                               or t.device != x.device):
@@ -209,7 +210,7 @@ def _check(x, gamma, beta, norm, activation, running_mean, running_var, training
     if norm == "batch" and training:
         if x.numel() // max(C, 1) <= 1 and x.numel() > 0:
             raise ValueError(f"norm='batch' in training needs more than one value per channel, got shape "
-                             f"{tuple(x.shape)}")
+                             f"{tuple(shape)}")
         if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
             raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
 
