@@ -37,6 +37,8 @@ Triton fuses each direction into one kernel for NCHW instance norm (FNeVR's case
 between the passes (eager mode only).
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -241,6 +243,12 @@ class _Kernels:
             self.instance_backward = ops._spade_norm_instance_backward if fused else None
 
 
+@functools.cache
+def _kernels(backend) -> _Kernels:
+    """One _Kernels per backend (each op call asks, some twice)."""
+    return _Kernels(backend)
+
+
 def _backward_impl(k, grad_y, x3, g, b, mean, var, eps, cl, act, slope, stats_grad, gamma_grad, beta_grad,
                    all_reduce=None, count=None):
     """(dx, dgamma, dbeta) for the kernel-level tensors; `all_reduce` sums [2, C] across processes."""
@@ -271,7 +279,7 @@ def _backward_impl(k, grad_y, x3, g, b, mean, var, eps, cl, act, slope, stats_gr
 
 @custom_op("fnevr::spade_norm_stats")
 def _spade_norm_stats_op(x: Tensor, channels_last: bool, batch: bool, backend: str) -> tuple[Tensor, Tensor]:
-    return _Kernels(backend).stats(x, channels_last, batch)
+    return _kernels(backend).stats(x, channels_last, batch)
 
 
 @_spade_norm_stats_op.register_fake
@@ -285,7 +293,7 @@ def _(x, channels_last, batch, backend):
 def _spade_norm_op(x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor, eps: float,
                    channels_last: bool, activation: int, negative_slope: float, stats_grad: bool,
                    backend: str) -> Tensor:
-    return _Kernels(backend).forward(x, gamma, beta, mean, var, eps, channels_last, activation, negative_slope)
+    return _kernels(backend).forward(x, gamma, beta, mean, var, eps, channels_last, activation, negative_slope)
 
 
 @_spade_norm_op.register_fake
@@ -297,7 +305,7 @@ def _(x, gamma, beta, mean, var, eps, channels_last, activation, negative_slope,
 def _spade_norm_grad_op(grad_y: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor,
                         eps: float, channels_last: bool, activation: int, negative_slope: float, stats_grad: bool,
                         backend: str, gamma_grad: bool, beta_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dg, db = _backward_impl(_Kernels(backend), grad_y, x, gamma, beta, mean, var, eps, channels_last,
+    dx, dg, db = _backward_impl(_kernels(backend), grad_y, x, gamma, beta, mean, var, eps, channels_last,
                                 activation, negative_slope, stats_grad, gamma_grad, beta_grad)
     return dx, dg if gamma_grad else x.new_empty((0,)), db if beta_grad else x.new_empty((0,))
 
@@ -332,7 +340,7 @@ _FUSED_INSTANCE = ("cpu", "triton")  # backends with the one-pass NCHW instance-
 def _spade_norm_instance_op(x: Tensor, gamma: Tensor, beta: Tensor, eps: float, activation: int,
                             negative_slope: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Instance norm of an NCHW [N, C, S] x in one pass -> (y, mean, var)."""
-    return _Kernels(backend).instance_forward(x, gamma, beta, eps, activation, negative_slope)
+    return _kernels(backend).instance_forward(x, gamma, beta, eps, activation, negative_slope)
 
 
 @_spade_norm_instance_op.register_fake
@@ -364,7 +372,7 @@ class _SyncSpadeNorm(torch.autograd.Function):
     def forward(ctx, x3, g, b, opts, backend, group, running_mean, running_var, momentum):
         import torch.distributed as dist
 
-        k = _Kernels(backend)
+        k = _kernels(backend)
         eps, cl = opts[:2]
         mean_l, var_l = k.stats(x3, cl, True)
         n_l = x3.numel() // mean_l.numel()
@@ -387,7 +395,7 @@ class _SyncSpadeNorm(torch.autograd.Function):
         import torch.distributed as dist
 
         x3, g, b, mean, var = ctx.saved_tensors
-        dx, dg, db = _backward_impl(_Kernels(ctx.backend), grad_y.contiguous(), x3, g, b, mean, var, *ctx.opts,
+        dx, dg, db = _backward_impl(_kernels(ctx.backend), grad_y.contiguous(), x3, g, b, mean, var, *ctx.opts,
                                     True, ctx.needs_input_grad[1], ctx.needs_input_grad[2],
                                     all_reduce=lambda t: dist.all_reduce(t, group=ctx.group), count=ctx.count)
         return dx, (dg if ctx.needs_input_grad[1] else None), (db if ctx.needs_input_grad[2] else None), *[None] * 6
