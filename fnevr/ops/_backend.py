@@ -108,15 +108,18 @@ class FusedOp:
     autograd has nothing to record, else an ``autograd.Function`` with the same ``setup_context``
     and ``backward``. Those layers (argument handling, redispatch, a generated autograd Function)
     cost more than a small kernel: measured on a 2-core CPU, about half of a tiny compositing call
-    (12 -> 6 us) and a third of its forward+backward. Positional arguments only, tensors first.
+    (12 -> 6 us) and a third of its forward+backward. Positional arguments only, tensors (and
+    ``list[Tensor]``) first. With a tensor list and autograd to record, the custom op runs: an
+    ``autograd.Function`` would not see the tensors inside a list.
     """
 
     def __init__(self, name: str, fn):
         self.op = torch.library.custom_op(name, mutates_args=())(fn)
         self.register_fake = self.op.register_fake
         self._name, self._impl, self._function = name, fn, None
-        params = list(inspect.signature(fn).parameters.values())
-        self._tensors = next((i for i, p in enumerate(params) if p.annotation is not Tensor), len(params))
+        kinds = [p.annotation for p in inspect.signature(fn).parameters.values()]
+        self._tensors = next((i for i, k in enumerate(kinds) if k not in (Tensor, list[Tensor])), len(kinds))
+        self._lists = list[Tensor] in kinds[:self._tensors]
 
     def register_autograd(self, backward, *, setup_context):
         self.op.register_autograd(backward, setup_context=setup_context)
@@ -134,11 +137,13 @@ class FusedOp:
 
     def __call__(self, *args):
         tensors = args[:self._tensors]
+        if self._lists:
+            tensors = [t for a in tensors for t in (a if isinstance(a, (list, tuple)) else (a,))]
         if not _plain_eager(tensors):
             return self.op(*args)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             # without an autograd formula, the custom op raises its own error in backward
-            return self.op(*args) if self._function is None else self._function.apply(*args)
+            return self.op(*args) if self._function is None or self._lists else self._function.apply(*args)
         return self._impl(*args)
 
 
