@@ -1,0 +1,497 @@
+"""Triton kernels for the fused per-sample MLP + compositing; the math is in `fnevr.ops.mlp_composite`.
+
+Rows are (ray, sample) pairs. A program owns BLOCK_R rays and, per chunk, DC samples of each (DC is
+D rounded up to a power of two, capped at the tile's rows; D > DC takes several chunks): a
+[ROWS = BLOCK_R * DC, K] tile of codes. Each layer is one `tl.dot` of the activation tile with the
+layer's (transposed, zero-padded to powers of two >= 16) weight, then bias and ReLU, all on chip;
+padded channels stay exactly 0. The density is a row-wise dot with the density weight. Compositing
+reshapes the densities to [BLOCK_R, DC]: the transmittance in front of each sample is an exclusive
+running product of exp(-p) (an associative scan of (product but the last, product) pairs; as
+composite_math.h, never exp of a running sum, so huge densities give an exact 0 and no NaN), then
+`kernels.composite._step` gives each weight and its derivative. Features are
+sum_i w_i h_i over [BLOCK_R, DC, H]; across chunks the transmittance is carried per ray.
+
+Backward recomputes the tile's forward on chip, then e_i = <gF, h_i> + gS, the GradScan of
+composite_math.h (pushed_i = e_i dw_i + prefix_i, dsigma_i = (pushed_i - total) act'(sigma_i); with
+several chunks a first pass over the ray finds the total), and backprops layer by layer with
+`tl.dot`: input gradients are stored per sample; weight gradients are dz^T a dots accumulated in
+the dot itself onto this program's own fp32 (fp64) partial buffer (load, dot-accumulate, store: no
+atomics). The grid is persistent and fixed by the device (programs loop over tiles in a fixed
+order), and the P partials are summed in torch, so the gradients are deterministic.
+
+Dtypes: fp32 dots run at IEEE precision unless torch.backends.cuda.matmul.allow_tf32 is set (as
+PyTorch's Linear); fp16/bf16 dots take operands in that dtype (activations and gradients rounded as
+PyTorch's own fp16/bf16 Linear would round its outputs) and accumulate in fp32; fp64 is fp64
+throughout. Biases, densities, compositing and everything between dots are fp32 (fp64). Under the
+interpreter bf16 runs in fp32 with bf16 rounding emulated on the dot operands (numpy has no bf16).
+"""
+
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import accumulator, interpreting, launch_ctx
+from .composite import _activate, _activate_grad, _step
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+@triton.jit
+def _op(x, OP: tl.constexpr, EMU_BF16: tl.constexpr):
+    """x as a dot operand: rounded to OP; EMU_BF16 (interpreter): to bf16, round-to-nearest-even,
+    kept in fp32."""
+    if EMU_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        y = bits.to(tl.float32, bitcast=True)
+    else:
+        y = x.to(OP)
+    return y
+
+
+@triton.jit
+def _wt(w, N, K, ld, col0, KP: tl.constexpr, NP: tl.constexpr, OP: tl.constexpr, z):
+    """W^T as a [KP, NP] dot operand: W[n, col0 + k] for n < N, k < K (row stride ld), else 0.
+    z: 0, but opaque to the compiler and different in each loop iteration (see _opaque_zero)."""
+    k = tl.arange(0, KP)[:, None] + z
+    n = tl.arange(0, NP)[None, :]
+    return tl.load(w + n * ld + col0 + k, mask=(k < K) & (n < N), other=0.0).to(OP)
+
+
+@triton.jit
+def _w(w, N, K, ld, col0, NP: tl.constexpr, KP: tl.constexpr, OP: tl.constexpr, z):
+    """W as a [NP, KP] dot operand (for the backward dz @ W)."""
+    n = tl.arange(0, NP)[:, None] + z
+    k = tl.arange(0, KP)[None, :]
+    return tl.load(w + n * ld + col0 + k, mask=(n < N) & (k < K), other=0.0).to(OP)
+
+
+@triton.jit
+def _vec(b, N, NP: tl.constexpr, ACC: tl.constexpr, z):
+    n = tl.arange(0, NP) + z
+    return tl.load(b + n, mask=n < N, other=0.0).to(ACC)
+
+
+@triton.jit
+def _codes(x, rows, valid, E, EP: tl.constexpr, OP: tl.constexpr):
+    """The [ROWS, EP] tile of codes x[row, :E] (rows: (ray, sample) indices, int64), 0 elsewhere."""
+    k = tl.arange(0, EP)
+    return tl.load(x + rows[:, None] * E + k[None, :], mask=valid[:, None] & (k < E)[None, :], other=0.0).to(OP)
+
+
+@triton.jit
+def _opaque_zero(i, R):
+    """0 (R >= 0), as a value the compiler cannot fold and that changes with the loop index i.
+    Weight addresses and masks built from it are computed in each iteration: left loop-invariant,
+    Triton hoists them out of the loop and keeps every [K, N] pointer and mask tensor of every layer
+    live across it (hundreds of registers per thread: spills, and weights held in shared memory)."""
+    return i * (R >> 31) * 1024  # a multiple of 1024: addresses keep their alignment (vector loads)
+
+
+@triton.jit
+def _relu(z):
+    return tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.relu
+
+
+@triton.jit
+def _excl_prod(a1, b1, a2, b2):
+    # Pairs (product of a segment but its last element, product of the whole segment): the scan's
+    # first component is the exclusive running product, with no division.
+    return b1 * a2, b1 * b2
+
+
+@triton.jit
+def _rows(ray0, c, R, D, ROWS: tl.constexpr, DC: tl.constexpr):
+    """Row indices (int64) and validity of chunk c of rays ray0.. in a tile: row m is ray m // DC,
+    sample c * DC + m % DC."""
+    m = tl.arange(0, ROWS)
+    ray = (ray0 + m // DC).to(tl.int64)
+    sample = c * DC + m % DC
+    valid = (ray < R) & (sample < D)
+    return ray * D + sample, valid
+
+
+@triton.jit
+def _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, rows, valid,
+         Ec, Es, H, H4, ACC: tl.constexpr, OP: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr,
+         KS: tl.constexpr, KC: tl.constexpr, HP: tl.constexpr, H4P: tl.constexpr, z):
+    """One tile's MLP: the codes s, c, the activations a0..a4 (as dot operands), h (ACC) and the
+    densities sigma [ROWS] (ACC). z: an opaque 0 (see _opaque_zero)."""
+    s = _codes(sc, rows, valid, Es, KS, OP)
+    y = tl.dot(s, _wt(wsi, H, Es, Es, 0, KS, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    a0 = _op(_relu(y + _vec(bsi, H, HP, ACC, z)[None, :]), OP, EMU)
+    y = tl.dot(a0, _wt(wsh, H, H, H, 0, HP, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    a1 = _op(_relu(y + _vec(bsh, H, HP, ACC, z)[None, :]), OP, EMU)
+    sigma = tl.sum(a1.to(ACC) * _vec(wd, H, HP, ACC, z)[None, :], axis=1) + tl.load(bd).to(ACC)
+    y = tl.dot(a1, _wt(wsf, H4, H, H, 0, HP, H4P, OP, z), input_precision=PREC, out_dtype=ACC)
+    a2 = _op(_relu(y + _vec(bsf, H4, H4P, ACC, z)[None, :]), OP, EMU)
+    c = _codes(cc, rows, valid, Ec, KC, OP)
+    y = tl.dot(c, _wt(wci, H, Ec, Ec, 0, KC, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    a3 = _op(_relu(y + _vec(bci, H, HP, ACC, z)[None, :]), OP, EMU)
+    # fuse takes concat(a2, a3): its weight's first H4 columns meet a2, the other H meet a3.
+    y = tl.dot(a2, _wt(wf, H, H4, H4 + H, 0, H4P, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    y = tl.dot(a3, _wt(wf, H, H, H4 + H, H4, HP, HP, OP, z), y, input_precision=PREC, out_dtype=ACC)
+    a4 = _op(_relu(y + _vec(bf, H, HP, ACC, z)[None, :]), OP, EMU)
+    y = tl.dot(a4, _wt(wfh, H, H, H, 0, HP, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    h = _relu(y + _vec(bfh, H, HP, ACC, z)[None, :])
+    return s, c, a0, a1, a2, a3, a4, h, sigma
+
+
+@triton.jit
+def _weights(sigma, trans, c, D, INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+             BLOCK_R: tl.constexpr, DC: tl.constexpr):
+    """Compositing weights of chunk c: (sigma [BLOCK_R, DC], w, dw/dp, sample valid, transmittance
+    behind the chunk). trans: transmittance in front of it; padded samples get p = 0, weight 0."""
+    sigma = tl.reshape(sigma, [BLOCK_R, DC])
+    j = tl.arange(0, DC)[None, :]
+    inside = (c * DC + j) < D
+    p = tl.where(inside, _activate(sigma, ACT), 0.0)
+    if DC == 1:  # one sample per chunk: no scan
+        excl, incl = tl.full([BLOCK_R, DC], 1.0, ACC), tl.exp(-p)
+    else:
+        excl, incl = tl.associative_scan((tl.full([BLOCK_R, DC], 1.0, ACC), tl.exp(-p)), axis=1,
+                                         combine_fn=_excl_prod)
+    w, dw, _ = _step(p, trans[:, None] * excl, INCLUSIVE)
+    w = tl.where(inside, w, 0.0)
+    trans = trans * tl.sum(tl.where(j == DC - 1, incl, 0.0), axis=1)
+    return sigma, w, dw, inside, trans
+
+
+# --- forward --------------------------------------------------------------------------------------
+
+@triton.jit
+def _forward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, ray0, c, trans, feat, wsum,
+                   R, D, Ec, Es, H, H4, INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+                   OP: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr,
+                   HP: tl.constexpr, H4P: tl.constexpr, BLOCK_R: tl.constexpr, DC: tl.constexpr, z):
+    rows, valid = _rows(ray0, c, R, D, BLOCK_R * DC, DC)
+    _, _, _, _, _, _, _, h, sigma = _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh,
+                                         rows, valid, Ec, Es, H, H4, ACC, OP, EMU, PREC, KS, KC, HP, H4P, z)
+    _, w, _, _, trans = _weights(sigma, trans, c, D, INCLUSIVE, ACT, ACC, BLOCK_R, DC)
+    feat += tl.sum(w[:, :, None] * tl.reshape(h, [BLOCK_R, DC, HP]), axis=1)
+    wsum += tl.sum(w, axis=1)
+    return trans, feat, wsum
+
+
+@triton.jit
+def _forward_kernel(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, features, weight_sum,
+                    R, D, Ec, Es, H, H4, INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+                    OP: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr,
+                    HP: tl.constexpr, H4P: tl.constexpr, BLOCK_R: tl.constexpr, DC: tl.constexpr,
+                    MULTI: tl.constexpr):
+    ray0 = tl.program_id(0) * BLOCK_R  # < R: int32 is enough; row offsets are int64
+    trans = tl.full([BLOCK_R], 1.0, ACC)
+    feat = tl.zeros([BLOCK_R, HP], ACC)
+    wsum = tl.zeros([BLOCK_R], ACC)
+    if MULTI:  # a ray spans several chunks
+        for c in range(tl.cdiv(D, DC)):
+            trans, feat, wsum = _forward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh,
+                                               bfh, ray0, c, trans, feat, wsum, R, D, Ec, Es, H, H4, INCLUSIVE,
+                                               ACT, ACC, OP, EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC,
+                                               _opaque_zero(c, R))
+    else:
+        trans, feat, wsum = _forward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh,
+                                           ray0, 0, trans, feat, wsum, R, D, Ec, Es, H, H4, INCLUSIVE, ACT, ACC, OP,
+                                           EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC, 0)
+    rays = (ray0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+    n = tl.arange(0, HP)
+    tl.store(features + rays[:, None] * H + n[None, :], feat.to(features.dtype.element_ty),
+             mask=(rays < R)[:, None] & (n < H)[None, :])
+    tl.store(weight_sum + rays, wsum.to(weight_sum.dtype.element_ty), mask=rays < R)
+
+
+# --- backward -------------------------------------------------------------------------------------
+
+@triton.jit
+def _wgrad(part, dz, a, keep, NP: tl.constexpr, KP: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, z):
+    """part[NP, KP] += dz^T a (dz [ROWS, NP], a [ROWS, KP]); keep = 0: part is uninitialised, start at 0."""
+    offs = (tl.arange(0, NP)[:, None] + z) * KP + tl.arange(0, KP)[None, :]
+    g = tl.load(part + offs, mask=keep, other=0.0)  # a scalar mask: vector loads
+    g = tl.dot(tl.trans(dz), a, g, input_precision=PREC, out_dtype=ACC)
+    tl.store(part + offs, g)
+
+
+@triton.jit
+def _vgrad(part, v, keep, NP: tl.constexpr, z):
+    """part[NP] += v."""
+    offs = tl.arange(0, NP) + z
+    tl.store(part + offs, tl.load(part + offs, mask=keep, other=0.0) + v)
+
+
+@triton.jit
+def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, grad_cc, grad_sc, part,
+                    gF, gS, ray0, c, keep, trans, prefix, total, R, D, Ec, Es, H, H4, INCLUSIVE: tl.constexpr,
+                    ACT: tl.constexpr, ACC: tl.constexpr, OP: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr,
+                    KS: tl.constexpr, KC: tl.constexpr, HP: tl.constexpr, H4P: tl.constexpr, BLOCK_R: tl.constexpr,
+                    DC: tl.constexpr, MULTI: tl.constexpr, O_SI: tl.constexpr, O_SH: tl.constexpr,
+                    O_SF: tl.constexpr, O_CI: tl.constexpr, O_FA: tl.constexpr, O_FB: tl.constexpr,
+                    O_FH: tl.constexpr, O_BSI: tl.constexpr, O_BSH: tl.constexpr, O_BSF: tl.constexpr,
+                    O_BCI: tl.constexpr, O_BF: tl.constexpr, O_BFH: tl.constexpr, O_WD: tl.constexpr,
+                    O_BD: tl.constexpr, z):
+    """Chunk c of a tile: recompute, composite's GradScan, backprop; input gradients stored, weight
+    gradients added to this program's partials `part` (keep = 0: they are not initialised yet)."""
+    ROWS: tl.constexpr = BLOCK_R * DC
+    rows, valid = _rows(ray0, c, R, D, ROWS, DC)
+    # a0 and a3 (from the codes, K = 16) are recomputed where needed: cheaper than keeping them live.
+    s, cd, _, a1, a2, _, a4, h, sigma = _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh,
+                                               bfh, rows, valid, Ec, Es, H, H4, ACC, OP, EMU, PREC, KS, KC, HP, H4P,
+                                               z)
+    sigma, w, dw, inside, trans = _weights(sigma, trans, c, D, INCLUSIVE, ACT, ACC, BLOCK_R, DC)
+    # Compositing: composite_math.h's GradScan over the chunk's samples.
+    e = tl.sum(tl.reshape(h, [BLOCK_R, DC, HP]) * gF[:, None, :], axis=2) + gS[:, None]
+    ew = e * w
+    if not MULTI:  # the whole ray is in this chunk
+        total = tl.sum(ew, axis=1)
+    if DC == 1:
+        pushed = e * dw + (prefix[:, None] + ew)
+    else:
+        pushed = e * dw + (prefix[:, None] + tl.cumsum(ew, axis=1))
+    prefix += tl.sum(ew, axis=1)
+    dsigma = tl.where(inside, (pushed - total[:, None]) * _activate_grad(sigma, ACT), 0.0)
+    dsigma = tl.reshape(dsigma, [ROWS])
+    dh = tl.reshape(w[:, :, None] * gF[:, None, :], [ROWS, HP])
+    # fuse_hidden
+    dz = _op(tl.where(h > 0.0, dh, 0.0), OP, EMU)
+    _wgrad(part + O_FH, dz, a4, keep, HP, HP, ACC, PREC, z)
+    _vgrad(part + O_BFH, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
+    da = tl.dot(dz, _w(wfh, H, H, H, 0, HP, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    # fuse
+    dz = _op(tl.where(a4 > 0.0, da, 0.0), OP, EMU)
+    y = tl.dot(cd, _wt(wci, H, Ec, Ec, 0, KC, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    a3 = _op(_relu(y + _vec(bci, H, HP, ACC, z)[None, :]), OP, EMU)
+    _wgrad(part + O_FA, dz, a2, keep, HP, H4P, ACC, PREC, z)
+    _wgrad(part + O_FB, dz, a3, keep, HP, HP, ACC, PREC, z)
+    _vgrad(part + O_BF, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
+    da2 = tl.dot(dz, _w(wf, H, H4, H4 + H, 0, HP, H4P, OP, z), input_precision=PREC, out_dtype=ACC)
+    da = tl.dot(dz, _w(wf, H, H, H4 + H, H4, HP, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    # color_in
+    dz = _op(tl.where(a3 > 0.0, da, 0.0), OP, EMU)
+    _wgrad(part + O_CI, dz, cd, keep, HP, KC, ACC, PREC, z)
+    _vgrad(part + O_BCI, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
+    gc = tl.dot(dz, _w(wci, H, Ec, Ec, 0, HP, KC, OP, z), input_precision=PREC, out_dtype=ACC)
+    k = tl.arange(0, KC)
+    tl.store(grad_cc + rows[:, None] * Ec + k[None, :], gc.to(grad_cc.dtype.element_ty),
+             mask=valid[:, None] & (k < Ec)[None, :])
+    # shape_feature
+    dz = _op(tl.where(a2 > 0.0, da2, 0.0), OP, EMU)
+    _wgrad(part + O_SF, dz, a1, keep, H4P, HP, ACC, PREC, z)
+    _vgrad(part + O_BSF, tl.sum(dz.to(ACC), axis=0), keep, H4P, z)
+    da = tl.dot(dz, _w(wsf, H4, H, H, 0, H4P, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    # density
+    _vgrad(part + O_WD, tl.sum(dsigma[:, None] * a1.to(ACC), axis=0), keep, HP, z)
+    bd_old = tl.load(part + O_BD, mask=keep, other=0.0)
+    tl.store(part + O_BD, bd_old + tl.sum(dsigma, axis=0))
+    da += dsigma[:, None] * _vec(wd, H, HP, ACC, z)[None, :]
+    # shape_hidden
+    dz = _op(tl.where(a1 > 0.0, da, 0.0), OP, EMU)
+    y = tl.dot(s, _wt(wsi, H, Es, Es, 0, KS, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    a0 = _op(_relu(y + _vec(bsi, H, HP, ACC, z)[None, :]), OP, EMU)
+    _wgrad(part + O_SH, dz, a0, keep, HP, HP, ACC, PREC, z)
+    _vgrad(part + O_BSH, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
+    da = tl.dot(dz, _w(wsh, H, H, H, 0, HP, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    # shape_in
+    dz = _op(tl.where(a0 > 0.0, da, 0.0), OP, EMU)
+    _wgrad(part + O_SI, dz, s, keep, HP, KS, ACC, PREC, z)
+    _vgrad(part + O_BSI, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
+    gs = tl.dot(dz, _w(wsi, H, Es, Es, 0, HP, KS, OP, z), input_precision=PREC, out_dtype=ACC)
+    k = tl.arange(0, KS)
+    tl.store(grad_sc + rows[:, None] * Es + k[None, :], gs.to(grad_sc.dtype.element_ty),
+             mask=valid[:, None] & (k < Es)[None, :])
+    return trans, prefix
+
+
+@triton.jit
+def _backward_kernel(grad_features, grad_weight_sum, cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf,
+                     wfh, bfh, grad_cc, grad_sc, partials, R, D, Ec, Es, H, H4, num_tiles,
+                     INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, OP: tl.constexpr,
+                     EMU: tl.constexpr, PREC: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr, HP: tl.constexpr,
+                     H4P: tl.constexpr, BLOCK_R: tl.constexpr, DC: tl.constexpr, MULTI: tl.constexpr,
+                     O_SI: tl.constexpr, O_SH: tl.constexpr, O_SF: tl.constexpr, O_CI: tl.constexpr,
+                     O_FA: tl.constexpr, O_FB: tl.constexpr, O_FH: tl.constexpr, O_BSI: tl.constexpr,
+                     O_BSH: tl.constexpr, O_BSF: tl.constexpr, O_BCI: tl.constexpr, O_BF: tl.constexpr,
+                     O_BFH: tl.constexpr, O_WD: tl.constexpr, O_BD: tl.constexpr, PT: tl.constexpr):
+    ROWS: tl.constexpr = BLOCK_R * DC
+    pid = tl.program_id(0)
+    part = partials + pid.to(tl.int64) * PT  # this program's own partial sums
+    n = tl.arange(0, HP)
+    for t in range(pid, num_tiles, tl.num_programs(0)):  # a fixed order of tiles per program
+        ray0 = t * BLOCK_R  # < R: int32 is enough; row offsets are int64
+        rays = (ray0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        rmask = rays < R
+        gF = tl.load(grad_features + rays[:, None] * H + n[None, :], mask=rmask[:, None] & (n < H)[None, :],
+                     other=0.0).to(ACC)
+        gS = tl.load(grad_weight_sum + rays, mask=rmask, other=0.0).to(ACC)
+        trans = tl.full([BLOCK_R], 1.0, ACC)
+        prefix = tl.zeros([BLOCK_R], ACC)  # sum_{k < chunk} e_k w_k
+        total = tl.zeros([BLOCK_R], ACC)  # sum_k e_k w_k over the ray
+        # The last tile's (chunk's) partial-sum stores, by whichever threads held those elements, must
+        # land before this one's loads, by others: a CTA barrier orders them.
+        tl.debug_barrier()
+        if MULTI:  # a ray spans several chunks: a first pass for the total, then one per chunk
+            for c in range(tl.cdiv(D, DC)):
+                rows, valid = _rows(ray0, c, R, D, ROWS, DC)
+                _, _, _, _, _, _, _, h, sigma = _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf,
+                                                     wfh, bfh, rows, valid, Ec, Es, H, H4, ACC, OP, EMU, PREC, KS,
+                                                     KC, HP, H4P, _opaque_zero(c, R))
+                _, w, _, _, trans = _weights(sigma, trans, c, D, INCLUSIVE, ACT, ACC, BLOCK_R, DC)
+                e = tl.sum(tl.reshape(h, [BLOCK_R, DC, HP]) * gF[:, None, :], axis=2) + gS[:, None]
+                total += tl.sum(e * w, axis=1)
+            trans = tl.full([BLOCK_R], 1.0, ACC)
+            for c in range(tl.cdiv(D, DC)):
+                tl.debug_barrier()
+                trans, prefix = _backward_chunk(
+                    cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, grad_cc, grad_sc, part,
+                    gF, gS, ray0, c, (t != pid) | (c > 0), trans, prefix, total, R, D, Ec, Es, H, H4, INCLUSIVE,
+                    ACT, ACC, OP, EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC, MULTI, O_SI, O_SH, O_SF, O_CI, O_FA,
+                    O_FB, O_FH, O_BSI, O_BSH, O_BSF, O_BCI, O_BF, O_BFH, O_WD, O_BD, _opaque_zero(c, R))
+        else:
+            trans, prefix = _backward_chunk(
+                cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, grad_cc, grad_sc, part,
+                gF, gS, ray0, 0, t != pid, trans, prefix, total, R, D, Ec, Es, H, H4, INCLUSIVE, ACT, ACC, OP, EMU,
+                PREC, KS, KC, HP, H4P, BLOCK_R, DC, MULTI, O_SI, O_SH, O_SF, O_CI, O_FA, O_FB, O_FH, O_BSI, O_BSH,
+                O_BSF, O_BCI, O_BF, O_BFH, O_WD, O_BD, _opaque_zero(t, R))
+
+
+# --- launchers ------------------------------------------------------------------------------------
+
+def _pad(n: int) -> int:
+    """Padded width of a dot operand: a power of two, at least 16 (the smallest fp16 MMA K)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _dims(color_code, shape_code, params):
+    R, D, Ec = color_code.shape
+    Es = shape_code.shape[2]
+    H, H4 = params[0].shape[0], params[6].shape[0]
+    return R, D, Ec, Es, H, H4
+
+
+# Rows (ray samples) per tile, from a budget of ROWS x HP fp32 elements per activation tile (fp64
+# tiles take half the rows). Forward: at most ~3 [ROWS, HP] tiles are live at once (two activations
+# and a dot result) besides a weight operand, so 128 x 128 with 8 warps is ~64 registers per tile
+# and thread. Backward: a0, a1, a3, a4, h (then the incoming gradient) and a dot result are live
+# together (~6 tiles), so 64 x 128 with 8 warps (32 registers per tile and thread) stays within the
+# 255-register cap. Each tile reloads the weights (~240 KB in fp32 at H=128, from L2) and, in
+# backward, reads and writes its program's weight-gradient partials (as much again): larger tiles
+# amortise that, smaller ones spill less. Untuned (no GPU where this was written): the first thing
+# to measure on an H100 is 64 vs 128 backward rows and 4 vs 8 warps.
+_FORWARD_TILE = 128 * 128
+_BACKWARD_TILE = 64 * 128
+_MAX_ROWS = 128
+# fp32 dots without allow_tf32: "ieee" (FMA, exact like PyTorch's fp32 Linear). "tf32x3" (three TF32
+# tensor-core products, about fp32's accuracy) would be several times faster on an H100.
+_FP32_DOT = "ieee"
+
+
+def _tile(D: int, HP: int, budget: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_R, DC, num_warps) for tiles of about `budget` elements (the interpreter runs the same
+    tiles: it too is faster with fewer, larger ones). At least 16 rows: the smallest MMA M."""
+    rows = max(16, min(_MAX_ROWS, budget // (HP * (2 if dtype == torch.float64 else 1))))
+    dc = min(triton.next_power_of_2(D), rows)
+    return rows // dc, dc, 4 if rows * HP <= 4096 else 8
+
+
+def _constexprs(dtype: torch.dtype, emu: bool, inclusive: bool, activation: int, Ec, Es, H, H4) -> dict:
+    if emu:
+        op = tl.float32
+    else:
+        op = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+              torch.float64: tl.float64}[dtype]
+    # The precision matters to fp32 dots only (fp16/bf16/fp64 products are exact in the accumulator).
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting()
+    return dict(INCLUSIVE=bool(inclusive), ACT=int(activation), ACC=accumulator(dtype), OP=op, EMU=emu,
+                PREC="tf32" if tf32 else (_FP32_DOT if dtype == torch.float32 else "ieee"), KS=_pad(Es),
+                KC=_pad(Ec), HP=_pad(H), H4P=_pad(H4))
+
+
+def _grad_layout(KS: int, KC: int, HP: int, H4P: int) -> tuple[dict, int]:
+    """Offsets of each gradient in a program's (padded) partial buffer, and its length."""
+    sizes = dict(O_SI=HP * KS, O_SH=HP * HP, O_SF=H4P * HP, O_CI=HP * KC, O_FA=HP * H4P, O_FB=HP * HP,
+                 O_FH=HP * HP, O_BSI=HP, O_BSH=HP, O_BSF=H4P, O_BCI=HP, O_BF=HP, O_BFH=HP, O_WD=HP, O_BD=1)
+    offsets, total = {}, 0
+    for name, size in sizes.items():
+        offsets[name] = total
+        total += -(-size // 32) * 32  # 128-byte aligned blocks (vector loads; the buffer is too)
+    return offsets, total
+
+
+def _programs(device: torch.device) -> int:
+    """Backward's persistent grid: one program per SM (its ~200 registers per thread at 8 warps leave
+    room for one); a fixed count per device, so the order of the weight-gradient sums is fixed.
+    A few under the interpreter, so that programs loop over several tiles there too."""
+    if device.type != "cuda":
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _emulating_bf16(t: torch.Tensor) -> bool:
+    return interpreting() and t.dtype == torch.bfloat16  # numpy has no bf16: fp32 with bf16 rounding
+
+
+def mlp_composite_forward(color_code: torch.Tensor, shape_code: torch.Tensor, params: list, inclusive: bool,
+                          activation: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """color_code [R, D, Ec], shape_code [R, D, Es], the 14 params (contiguous, one dtype)
+    -> (features [R, H], weight_sum [R]) in that dtype."""
+    dtype = color_code.dtype
+    emu = _emulating_bf16(color_code)
+    if emu:
+        color_code, shape_code, params = color_code.float(), shape_code.float(), [p.float() for p in params]
+    R, D, Ec, Es, H, H4 = _dims(color_code, shape_code, params)
+    launch = R > 0 and D > 0  # then the kernel writes every element
+    new = torch.empty if launch else torch.zeros
+    features = new((R, H), dtype=color_code.dtype, device=color_code.device)
+    weight_sum = new((R,), dtype=color_code.dtype, device=color_code.device)
+    if launch:
+        const = _constexprs(dtype, emu, inclusive, activation, Ec, Es, H, H4)
+        block_r, dc, warps = _tile(D, const["HP"], _FORWARD_TILE, dtype)
+        with launch_ctx(color_code):
+            _forward_kernel[(triton.cdiv(R, block_r),)](
+                color_code, shape_code, *params, features, weight_sum, R, D, Ec, Es, H, H4, BLOCK_R=block_r, DC=dc,
+                MULTI=D > dc, num_warps=warps, **const)
+    return features.to(dtype), weight_sum.to(dtype)
+
+
+def mlp_composite_backward(grad_features: torch.Tensor, grad_weight_sum: torch.Tensor, color_code: torch.Tensor,
+                           shape_code: torch.Tensor, params: list, inclusive: bool, activation: int) -> list:
+    """-> [grad_color_code, grad_shape_code, one grad per param], each like its input."""
+    dtype = color_code.dtype
+    emu = _emulating_bf16(color_code)
+    if emu:
+        grad_features, grad_weight_sum = grad_features.float(), grad_weight_sum.float()
+        color_code, shape_code, params = color_code.float(), shape_code.float(), [p.float() for p in params]
+    R, D, Ec, Es, H, H4 = _dims(color_code, shape_code, params)
+    if R == 0 or D == 0:
+        return [torch.zeros_like(t, dtype=dtype) for t in [color_code, shape_code, *params]]
+    grad_cc = torch.empty_like(color_code)  # the kernel writes every element
+    grad_sc = torch.empty_like(shape_code)
+    const = _constexprs(dtype, emu, inclusive, activation, Ec, Es, H, H4)
+    KS, KC, HP, H4P = const["KS"], const["KC"], const["HP"], const["H4P"]
+    block_r, dc, warps = _tile(D, HP, _BACKWARD_TILE, dtype)
+    num_tiles = triton.cdiv(R, block_r)
+    programs = min(num_tiles, _programs(color_code.device))
+    offsets, length = _grad_layout(KS, KC, HP, H4P)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    partials = torch.empty((programs, length), dtype=acc, device=color_code.device)  # each program starts its own
+    with launch_ctx(color_code):
+        _backward_kernel[(programs,)](
+            grad_features, grad_weight_sum, color_code, shape_code, *params, grad_cc, grad_sc, partials,
+            R, D, Ec, Es, H, H4, num_tiles, BLOCK_R=block_r, DC=dc, MULTI=D > dc, PT=length, num_warps=warps,
+            **const, **offsets)
+    g = partials.sum(0)  # fixed order: deterministic
+
+    def block(name, rows, cols, n, k):
+        o = offsets[name]
+        return g[o:o + rows * cols].view(rows, cols)[:n, :k]
+
+    grads = [  # each its own tensor (views of g would alias one another)
+        block("O_SI", HP, KS, H, Es), block("O_BSI", 1, HP, 1, H)[0],
+        block("O_SH", HP, HP, H, H), block("O_BSH", 1, HP, 1, H)[0],
+        block("O_WD", 1, HP, 1, H), g[offsets["O_BD"]:offsets["O_BD"] + 1],
+        block("O_SF", H4P, HP, H4, H), block("O_BSF", 1, H4P, 1, H4)[0],
+        block("O_CI", HP, KC, H, Ec), block("O_BCI", 1, HP, 1, H)[0],
+        torch.cat([block("O_FA", HP, H4P, H, H4), block("O_FB", HP, HP, H, H)], dim=1), block("O_BF", 1, HP, 1, H)[0],
+        block("O_FH", HP, HP, H, H), block("O_BFH", 1, HP, 1, H)[0],
+    ]
+    grads = [t.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True) for t in grads]
+    return [grad_cc.to(dtype), grad_sc.to(dtype)] + grads
