@@ -97,7 +97,8 @@ def mlp_composite(color_code: Tensor, shape_code: Tensor, params, *, transmittan
                                        density_activation=density_activation)
     R = math.prod(lead)
     features, weight_sum = _mlp_composite_op(
-        color_code.reshape(R, D, -1).contiguous(), shape_code.reshape(R, D, -1).contiguous(),
+        color_code.reshape(R, D, color_code.shape[-1]).contiguous(),
+        shape_code.reshape(R, D, shape_code.shape[-1]).contiguous(),
         [t.contiguous() for t in params], transmittance == "inclusive", ACTIVATIONS[density_activation], name)
     return features.reshape(*lead, H), weight_sum.reshape(*lead, 1)
 
