@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 
 #include <tuple>
@@ -83,6 +84,14 @@ inline void check_mlp_composite_grads(const at::Tensor& grad_features, const at:
     TORCH_CHECK(t->scalar_type() == color_code.scalar_type() && t->device() == color_code.device() &&
                     t->is_contiguous(),
                 "fnevr mlp_composite: the output grads must be contiguous with color_code's dtype and device");
+}
+
+// The gradients of an empty batch (R = 0 or D = 0): all zeros, in the inputs' shapes.
+inline std::vector<at::Tensor> zero_mlp_composite_grads(const at::Tensor& color_code, const at::Tensor& shape_code,
+                                                        at::TensorList params) {
+  std::vector<at::Tensor> grads = {at::zeros_like(color_code), at::zeros_like(shape_code)};
+  for (const at::Tensor& t : params) grads.push_back(at::zeros_like(t));
+  return grads;
 }
 
 }  // namespace fnevr

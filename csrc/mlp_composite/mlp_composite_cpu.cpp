@@ -521,13 +521,8 @@ std::vector<at::Tensor> mlp_composite_backward_cpu(const at::Tensor& grad_featur
   const Dims d = check_mlp_composite_inputs(color_code, shape_code, params, activation);
   check_mlp_composite_grads(grad_features, grad_weight_sum, color_code, d);
   const int64_t R = color_code.size(0), D = color_code.size(1);
-  std::vector<at::Tensor> grads;
-  if (R == 0 || D == 0) {
-    grads = {at::zeros_like(color_code), at::zeros_like(shape_code)};
-    for (const at::Tensor& t : params) grads.push_back(at::zeros_like(t));
-    return grads;
-  }
-  grads = {empty_for_writing(color_code), empty_for_writing(shape_code)};
+  if (R == 0 || D == 0) return zero_mlp_composite_grads(color_code, shape_code, params);
+  std::vector<at::Tensor> grads = {empty_for_writing(color_code), empty_for_writing(shape_code)};
   for (const at::Tensor& t : params) grads.push_back(at::empty_like(t));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, color_code.scalar_type(), "mlp_composite_backward_cpu",
                                   [&] {

@@ -432,13 +432,8 @@ std::vector<at::Tensor> mlp_composite_backward_cuda(const at::Tensor& grad_featu
   check_cuda(color_code);
   const c10::cuda::CUDAGuard guard(color_code.device());
   const int64_t R = color_code.size(0), D = color_code.size(1);
-  std::vector<at::Tensor> grads;
-  if (R == 0 || D == 0) {
-    grads = {at::zeros_like(color_code), at::zeros_like(shape_code)};
-    for (const at::Tensor& t : params) grads.push_back(at::zeros_like(t));
-    return grads;
-  }
-  grads = {at::empty_like(color_code), at::empty_like(shape_code)};
+  if (R == 0 || D == 0) return zero_mlp_composite_grads(color_code, shape_code, params);
+  std::vector<at::Tensor> grads = {at::empty_like(color_code), at::empty_like(shape_code)};
   const auto dtype = color_code.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mlp_composite_backward_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
