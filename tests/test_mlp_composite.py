@@ -136,13 +136,19 @@ def test_backward_saves_only_the_inputs(backend, device):
 @pytest.mark.parametrize("used", ["features", "weight_sum"])
 def test_one_output_in_the_loss(backend, device, used):
     cc, sc, params = make_inputs((6,), 8, 4, 4, 16, 4, device=device)
+    # Semi-transparent rays: through nearly opaque ones d weight_sum / d sigma (~1e-7) is a
+    # difference of O(1) terms, which fp32 cannot resolve in any implementation (the reference's too).
+    params[PARAMETERS.index("density.weight")] *= 0.1
     got = [t.detach().requires_grad_() for t in (cc, sc, *params)]
     want = [t.detach().double().requires_grad_() for t in (cc, sc, *params)]
     for fn, inputs, kw in ((mlp_composite, got, dict(backend=backend)), (mlp_composite_reference, want, {})):
         out = fn(inputs[0], inputs[1], inputs[2:], **kw)[0 if used == "features" else 1]
         out.square().sum().backward()
+    assert 0.2 < out.mean() < 0.8 or used == "features", out.mean()
     for name, a, b in zip(["color_code", "shape_code", *PARAMETERS], got, want):
-        assert_close(a.grad, b.grad, torch.float32, name)
+        # the reference leaves None where the output does not depend on a tensor (the colour branch
+        # and weight_sum); the fused op gives zeros there
+        assert_close(a.grad, torch.zeros_like(b) if b.grad is None else b.grad, torch.float32, name)
 
 
 @pytest.mark.parametrize("backend,device", target_params())

@@ -122,6 +122,16 @@ def test_layouts_and_broadcast_modulation(backend, device, norm, modulation, cha
     check(x, gamma, beta, grad_y, torch.float32, stats=stats, norm=norm, activation="relu", backend=backend)
 
 
+@pytest.mark.parametrize("backend,device", target_params())
+@pytest.mark.parametrize("x_channels_last", [False, True], ids=["nchw-x", "channels_last-x"])
+def test_full_modulation_in_the_other_layout(backend, device, x_channels_last):
+    # Full-size gamma/beta skip the broadcasting views: they must still reach the kernels in x's layout.
+    x, gamma, beta, grad_y = make_inputs((2, 6, 5, 3), torch.float32, device, "full", x_channels_last)
+    other = torch.contiguous_format if x_channels_last else torch.channels_last
+    gamma, beta = (t.contiguous(memory_format=other) for t in (gamma, beta))
+    check(x, gamma, beta, grad_y, torch.float32, activation="relu", backend=backend)
+
+
 @pytest.mark.parametrize("backend,device", [p for p in target_params() if p.values[0] == "triton"])
 @pytest.mark.parametrize("modulation", ["full", "per-sample-channel"])
 def test_triton_fused_instance_norm_over_several_tiles(backend, device, modulation, monkeypatch):

@@ -45,8 +45,11 @@ Dims dims_of(const at::Tensor& input, const at::Tensor& grid, int64_t mode, int6
           static_cast<int>(mode), static_cast<int>(padding), align_corners};
 }
 
-// Blocks per task: enough taps x channels that a task amortises its scheduling.
-int64_t grain_size(int64_t C) { return std::max<int64_t>(1, 16384 / (kBlock * std::max<int64_t>(1, C))); }
+// Points x channels per task: enough that a task amortises its scheduling.
+constexpr int64_t kTaskWork = 16384;
+
+// Blocks per task.
+int64_t grain_size(int64_t C) { return std::max<int64_t>(1, kTaskWork / (kBlock * std::max<int64_t>(1, C))); }
 
 // The taps of a block of output points, computed once and then read for every channel, in
 // structure-of-arrays form so the per-point loops vectorise. "Full" points (nearly all of a warp)
@@ -259,7 +262,8 @@ void input_grad_points(const at::Tensor& grad_out, const at::Tensor& input, cons
   acc_t* bp = buf.mutable_data_ptr<acc_t>();
   const bool channels_inner = sb.c == 1 && sg.c == 1;
   const int64_t width = (d.C + ranges - 1) / ranges;
-  at::parallel_for(0, d.N * ranges, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kTaskWork / std::max<int64_t>(1, d.points() * width));
+  at::parallel_for(0, d.N * ranges, grain, [&](int64_t begin, int64_t end) {
     auto block = std::make_unique<Block<acc_t>>();
     acc_t dots[kBlock][4];
     for (int64_t task = begin; task < end; ++task) {
@@ -336,10 +340,11 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cpu(const at::Tensor& gr
       // input's layout (NCHW or channels_last), and so does the gradient.
       at::Tensor buf = at::zeros_like(input, input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
       if (grad_out.numel() > 0) {
-        // Enough channel ranges per image to keep every thread busy, but (channels_last) at least
-        // 16 channels each so the inner loop stays vectorised. With one range per image, the
-        // grid gradient comes from the same pass.
-        const int64_t want = (at::get_num_threads() + d.N - 1) / d.N;
+        // Enough channel ranges per image to keep every thread busy, but each with at least
+        // kTaskWork points x channels (as the forward's tasks; on a tiny input, starting threads
+        // costs more than the work) and (channels_last) at least 16 channels, so the inner loop
+        // stays vectorised. With one range per image, the grid gradient comes from the same pass.
+        const int64_t want = std::min((at::get_num_threads() + d.N - 1) / d.N, d.C * d.points() / kTaskWork);
         const int64_t ranges = std::clamp<int64_t>(want, 1, buf.stride(1) == 1 ? (d.C + 15) / 16 : d.C);
         grid_done = live_grid && ranges == 1 && buf.strides() == input.strides();  // taps index both
         input_grad_points<scalar_t, acc_t>(grad_out, input, grid, buf,

@@ -117,9 +117,9 @@ class VolumeRenderer(nn.Module):
         kw = dict(transmittance=self.transmittance, density_activation="relu", backend=self.ops_backend)
         head = self.sample_mlp.color_out
         if self.fused_head == "mlp":
-            features, weight_sum = ops.mlp_composite(color_code, shape_code, dict(self.sample_mlp.named_parameters()),
-                                                     **kw)  # [B, h, w, hidden], [B, h, w, 1]
-            rays = F.linear(features, head.weight) + weight_sum * head.bias
+            hidden, weight_sum = ops.mlp_composite(color_code, shape_code, dict(self.sample_mlp.named_parameters()),
+                                                   **kw)  # composited: [B, h, w, hidden], [B, h, w, 1]
+            rays = F.linear(hidden, head.weight) + weight_sum * head.bias
         elif self.fused_head:
             hidden, density = self.sample_mlp.hidden_features(color_code, shape_code)  # [B, h, w, D, hidden]
             weight_sum = ops.composite(torch.ones_like(density), density, **kw)  # [B, h, w, 1]

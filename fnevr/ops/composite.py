@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import resolve
+from ._backend import custom_op, resolve
 
 TRANSMITTANCES = ("exclusive", "inclusive")
 ACTIVATIONS = {"relu": 0, "softplus": 1, "none": 2}  # codes shared with composite_math.h
@@ -81,9 +81,8 @@ def composite(color: Tensor, density: Tensor, *, transmittance: str = "exclusive
         return composite_reference(color, density, transmittance=transmittance,
                                    density_activation=density_activation)
     R = math.prod(lead)
-    out = torch.ops.fnevr.composite(color.reshape(R, D, C).contiguous(),
-                                    density.reshape(R, D).contiguous(),
-                                    transmittance == "inclusive", ACTIVATIONS[density_activation], name)
+    out = _composite_op(color.reshape(R, D, C).contiguous(), density.reshape(R, D).contiguous(),
+                        transmittance == "inclusive", ACTIVATIONS[density_activation], name)
     return out.reshape(*lead, C)
 
 
@@ -93,18 +92,19 @@ def _check(color, density, transmittance, density_activation):
             raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _DTYPES:
             raise ValueError(f"{arg} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if color.dim() < 2:
-        raise ValueError(f"color must be [..., D, C] (at least 2-D), got shape {tuple(color.shape)}")
-    lead, (D, C) = tuple(color.shape[:-2]), color.shape[-2:]
-    if density.dim() == color.dim() and density.shape[-1] == 1:
-        d_lead, d_samples = tuple(density.shape[:-2]), density.shape[-2]
-    elif density.dim() == color.dim() - 1:
-        d_lead, d_samples = tuple(density.shape[:-1]), density.shape[-1]
+    shape, d_shape = color.shape, density.shape  # each .shape is a new torch.Size: read them once
+    if len(shape) < 2:
+        raise ValueError(f"color must be [..., D, C] (at least 2-D), got shape {tuple(shape)}")
+    lead, D, C = shape[:-2], shape[-2], shape[-1]
+    if len(d_shape) == len(shape) and d_shape[-1] == 1:
+        d_lead, d_samples = d_shape[:-2], d_shape[-2]
+    elif len(d_shape) == len(shape) - 1:
+        d_lead, d_samples = d_shape[:-1], d_shape[-1]
     else:
         raise ValueError(f"density must be [..., D] or [..., D, 1] for color [..., D, C] of shape "
-                         f"{tuple(color.shape)}, got shape {tuple(density.shape)}")
+                         f"{tuple(shape)}, got shape {tuple(d_shape)}")
     if d_lead != lead:
-        raise ValueError(f"density's leading (ray) dims {d_lead} differ from color's {lead}")
+        raise ValueError(f"density's leading (ray) dims {tuple(d_lead)} differ from color's {tuple(lead)}")
     if d_samples != D:
         raise ValueError(f"density has D={d_samples} samples per ray but color has D={D}")
     if density.dtype != color.dtype:
@@ -127,7 +127,7 @@ def _kernels(backend: str):
     return torch.ops.fnevr._composite_forward, torch.ops.fnevr._composite_backward  # cpu, cuda
 
 
-@torch.library.custom_op("fnevr::composite", mutates_args=())
+@custom_op("fnevr::composite")
 def _composite_op(color: Tensor, density: Tensor, inclusive: bool, activation: int, backend: str) -> Tensor:
     return _kernels(backend)[0](color, density, inclusive, activation)
 
@@ -137,7 +137,7 @@ def _(color, density, inclusive, activation, backend):
     return color.new_empty((color.shape[0], color.shape[2]))
 
 
-@torch.library.custom_op("fnevr::composite_grad", mutates_args=())
+@custom_op("fnevr::composite_grad")
 def _composite_grad_op(grad_out: Tensor, color: Tensor, density: Tensor, inclusive: bool, activation: int,
                        backend: str, color_grad: bool) -> tuple[Tensor, Tensor]:
     return _kernels(backend)[1](grad_out, color, density, inclusive, activation, color_grad)

@@ -47,7 +47,7 @@ double-differentiable by autograd), ``cpu`` (csrc/grid_sample/grid_sample_cpu.cp
 import torch
 from torch import Tensor
 
-from ._backend import resolve
+from ._backend import custom_op, resolve
 from ._layout import is_channels_last
 
 MODES = {"bilinear": 0, "nearest": 1}  # codes shared with grid_sample_math.h
@@ -170,14 +170,15 @@ def _check(input, grid, mode, padding_mode):
             raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _DTYPES:
             raise ValueError(f"{arg} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if input.dim() != 4:
-        raise ValueError(f"input must be 4-D [N, C, H, W], got shape {tuple(input.shape)}")
-    if grid.dim() != 4 or grid.shape[-1] != 2:
-        raise ValueError(f"grid must be [N, Ho, Wo, 2], got shape {tuple(grid.shape)}")
-    if grid.shape[0] != input.shape[0]:
-        raise ValueError(f"grid and input must have the same batch size N, got {grid.shape[0]} and {input.shape[0]}")
-    if input.shape[2] == 0 or input.shape[3] == 0:
-        raise ValueError(f"input must have non-empty spatial dims H, W, got shape {tuple(input.shape)}")
+    shape, g_shape = input.shape, grid.shape  # each .shape is a new torch.Size: read them once
+    if len(shape) != 4:
+        raise ValueError(f"input must be 4-D [N, C, H, W], got shape {tuple(shape)}")
+    if len(g_shape) != 4 or g_shape[-1] != 2:
+        raise ValueError(f"grid must be [N, Ho, Wo, 2], got shape {tuple(g_shape)}")
+    if g_shape[0] != shape[0]:
+        raise ValueError(f"grid and input must have the same batch size N, got {g_shape[0]} and {shape[0]}")
+    if shape[2] == 0 or shape[3] == 0:
+        raise ValueError(f"input must have non-empty spatial dims H, W, got shape {tuple(shape)}")
     if grid.dtype != input.dtype:
         raise ValueError(f"input and grid must have the same dtype, got {input.dtype} and {grid.dtype}")
     if grid.device != input.device:
@@ -201,7 +202,7 @@ def _memory_format(t: Tensor):
     return torch.channels_last if is_channels_last(t) else torch.contiguous_format
 
 
-@torch.library.custom_op("fnevr::grid_sample", mutates_args=())
+@custom_op("fnevr::grid_sample")
 def _grid_sample_op(input: Tensor, grid: Tensor, mode: int, padding: int, align_corners: bool,
                     deterministic: bool, backend: str) -> Tensor:
     return _kernels(backend)[0](input, grid, mode, padding, align_corners)
@@ -213,7 +214,7 @@ def _(input, grid, mode, padding, align_corners, deterministic, backend):
     return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=_memory_format(input))
 
 
-@torch.library.custom_op("fnevr::grid_sample_grad", mutates_args=())
+@custom_op("fnevr::grid_sample_grad")
 def _grid_sample_grad_op(grad_out: Tensor, input: Tensor, grid: Tensor, mode: int, padding: int,
                          align_corners: bool, deterministic: bool, backend: str, input_grad: bool,
                          grid_grad: bool) -> tuple[Tensor, Tensor]:

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import resolve
+from ._backend import custom_op, resolve
 from .composite import ACTIVATIONS, TRANSMITTANCES, composite_reference
 
 # The MLP's layers, in the order the kernels take them: (name, activation follows).
@@ -96,8 +96,9 @@ def mlp_composite(color_code: Tensor, shape_code: Tensor, params, *, transmittan
         return mlp_composite_reference(color_code, shape_code, params, transmittance=transmittance,
                                        density_activation=density_activation)
     R = math.prod(lead)
-    features, weight_sum = torch.ops.fnevr.mlp_composite(
-        color_code.reshape(R, D, -1).contiguous(), shape_code.reshape(R, D, -1).contiguous(),
+    features, weight_sum = _mlp_composite_op(
+        color_code.reshape(R, D, color_code.shape[-1]).contiguous(),
+        shape_code.reshape(R, D, shape_code.shape[-1]).contiguous(),
         [t.contiguous() for t in params], transmittance == "inclusive", ACTIVATIONS[density_activation], name)
     return features.reshape(*lead, H), weight_sum.reshape(*lead, 1)
 
@@ -168,7 +169,7 @@ def _kernels(backend: str):
     return torch.ops.fnevr._mlp_composite_forward, torch.ops.fnevr._mlp_composite_backward  # cpu, cuda
 
 
-@torch.library.custom_op("fnevr::mlp_composite", mutates_args=())
+@custom_op("fnevr::mlp_composite")
 def _mlp_composite_op(color_code: Tensor, shape_code: Tensor, params: list[Tensor], inclusive: bool,
                       activation: int, backend: str) -> tuple[Tensor, Tensor]:
     return _kernels(backend)[0](color_code, shape_code, params, inclusive, activation)
@@ -180,7 +181,7 @@ def _(color_code, shape_code, params, inclusive, activation, backend):
     return color_code.new_empty((R, H)), color_code.new_empty((R,))
 
 
-@torch.library.custom_op("fnevr::mlp_composite_grad", mutates_args=())
+@custom_op("fnevr::mlp_composite_grad")
 def _mlp_composite_grad_op(grad_features: Tensor, grad_weight_sum: Tensor, color_code: Tensor, shape_code: Tensor,
                            params: list[Tensor], inclusive: bool, activation: int, backend: str) -> list[Tensor]:
     return _kernels(backend)[1](grad_features, grad_weight_sum, color_code, shape_code, params, inclusive,

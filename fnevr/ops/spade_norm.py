@@ -37,11 +37,13 @@ Triton fuses each direction into one kernel for NCHW instance norm (FNeVR's case
 between the passes (eager mode only).
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import resolve
+from ._backend import custom_op, resolve
 from ._layout import is_channels_last
 
 NORMS = ("instance", "batch")
@@ -163,15 +165,15 @@ def _unflat(t3, x, cl):
 def _modulation(t, x, cl):
     """gamma or beta for the kernels: per (sample, channel) ``[N, C]`` when it is constant over H, W,
     else full size in x's layout. Broadcasting is done here, so autograd sums its gradient back."""
-    N, C = x.shape[:2]
-    t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
-    if t4.shape[2] == 1 and t4.shape[3] == 1:
-        return t4.expand(N, C, 1, 1).reshape(N, C).contiguous()
-    full = t4.expand(x.shape)
-    S = x.shape[2] * x.shape[3]
+    N, C, H, W = x.shape
+    if t.shape != x.shape or H * W == 1:  # a full-size t, the common case, needs no views (~4 us)
+        t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+        if t4.shape[2] == 1 and t4.shape[3] == 1:
+            return t4.expand(N, C, 1, 1).reshape(N, C).contiguous()
+        t = t4.expand(x.shape)
     if cl:
-        return full.permute(0, 2, 3, 1).contiguous().view(N, S, C)
-    return full.contiguous().view(N, C, S)
+        return t.permute(0, 2, 3, 1).contiguous().view(N, H * W, C)
+    return t.contiguous().view(N, C, H * W)
 
 
 def _check(x, gamma, beta, norm, activation, running_mean, running_var, training, momentum):
@@ -180,11 +182,12 @@ def _check(x, gamma, beta, norm, activation, running_mean, running_var, training
             raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _DTYPES:
             raise ValueError(f"{arg} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be [N, C, H, W], got shape {tuple(x.shape)}")
+    shape = x.shape  # each .shape is a new torch.Size: read it once
+    if len(shape) != 4:
+        raise ValueError(f"x must be [N, C, H, W], got shape {tuple(shape)}")
     for arg, t in (("gamma", gamma), ("beta", beta)):
-        if t.dim() > 4 or _broadcast(t.shape, x.shape) != x.shape:
-            raise ValueError(f"{arg} must be [N, C, H, W] = {list(x.shape)} or broadcastable to it "
+        if not _broadcasts_to(t.shape, shape):
+            raise ValueError(f"{arg} must be [N, C, H, W] = {list(shape)} or broadcastable to it "
                              f"(e.g. [N, C, 1, 1]), got shape {tuple(t.shape)}")
         if t.dtype != x.dtype:
             raise ValueError(f"{arg} must have x's dtype {x.dtype}, got {t.dtype}")
@@ -200,7 +203,7 @@ def _check(x, gamma, beta, norm, activation, running_mean, running_var, training
         raise ValueError("running_mean/running_var apply to norm='batch' only")
     if norm == "batch" and not training and running_mean is None:
         raise ValueError("norm='batch' with training=False needs running_mean and running_var")
-    C = x.shape[1]
+    C = shape[1]
     for arg, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and (not isinstance(t, Tensor) or t.shape != (C,) or not t.is_floating_point()
                               or t.device != x.device):
@@ -209,16 +212,15 @@ def _check(x, gamma, beta, norm, activation, running_mean, running_var, training
     if norm == "batch" and training:
         if x.numel() // max(C, 1) <= 1 and x.numel() > 0:
             raise ValueError(f"norm='batch' in training needs more than one value per channel, got shape "
-                             f"{tuple(x.shape)}")
+                             f"{tuple(shape)}")
         if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
             raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
 
 
-def _broadcast(a, b):
-    try:
-        return torch.broadcast_shapes(a, b)
-    except RuntimeError:
-        return None
+def _broadcasts_to(shape, target) -> bool:
+    """Whether `shape` broadcasts to `target` itself (torch.broadcast_shapes costs ~10 us a call)."""
+    pad = len(target) - len(shape)
+    return shape == target or pad >= 0 and all(s == 1 or s == t for s, t in zip(shape, target[pad:]))
 
 
 # --- kernels: the same five functions from the compiled extension or from Triton ---------------------
@@ -239,6 +241,12 @@ class _Kernels:
             fused = backend == "cpu"
             self.instance_forward = ops._spade_norm_instance_forward if fused else None
             self.instance_backward = ops._spade_norm_instance_backward if fused else None
+
+
+@functools.cache
+def _kernels(backend) -> _Kernels:
+    """One _Kernels per backend (each op call asks, some twice)."""
+    return _Kernels(backend)
 
 
 def _backward_impl(k, grad_y, x3, g, b, mean, var, eps, cl, act, slope, stats_grad, gamma_grad, beta_grad,
@@ -269,9 +277,9 @@ def _backward_impl(k, grad_y, x3, g, b, mean, var, eps, cl, act, slope, stats_gr
 
 # --- torch.library registration ------------------------------------------------------------------
 
-@torch.library.custom_op("fnevr::spade_norm_stats", mutates_args=())
+@custom_op("fnevr::spade_norm_stats")
 def _spade_norm_stats_op(x: Tensor, channels_last: bool, batch: bool, backend: str) -> tuple[Tensor, Tensor]:
-    return _Kernels(backend).stats(x, channels_last, batch)
+    return _kernels(backend).stats(x, channels_last, batch)
 
 
 @_spade_norm_stats_op.register_fake
@@ -281,11 +289,11 @@ def _(x, channels_last, batch, backend):
     return x.new_empty(shape, dtype=_acc(x.dtype)), x.new_empty(shape, dtype=_acc(x.dtype))
 
 
-@torch.library.custom_op("fnevr::spade_norm", mutates_args=())
+@custom_op("fnevr::spade_norm")
 def _spade_norm_op(x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor, eps: float,
                    channels_last: bool, activation: int, negative_slope: float, stats_grad: bool,
                    backend: str) -> Tensor:
-    return _Kernels(backend).forward(x, gamma, beta, mean, var, eps, channels_last, activation, negative_slope)
+    return _kernels(backend).forward(x, gamma, beta, mean, var, eps, channels_last, activation, negative_slope)
 
 
 @_spade_norm_op.register_fake
@@ -293,11 +301,11 @@ def _(x, gamma, beta, mean, var, eps, channels_last, activation, negative_slope,
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("fnevr::spade_norm_grad", mutates_args=())
+@custom_op("fnevr::spade_norm_grad")
 def _spade_norm_grad_op(grad_y: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor,
                         eps: float, channels_last: bool, activation: int, negative_slope: float, stats_grad: bool,
                         backend: str, gamma_grad: bool, beta_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dg, db = _backward_impl(_Kernels(backend), grad_y, x, gamma, beta, mean, var, eps, channels_last,
+    dx, dg, db = _backward_impl(_kernels(backend), grad_y, x, gamma, beta, mean, var, eps, channels_last,
                                 activation, negative_slope, stats_grad, gamma_grad, beta_grad)
     return dx, dg if gamma_grad else x.new_empty((0,)), db if beta_grad else x.new_empty((0,))
 
@@ -328,11 +336,11 @@ _spade_norm_op.register_autograd(_backward, setup_context=_setup_context)
 _FUSED_INSTANCE = ("cpu", "triton")  # backends with the one-pass NCHW instance-norm kernels
 
 
-@torch.library.custom_op("fnevr::spade_norm_instance", mutates_args=())
+@custom_op("fnevr::spade_norm_instance")
 def _spade_norm_instance_op(x: Tensor, gamma: Tensor, beta: Tensor, eps: float, activation: int,
                             negative_slope: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Instance norm of an NCHW [N, C, S] x in one pass -> (y, mean, var)."""
-    return _Kernels(backend).instance_forward(x, gamma, beta, eps, activation, negative_slope)
+    return _kernels(backend).instance_forward(x, gamma, beta, eps, activation, negative_slope)
 
 
 @_spade_norm_instance_op.register_fake
@@ -364,7 +372,7 @@ class _SyncSpadeNorm(torch.autograd.Function):
     def forward(ctx, x3, g, b, opts, backend, group, running_mean, running_var, momentum):
         import torch.distributed as dist
 
-        k = _Kernels(backend)
+        k = _kernels(backend)
         eps, cl = opts[:2]
         mean_l, var_l = k.stats(x3, cl, True)
         n_l = x3.numel() // mean_l.numel()
@@ -387,7 +395,7 @@ class _SyncSpadeNorm(torch.autograd.Function):
         import torch.distributed as dist
 
         x3, g, b, mean, var = ctx.saved_tensors
-        dx, dg, db = _backward_impl(_Kernels(ctx.backend), grad_y.contiguous(), x3, g, b, mean, var, *ctx.opts,
+        dx, dg, db = _backward_impl(_kernels(ctx.backend), grad_y.contiguous(), x3, g, b, mean, var, *ctx.opts,
                                     True, ctx.needs_input_grad[1], ctx.needs_input_grad[2],
                                     all_reduce=lambda t: dist.all_reduce(t, group=ctx.group), count=ctx.count)
         return dx, (dg if ctx.needs_input_grad[1] else None), (db if ctx.needs_input_grad[2] else None), *[None] * 6

@@ -3,6 +3,8 @@
 // sums, in long double, and gradients from central finite differences of that closed form.
 #include "composite/composite_math.h"
 
+#include "check.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -23,25 +25,8 @@ constexpr int kActs[] = {cm::kRelu, cm::kSoftplus, cm::kNone};
 constexpr const char* kActNames[] = {"relu", "softplus", "none"};
 const double kInf = std::numeric_limits<double>::infinity();
 
-int passed = 0, failed = 0;
-
-// worst < 0: a yes/no check with no error to report.
-void check(bool ok, const std::string& what, double worst = -1) {
-  ++(ok ? passed : failed);
-  std::printf("%s  %s", ok ? "PASS" : "FAIL", what.c_str());
-  if (!(worst < 0)) std::printf("  (worst err/tol %.3g)", worst);
-  std::printf("\n");
-}
-
-// Largest |got - want| / (atol + rtol |want|) seen; NaN sticks, so it fails the final <= 1.
-struct Worst {
-  double v = 0;
-  void add(double got, double want, double rtol, double atol) {
-    const double e = std::fabs(got - want) / (atol + rtol * std::fabs(want));
-    if (!(e <= v)) v = e;
-  }
-  bool ok() const { return v <= 1; }
-};
+using fnevr_test::check;
+using fnevr_test::Worst;
 
 std::string mode_name(bool inclusive) { return inclusive ? "inclusive" : "exclusive"; }
 template <typename T> const char* type_name();
@@ -275,6 +260,5 @@ int main() {
   check_activations<double>();
   check_activations<float>();
 
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed == 0 ? 0 : 1;
+  return fnevr_test::summary();
 }
