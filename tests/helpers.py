@@ -42,3 +42,10 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     scale = expected.abs().max().clamp_min(1e-30)
     err = ((actual - expected).abs().max() / scale).item()
     assert err <= tol[dtype], f"{what}: max error {err:.3g} x max|ref| exceeds {tol[dtype]:.1g} for {dtype}"
+
+
+def compile_params():
+    """target_params() x the torch.compile backends (aot_eager, inductor): (backend, device, compiler)."""
+    return [pytest.param(*p.values[:2], compiler, id=f"{p.id}-{compiler}", marks=p.marks)
+            for p in target_params() for compiler in ("aot_eager", "inductor")
+            if not (compiler == "inductor" and p.id == "triton-cpu")]  # inductor cannot target the interpreter

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import assert_close, target_params
+from helpers import assert_close, compile_params, target_params
 
 import fnevr
 from fnevr.ops import composite, composite_reference
@@ -190,11 +190,7 @@ def test_opcheck(backend, device, dtype):
                               (grad_out, color.detach(), density.detach(), True, 1, backend, color_grad))
 
 
-@pytest.mark.parametrize("backend,device,compiler", [
-    pytest.param(*p.values[:2], compiler, id=f"{p.id}-{compiler}", marks=p.marks)
-    for p in target_params() for compiler in ("aot_eager", "inductor")
-    if not (compiler == "inductor" and p.id == "triton-cpu")  # inductor cannot target the interpreter
-])
+@pytest.mark.parametrize("backend,device,compiler", compile_params())
 def test_torch_compile_fullgraph(backend, device, compiler):
     torch._dynamo.reset()
 

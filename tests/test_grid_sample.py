@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, target_params
+from helpers import assert_close, compile_params, target_params
 
 import fnevr
 from fnevr.ops import grid_sample
@@ -233,11 +233,7 @@ def test_opcheck(backend, device, dtype, layout):
         torch.library.opcheck(torch.ops.fnevr.grid_sample_grad.default, args)
 
 
-@pytest.mark.parametrize("backend,device,compiler", [
-    pytest.param(*p.values[:2], compiler, id=f"{p.id}-{compiler}", marks=p.marks)
-    for p in target_params() for compiler in ("aot_eager", "inductor")
-    if not (compiler == "inductor" and p.id == "triton-cpu")  # inductor cannot target the interpreter
-])
+@pytest.mark.parametrize("backend,device,compiler", compile_params())
 def test_torch_compile_fullgraph(backend, device, compiler):
     torch._dynamo.reset()
 

@@ -4,7 +4,7 @@ torch.library integration, autocast, bad input."""
 
 import pytest
 import torch
-from helpers import TOL, assert_close, target_params
+from helpers import TOL, assert_close, compile_params, target_params
 
 import fnevr
 from fnevr.model.render import SampleMLP
@@ -196,11 +196,7 @@ def test_opcheck(backend, device, dtype):
                           (*grads, cc.detach(), sc.detach(), [p.detach() for p in params], False, 1, backend))
 
 
-@pytest.mark.parametrize("backend,device,compiler", [
-    pytest.param(*p.values[:2], compiler, id=f"{p.id}-{compiler}", marks=p.marks)
-    for p in target_params() for compiler in ("aot_eager", "inductor")
-    if not (compiler == "inductor" and p.id == "triton-cpu")  # inductor cannot target the interpreter
-])
+@pytest.mark.parametrize("backend,device,compiler", compile_params())
 def test_torch_compile_fullgraph(backend, device, compiler):
     torch._dynamo.reset()
     cc, sc, params = make_inputs((2, 4, 4), 8, 4, 4, 16, 4, device=device)

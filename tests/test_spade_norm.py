@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, target_params
+from helpers import assert_close, compile_params, target_params
 
 import fnevr
 from fnevr.ops import spade_norm
@@ -292,11 +292,7 @@ def test_opcheck_fused_instance(backend, device, dtype):
     torch.library.opcheck(torch.ops.fnevr.spade_norm_instance.default, (x, gamma, beta, 1e-5, 1, 0.2, backend))
 
 
-@pytest.mark.parametrize("backend,device,compiler", [
-    pytest.param(*p.values[:2], compiler, id=f"{p.id}-{compiler}", marks=p.marks)
-    for p in target_params() for compiler in ("aot_eager", "inductor")
-    if not (compiler == "inductor" and p.id == "triton-cpu")  # inductor cannot target the interpreter
-])
+@pytest.mark.parametrize("backend,device,compiler", compile_params())
 @pytest.mark.parametrize("norm", ["instance", "batch"])
 def test_torch_compile_fullgraph(backend, device, compiler, norm):
     torch._dynamo.reset()
