@@ -108,8 +108,8 @@ def _forward_kernel(inp, grid, out, C, H, W, P, Wo, s_in_n, s_in_c, s_in_h, s_in
         y0 = tl.floor(y)
         acc = tl.zeros([BLOCK_P, BLOCK_C], ACC)
         for k in tl.static_range(4):
-            kx: tl.constexpr = k % 2
-            ky: tl.constexpr = k // 2
+            kx = k % 2  # k is a constexpr; an annotated constexpr here would be reassigned per pass
+            ky = k // 2
             w = ((x0 + 1.0 - x) if kx == 0 else x - x0) * ((y0 + 1.0 - y) if ky == 0 else y - y0)
             off, valid = _tap(x0 + kx, y0 + ky, H, W, s_in_h, s_in_w)
             v = tl.load(src + off[:, None], mask=(valid & pmask)[:, None] & cmask, other=0.0).to(ACC)
@@ -196,8 +196,8 @@ def _input_grad_kernel(grad_out, grid, buf, scale_ptr, C, H, W, P, Wo, s_b_n, s_
         x0 = tl.floor(x)
         y0 = tl.floor(y)
         for k in tl.static_range(4):
-            kx: tl.constexpr = k % 2
-            ky: tl.constexpr = k // 2
+            kx = k % 2  # k is a constexpr; an annotated constexpr here would be reassigned per pass
+            ky = k // 2
             w = ((x0 + 1.0 - x) if kx == 0 else x - x0) * ((y0 + 1.0 - y) if ky == 0 else y - y0)
             off, valid = _tap(x0 + kx, y0 + ky, H, W, s_b_h, s_b_w)
             _scatter(buf, dst + off[:, None], (valid & pmask)[:, None] & cmask, w[:, None] * g, scale, FIXED)

@@ -24,6 +24,14 @@ def _triton_status() -> tuple[bool, bool, str]:
     """(on CUDA tensors, on CPU tensors, why not)."""
     if importlib.util.find_spec("triton") is None:
         return False, False, "triton is not installed (pip install triton)"
+    if os.environ.get("FNEVR_TRITON_COMPILE_ONLY", ""):
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            raise RuntimeError("FNEVR_TRITON_COMPILE_ONLY and TRITON_INTERPRET=1 exclude each other: set one")
+        from ..kernels import aot  # compiles for that GPU, launches nothing: outputs are never written
+
+        arch = aot.requested_arch()
+        aot.activate(arch)
+        return False, True, f"FNEVR_TRITON_COMPILE_ONLY={arch}: Triton compiles for sm_{arch} and launches nothing"
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return True, True, ""
     if not torch.cuda.is_available():
@@ -56,7 +64,11 @@ def backends(device: str | torch.device = "cpu") -> dict[str, str]:
     kind = torch.device(device).type
     if kind not in AUTO_ORDER:
         raise ValueError(f"device must be a cpu or cuda device, got {device!r}")
-    return {b: "available" if not _UNAVAILABLE[(b, kind)] else f"unavailable: {_UNAVAILABLE[(b, kind)]}" for b in BACKENDS}
+    status = {b: "available" if not _UNAVAILABLE[(b, kind)] else f"unavailable: {_UNAVAILABLE[(b, kind)]}"
+              for b in BACKENDS}
+    if _triton_cpu and not _triton_cuda and kind == "cpu":  # compile-only: runs, but computes nothing
+        status["triton"] = f"available, outputs unwritten: {_triton_reason}"
+    return status
 
 
 def resolve(backend: str, device: torch.device) -> str:
