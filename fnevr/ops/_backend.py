@@ -15,9 +15,21 @@ from torch import Tensor
 from .. import _extension
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
-# Fastest first, per device type (benchmarks/results: on an H100 at FNeVR's shape the Triton kernels
-# match our CUDA ones in the fp32 forward and beat them everywhere else); the reference is last.
-AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
+OPS = ("composite", "grid_sample", "spade_norm", "mlp_composite")
+# What `auto` tries, fastest first, per op and device type; the reference is last. On the CPU the C++
+# kernel. On CUDA each op's order is its own measurement (benchmarks/gpu_check.sh prints which
+# backend won each op at FNeVR's shapes next to this choice):
+# - composite: Triton (H100, 2026-11-24, benchmarks/results/composite-cuda-*-4325dc8.txt: fwd+bwd
+#   163 us against CUDA's 202 in fp32, 82 against 132 in bf16; the forwards tie).
+# - grid_sample, spade_norm, mlp_composite: not yet timed on a GPU; Triton until they are.
+_CPU_ORDER = ("cpu", "reference")
+AUTO_ORDER = {
+    "composite": {"cpu": _CPU_ORDER, "cuda": ("triton", "cuda", "reference")},
+    "grid_sample": {"cpu": _CPU_ORDER, "cuda": ("triton", "cuda", "reference")},
+    "spade_norm": {"cpu": _CPU_ORDER, "cuda": ("triton", "cuda", "reference")},
+    "mlp_composite": {"cpu": _CPU_ORDER, "cuda": ("triton", "cuda", "reference")},
+}
+DEVICE_TYPES = ("cpu", "cuda")
 
 
 def _triton_status() -> tuple[bool, bool, str]:
@@ -62,7 +74,7 @@ def backends(device: str | torch.device = "cpu") -> dict[str, str]:
     'available'
     """
     kind = torch.device(device).type
-    if kind not in AUTO_ORDER:
+    if kind not in DEVICE_TYPES:
         raise ValueError(f"device must be a cpu or cuda device, got {device!r}")
     status = {b: "available" if not _UNAVAILABLE[(b, kind)] else f"unavailable: {_UNAVAILABLE[(b, kind)]}"
               for b in BACKENDS}
@@ -71,16 +83,16 @@ def backends(device: str | torch.device = "cpu") -> dict[str, str]:
     return status
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The backend that will run for tensors on `device`; raises if a forced one cannot."""
+def resolve(backend: str, device: torch.device, op: str) -> str:
+    """The backend that will run `op` for tensors on `device`; raises if a forced one cannot."""
     # Every op call asks: the common answers are looked up (a non-str backend gets _resolve's error).
-    name = _RESOLVED.get((backend, device.type)) if isinstance(backend, str) else None
-    return name if name is not None else _resolve(backend, device.type)
+    name = _RESOLVED.get((backend, device.type, op)) if isinstance(backend, str) else None
+    return name if name is not None else _resolve(backend, device.type, op)
 
 
-def _resolve(backend: str, kind: str) -> str:
+def _resolve(backend: str, kind: str, op: str) -> str:
     if backend == "auto":
-        for name in AUTO_ORDER.get(kind, ("reference",)):
+        for name in AUTO_ORDER[op].get(kind, ("reference",)):
             if not _UNAVAILABLE.get((name, kind), "n/a"):
                 return name
         return "reference"
@@ -92,8 +104,8 @@ def _resolve(backend: str, kind: str) -> str:
     return backend
 
 
-_RESOLVED = {(b, kind): _resolve(b, kind) for b in ("auto",) + BACKENDS for kind in AUTO_ORDER
-             if b == "auto" or not _UNAVAILABLE[(b, kind)]}
+_RESOLVED = {(b, kind, op): _resolve(b, kind, op) for b in ("auto",) + BACKENDS for kind in DEVICE_TYPES
+             for op in OPS if b == "auto" or not _UNAVAILABLE[(b, kind)]}
 
 
 # --- custom ops with an eager fast path ------------------------------------------------------------

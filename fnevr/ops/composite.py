@@ -76,7 +76,7 @@ def composite(color: Tensor, density: Tensor, *, transmittance: str = "exclusive
         ``[..., C]`` in ``color``'s dtype (fused backends accumulate in fp32, fp64 for fp64).
     """
     lead, D, C = _check(color, density, transmittance, density_activation)
-    name = resolve(backend, color.device)
+    name = resolve(backend, color.device, "composite")
     if name == "reference":
         return composite_reference(color, density, transmittance=transmittance,
                                    density_activation=density_activation)

@@ -153,7 +153,7 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
         input, grid = input.to(dtype), grid.to(dtype)
     _check(input, grid, mode, padding_mode)
     align_corners = bool(align_corners)
-    name = resolve(backend, input.device)
+    name = resolve(backend, input.device, "grid_sample")
     if name == "reference":
         return grid_sample_reference(input, grid, mode, padding_mode, align_corners)
     if deterministic is None:

@@ -91,7 +91,7 @@ def mlp_composite(color_code: Tensor, shape_code: Tensor, params, *, transmittan
     params = _as_list(params)
     color_code, shape_code, params = _cast(color_code, shape_code, params)
     lead, D, H = _check(color_code, shape_code, params, transmittance, density_activation)
-    name = resolve(backend, color_code.device)
+    name = resolve(backend, color_code.device, "mlp_composite")
     if name == "reference":
         return mlp_composite_reference(color_code, shape_code, params, transmittance=transmittance,
                                        density_activation=density_activation)

@@ -112,7 +112,7 @@ def spade_norm(x: Tensor, gamma: Tensor, beta: Tensor, *, norm: str = "instance"
     _check(x, gamma, beta, norm, activation, running_mean, running_var, training, momentum)
     if process_group is not None and norm != "batch":
         raise ValueError("process_group applies to norm='batch' only")
-    name = resolve(backend, x.device)
+    name = resolve(backend, x.device, "spade_norm")
     kw = dict(norm=norm, eps=eps, activation=activation, negative_slope=negative_slope, running_mean=running_mean,
               running_var=running_var, training=training, momentum=momentum, process_group=process_group)
     if name == "reference":
