@@ -229,11 +229,20 @@ def _spade_norm(dtype):
 def _mlp_composite(dtype):
     from fnevr.model.render import SampleMLP
     from fnevr.ops import mlp_composite
+    # fp32 dots are tf32x3, or plain TF32 where PyTorch's own matmuls may use it: both.
+    tf32_flags = (False, True) if dtype == torch.float32 else (False,)
     for e, hidden, D in ((16, 128, 8), (8, 32, 4)):  # vox-256's ray head; the small config's
         mlp = SampleMLP(color_dim=e, shape_dim=e, hidden=hidden).to(dtype)
         params = [p for name, p in mlp.named_parameters() if not name.startswith("color_out")]
-        _fwd_bwd(lambda c, s, *p: mlp_composite(c, s, list(p), transmittance="inclusive", backend="triton"),
-                 torch.rand(64, D, e, dtype=dtype), torch.rand(64, D, e, dtype=dtype), *params)
+        for tf32 in tf32_flags:
+            saved = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            try:
+                _fwd_bwd(lambda c, s, *p: mlp_composite(c, s, list(p), transmittance="inclusive", backend="triton"),
+                         torch.rand(64, D, e, dtype=dtype), torch.rand(64, D, e, dtype=dtype),
+                         *[p.detach().clone() for p in params])
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 OPS = {"composite": _composite, "grid_sample": _grid_sample, "spade_norm": _spade_norm,

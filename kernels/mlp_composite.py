@@ -2,9 +2,11 @@
 
 Rows are (ray, sample) pairs. A program owns BLOCK_R rays and, per chunk, DC samples of each (DC is
 D rounded up to a power of two, capped at the tile's rows; D > DC takes several chunks): a
-[ROWS = BLOCK_R * DC, K] tile of codes. Each layer is one `tl.dot` of the activation tile with the
+[ROWS = BLOCK_R * DC, K] tile of codes. Each layer is a product of the activation tile with the
 layer's weight (read transposed, zero-padded to powers of two >= 16), then bias and ReLU, all on
-chip; padded channels stay exactly 0. The density is a row-wise dot with the density weight.
+chip; padded channels stay exactly 0. Products over more than 32 channels are several `tl.dot`s,
+each over a 32-wide piece of the reduction (a smaller weight operand to load and hold: fewer
+registers and less shared memory; see _FORWARD_PIECE). The density is a row-wise dot with the density weight.
 Compositing reshapes the densities to [BLOCK_R, DC]: the transmittance in front of each sample is
 an exclusive running product of exp(-p) (an associative scan of (product but the last, product)
 pairs; as composite_math.h, never exp of a running sum, so huge densities give an exact 0 and no
@@ -15,8 +17,8 @@ Backward recomputes the tile's forward on chip, then e_i = <gF, h_i> + gS, the G
 composite_math.h (pushed_i = e_i dw_i + prefix_i, dsigma_i = (pushed_i - total) act'(sigma_i); with
 several chunks a first pass over the ray finds the total), and backprops layer by layer with
 `tl.dot` (a0, a1, a3 recomputed where needed again rather than kept live): input gradients are
-stored per sample; weight gradients are dz^T a dots accumulated, in the dot itself, onto this
-program's own fp32 (fp64) partial buffer (load, dot-accumulate, store; a program's first tile
+stored per sample; weight gradients are dz^T a dots, in blocks of at most 64 x 64, accumulated, in
+the dot itself, onto this program's own fp32 (fp64) partial buffer (load, dot-accumulate, store; a program's first tile
 stores without loading: no zero fill, no atomics). The grid is persistent, one program per SM
 (fixed per device), each looping over tiles in a fixed order; the P partials are summed in torch,
 so the gradients are deterministic.
@@ -37,6 +39,18 @@ from triton.runtime.errors import OutOfResources
 
 from ._common import accumulator, interpreting, launch_ctx
 from .composite import _activate, _activate_grad, _step
+
+# Wide layers go in pieces (see _xwt, _dzw, _wgrad): each dot reduces over at most PIECE channels
+# (_FORWARD_PIECE, _BACKWARD_PIECE), each weight-gradient block is at most _G_BLOCK x _G_BLOCK. A
+# whole [128, 128] fp32 weight operand is loaded through registers (128 per thread at 4 warps;
+# x3 for tf32x3's split) and held in shared memory twice (tf32x3's two parts), and a [128, 128]
+# gradient accumulator is 128 registers a thread. Measured with the compile-only report (sm_90,
+# H=128; spills per thread, shared memory):
+#   backward, fp32 (64 rows, 4 warps): whole 5.5 KB, 216 KB; pieces of 64: 3.6 KB, 120 KB; of 32: 3.5 KB, 120 KB
+#   backward, fp16 (128 rows, 8 warps): whole 1.8 KB, 112 KB; of 64: 0.9 KB, 88 KB; of 32: 0.8 KB, 88 KB
+#   forward, fp32 (128 rows, 8 warps): whole 0.7 KB, 128 KB; of 64: 0.3 KB, 64 KB; of 32: 0.7 KB, 32 KB
+_FORWARD_PIECE, _BACKWARD_PIECE = 64, 32
+_G_BLOCK = tl.constexpr(64)
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -69,6 +83,51 @@ def _w(w, N, K, ld, col0, NP: tl.constexpr, KP: tl.constexpr, OP: tl.constexpr, 
     n = tl.arange(0, NP)[:, None] + z
     k = tl.arange(0, KP)[None, :]
     return tl.load(w + n * ld + col0 + k, mask=(n < N) & (k < K), other=0.0).to(OP)
+
+
+@triton.jit
+def _halves(x, ROWS: tl.constexpr, N: tl.constexpr):
+    """(x[:, :N // 2], x[:, N // 2:]) of x [ROWS, N]: the same registers, regrouped."""
+    return tl.split(tl.permute(tl.reshape(x, [ROWS, 2, N // 2]), [0, 2, 1]))
+
+
+@triton.jit
+def _fresh(x, PREC: tl.constexpr, z):
+    """x, as a value the compiler cannot identify with x (z: an opaque 0). A tf32x3 dot splits its
+    operands into two TF32 parts each; a tensor that two distant dots read would otherwise share
+    one split, and keep its two parts live (in registers) in between."""
+    if PREC == "tf32x3":
+        x = x + z.to(x.dtype)  # exact (-0 becomes +0, which no product can tell)
+    return x
+
+
+@triton.jit
+def _xwt(x, w, N, K, ld, col0, acc, ROWS: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, OP: tl.constexpr,
+         ACC: tl.constexpr, PREC: tl.constexpr, PIECE: tl.constexpr, z):
+    """acc + x @ W^T [ROWS, NP] (acc None: 0) for x [ROWS, KP] and W^T as _wt reads it, in pieces of
+    at most PIECE of K (each piece a dot of its own, with its own smaller weight operand)."""
+    if KP > PIECE:
+        x0, x1 = _halves(x, ROWS, KP)
+        acc = _xwt(x0, w, N, K, ld, col0, acc, ROWS, KP // 2, NP, OP, ACC, PREC, PIECE, z)
+        acc = _xwt(x1, w, N, K - KP // 2, ld, col0 + KP // 2, acc, ROWS, KP // 2, NP, OP, ACC, PREC, PIECE, z)
+    else:
+        acc = tl.dot(x, _wt(w, N, K, ld, col0, KP, NP, OP, z), acc, input_precision=PREC, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _dzw(dz, w, N, K, ld, col0, acc, ROWS: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, OP: tl.constexpr,
+         ACC: tl.constexpr, PREC: tl.constexpr, PIECE: tl.constexpr, z):
+    """acc + dz @ W [ROWS, KP] (acc None: 0) for dz [ROWS, NP] and W as _w reads it, in pieces of at
+    most PIECE of NP."""
+    if NP > PIECE:
+        d0, d1 = _halves(dz, ROWS, NP)
+        acc = _dzw(d0, w, N, K, ld, col0, acc, ROWS, NP // 2, KP, OP, ACC, PREC, PIECE, z)
+        acc = _dzw(d1, w + (NP // 2) * ld, N - NP // 2, K, ld, col0, acc, ROWS, NP // 2, KP, OP, ACC, PREC, PIECE,
+                   z)
+    else:
+        acc = tl.dot(dz, _w(w, N, K, ld, col0, NP, KP, OP, z), acc, input_precision=PREC, out_dtype=ACC)
+    return acc
 
 
 @triton.jit
@@ -119,25 +178,26 @@ def _rows(ray0, c, R, D, ROWS: tl.constexpr, DC: tl.constexpr):
 @triton.jit
 def _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, rows, valid,
          Ec, Es, H, H4, ACC: tl.constexpr, OP: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr,
-         KS: tl.constexpr, KC: tl.constexpr, HP: tl.constexpr, H4P: tl.constexpr, z):
+         KS: tl.constexpr, KC: tl.constexpr, HP: tl.constexpr, H4P: tl.constexpr, ROWS: tl.constexpr,
+         PIECE: tl.constexpr, z):
     """One tile's MLP: the codes s, c, the activations a0..a4 (as dot operands), h (ACC) and the
     densities sigma [ROWS] (ACC). z: an opaque 0 (see _opaque_zero)."""
     s = _codes(sc, rows, valid, Es, KS, OP)
-    y = tl.dot(s, _wt(wsi, H, Es, Es, 0, KS, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    y = _xwt(s, wsi, H, Es, Es, 0, None, ROWS, KS, HP, OP, ACC, PREC, PIECE, z)
     a0 = _op(_relu(y + _vec(bsi, H, HP, ACC, z)[None, :]), OP, EMU)
-    y = tl.dot(a0, _wt(wsh, H, H, H, 0, HP, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    y = _xwt(a0, wsh, H, H, H, 0, None, ROWS, HP, HP, OP, ACC, PREC, PIECE, z)
     a1 = _op(_relu(y + _vec(bsh, H, HP, ACC, z)[None, :]), OP, EMU)
     sigma = tl.sum(a1.to(ACC) * _vec(wd, H, HP, ACC, z)[None, :], axis=1) + tl.load(bd).to(ACC)
-    y = tl.dot(a1, _wt(wsf, H4, H, H, 0, HP, H4P, OP, z), input_precision=PREC, out_dtype=ACC)
+    y = _xwt(a1, wsf, H4, H, H, 0, None, ROWS, HP, H4P, OP, ACC, PREC, PIECE, z)
     a2 = _op(_relu(y + _vec(bsf, H4, H4P, ACC, z)[None, :]), OP, EMU)
     c = _codes(cc, rows, valid, Ec, KC, OP)
-    y = tl.dot(c, _wt(wci, H, Ec, Ec, 0, KC, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    y = _xwt(c, wci, H, Ec, Ec, 0, None, ROWS, KC, HP, OP, ACC, PREC, PIECE, z)
     a3 = _op(_relu(y + _vec(bci, H, HP, ACC, z)[None, :]), OP, EMU)
     # fuse takes concat(a2, a3): its weight's first H4 columns meet a2, the other H meet a3.
-    y = tl.dot(a2, _wt(wf, H, H4, H4 + H, 0, H4P, HP, OP, z), input_precision=PREC, out_dtype=ACC)
-    y = tl.dot(a3, _wt(wf, H, H, H4 + H, H4, HP, HP, OP, z), y, input_precision=PREC, out_dtype=ACC)
+    y = _xwt(a2, wf, H, H4, H4 + H, 0, None, ROWS, H4P, HP, OP, ACC, PREC, PIECE, z)
+    y = _xwt(a3, wf, H, H, H4 + H, H4, y, ROWS, HP, HP, OP, ACC, PREC, PIECE, z)
     a4 = _op(_relu(y + _vec(bf, H, HP, ACC, z)[None, :]), OP, EMU)
-    y = tl.dot(a4, _wt(wfh, H, H, H, 0, HP, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    y = _xwt(a4, wfh, H, H, H, 0, None, ROWS, HP, HP, OP, ACC, PREC, PIECE, z)
     h = _relu(y + _vec(bfh, H, HP, ACC, z)[None, :])
     return s, c, a0, a1, a2, a3, a4, h, sigma
 
@@ -168,10 +228,12 @@ def _weights(sigma, trans, c, D, INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC
 def _forward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, ray0, c, trans, feat, wsum,
                    R, D, Ec, Es, H, H4, INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
                    OP: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr,
-                   HP: tl.constexpr, H4P: tl.constexpr, BLOCK_R: tl.constexpr, DC: tl.constexpr, z):
+                   HP: tl.constexpr, H4P: tl.constexpr, BLOCK_R: tl.constexpr, DC: tl.constexpr,
+                   PIECE: tl.constexpr, z):
     rows, valid = _rows(ray0, c, R, D, BLOCK_R * DC, DC)
     _, _, _, _, _, _, _, h, sigma = _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh,
-                                         rows, valid, Ec, Es, H, H4, ACC, OP, EMU, PREC, KS, KC, HP, H4P, z)
+                                         rows, valid, Ec, Es, H, H4, ACC, OP, EMU, PREC, KS, KC, HP, H4P,
+                                         BLOCK_R * DC, PIECE, z)
     _, w, _, _, trans = _weights(sigma, trans, c, D, INCLUSIVE, ACT, ACC, BLOCK_R, DC)
     feat += tl.sum(w[:, :, None] * tl.reshape(h, [BLOCK_R, DC, HP]), axis=1)
     wsum += tl.sum(w, axis=1)
@@ -183,7 +245,7 @@ def _forward_kernel(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
                     R, D, Ec, Es, H, H4, INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
                     OP: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr,
                     HP: tl.constexpr, H4P: tl.constexpr, BLOCK_R: tl.constexpr, DC: tl.constexpr,
-                    MULTI: tl.constexpr):
+                    MULTI: tl.constexpr, PIECE: tl.constexpr):
     ray0 = tl.program_id(0) * BLOCK_R  # < R: int32 is enough; row offsets are int64
     trans = tl.full([BLOCK_R], 1.0, ACC)
     feat = tl.zeros([BLOCK_R, HP], ACC)
@@ -193,11 +255,11 @@ def _forward_kernel(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
             trans, feat, wsum = _forward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh,
                                                bfh, ray0, c, trans, feat, wsum, R, D, Ec, Es, H, H4, INCLUSIVE,
                                                ACT, ACC, OP, EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC,
-                                               _opaque_zero(c, R))
+                                               PIECE, _opaque_zero(c, R))
     else:
         trans, feat, wsum = _forward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh,
                                            ray0, 0, trans, feat, wsum, R, D, Ec, Es, H, H4, INCLUSIVE, ACT, ACC, OP,
-                                           EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC, 0)
+                                           EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC, PIECE, 0)
     rays = (ray0 + tl.arange(0, BLOCK_R)).to(tl.int64)
     n = tl.arange(0, HP)
     tl.store(features + rays[:, None] * H + n[None, :], feat.to(features.dtype.element_ty),
@@ -208,12 +270,23 @@ def _forward_kernel(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
 # --- backward -------------------------------------------------------------------------------------
 
 @triton.jit
-def _wgrad(part, dz, a, keep, NP: tl.constexpr, KP: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, z):
-    """part[NP, KP] += dz^T a (dz [ROWS, NP], a [ROWS, KP]); keep = 0: part is uninitialised, start at 0."""
-    offs = (tl.arange(0, NP)[:, None] + z) * KP + tl.arange(0, KP)[None, :]
-    g = tl.load(part + offs, mask=keep, other=0.0)  # a scalar mask: vector loads
-    g = tl.dot(tl.trans(dz), a, g, input_precision=PREC, out_dtype=ACC)
-    tl.store(part + offs, g)
+def _wgrad(part, dz, a, keep, ROWS: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, LD: tl.constexpr,
+           ACC: tl.constexpr, PREC: tl.constexpr, z):
+    """part[NP, KP] (row stride LD) += dz^T a (dz [ROWS, NP], a [ROWS, KP]), in blocks of at most
+    _G_BLOCK x _G_BLOCK; keep = 0: part is uninitialised, start at 0."""
+    if NP > _G_BLOCK:
+        d0, d1 = _halves(dz, ROWS, NP)
+        _wgrad(part, d0, a, keep, ROWS, NP // 2, KP, LD, ACC, PREC, z)
+        _wgrad(part + (NP // 2) * LD, d1, a, keep, ROWS, NP // 2, KP, LD, ACC, PREC, z)
+    elif KP > _G_BLOCK:
+        a0, a1 = _halves(a, ROWS, KP)
+        _wgrad(part, dz, a0, keep, ROWS, NP, KP // 2, LD, ACC, PREC, z)
+        _wgrad(part + KP // 2, dz, a1, keep, ROWS, NP, KP // 2, LD, ACC, PREC, z)
+    else:
+        offs = (tl.arange(0, NP)[:, None] + z) * LD + tl.arange(0, KP)[None, :]
+        g = tl.load(part + offs, mask=keep, other=0.0)  # a scalar mask: vector loads
+        g = tl.dot(tl.trans(dz), a, g, input_precision=PREC, out_dtype=ACC)
+        tl.store(part + offs, g)
 
 
 @triton.jit
@@ -232,17 +305,17 @@ def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
                     O_SF: tl.constexpr, O_CI: tl.constexpr, O_FA: tl.constexpr, O_FB: tl.constexpr,
                     O_FH: tl.constexpr, O_BSI: tl.constexpr, O_BSH: tl.constexpr, O_BSF: tl.constexpr,
                     O_BCI: tl.constexpr, O_BF: tl.constexpr, O_BFH: tl.constexpr, O_WD: tl.constexpr,
-                    O_BD: tl.constexpr, z):
+                    O_BD: tl.constexpr, PIECE: tl.constexpr, z):
     """Chunk c of a tile: recompute, composite's GradScan, backprop; input gradients stored, weight
     gradients added to this program's partials `part` (keep = 0: they are not initialised yet)."""
     ROWS: tl.constexpr = BLOCK_R * DC
     rows, valid = _rows(ray0, c, R, D, ROWS, DC)
     # a0, a1 and a3 are recomputed where they are needed again (a0 and a3 from the codes, K = 16;
     # a1 costs one more H x H dot): keeping them live from here costs registers and, as wgmma
-    # operands, shared memory (fp32 would not fit an H100's 227 KB).
+    # operands, shared memory. Tensors that two distant dots read go in _fresh.
     s, cd, _, _, a2, _, a4, h, sigma = _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh,
                                                bfh, rows, valid, Ec, Es, H, H4, ACC, OP, EMU, PREC, KS, KC, HP, H4P,
-                                               z)
+                                               ROWS, PIECE, z)
     sigma, w, dw, inside, trans = _weights(sigma, trans, c, D, INCLUSIVE, ACT, ACC, BLOCK_R, DC)
     # Compositing: composite_math.h's GradScan over the chunk's samples.
     e = tl.sum(tl.reshape(h, [BLOCK_R, DC, HP]) * gF[:, None, :], axis=2) + gS[:, None]
@@ -259,35 +332,35 @@ def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
     dh = tl.reshape(w[:, :, None] * gF[:, None, :], [ROWS, HP])
     # fuse_hidden
     dz = _op(tl.where(h > 0.0, dh, 0.0), OP, EMU)
-    _wgrad(part + O_FH, dz, a4, keep, HP, HP, ACC, PREC, z)
+    _wgrad(part + O_FH, _fresh(dz, PREC, z), _fresh(a4, PREC, z), keep, ROWS, HP, HP, HP, ACC, PREC, z)
     _vgrad(part + O_BFH, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
-    da = tl.dot(dz, _w(wfh, H, H, H, 0, HP, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    da = _dzw(dz, wfh, H, H, H, 0, None, ROWS, HP, HP, OP, ACC, PREC, PIECE, z)
     # fuse
     dz = _op(tl.where(a4 > 0.0, da, 0.0), OP, EMU)
-    y = tl.dot(cd, _wt(wci, H, Ec, Ec, 0, KC, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    y = _xwt(_fresh(cd, PREC, z), wci, H, Ec, Ec, 0, None, ROWS, KC, HP, OP, ACC, PREC, PIECE, z)
     a3 = _op(_relu(y + _vec(bci, H, HP, ACC, z)[None, :]), OP, EMU)
-    _wgrad(part + O_FA, dz, a2, keep, HP, H4P, ACC, PREC, z)
-    _wgrad(part + O_FB, dz, a3, keep, HP, HP, ACC, PREC, z)
+    _wgrad(part + O_FA, _fresh(dz, PREC, z), _fresh(a2, PREC, z), keep, ROWS, HP, H4P, H4P, ACC, PREC, z)
+    _wgrad(part + O_FB, _fresh(dz, PREC, z), _fresh(a3, PREC, z), keep, ROWS, HP, HP, HP, ACC, PREC, z)
     _vgrad(part + O_BF, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
-    da2 = tl.dot(dz, _w(wf, H, H4, H4 + H, 0, HP, H4P, OP, z), input_precision=PREC, out_dtype=ACC)
-    da = tl.dot(dz, _w(wf, H, H, H4 + H, H4, HP, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    da2 = _dzw(dz, wf, H, H4, H4 + H, 0, None, ROWS, HP, H4P, OP, ACC, PREC, PIECE, z)
+    da = _dzw(dz, wf, H, H, H4 + H, H4, None, ROWS, HP, HP, OP, ACC, PREC, PIECE, z)
     # color_in
     dz = _op(tl.where(a3 > 0.0, da, 0.0), OP, EMU)
-    _wgrad(part + O_CI, dz, cd, keep, HP, KC, ACC, PREC, z)
+    _wgrad(part + O_CI, _fresh(dz, PREC, z), _fresh(cd, PREC, z), keep, ROWS, HP, KC, KC, ACC, PREC, z)
     _vgrad(part + O_BCI, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
-    gc = tl.dot(dz, _w(wci, H, Ec, Ec, 0, HP, KC, OP, z), input_precision=PREC, out_dtype=ACC)
+    gc = _dzw(dz, wci, H, Ec, Ec, 0, None, ROWS, HP, KC, OP, ACC, PREC, PIECE, z)
     k = tl.arange(0, KC)
     tl.store(grad_cc + rows[:, None] * Ec + k[None, :], gc.to(grad_cc.dtype.element_ty),
              mask=valid[:, None] & (k < Ec)[None, :])
     # shape_feature
-    y = tl.dot(s, _wt(wsi, H, Es, Es, 0, KS, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    y = _xwt(_fresh(s, PREC, z), wsi, H, Es, Es, 0, None, ROWS, KS, HP, OP, ACC, PREC, PIECE, z)
     a0 = _op(_relu(y + _vec(bsi, H, HP, ACC, z)[None, :]), OP, EMU)
-    y = tl.dot(a0, _wt(wsh, H, H, H, 0, HP, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    y = _xwt(a0, wsh, H, H, H, 0, None, ROWS, HP, HP, OP, ACC, PREC, PIECE, z)
     a1 = _op(_relu(y + _vec(bsh, H, HP, ACC, z)[None, :]), OP, EMU)
     dz = _op(tl.where(a2 > 0.0, da2, 0.0), OP, EMU)
-    _wgrad(part + O_SF, dz, a1, keep, H4P, HP, ACC, PREC, z)
+    _wgrad(part + O_SF, _fresh(dz, PREC, z), _fresh(a1, PREC, z), keep, ROWS, H4P, HP, HP, ACC, PREC, z)
     _vgrad(part + O_BSF, tl.sum(dz.to(ACC), axis=0), keep, H4P, z)
-    da = tl.dot(dz, _w(wsf, H4, H, H, 0, H4P, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    da = _dzw(dz, wsf, H4, H, H, 0, None, ROWS, H4P, HP, OP, ACC, PREC, PIECE, z)
     # density
     _vgrad(part + O_WD, tl.sum(dsigma[:, None] * a1.to(ACC), axis=0), keep, HP, z)
     bd_old = tl.load(part + O_BD, mask=keep, other=0.0)
@@ -295,14 +368,14 @@ def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
     da += dsigma[:, None] * _vec(wd, H, HP, ACC, z)[None, :]
     # shape_hidden
     dz = _op(tl.where(a1 > 0.0, da, 0.0), OP, EMU)
-    _wgrad(part + O_SH, dz, a0, keep, HP, HP, ACC, PREC, z)
+    _wgrad(part + O_SH, _fresh(dz, PREC, z), _fresh(a0, PREC, z), keep, ROWS, HP, HP, HP, ACC, PREC, z)
     _vgrad(part + O_BSH, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
-    da = tl.dot(dz, _w(wsh, H, H, H, 0, HP, HP, OP, z), input_precision=PREC, out_dtype=ACC)
+    da = _dzw(dz, wsh, H, H, H, 0, None, ROWS, HP, HP, OP, ACC, PREC, PIECE, z)
     # shape_in
     dz = _op(tl.where(a0 > 0.0, da, 0.0), OP, EMU)
-    _wgrad(part + O_SI, dz, s, keep, HP, KS, ACC, PREC, z)
+    _wgrad(part + O_SI, _fresh(dz, PREC, z), _fresh(s, PREC, z), keep, ROWS, HP, KS, KS, ACC, PREC, z)
     _vgrad(part + O_BSI, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
-    gs = tl.dot(dz, _w(wsi, H, Es, Es, 0, HP, KS, OP, z), input_precision=PREC, out_dtype=ACC)
+    gs = _dzw(dz, wsi, H, Es, Es, 0, None, ROWS, HP, KS, OP, ACC, PREC, PIECE, z)
     k = tl.arange(0, KS)
     tl.store(grad_sc + rows[:, None] * Es + k[None, :], gs.to(grad_sc.dtype.element_ty),
              mask=valid[:, None] & (k < Es)[None, :])
@@ -318,7 +391,8 @@ def _backward_kernel(grad_features, grad_weight_sum, cc, sc, wsi, bsi, wsh, bsh,
                      O_SI: tl.constexpr, O_SH: tl.constexpr, O_SF: tl.constexpr, O_CI: tl.constexpr,
                      O_FA: tl.constexpr, O_FB: tl.constexpr, O_FH: tl.constexpr, O_BSI: tl.constexpr,
                      O_BSH: tl.constexpr, O_BSF: tl.constexpr, O_BCI: tl.constexpr, O_BF: tl.constexpr,
-                     O_BFH: tl.constexpr, O_WD: tl.constexpr, O_BD: tl.constexpr, PT: tl.constexpr):
+                     O_BFH: tl.constexpr, O_WD: tl.constexpr, O_BD: tl.constexpr, PT: tl.constexpr,
+                     PIECE: tl.constexpr):
     ROWS: tl.constexpr = BLOCK_R * DC
     pid = tl.program_id(0)
     part = partials + pid.to(tl.int64) * PT  # this program's own partial sums
@@ -341,7 +415,7 @@ def _backward_kernel(grad_features, grad_weight_sum, cc, sc, wsi, bsi, wsh, bsh,
                 rows, valid = _rows(ray0, c, R, D, ROWS, DC)
                 _, _, _, _, _, _, _, h, sigma = _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf,
                                                      wfh, bfh, rows, valid, Ec, Es, H, H4, ACC, OP, EMU, PREC, KS,
-                                                     KC, HP, H4P, _opaque_zero(c, R))
+                                                     KC, HP, H4P, ROWS, PIECE, _opaque_zero(c, R))
                 _, w, _, _, trans = _weights(sigma, trans, c, D, INCLUSIVE, ACT, ACC, BLOCK_R, DC)
                 e = tl.sum(tl.reshape(h, [BLOCK_R, DC, HP]) * gF[:, None, :], axis=2) + gS[:, None]
                 total += tl.sum(e * w, axis=1)
@@ -352,13 +426,13 @@ def _backward_kernel(grad_features, grad_weight_sum, cc, sc, wsi, bsi, wsh, bsh,
                     cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, grad_cc, grad_sc, part,
                     gF, gS, ray0, c, (t != pid) | (c > 0), trans, prefix, total, R, D, Ec, Es, H, H4, INCLUSIVE,
                     ACT, ACC, OP, EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC, MULTI, O_SI, O_SH, O_SF, O_CI, O_FA,
-                    O_FB, O_FH, O_BSI, O_BSH, O_BSF, O_BCI, O_BF, O_BFH, O_WD, O_BD, _opaque_zero(c, R))
+                    O_FB, O_FH, O_BSI, O_BSH, O_BSF, O_BCI, O_BF, O_BFH, O_WD, O_BD, PIECE, _opaque_zero(c, R))
         else:
             trans, prefix = _backward_chunk(
                 cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, grad_cc, grad_sc, part,
                 gF, gS, ray0, 0, t != pid, trans, prefix, total, R, D, Ec, Es, H, H4, INCLUSIVE, ACT, ACC, OP, EMU,
                 PREC, KS, KC, HP, H4P, BLOCK_R, DC, MULTI, O_SI, O_SH, O_SF, O_CI, O_FA, O_FB, O_FH, O_BSI, O_BSH,
-                O_BSF, O_BCI, O_BF, O_BFH, O_WD, O_BD, _opaque_zero(t, R))
+                O_BSF, O_BCI, O_BF, O_BFH, O_WD, O_BD, PIECE, _opaque_zero(t, R))
 
 
 # --- launchers ------------------------------------------------------------------------------------
@@ -375,21 +449,25 @@ def _dims(color_code, shape_code, params):
     return R, D, Ec, Es, H, H4
 
 
-# Rows (ray samples) per tile at H = 128 (fewer for wider layers), first choice per dtype. Chosen from
-# sm_90 compiles (ptxas register and spill counts, Triton's shared memory) without a GPU to time them:
-# - a wgmma tile gives each warp 16 rows of the full width: an fp32 [rows, 128] activation is 64
-#   registers per thread whatever the rows, so rows = 16 x warps (8 warps for 128 rows);
-# - forward, 128 rows: fp16/bf16 use ~220 registers and no spills, fp32 a little spilling;
-# - backward holds several activations and a [128, 128] fp32 weight-gradient accumulator, and
-#   keeps its wgmma operands in shared memory: 128 rows for fp16/bf16 (~150 KB of shared memory,
-#   ~2 KB/thread of spills), 64 for fp32 (~220 KB: 128 rows would need ~300 KB, over an H100's
-#   227 KB), 32 for fp64;
+# Rows (ray samples) per tile, first choice per dtype, for padded widths HP <= 32, 64 and 128 (halved
+# for each doubling past 128). Chosen from sm_90 compiles (ptxas registers and spills, Triton's shared
+# memory; `python -m fnevr.kernels mlp_composite`), without a GPU to time them:
+# - wgmma gives a warpgroup (4 warps) 64 rows, and Triton puts every warp along the rows when dots
+#   chain (as here): 8 warps need 128 rows, or both warpgroups compute the same rows. A [64, 128]
+#   fp32 activation is then 64 registers per thread;
+# - forward: 128 rows (8 warps) for every dtype but fp64 at H=128 (fp32 spills 0.3 KB a thread);
+# - backward at H=128 holds several activations and weight-gradient blocks: 128 rows for fp16/bf16
+#   (~0.8 KB of spills, ~90 KB of shared memory), 64 for fp32 (~3.4 KB, ~120 KB; 128 rows do not
+#   fit 227 KB; 32 or 16 rows, below wgmma's 64, spill twice as much), 32 for fp64. At HP <= 32 fp32
+#   takes 32 rows (0.1 KB of spills; 128 rows: 1 KB);
 # - more rows amortise what each tile reloads: the weights (~240 KB in fp32 at H=128, from L2) and,
 #   in backward, its program's weight-gradient partials (read and written, as much again).
-# A launch that runs out of resources (shared memory) retries with half the rows; what launched
-# is remembered per shape. To tune on a GPU: rows (and a1's recompute in backward) per dtype.
-_FORWARD_ROWS = {torch.float16: 128, torch.bfloat16: 128, torch.float32: 128, torch.float64: 64}
-_BACKWARD_ROWS = {torch.float16: 128, torch.bfloat16: 128, torch.float32: 64, torch.float64: 32}
+# Every first choice fits an H100's 227 KB of shared memory. A launch that runs out of resources
+# anyway (another GPU) retries with half the rows; what launched is remembered per shape.
+_FORWARD_ROWS = {torch.float16: (128, 128, 128), torch.bfloat16: (128, 128, 128), torch.float32: (128, 128, 128),
+                 torch.float64: (128, 128, 64)}
+_BACKWARD_ROWS = {torch.float16: (128, 128, 128), torch.bfloat16: (128, 128, 128), torch.float32: (32, 64, 64),
+                  torch.float64: (128, 64, 32)}
 _MIN_ROWS, _MAX_ROWS = 16, 128  # 16: the smallest MMA M
 _launched_rows: dict = {}  # (kernel, device, dtype, dims, options) -> rows of a launch that fitted
 # fp32 dots without allow_tf32: "tf32x3" (three TF32 tensor-core products per dot, split operands:
@@ -405,8 +483,10 @@ def _tile(D: int, rows: int) -> tuple[int, int, int]:
 
 
 def _first_rows(table: dict, dtype: torch.dtype, HP: int) -> int:
-    """The table's rows at HP = 128, scaled for other widths (registers go with rows x HP)."""
-    return max(_MIN_ROWS, min(_MAX_ROWS, table[dtype] * 128 // HP))
+    """The table's rows for width HP: its entry for HP <= 32, 64 or 128; past 128, fewer in proportion."""
+    narrow, mid, wide = table[dtype]
+    rows = narrow if HP <= 32 else mid if HP == 64 else wide * 128 // HP
+    return max(_MIN_ROWS, min(_MAX_ROWS, rows))
 
 
 def _launch(name: str, key: tuple, rows: int, launch) -> None:
@@ -449,8 +529,8 @@ def _grad_layout(KS: int, KC: int, HP: int, H4P: int) -> tuple[dict, int]:
 
 
 def _programs(device: torch.device) -> int:
-    """Backward's persistent grid: one program per SM (its 255 registers per thread and up to ~220 KB
-    of shared memory leave room for one); a fixed count per device, so the order of the
+    """Backward's persistent grid: one program per SM (255 registers per thread and ~90-120 KB of
+    shared memory at H=128 leave room for one); a fixed count per device, so the order of the
     weight-gradient sums is fixed.
     A few under the interpreter, so that programs loop over several tiles there too."""
     if device.type != "cuda":
@@ -482,7 +562,7 @@ def mlp_composite_forward(color_code: torch.Tensor, shape_code: torch.Tensor, pa
             block_r, dc, warps = _tile(D, rows)
             _forward_kernel[(triton.cdiv(R, block_r),)](
                 color_code, shape_code, *params, features, weight_sum, R, D, Ec, Es, H, H4, BLOCK_R=block_r, DC=dc,
-                MULTI=D > dc, num_warps=warps, **const)
+                MULTI=D > dc, PIECE=_FORWARD_PIECE, num_warps=warps, **const)
 
         with launch_ctx(color_code):
             _launch("forward", (color_code.device, dtype, D, Ec, Es, H, H4, inclusive, activation, const["PREC"]),
@@ -518,8 +598,8 @@ def mlp_composite_backward(grad_features: torch.Tensor, grad_weight_sum: torch.T
         partials = torch.empty((programs, length), dtype=acc, device=color_code.device)
         _backward_kernel[(programs,)](
             grad_features, grad_weight_sum, color_code, shape_code, *params, grad_cc, grad_sc, partials,
-            R, D, Ec, Es, H, H4, num_tiles, BLOCK_R=block_r, DC=dc, MULTI=D > dc, PT=length, num_warps=warps,
-            **const, **offsets)
+            R, D, Ec, Es, H, H4, num_tiles, BLOCK_R=block_r, DC=dc, MULTI=D > dc, PT=length, PIECE=_BACKWARD_PIECE,
+            num_warps=warps, **const, **offsets)
 
     with launch_ctx(color_code):
         _launch("backward", (color_code.device, dtype, D, Ec, Es, H, H4, inclusive, activation, const["PREC"]),
