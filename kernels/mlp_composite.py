@@ -4,13 +4,13 @@ Rows are (ray, sample) pairs. A program owns BLOCK_R rays and, per chunk, DC sam
 D rounded up to a power of two, capped at the tile's rows; D > DC takes several chunks): a
 [ROWS = BLOCK_R * DC, K] tile of codes. Each layer is a product of the activation tile with the
 layer's weight (read transposed, zero-padded to powers of two >= 16), then bias and ReLU, all on
-chip; padded channels stay exactly 0. Products over more than 32 channels are several `tl.dot`s,
-each over a 32-wide piece of the reduction (a smaller weight operand to load and hold: fewer
-registers and less shared memory; see _FORWARD_PIECE). The density is a row-wise dot with the density weight.
-Compositing reshapes the densities to [BLOCK_R, DC]: the transmittance in front of each sample is
-an exclusive running product of exp(-p) (an associative scan of (product but the last, product)
-pairs; as composite_math.h, never exp of a running sum, so huge densities give an exact 0 and no
-NaN), then `kernels.composite._step` gives each weight and its derivative. Features are
+chip; padded channels stay exactly 0. Products over more than 64 channels are several `tl.dot`s,
+each over a 64-wide piece of the reduction (a smaller weight operand to load and hold: fewer
+registers and less shared memory; see _K_PIECE). The density is a row-wise dot with the density
+weight. Compositing reshapes the densities to [BLOCK_R, DC]: the transmittance in front of each
+sample is an exclusive running product of exp(-p) (an associative scan of (product but the last,
+product) pairs; as composite_math.h, never exp of a running sum, so huge densities give an exact 0
+and no NaN), then `kernels.composite._step` gives each weight and its derivative. Features are
 sum_i w_i h_i over [BLOCK_R, DC, H]; across chunks the transmittance is carried per ray.
 
 Backward recomputes the tile's forward on chip, then e_i = <gF, h_i> + gS, the GradScan of
@@ -40,16 +40,19 @@ from triton.runtime.errors import OutOfResources
 from ._common import accumulator, interpreting, launch_ctx
 from .composite import _activate, _activate_grad, _step
 
-# Wide layers go in pieces (see _xwt, _dzw, _wgrad): each dot reduces over at most PIECE channels
-# (_FORWARD_PIECE, _BACKWARD_PIECE), each weight-gradient block is at most _G_BLOCK x _G_BLOCK. A
-# whole [128, 128] fp32 weight operand is loaded through registers (128 per thread at 4 warps;
-# x3 for tf32x3's split) and held in shared memory twice (tf32x3's two parts), and a [128, 128]
-# gradient accumulator is 128 registers a thread. Measured with the compile-only report (sm_90,
-# H=128; spills per thread, shared memory):
-#   backward, fp32 (64 rows, 4 warps): whole 5.5 KB, 216 KB; pieces of 64: 3.6 KB, 120 KB; of 32: 3.5 KB, 120 KB
-#   backward, fp16 (128 rows, 8 warps): whole 1.8 KB, 112 KB; of 64: 0.9 KB, 88 KB; of 32: 0.8 KB, 88 KB
-#   forward, fp32 (128 rows, 8 warps): whole 0.7 KB, 128 KB; of 64: 0.3 KB, 64 KB; of 32: 0.7 KB, 32 KB
-_FORWARD_PIECE, _BACKWARD_PIECE = 64, 32
+# Wide layers go in pieces (see _xwt, _dzw, _wgrad): each tl.dot reduces over at most _K_PIECE
+# channels, each weight-gradient block is at most _G_BLOCK x _G_BLOCK. A whole [128, 128] fp32
+# weight operand is loaded through registers (128 a thread at 4 warps; x3 for tf32x3's split) and
+# held in shared memory twice (tf32x3's two parts), and a [128, 128] gradient accumulator is 128
+# registers a thread. Compile-only report, sm_90, H=128 (spills a thread, shared memory, CPU seconds
+# to compile), whole -> pieces of 64 (of 32):
+#   backward fp32, 64 rows, 4 warps:  5.5 KB, 216 KB, 45 s -> 3.6 KB, 120 KB, 45 s (3.5 KB, 120 KB, 64 s)
+#   backward fp16, 128 rows, 8 warps: 1.8 KB, 112 KB, 6 s -> 0.9 KB, 88 KB, 9 s (0.8 KB, 88 KB, 12 s)
+#   forward fp32, 128 rows, 8 warps:  0.7 KB, 128 KB -> 0.3 KB, 64 KB (0.7 KB, 32 KB)
+#   fp64 (forward 64 rows, backward 32, 4 warps) in pieces of 32: forward 4.6 KB, 193 KB -> 2.0 KB,
+#   64 KB (of 64: 27 KB of spills), backward 22 KB, 177 KB -> 3.4 KB, 84 KB
+_K_PIECE = tl.constexpr(64)
+_K_PIECE_FP64 = tl.constexpr(32)
 _G_BLOCK = tl.constexpr(64)
 
 
@@ -103,13 +106,14 @@ def _fresh(x, PREC: tl.constexpr, z):
 
 @triton.jit
 def _xwt(x, w, N, K, ld, col0, acc, ROWS: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, OP: tl.constexpr,
-         ACC: tl.constexpr, PREC: tl.constexpr, PIECE: tl.constexpr, z):
+         ACC: tl.constexpr, PREC: tl.constexpr, z):
     """acc + x @ W^T [ROWS, NP] (acc None: 0) for x [ROWS, KP] and W^T as _wt reads it, in pieces of
-    at most PIECE of K (each piece a dot of its own, with its own smaller weight operand)."""
-    if KP > PIECE:
+    at most _K_PIECE (fp64: _K_PIECE_FP64) of K (each piece a dot of its own, with its own smaller
+    weight operand)."""
+    if KP > _K_PIECE or (OP == tl.float64 and KP > _K_PIECE_FP64):
         x0, x1 = _halves(x, ROWS, KP)
-        acc = _xwt(x0, w, N, K, ld, col0, acc, ROWS, KP // 2, NP, OP, ACC, PREC, PIECE, z)
-        acc = _xwt(x1, w, N, K - KP // 2, ld, col0 + KP // 2, acc, ROWS, KP // 2, NP, OP, ACC, PREC, PIECE, z)
+        acc = _xwt(x0, w, N, K, ld, col0, acc, ROWS, KP // 2, NP, OP, ACC, PREC, z)
+        acc = _xwt(x1, w, N, K - KP // 2, ld, col0 + KP // 2, acc, ROWS, KP // 2, NP, OP, ACC, PREC, z)
     else:
         acc = tl.dot(x, _wt(w, N, K, ld, col0, KP, NP, OP, z), acc, input_precision=PREC, out_dtype=ACC)
     return acc
@@ -117,14 +121,13 @@ def _xwt(x, w, N, K, ld, col0, acc, ROWS: tl.constexpr, KP: tl.constexpr, NP: tl
 
 @triton.jit
 def _dzw(dz, w, N, K, ld, col0, acc, ROWS: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, OP: tl.constexpr,
-         ACC: tl.constexpr, PREC: tl.constexpr, PIECE: tl.constexpr, z):
+         ACC: tl.constexpr, PREC: tl.constexpr, z):
     """acc + dz @ W [ROWS, KP] (acc None: 0) for dz [ROWS, NP] and W as _w reads it, in pieces of at
-    most PIECE of NP."""
-    if NP > PIECE:
+    most _K_PIECE (fp64: _K_PIECE_FP64) of NP."""
+    if NP > _K_PIECE or (OP == tl.float64 and NP > _K_PIECE_FP64):
         d0, d1 = _halves(dz, ROWS, NP)
-        acc = _dzw(d0, w, N, K, ld, col0, acc, ROWS, NP // 2, KP, OP, ACC, PREC, PIECE, z)
-        acc = _dzw(d1, w + (NP // 2) * ld, N - NP // 2, K, ld, col0, acc, ROWS, NP // 2, KP, OP, ACC, PREC, PIECE,
-                   z)
+        acc = _dzw(d0, w, N, K, ld, col0, acc, ROWS, NP // 2, KP, OP, ACC, PREC, z)
+        acc = _dzw(d1, w + (NP // 2) * ld, N - NP // 2, K, ld, col0, acc, ROWS, NP // 2, KP, OP, ACC, PREC, z)
     else:
         acc = tl.dot(dz, _w(w, N, K, ld, col0, NP, KP, OP, z), acc, input_precision=PREC, out_dtype=ACC)
     return acc
@@ -178,26 +181,25 @@ def _rows(ray0, c, R, D, ROWS: tl.constexpr, DC: tl.constexpr):
 @triton.jit
 def _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, rows, valid,
          Ec, Es, H, H4, ACC: tl.constexpr, OP: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr,
-         KS: tl.constexpr, KC: tl.constexpr, HP: tl.constexpr, H4P: tl.constexpr, ROWS: tl.constexpr,
-         PIECE: tl.constexpr, z):
+         KS: tl.constexpr, KC: tl.constexpr, HP: tl.constexpr, H4P: tl.constexpr, ROWS: tl.constexpr, z):
     """One tile's MLP: the codes s, c, the activations a0..a4 (as dot operands), h (ACC) and the
     densities sigma [ROWS] (ACC). z: an opaque 0 (see _opaque_zero)."""
     s = _codes(sc, rows, valid, Es, KS, OP)
-    y = _xwt(s, wsi, H, Es, Es, 0, None, ROWS, KS, HP, OP, ACC, PREC, PIECE, z)
+    y = _xwt(s, wsi, H, Es, Es, 0, None, ROWS, KS, HP, OP, ACC, PREC, z)
     a0 = _op(_relu(y + _vec(bsi, H, HP, ACC, z)[None, :]), OP, EMU)
-    y = _xwt(a0, wsh, H, H, H, 0, None, ROWS, HP, HP, OP, ACC, PREC, PIECE, z)
+    y = _xwt(a0, wsh, H, H, H, 0, None, ROWS, HP, HP, OP, ACC, PREC, z)
     a1 = _op(_relu(y + _vec(bsh, H, HP, ACC, z)[None, :]), OP, EMU)
     sigma = tl.sum(a1.to(ACC) * _vec(wd, H, HP, ACC, z)[None, :], axis=1) + tl.load(bd).to(ACC)
-    y = _xwt(a1, wsf, H4, H, H, 0, None, ROWS, HP, H4P, OP, ACC, PREC, PIECE, z)
+    y = _xwt(a1, wsf, H4, H, H, 0, None, ROWS, HP, H4P, OP, ACC, PREC, z)
     a2 = _op(_relu(y + _vec(bsf, H4, H4P, ACC, z)[None, :]), OP, EMU)
     c = _codes(cc, rows, valid, Ec, KC, OP)
-    y = _xwt(c, wci, H, Ec, Ec, 0, None, ROWS, KC, HP, OP, ACC, PREC, PIECE, z)
+    y = _xwt(c, wci, H, Ec, Ec, 0, None, ROWS, KC, HP, OP, ACC, PREC, z)
     a3 = _op(_relu(y + _vec(bci, H, HP, ACC, z)[None, :]), OP, EMU)
     # fuse takes concat(a2, a3): its weight's first H4 columns meet a2, the other H meet a3.
-    y = _xwt(a2, wf, H, H4, H4 + H, 0, None, ROWS, H4P, HP, OP, ACC, PREC, PIECE, z)
-    y = _xwt(a3, wf, H, H, H4 + H, H4, y, ROWS, HP, HP, OP, ACC, PREC, PIECE, z)
+    y = _xwt(a2, wf, H, H4, H4 + H, 0, None, ROWS, H4P, HP, OP, ACC, PREC, z)
+    y = _xwt(a3, wf, H, H, H4 + H, H4, y, ROWS, HP, HP, OP, ACC, PREC, z)
     a4 = _op(_relu(y + _vec(bf, H, HP, ACC, z)[None, :]), OP, EMU)
-    y = _xwt(a4, wfh, H, H, H, 0, None, ROWS, HP, HP, OP, ACC, PREC, PIECE, z)
+    y = _xwt(a4, wfh, H, H, H, 0, None, ROWS, HP, HP, OP, ACC, PREC, z)
     h = _relu(y + _vec(bfh, H, HP, ACC, z)[None, :])
     return s, c, a0, a1, a2, a3, a4, h, sigma
 
@@ -228,12 +230,11 @@ def _weights(sigma, trans, c, D, INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC
 def _forward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, ray0, c, trans, feat, wsum,
                    R, D, Ec, Es, H, H4, INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
                    OP: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr,
-                   HP: tl.constexpr, H4P: tl.constexpr, BLOCK_R: tl.constexpr, DC: tl.constexpr,
-                   PIECE: tl.constexpr, z):
+                   HP: tl.constexpr, H4P: tl.constexpr, BLOCK_R: tl.constexpr, DC: tl.constexpr, z):
     rows, valid = _rows(ray0, c, R, D, BLOCK_R * DC, DC)
     _, _, _, _, _, _, _, h, sigma = _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh,
                                          rows, valid, Ec, Es, H, H4, ACC, OP, EMU, PREC, KS, KC, HP, H4P,
-                                         BLOCK_R * DC, PIECE, z)
+                                         BLOCK_R * DC, z)
     _, w, _, _, trans = _weights(sigma, trans, c, D, INCLUSIVE, ACT, ACC, BLOCK_R, DC)
     feat += tl.sum(w[:, :, None] * tl.reshape(h, [BLOCK_R, DC, HP]), axis=1)
     wsum += tl.sum(w, axis=1)
@@ -245,7 +246,7 @@ def _forward_kernel(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
                     R, D, Ec, Es, H, H4, INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
                     OP: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr,
                     HP: tl.constexpr, H4P: tl.constexpr, BLOCK_R: tl.constexpr, DC: tl.constexpr,
-                    MULTI: tl.constexpr, PIECE: tl.constexpr):
+                    MULTI: tl.constexpr):
     ray0 = tl.program_id(0) * BLOCK_R  # < R: int32 is enough; row offsets are int64
     trans = tl.full([BLOCK_R], 1.0, ACC)
     feat = tl.zeros([BLOCK_R, HP], ACC)
@@ -255,11 +256,11 @@ def _forward_kernel(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
             trans, feat, wsum = _forward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh,
                                                bfh, ray0, c, trans, feat, wsum, R, D, Ec, Es, H, H4, INCLUSIVE,
                                                ACT, ACC, OP, EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC,
-                                               PIECE, _opaque_zero(c, R))
+                                               _opaque_zero(c, R))
     else:
         trans, feat, wsum = _forward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh,
                                            ray0, 0, trans, feat, wsum, R, D, Ec, Es, H, H4, INCLUSIVE, ACT, ACC, OP,
-                                           EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC, PIECE, 0)
+                                           EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC, 0)
     rays = (ray0 + tl.arange(0, BLOCK_R)).to(tl.int64)
     n = tl.arange(0, HP)
     tl.store(features + rays[:, None] * H + n[None, :], feat.to(features.dtype.element_ty),
@@ -305,7 +306,7 @@ def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
                     O_SF: tl.constexpr, O_CI: tl.constexpr, O_FA: tl.constexpr, O_FB: tl.constexpr,
                     O_FH: tl.constexpr, O_BSI: tl.constexpr, O_BSH: tl.constexpr, O_BSF: tl.constexpr,
                     O_BCI: tl.constexpr, O_BF: tl.constexpr, O_BFH: tl.constexpr, O_WD: tl.constexpr,
-                    O_BD: tl.constexpr, PIECE: tl.constexpr, z):
+                    O_BD: tl.constexpr, z):
     """Chunk c of a tile: recompute, composite's GradScan, backprop; input gradients stored, weight
     gradients added to this program's partials `part` (keep = 0: they are not initialised yet)."""
     ROWS: tl.constexpr = BLOCK_R * DC
@@ -315,7 +316,7 @@ def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
     # operands, shared memory. Tensors that two distant dots read go in _fresh.
     s, cd, _, _, a2, _, a4, h, sigma = _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh,
                                                bfh, rows, valid, Ec, Es, H, H4, ACC, OP, EMU, PREC, KS, KC, HP, H4P,
-                                               ROWS, PIECE, z)
+                                               ROWS, z)
     sigma, w, dw, inside, trans = _weights(sigma, trans, c, D, INCLUSIVE, ACT, ACC, BLOCK_R, DC)
     # Compositing: composite_math.h's GradScan over the chunk's samples.
     e = tl.sum(tl.reshape(h, [BLOCK_R, DC, HP]) * gF[:, None, :], axis=2) + gS[:, None]
@@ -334,33 +335,33 @@ def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
     dz = _op(tl.where(h > 0.0, dh, 0.0), OP, EMU)
     _wgrad(part + O_FH, _fresh(dz, PREC, z), _fresh(a4, PREC, z), keep, ROWS, HP, HP, HP, ACC, PREC, z)
     _vgrad(part + O_BFH, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
-    da = _dzw(dz, wfh, H, H, H, 0, None, ROWS, HP, HP, OP, ACC, PREC, PIECE, z)
+    da = _dzw(dz, wfh, H, H, H, 0, None, ROWS, HP, HP, OP, ACC, PREC, z)
     # fuse
     dz = _op(tl.where(a4 > 0.0, da, 0.0), OP, EMU)
-    y = _xwt(_fresh(cd, PREC, z), wci, H, Ec, Ec, 0, None, ROWS, KC, HP, OP, ACC, PREC, PIECE, z)
+    y = _xwt(_fresh(cd, PREC, z), wci, H, Ec, Ec, 0, None, ROWS, KC, HP, OP, ACC, PREC, z)
     a3 = _op(_relu(y + _vec(bci, H, HP, ACC, z)[None, :]), OP, EMU)
     _wgrad(part + O_FA, _fresh(dz, PREC, z), _fresh(a2, PREC, z), keep, ROWS, HP, H4P, H4P, ACC, PREC, z)
     _wgrad(part + O_FB, _fresh(dz, PREC, z), _fresh(a3, PREC, z), keep, ROWS, HP, HP, HP, ACC, PREC, z)
     _vgrad(part + O_BF, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
-    da2 = _dzw(dz, wf, H, H4, H4 + H, 0, None, ROWS, HP, H4P, OP, ACC, PREC, PIECE, z)
-    da = _dzw(dz, wf, H, H, H4 + H, H4, None, ROWS, HP, HP, OP, ACC, PREC, PIECE, z)
+    da2 = _dzw(dz, wf, H, H4, H4 + H, 0, None, ROWS, HP, H4P, OP, ACC, PREC, z)
+    da = _dzw(dz, wf, H, H, H4 + H, H4, None, ROWS, HP, HP, OP, ACC, PREC, z)
     # color_in
     dz = _op(tl.where(a3 > 0.0, da, 0.0), OP, EMU)
     _wgrad(part + O_CI, _fresh(dz, PREC, z), _fresh(cd, PREC, z), keep, ROWS, HP, KC, KC, ACC, PREC, z)
     _vgrad(part + O_BCI, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
-    gc = _dzw(dz, wci, H, Ec, Ec, 0, None, ROWS, HP, KC, OP, ACC, PREC, PIECE, z)
+    gc = _dzw(dz, wci, H, Ec, Ec, 0, None, ROWS, HP, KC, OP, ACC, PREC, z)
     k = tl.arange(0, KC)
     tl.store(grad_cc + rows[:, None] * Ec + k[None, :], gc.to(grad_cc.dtype.element_ty),
              mask=valid[:, None] & (k < Ec)[None, :])
     # shape_feature
-    y = _xwt(_fresh(s, PREC, z), wsi, H, Es, Es, 0, None, ROWS, KS, HP, OP, ACC, PREC, PIECE, z)
+    y = _xwt(_fresh(s, PREC, z), wsi, H, Es, Es, 0, None, ROWS, KS, HP, OP, ACC, PREC, z)
     a0 = _op(_relu(y + _vec(bsi, H, HP, ACC, z)[None, :]), OP, EMU)
-    y = _xwt(a0, wsh, H, H, H, 0, None, ROWS, HP, HP, OP, ACC, PREC, PIECE, z)
+    y = _xwt(a0, wsh, H, H, H, 0, None, ROWS, HP, HP, OP, ACC, PREC, z)
     a1 = _op(_relu(y + _vec(bsh, H, HP, ACC, z)[None, :]), OP, EMU)
     dz = _op(tl.where(a2 > 0.0, da2, 0.0), OP, EMU)
     _wgrad(part + O_SF, _fresh(dz, PREC, z), _fresh(a1, PREC, z), keep, ROWS, H4P, HP, HP, ACC, PREC, z)
     _vgrad(part + O_BSF, tl.sum(dz.to(ACC), axis=0), keep, H4P, z)
-    da = _dzw(dz, wsf, H4, H, H, 0, None, ROWS, H4P, HP, OP, ACC, PREC, PIECE, z)
+    da = _dzw(dz, wsf, H4, H, H, 0, None, ROWS, H4P, HP, OP, ACC, PREC, z)
     # density
     _vgrad(part + O_WD, tl.sum(dsigma[:, None] * a1.to(ACC), axis=0), keep, HP, z)
     bd_old = tl.load(part + O_BD, mask=keep, other=0.0)
@@ -370,12 +371,12 @@ def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
     dz = _op(tl.where(a1 > 0.0, da, 0.0), OP, EMU)
     _wgrad(part + O_SH, _fresh(dz, PREC, z), _fresh(a0, PREC, z), keep, ROWS, HP, HP, HP, ACC, PREC, z)
     _vgrad(part + O_BSH, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
-    da = _dzw(dz, wsh, H, H, H, 0, None, ROWS, HP, HP, OP, ACC, PREC, PIECE, z)
+    da = _dzw(dz, wsh, H, H, H, 0, None, ROWS, HP, HP, OP, ACC, PREC, z)
     # shape_in
     dz = _op(tl.where(a0 > 0.0, da, 0.0), OP, EMU)
     _wgrad(part + O_SI, _fresh(dz, PREC, z), _fresh(s, PREC, z), keep, ROWS, HP, KS, KS, ACC, PREC, z)
     _vgrad(part + O_BSI, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
-    gs = _dzw(dz, wsi, H, Es, Es, 0, None, ROWS, HP, KS, OP, ACC, PREC, PIECE, z)
+    gs = _dzw(dz, wsi, H, Es, Es, 0, None, ROWS, HP, KS, OP, ACC, PREC, z)
     k = tl.arange(0, KS)
     tl.store(grad_sc + rows[:, None] * Es + k[None, :], gs.to(grad_sc.dtype.element_ty),
              mask=valid[:, None] & (k < Es)[None, :])
@@ -391,8 +392,7 @@ def _backward_kernel(grad_features, grad_weight_sum, cc, sc, wsi, bsi, wsh, bsh,
                      O_SI: tl.constexpr, O_SH: tl.constexpr, O_SF: tl.constexpr, O_CI: tl.constexpr,
                      O_FA: tl.constexpr, O_FB: tl.constexpr, O_FH: tl.constexpr, O_BSI: tl.constexpr,
                      O_BSH: tl.constexpr, O_BSF: tl.constexpr, O_BCI: tl.constexpr, O_BF: tl.constexpr,
-                     O_BFH: tl.constexpr, O_WD: tl.constexpr, O_BD: tl.constexpr, PT: tl.constexpr,
-                     PIECE: tl.constexpr):
+                     O_BFH: tl.constexpr, O_WD: tl.constexpr, O_BD: tl.constexpr, PT: tl.constexpr):
     ROWS: tl.constexpr = BLOCK_R * DC
     pid = tl.program_id(0)
     part = partials + pid.to(tl.int64) * PT  # this program's own partial sums
@@ -415,7 +415,7 @@ def _backward_kernel(grad_features, grad_weight_sum, cc, sc, wsi, bsi, wsh, bsh,
                 rows, valid = _rows(ray0, c, R, D, ROWS, DC)
                 _, _, _, _, _, _, _, h, sigma = _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf,
                                                      wfh, bfh, rows, valid, Ec, Es, H, H4, ACC, OP, EMU, PREC, KS,
-                                                     KC, HP, H4P, ROWS, PIECE, _opaque_zero(c, R))
+                                                     KC, HP, H4P, ROWS, _opaque_zero(c, R))
                 _, w, _, _, trans = _weights(sigma, trans, c, D, INCLUSIVE, ACT, ACC, BLOCK_R, DC)
                 e = tl.sum(tl.reshape(h, [BLOCK_R, DC, HP]) * gF[:, None, :], axis=2) + gS[:, None]
                 total += tl.sum(e * w, axis=1)
@@ -426,13 +426,13 @@ def _backward_kernel(grad_features, grad_weight_sum, cc, sc, wsi, bsi, wsh, bsh,
                     cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, grad_cc, grad_sc, part,
                     gF, gS, ray0, c, (t != pid) | (c > 0), trans, prefix, total, R, D, Ec, Es, H, H4, INCLUSIVE,
                     ACT, ACC, OP, EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC, MULTI, O_SI, O_SH, O_SF, O_CI, O_FA,
-                    O_FB, O_FH, O_BSI, O_BSH, O_BSF, O_BCI, O_BF, O_BFH, O_WD, O_BD, PIECE, _opaque_zero(c, R))
+                    O_FB, O_FH, O_BSI, O_BSH, O_BSF, O_BCI, O_BF, O_BFH, O_WD, O_BD, _opaque_zero(c, R))
         else:
             trans, prefix = _backward_chunk(
                 cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, grad_cc, grad_sc, part,
                 gF, gS, ray0, 0, t != pid, trans, prefix, total, R, D, Ec, Es, H, H4, INCLUSIVE, ACT, ACC, OP, EMU,
                 PREC, KS, KC, HP, H4P, BLOCK_R, DC, MULTI, O_SI, O_SH, O_SF, O_CI, O_FA, O_FB, O_FH, O_BSI, O_BSH,
-                O_BSF, O_BCI, O_BF, O_BFH, O_WD, O_BD, PIECE, _opaque_zero(t, R))
+                O_BSF, O_BCI, O_BF, O_BFH, O_WD, O_BD, _opaque_zero(t, R))
 
 
 # --- launchers ------------------------------------------------------------------------------------
@@ -562,7 +562,7 @@ def mlp_composite_forward(color_code: torch.Tensor, shape_code: torch.Tensor, pa
             block_r, dc, warps = _tile(D, rows)
             _forward_kernel[(triton.cdiv(R, block_r),)](
                 color_code, shape_code, *params, features, weight_sum, R, D, Ec, Es, H, H4, BLOCK_R=block_r, DC=dc,
-                MULTI=D > dc, PIECE=_FORWARD_PIECE, num_warps=warps, **const)
+                MULTI=D > dc, num_warps=warps, **const)
 
         with launch_ctx(color_code):
             _launch("forward", (color_code.device, dtype, D, Ec, Es, H, H4, inclusive, activation, const["PREC"]),
@@ -598,7 +598,7 @@ def mlp_composite_backward(grad_features: torch.Tensor, grad_weight_sum: torch.T
         partials = torch.empty((programs, length), dtype=acc, device=color_code.device)
         _backward_kernel[(programs,)](
             grad_features, grad_weight_sum, color_code, shape_code, *params, grad_cc, grad_sc, partials,
-            R, D, Ec, Es, H, H4, num_tiles, BLOCK_R=block_r, DC=dc, MULTI=D > dc, PT=length, PIECE=_BACKWARD_PIECE,
+            R, D, Ec, Es, H, H4, num_tiles, BLOCK_R=block_r, DC=dc, MULTI=D > dc, PT=length,
             num_warps=warps, **const, **offsets)
 
     with launch_ctx(color_code):
