@@ -2,10 +2,12 @@
 //
 // A block of kThreads threads owns a tile of whole rays (rows = rays * D samples). The tile's codes
 // and every activation live in shared memory in the accumulator type T (fp32; fp64 for fp64), each
-// [rows, width] row-major. Weights are read from global memory (small: they stay in L1/L2), once
-// converted to T on the host side, forward ones transposed so that a warp reads consecutive outputs.
+// [rows, width] row-major with an odd row pitch (see pitch()). Weights are read from global memory
+// (small: they stay in L1/L2) as staged once per call by one small kernel (stage_params_kernel):
+// W^T for the forward products, so that a warp reads consecutive outputs, and W and b in T.
 // Every layer is one block-wide SIMT product (block_gemm); a __syncthreads() separates any two
-// steps where one writes what the other reads. Per-ray compositing is mlp_composite_math.h's.
+// steps where one writes what the other reads. Row-wise dots (densities, e_i) take a warp per row.
+// Per-ray compositing is mlp_composite_math.h's.
 // Forward: one block per tile. Backward: a persistent grid (a fixed multiple of the SM count) whose
 // blocks loop over tiles: recompute the tile's forward, composite backward, backprop layer by
 // layer, each activation overwritten by its gradient once its last reader is done. Weight gradients
@@ -29,6 +31,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace fnevr {
@@ -58,9 +61,17 @@ struct Net {
   int act;
 };
 
+// Row pitch (in values) of a [rows, width] tile buffer in shared memory: odd. A warp that reads one
+// column of several rows at once (block_gemm's A operand when N < 32: 32 / N row groups a warp, 4
+// rows apart; and, before row_dots, the density and e_i loops: a row per lane) finds rows r and r'
+// (r - r') * pitch banks apart, mod 32. At a pitch of H = 128 they all shared one bank: 2- to 4-way
+// conflicts in block_gemm, 32-way in those loops. An odd pitch puts any 32 consecutive rows in 32
+// distinct banks (fp64: a warp's 8-byte reads go as two halves of 16 lanes, in 16 distinct pairs).
+__host__ __device__ inline int pitch(int64_t width) { return static_cast<int>(width | 1); }
+
 // Shared-memory values per tile of `rows` samples; Tile carves them in this order.
 __host__ __device__ int64_t tile_values(const Dims& d, int64_t rows) {
-  return rows * (d.Es + d.Ec + 5 * d.H + d.H4 + 3);
+  return rows * (pitch(d.Es) + pitch(d.Ec) + 5 * pitch(d.H) + pitch(d.H4) + 3);
 }
 
 template <typename T>
@@ -69,17 +80,19 @@ struct Tile {
   T *a0, *a1, *a2, *a3, *a4;   // the layers' outputs: [rows, H], except a2 [rows, H4]
   T* h;                        // fuse_hidden's output [rows, H]
   T *sigma, *w, *e;            // per sample: density, weight, dL/dw then dL/dsigma
+  int ps, pc, ph, ph4;         // row pitches of s, c, the [rows, H] buffers and a2
 
-  __device__ Tile(T* p, const Net<T>& n, int rows) {
+  __device__ Tile(T* p, const Net<T>& n, int rows)
+      : ps(pitch(n.Es)), pc(pitch(n.Ec)), ph(pitch(n.H)), ph4(pitch(n.H4)) {
     auto take = [&](int count) { T* q = p; p += count; return q; };
-    s = take(rows * n.Es);
-    c = take(rows * n.Ec);
-    a0 = take(rows * n.H);
-    a1 = take(rows * n.H);
-    a2 = take(rows * n.H4);
-    a3 = take(rows * n.H);
-    a4 = take(rows * n.H);
-    h = take(rows * n.H);
+    s = take(rows * ps);
+    c = take(rows * pc);
+    a0 = take(rows * ph);
+    a1 = take(rows * ph);
+    a2 = take(rows * ph4);
+    a3 = take(rows * ph);
+    a4 = take(rows * ph);
+    h = take(rows * ph);
     sigma = take(rows);
     w = take(rows);
     e = take(rows);
@@ -126,43 +139,62 @@ __device__ void block_gemm(int M, int N, const Term<T> (&terms)[NT], F&& f) {
   }
 }
 
-// y = relu(x W^T + b) for layer l, x [rows, in], y [rows, out].
+// For each row r < rows: f(r, sum over k < K of x[r * ldx + k] v(r, k)), a warp per row, its lanes
+// over k: consecutive values (no bank conflicts; v's global reads coalesce).
+template <typename T, typename V, typename F>
+__device__ void row_dots(const T* x, int ldx, int K, int rows, V&& v, F&& f) {
+  const int lane = threadIdx.x % 32;
+  for (int r = threadIdx.x / 32; r < rows; r += blockDim.x / 32) {  // whole warps: the shuffles need all lanes
+    T acc = T(0);
+    for (int k = lane; k < K; k += 32) acc += x[r * ldx + k] * v(r, k);
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) f(r, acc);
+  }
+}
+
+// y = relu(x W^T + b) for layer l, x [rows, in] (pitch ldx), y [rows, out] (pitch ldy).
 template <typename T>
-__device__ void layer_forward(const Net<T>& net, int l, const T* x, int in, int out, T* y, int rows) {
+__device__ void layer_forward(const Net<T>& net, int l, const T* x, int ldx, int in, int out, T* y, int ldy,
+                              int rows) {
   const T* b = net.b[l];
-  const Term<T> terms[1] = {{x, in, 1, net.wt[l], out, in}};
-  block_gemm(rows, out, terms, [&](int m, int n, T v) { y[m * out + n] = mlp::relu(v + b[n]); });
+  const Term<T> terms[1] = {{x, ldx, 1, net.wt[l], out, in}};
+  block_gemm(rows, out, terms, [&](int m, int n, T v) { y[m * ldy + n] = mlp::relu(v + b[n]); });
+}
+
+// Codes [rows, width] (dense, global) into a tile buffer of pitch ld.
+template <typename T, typename scalar_t>
+__device__ void load_codes(const scalar_t* src, int width, int rows, T* dst, int ld) {
+  for (int i = threadIdx.x; i < rows * width; i += blockDim.x) dst[i / width * ld + i % width] = static_cast<T>(src[i]);
 }
 
 // The MLP on the tile's samples [first, first + rows): fills s, c, a0..a4, h and sigma. Ends synced.
 template <typename T, typename scalar_t>
 __device__ void tile_forward(const Net<T>& net, const Tile<T>& t, const scalar_t* color, const scalar_t* shape,
                              int64_t first, int rows) {
-  const int Es = net.Es, Ec = net.Ec, H = net.H, H4 = net.H4;
-  for (int i = threadIdx.x; i < rows * Es; i += blockDim.x) t.s[i] = static_cast<T>(shape[first * Es + i]);
-  for (int i = threadIdx.x; i < rows * Ec; i += blockDim.x) t.c[i] = static_cast<T>(color[first * Ec + i]);
+  const int Es = net.Es, Ec = net.Ec, H = net.H, H4 = net.H4, ph = t.ph;
+  load_codes(shape + first * Es, Es, rows, t.s, t.ps);
+  load_codes(color + first * Ec, Ec, rows, t.c, t.pc);
   __syncthreads();
-  layer_forward(net, kShapeIn, t.s, Es, H, t.a0, rows);
+  layer_forward(net, kShapeIn, t.s, t.ps, Es, H, t.a0, ph, rows);
   __syncthreads();
-  layer_forward(net, kShapeHidden, t.a0, H, H, t.a1, rows);
+  layer_forward(net, kShapeHidden, t.a0, ph, H, H, t.a1, ph, rows);
   __syncthreads();
   // density, shape_feature and color_in: independent readers of a1 and c
-  for (int r = threadIdx.x; r < rows; r += blockDim.x) {
-    T z = net.b[kDensity][0];
-    for (int k = 0; k < H; ++k) z += net.w[kDensity][k] * t.a1[r * H + k];
-    t.sigma[r] = z;
-  }
-  layer_forward(net, kShapeFeature, t.a1, H, H4, t.a2, rows);
-  layer_forward(net, kColorIn, t.c, Ec, H, t.a3, rows);
+  const T* wd = net.w[kDensity];
+  const T bd = net.b[kDensity][0];
+  row_dots(t.a1, ph, H, rows, [&](int, int k) { return wd[k]; }, [&](int r, T z) { t.sigma[r] = z + bd; });
+  layer_forward(net, kShapeFeature, t.a1, ph, H, H4, t.a2, t.ph4, rows);
+  layer_forward(net, kColorIn, t.c, t.pc, Ec, H, t.a3, ph, rows);
   __syncthreads();
   {  // fuse reads [a2; a3]: the rows of its W^T are a2's H4, then a3's H
     const T* b = net.b[kFuse];
     T* y = t.a4;
-    const Term<T> terms[2] = {{t.a2, H4, 1, net.wt[kFuse], H, H4}, {t.a3, H, 1, net.wt[kFuse] + H4 * H, H, H}};
-    block_gemm(rows, H, terms, [&](int m, int n, T v) { y[m * H + n] = mlp::relu(v + b[n]); });
+    const Term<T> terms[2] = {{t.a2, t.ph4, 1, net.wt[kFuse], H, H4}, {t.a3, ph, 1, net.wt[kFuse] + H4 * H, H, H}};
+    block_gemm(rows, H, terms, [&](int m, int n, T v) { y[m * ph + n] = mlp::relu(v + b[n]); });
   }
   __syncthreads();
-  layer_forward(net, kFuseHidden, t.a4, H, H, t.h, rows);
+  layer_forward(net, kFuseHidden, t.a4, ph, H, H, t.h, ph, rows);
   __syncthreads();
 }
 
@@ -201,7 +233,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int idx = threadIdx.x; idx < span.rays * H; idx += blockDim.x) {
     const int j = idx / H, k = idx % H;
     T f = T(0);
-    for (int i = 0; i < D; ++i) f += t.w[j * D + i] * t.h[(j * D + i) * H + k];
+    for (int i = 0; i < D; ++i) f += t.w[j * D + i] * t.h[(j * D + i) * t.ph + k];
     features[(span.ray0 + j) * H + k] = static_cast<scalar_t>(f);
   }
 }
@@ -223,18 +255,19 @@ __device__ void bias_grad(const T* dz, int ldz, int out, int rows, T* db) {
   }
 }
 
-// In place over y [rows, in], the output of the layer below: y = relu_backward(dz W, y), with
-// dz [rows, out] and W [out, in] at w with row stride ldw.
+// In place over y [rows, in] (pitch ldy), the output of the layer below: y = relu_backward(dz W, y),
+// with dz [rows, out] (pitch ldz) and W [out, in] at w with row stride ldw.
 template <typename T>
-__device__ void input_grad_through_relu(const T* dz, int out, const T* w, int ldw, int in, T* y, int rows) {
-  const Term<T> terms[1] = {{dz, out, 1, w, ldw, out}};
-  block_gemm(rows, in, terms, [&](int m, int n, T v) { y[m * in + n] = mlp::relu_backward(v, y[m * in + n]); });
+__device__ void input_grad_through_relu(const T* dz, int ldz, int out, const T* w, int ldw, int in, T* y, int ldy,
+                                        int rows) {
+  const Term<T> terms[1] = {{dz, ldz, 1, w, ldw, out}};
+  block_gemm(rows, in, terms, [&](int m, int n, T v) { y[m * ldy + n] = mlp::relu_backward(v, y[m * ldy + n]); });
 }
 
-// The codes' gradient dz W [rows, in] straight to global memory.
+// The codes' gradient dz W [rows, in] straight to global memory (dz [rows, out], pitch ldz).
 template <typename T, typename scalar_t>
-__device__ void code_grad(const T* dz, int out, const T* w, int in, int rows, scalar_t* dst) {
-  const Term<T> terms[1] = {{dz, out, 1, w, in, out}};
+__device__ void code_grad(const T* dz, int ldz, int out, const T* w, int in, int rows, scalar_t* dst) {
+  const Term<T> terms[1] = {{dz, ldz, 1, w, in, out}};
   block_gemm(rows, in, terms,
              [&](int m, int n, T v) { dst[static_cast<int64_t>(m) * in + n] = static_cast<scalar_t>(v); });
 }
@@ -261,12 +294,11 @@ __global__ void __launch_bounds__(kThreads)
     tile_forward(net, t, color, shape, span.first, rows);
 
     // Compositing backward: e_i = <gF, h_i> + gS, then each ray's w_i and dL/dsigma_i (over e).
-    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
-      const int64_t ray = span.ray0 + r / D;
-      T e = static_cast<T>(grad_weight_sum[ray]);
-      for (int k = 0; k < H; ++k) e += static_cast<T>(grad_features[ray * H + k]) * t.h[r * H + k];
-      t.e[r] = e;
-    }
+    const int ph = t.ph, ph4 = t.ph4;
+    const scalar_t* gF = grad_features + span.ray0 * H;
+    row_dots(
+        t.h, ph, H, rows, [&](int r, int k) { return static_cast<T>(gF[r / D * H + k]); },
+        [&](int r, T e) { t.e[r] = e + static_cast<T>(grad_weight_sum[span.ray0 + r / D]); });
     __syncthreads();
     for (int j = threadIdx.x; j < span.rays; j += blockDim.x)
       ray_backward(t.sigma + j * D, t.e + j * D, D, net.inclusive, net.act, t.w + j * D, t.e + j * D);
@@ -274,50 +306,50 @@ __global__ void __launch_bounds__(kThreads)
     // h := fuse_hidden's dz = relu'(.) w_i gF
     for (int idx = threadIdx.x; idx < rows * H; idx += blockDim.x) {
       const int r = idx / H, k = idx % H;
-      const T gf = static_cast<T>(grad_features[(span.ray0 + r / D) * H + k]);
-      t.h[idx] = relu_backward(t.w[r] * gf, t.h[idx]);
+      T& h = t.h[r * ph + k];
+      h = relu_backward(t.w[r] * static_cast<T>(gF[r / D * H + k]), h);
     }
     __syncthreads();
 
     // fuse_hidden
-    weight_grad(t.h, H, t.a4, H, H, H, rows, g + off.of[kFuseHiddenW], H);
-    bias_grad(t.h, H, H, rows, g + off.of[kFuseHiddenB]);
+    weight_grad(t.h, ph, t.a4, ph, H, H, rows, g + off.of[kFuseHiddenW], H);
+    bias_grad(t.h, ph, H, rows, g + off.of[kFuseHiddenB]);
     __syncthreads();
-    input_grad_through_relu(t.h, H, net.w[kFuseHidden], H, H, t.a4, rows);  // a4: fuse's dz
+    input_grad_through_relu(t.h, ph, H, net.w[kFuseHidden], H, H, t.a4, ph, rows);  // a4: fuse's dz
     __syncthreads();
     // fuse, whose weight's columns are [a2 part | a3 part]
-    weight_grad(t.a4, H, t.a2, H4, H, H4, rows, g + off.of[kFuseW], H4 + H);
-    weight_grad(t.a4, H, t.a3, H, H, H, rows, g + off.of[kFuseW] + H4, H4 + H);
-    bias_grad(t.a4, H, H, rows, g + off.of[kFuseB]);
+    weight_grad(t.a4, ph, t.a2, ph4, H, H4, rows, g + off.of[kFuseW], H4 + H);
+    weight_grad(t.a4, ph, t.a3, ph, H, H, rows, g + off.of[kFuseW] + H4, H4 + H);
+    bias_grad(t.a4, ph, H, rows, g + off.of[kFuseB]);
     __syncthreads();
-    input_grad_through_relu(t.a4, H, net.w[kFuse] + H4, H4 + H, H, t.a3, rows);  // a3: color_in's dz
-    input_grad_through_relu(t.a4, H, net.w[kFuse], H4 + H, H4, t.a2, rows);      // a2: shape_feature's dz
+    input_grad_through_relu(t.a4, ph, H, net.w[kFuse] + H4, H4 + H, H, t.a3, ph, rows);  // a3: color_in's dz
+    input_grad_through_relu(t.a4, ph, H, net.w[kFuse], H4 + H, H4, t.a2, ph4, rows);     // a2: shape_feature's dz
     __syncthreads();
     // color_in; shape_feature and density (both read a1)
-    weight_grad(t.a3, H, t.c, Ec, H, Ec, rows, g + off.of[kColorInW], Ec);
-    bias_grad(t.a3, H, H, rows, g + off.of[kColorInB]);
-    code_grad(t.a3, H, net.w[kColorIn], Ec, rows, grad_color + span.first * Ec);
-    weight_grad(t.a2, H4, t.a1, H, H4, H, rows, g + off.of[kShapeFeatureW], H);
-    bias_grad(t.a2, H4, H4, rows, g + off.of[kShapeFeatureB]);
-    weight_grad(t.e, 1, t.a1, H, 1, H, rows, g + off.of[kDensityW], H);
+    weight_grad(t.a3, ph, t.c, t.pc, H, Ec, rows, g + off.of[kColorInW], Ec);
+    bias_grad(t.a3, ph, H, rows, g + off.of[kColorInB]);
+    code_grad(t.a3, ph, H, net.w[kColorIn], Ec, rows, grad_color + span.first * Ec);
+    weight_grad(t.a2, ph4, t.a1, ph, H4, H, rows, g + off.of[kShapeFeatureW], H);
+    bias_grad(t.a2, ph4, H4, rows, g + off.of[kShapeFeatureB]);
+    weight_grad(t.e, 1, t.a1, ph, 1, H, rows, g + off.of[kDensityW], H);
     bias_grad(t.e, 1, 1, rows, g + off.of[kDensityB]);
     __syncthreads();
     {  // a1 := shape_hidden's dz, from shape_feature's dz and dL/dsigma
       T* y = t.a1;
-      const Term<T> terms[2] = {{t.a2, H4, 1, net.w[kShapeFeature], H, H4}, {t.e, 1, 0, net.w[kDensity], H, 1}};
-      block_gemm(rows, H, terms, [&](int m, int n, T v) { y[m * H + n] = relu_backward(v, y[m * H + n]); });
+      const Term<T> terms[2] = {{t.a2, ph4, 1, net.w[kShapeFeature], H, H4}, {t.e, 1, 0, net.w[kDensity], H, 1}};
+      block_gemm(rows, H, terms, [&](int m, int n, T v) { y[m * ph + n] = relu_backward(v, y[m * ph + n]); });
     }
     __syncthreads();
     // shape_hidden
-    weight_grad(t.a1, H, t.a0, H, H, H, rows, g + off.of[kShapeHiddenW], H);
-    bias_grad(t.a1, H, H, rows, g + off.of[kShapeHiddenB]);
+    weight_grad(t.a1, ph, t.a0, ph, H, H, rows, g + off.of[kShapeHiddenW], H);
+    bias_grad(t.a1, ph, H, rows, g + off.of[kShapeHiddenB]);
     __syncthreads();
-    input_grad_through_relu(t.a1, H, net.w[kShapeHidden], H, H, t.a0, rows);  // a0: shape_in's dz
+    input_grad_through_relu(t.a1, ph, H, net.w[kShapeHidden], H, H, t.a0, ph, rows);  // a0: shape_in's dz
     __syncthreads();
     // shape_in
-    weight_grad(t.a0, H, t.s, Es, H, Es, rows, g + off.of[kShapeInW], Es);
-    bias_grad(t.a0, H, H, rows, g + off.of[kShapeInB]);
-    code_grad(t.a0, H, net.w[kShapeIn], Es, rows, grad_shape + span.first * Es);
+    weight_grad(t.a0, ph, t.s, t.ps, H, Es, rows, g + off.of[kShapeInW], Es);
+    bias_grad(t.a0, ph, H, rows, g + off.of[kShapeInB]);
+    code_grad(t.a0, ph, H, net.w[kShapeIn], Es, rows, grad_shape + span.first * Es);
     __syncthreads();  // the next tile overwrites the workspace
   }
 }
@@ -335,21 +367,73 @@ __global__ void sum_partials_kernel(const T* __restrict__ partials, int64_t P, i
 
 // ---- host side ---------------------------------------------------------------------------------
 
-// The parameters converted to T (forward weights also transposed); `keep` owns the memory.
-template <typename T>
+// What stage_params_kernel copies: copy j writes dst[j] [rows[j], cols[j]] in T, from src[j] as is,
+// or transposed (src [cols, rows]).
+template <typename T, typename scalar_t>
+struct Staging {
+  static constexpr int kMax = 3 * kLayers;  // W^T, W and b of every layer
+  const scalar_t* src[kMax];
+  T* dst[kMax];
+  int rows[kMax], cols[kMax];
+  bool transpose[kMax];
+  int count = 0;
+};
+
+// All of a call's parameter copies in one launch: copy blockIdx.y, each thread some destination
+// values (writes coalesce; the sources are small and cached).
+template <typename T, typename scalar_t>
+__global__ void stage_params_kernel(Staging<T, scalar_t> st) {
+  const int j = blockIdx.y, rows = st.rows[j], cols = st.cols[j];
+  const scalar_t* src = st.src[j];
+  T* dst = st.dst[j];
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < rows * cols; i += gridDim.x * blockDim.x)
+    dst[i] = static_cast<T>(st.transpose[j] ? src[i % cols * rows + i / cols] : src[i]);
+}
+
+// The parameters as the kernels read them, staged into `workspace` by one launch on `stream`: every
+// W^T in T (forward), and W and b converted to T unless the params are T already (fp32, fp64: then
+// they are read in place). Staged per call rather than cached: parameters change in place every
+// optimiser step, and a cache would have to key on each tensor's version counter and storage and
+// hold copies across calls; this is one small launch (~60K values at H=128) and no state.
+template <typename T, typename scalar_t>
 Net<T> make_net(const Dims& d, at::TensorList params, int64_t R, int64_t D, bool inclusive, int64_t act,
-                std::vector<at::Tensor>& keep) {
-  const auto dtype = c10::CppTypeToScalarType<T>::value;
+                at::Tensor& workspace, cudaStream_t stream) {
+  constexpr bool convert = !std::is_same_v<T, scalar_t>;
+  int64_t values = 0;
+  for (int l = 0; l < kLayers; ++l)
+    values += params[2 * l].numel() * (convert ? 2 : 1) + (convert ? params[2 * l + 1].numel() : 0);
+  workspace = at::empty({values}, params[0].options().dtype(c10::CppTypeToScalarType<T>::value));
+  T* next = workspace.mutable_data_ptr<T>();
+  Staging<T, scalar_t> st;
+  int most = 0;
+  auto stage = [&](const at::Tensor& src, int rows, int cols, bool transpose) {
+    const int j = st.count++;
+    st.src[j] = src.const_data_ptr<scalar_t>();
+    st.dst[j] = next;
+    st.rows[j] = rows;
+    st.cols[j] = cols;
+    st.transpose[j] = transpose;
+    next += int64_t(rows) * cols;
+    most = std::max(most, rows * cols);
+    return st.dst[j];
+  };
   Net<T> net;
   for (int l = 0; l < kLayers; ++l) {
-    at::Tensor w = params[2 * l].to(dtype).contiguous();
-    at::Tensor wt = w.t().contiguous();
-    at::Tensor b = params[2 * l + 1].to(dtype).contiguous();
-    net.w[l] = w.const_data_ptr<T>();
-    net.wt[l] = wt.const_data_ptr<T>();
-    net.b[l] = b.const_data_ptr<T>();
-    keep.insert(keep.end(), {w, wt, b});
+    const at::Tensor &w = params[2 * l], &b = params[2 * l + 1];
+    const int out = static_cast<int>(w.size(0)), in = static_cast<int>(w.size(1));
+    net.wt[l] = stage(w, in, out, true);
+    if constexpr (convert) {
+      net.w[l] = stage(w, out, in, false);
+      net.b[l] = stage(b, 1, out, false);
+    } else {
+      net.w[l] = w.const_data_ptr<T>();
+      net.b[l] = b.const_data_ptr<T>();
+    }
   }
+  constexpr int threads = 256;
+  const dim3 grid(static_cast<unsigned>(std::min((most + threads - 1) / threads, 32)), st.count);
+  stage_params_kernel<T, scalar_t><<<grid, threads, 0, stream>>>(st);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   net.Ec = static_cast<int>(d.Ec);
   net.Es = static_cast<int>(d.Es);
   net.H = static_cast<int>(d.H);
@@ -409,12 +493,13 @@ std::tuple<at::Tensor, at::Tensor> mlp_composite_forward_cuda(const at::Tensor& 
   const auto dtype = color_code.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mlp_composite_forward_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
-    std::vector<at::Tensor> keep;
-    Net<T> net = make_net<T>(d, params, R, D, inclusive, activation, keep);
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    at::Tensor staged;
+    Net<T> net = make_net<T, scalar_t>(d, params, R, D, inclusive, activation, staged, stream);
     const auto kernel = mlp_composite_forward_kernel<T, scalar_t>;
     const size_t smem = fit_tile(net, d, kernel);
     const int64_t tiles = num_tiles(R, net.rays_per_tile);
-    kernel<<<static_cast<unsigned>(tiles), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+    kernel<<<static_cast<unsigned>(tiles), kThreads, smem, stream>>>(
         net, color_code.const_data_ptr<scalar_t>(), shape_code.const_data_ptr<scalar_t>(),
         features.mutable_data_ptr<scalar_t>(), weight_sum.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -438,8 +523,8 @@ std::vector<at::Tensor> mlp_composite_backward_cuda(const at::Tensor& grad_featu
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mlp_composite_backward_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
     const auto stream = c10::cuda::getCurrentCUDAStream();
-    std::vector<at::Tensor> keep;
-    Net<T> net = make_net<T>(d, params, R, D, inclusive, activation, keep);
+    at::Tensor staged;
+    Net<T> net = make_net<T, scalar_t>(d, params, R, D, inclusive, activation, staged, stream);
     const auto kernel = mlp_composite_backward_kernel<T, scalar_t>;
     const size_t smem = fit_tile(net, d, kernel);
     const int64_t tiles = num_tiles(R, net.rays_per_tile);
