@@ -5,6 +5,13 @@ rest of "time" is overhead. Forward only, and forward+backward.
 
 On the CPU one call is too short to time alone (the shared timing takes three rounds there), so a
 timed round makes CALLS calls and the table reports the median per call.
+
+A CPU proxy for the Triton path's host cost: with ``FNEVR_TRITON_COMPILE_ONLY=90`` the Triton
+backend runs its real launch code on CPU tensors (kernels compiled for sm_90, launches that do
+nothing; see fnevr.kernels.aot), so its row here is everything a GPU call costs on the host but the
+driver's launch itself:
+
+    FNEVR_TRITON_COMPILE_ONLY=90 python benchmarks/run.py overhead
 """
 
 import pytest
@@ -13,12 +20,15 @@ import torch.nn.functional as F
 
 import fnevr
 from conftest import ROWS
-from fnevr.ops import composite, grid_sample, spade_norm
+from fnevr.model.render import SampleMLP
+from fnevr.ops import composite, grid_sample, mlp_composite, spade_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CALLS = 1 if DEVICE == "cuda" else 100  # on CUDA, the shared timing batches calls itself
-FUSED = [b for b in ("cpu", "cuda", "triton") if fnevr.ops.backends(DEVICE)[b] == "available"
-         and not (b == "triton" and DEVICE == "cpu")]
+# On the CPU, Triton runs under the interpreter (not timed: it is for tests) or compile-only (timed:
+# the host path of a GPU call).
+FUSED = [b for b in ("cpu", "cuda", "triton") if fnevr.ops.backends(DEVICE)[b].startswith("available")
+         and not (b == "triton" and DEVICE == "cpu" and fnevr.ops.backends(DEVICE)[b] == "available")]
 
 
 def _inputs(op):
@@ -31,6 +41,11 @@ def _inputs(op):
         return t(1, 4, 4, 8, 8), t(1, 4, 4, 8, 1)
     if op == "grid_sample":
         return t(1, 4, 8, 8), t(1, 8, 8, 2) * 2 - 1
+    if op == "mlp_composite":  # a narrow MLP: the 16 tensors are what the call handles
+        torch.manual_seed(0)
+        mlp = SampleMLP(color_dim=4, shape_dim=4, hidden=16)
+        params = [p.detach().to(DEVICE) for name, p in mlp.named_parameters() if not name.startswith("color_out")]
+        return [t(1, 4, 4, 8, 4), t(1, 4, 4, 8, 4), *params]
     return t(1, 4, 8, 8), t(1, 4, 8, 8), t(1, 4, 8, 8)
 
 
@@ -41,13 +56,15 @@ def _call(op, provider):
         return lambda x, gamma, beta: torch.relu(F.instance_norm(x) * (1 + gamma) + beta)
     if op == "composite":
         return lambda c, d: composite(c, d, transmittance="inclusive", backend=provider)
+    if op == "mlp_composite":
+        return lambda c, s, *p: mlp_composite(c, s, list(p), transmittance="inclusive", backend=provider)[0]
     if op == "grid_sample":
         return lambda x, g: grid_sample(x, g, backend=provider)
     return lambda x, gamma, beta: spade_norm(x, gamma, beta, activation="relu", backend=provider)
 
 
-CASES = [(op, p) for op in ("composite", "grid_sample", "spade_norm")
-         for p in (["torch"] if op != "composite" else []) + ["reference"] + FUSED]
+CASES = [(op, p) for op in ("composite", "grid_sample", "spade_norm", "mlp_composite")
+         for p in (["torch"] if op in ("grid_sample", "spade_norm") else []) + ["reference"] + FUSED]
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "fwd+bwd"])
@@ -64,7 +81,8 @@ def test_overhead(measure, benchmark, op, provider, backward):
                 with torch.no_grad():
                     fn(*args)
 
-    measure(run, 0, op=f"{op}-tiny", provider=provider, mode="fwd+bwd" if backward else "forward",
+    label = "triton-sm90-null-launch" if provider == "triton" and DEVICE == "cpu" else provider
+    measure(run, 0, op=f"{op}-tiny", provider=label, mode="fwd+bwd" if backward else "forward",
             dtype="float32", device=DEVICE)
     if CALLS > 1:  # measure() reported one run: make it one call
         row = ROWS[-1]

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, compile_params, target_params
+from helpers import assert_close, compile_params, run_python, target_params
 
 import fnevr
 from fnevr.ops import grid_sample
@@ -308,8 +308,6 @@ def test_bad_options(kwargs, error, match):
 
 @pytest.mark.skipif(fnevr.ops.backends()["cpu"] != "available", reason="CPU extension not built")
 def test_kernel_entry_points_check_their_input():
-    from test_composite import run_python  # in a subprocess: see the composite test of the same name
-
     proc = run_python("""
         import torch, fnevr
         x, grid = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 3, 2)
