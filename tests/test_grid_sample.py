@@ -145,7 +145,7 @@ def test_non_finite_and_huge_grids(backend, device, mode, padding, align_corners
 # 1/2 - 2^-54: fp64's 1/2 - 2^-25, a tie in fp32): along an axis of 2 pixels x = (g + 1) / 2, along
 # one of 5, x = 2 (g + 1).
 NEAR_HALF = [-2.0**-24, -2.0**-53, 0.0, 2.0**-23, -2.0, -1.0, 1.0, 2.0]  # x = 1/2 - 2^-25, 1/2 - 2^-54, 1/2, ...
-TIES = [-1.25, -0.75, -0.25, 0.25, 0.75, 1.25, 0.25 - 2.0**-23, -0.25 + 2.0**-23]  # x = -1/2, 1/2, ..., 9/2; 5/2 - 2^-22
+TIES = [-1.25, -0.75, -0.25, 0.25, 0.75, 1.25, 0.25 - 2.0**-23, -0.25 + 2.0**-23]  # x = -1/2, ..., 9/2, 5/2 - 2^-22, ...
 
 
 @pytest.mark.parametrize("backend,device", WITH_REFERENCE)
