@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulator, interpreting, launch_ctx
+from ._common import accumulator, cdiv, interpreting, launch_ctx
 
 _MAX_COORD: tl.constexpr = tl.constexpr(1073741824.0)  # 2^30, as grid_sample_math.h's kMaxCoord
 _FAR: tl.constexpr = tl.constexpr(-100.0)  # kFar
@@ -317,11 +317,11 @@ def _split(C: int, N: int, P: int, tiles: dict) -> tuple[tuple[int, int, int], i
     """(launch grid, c_span) of the kernels that split the channels: each program takes the most
     channels (a multiple of a step's) that still leave about _PROGRAMS programs, as it computes its
     points' taps once for all of them."""
-    point_tiles = triton.cdiv(P, tiles["BLOCK_P"])
+    point_tiles = cdiv(P, tiles["BLOCK_P"])
     step = tiles["BLOCK_C"] * tiles["UNROLL"]
-    groups = max(1, min(triton.cdiv(C, step), _PROGRAMS // (point_tiles * N)))
-    span = triton.cdiv(triton.cdiv(C, groups), step) * step
-    return (point_tiles, triton.cdiv(C, span), N), span
+    groups = max(1, min(cdiv(C, step), _PROGRAMS // (point_tiles * N)))
+    span = cdiv(cdiv(C, groups), step) * step
+    return (point_tiles, cdiv(C, span), N), span
 
 
 def _point_strides(t: torch.Tensor):
@@ -400,7 +400,7 @@ def grid_sample_backward(grad_out: torch.Tensor, input: torch.Tensor, grid: torc
             else:
                 grad_input = buf.to(input.dtype)
         if grid_grad and mode == 0 and not empty:
-            _grid_grad_kernel[(triton.cdiv(P, tiles["BLOCK_P"]), N)](
+            _grid_grad_kernel[(cdiv(P, tiles["BLOCK_P"]), N)](
                 grad_out, input, grid, grad_grid, C, H, W, P, *input.stride(), *s_g, PADDING=padding,
                 ALIGN=align_corners, ACC=acc, **tiles)
     return grad_input, grad_grid
