@@ -155,8 +155,10 @@ class Settings:
             if profile and self.device == "cuda" and not self.quick:
                 row["kernels"] = _top_kernels(fn)
         except Exception as err:  # noqa: BLE001 - one failing case must not end the benchmark
-            if "CUDA" in str(err) or "cuda" in type(err).__name__.lower():
-                raise
+            if not isinstance(err, torch.OutOfMemoryError) and ("CUDA error" in str(err) or "illegal" in str(err)):
+                raise  # the CUDA context is lost
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
             traceback.print_exc(limit=2)
         self.emit(row)

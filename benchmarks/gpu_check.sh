@@ -45,7 +45,8 @@ else
   suffix=$([[ $dry == 1 ]] && echo -dry || ([[ $mode == quick ]] && echo -quick))
   export GC_MODE=$mode GC_DRY=$dry GC_COMMIT=$commit GC_STAMP=$(date -u +%Y%m%d-%H%M%S)-$commit$suffix
   export OUT=${OUT:-benchmarks/results} PYTHONUNBUFFERED=1
-  cache=${FNEVR_GPU_CACHE:-build/gpu-cache}
+  export FNEVR_GPU_CACHE=${FNEVR_GPU_CACHE:-build/gpu-cache}
+  cache=$FNEVR_GPU_CACHE
   mkdir -p "$OUT" "$cache"
   export TRITON_CACHE_DIR=$(cd "$cache" && pwd)/triton TORCHINDUCTOR_CACHE_DIR=$(cd "$cache" && pwd)/inductor
 fi
@@ -101,7 +102,7 @@ stage_build() {
   arch=$($py -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())') || return 1
   sources=$( (cat setup.py pyproject.toml $(find csrc -type f | sort); echo "$arch"; $py -c 'import torch; print(torch.__version__)') \
              | sha256sum | cut -c1-16)
-  stampfile=${FNEVR_GPU_CACHE:-build/gpu-cache}/extension-built
+  stampfile=$FNEVR_GPU_CACHE/extension-built
   if [[ -f $stampfile && $(cat "$stampfile") == "$sources" ]] && import_check > /dev/null 2>&1; then
     echo "extension up to date (built here from the same sources for sm_${arch/./}): build skipped"
   else
@@ -135,9 +136,12 @@ stage_tests() {
     $py -c 'import xdist, sys; sys.exit(tuple(map(int, xdist.__version__.split(".")[:2])) < (3, 2))' \
       && args+=(--dist worksteal)
   fi
-  $py -c 'import pytest_timeout' 2>/dev/null && args+=(--timeout "$([[ $quick == 1 ]] && echo 60 || echo 120)")
+  $py -c 'import pytest_timeout' 2>/dev/null \
+    && args+=(--timeout "$([[ $quick == 1 ]] && echo 60 || echo 120)" --timeout-method thread)  # also inside C
   echo "pytest tests ${args[*]}"
-  $py -m pytest tests "${args[@]}" -v -rfE --junitxml="$OUT/gpu-tests-$stamp.xml" > "$log" 2>&1
+  # One thread per worker: the cores are the workers'; Inductor compiles in the worker too.
+  OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 \
+    $py -m pytest tests "${args[@]}" -v -rfE --junitxml="$OUT/gpu-tests-$stamp.xml" > "$log" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR) " "$log" | cut -c1-300 | head -40
   tail -1 "$log"
@@ -148,7 +152,8 @@ stage_tests() {
 stage_warm() {
   local log="$OUT/gpu-warm-$stamp.txt"
   $py benchmarks/gpu_bench.py --list-shards "${bench_args[@]}" \
-    | PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True xargs -P "$(nproc)" -I{} \
+    | PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 \
+      xargs -P "$(nproc)" -I{} \
         sh -c "nice -n 10 $py benchmarks/gpu_bench.py --warm ${bench_args[*]} {} >> '$log' 2>&1 || echo 'warm {}: failed'"
   grep -E "^--- warm|failed" "$log"
 }
@@ -163,7 +168,13 @@ stage_model() {
 }
 
 stage_summary() {
-  $py benchmarks/gpu_summary.py --out "$OUT" --stamp "$stamp" "${bench_args[@]}"
+  # $OUT may be new on every call (the device machine's): a full run's rows are kept in the cache
+  # too, for the baselines a later --quick run does not re-time.
+  local kept=$FNEVR_GPU_CACHE/results
+  $py benchmarks/gpu_summary.py --out "$OUT" --stamp "$stamp" --baselines "$kept" "${bench_args[@]}" || return 1
+  if [[ $quick == 0 && $dry == 0 && -f $OUT/gpu-bench-$stamp.jsonl ]]; then
+    mkdir -p "$kept" && cp "$OUT/gpu-bench-$stamp.jsonl" "$kept/"
+  fi
 }
 
 if [[ -n ${stage:-} ]]; then
@@ -198,7 +209,10 @@ run_stage() {  # NAME: run it under min(its cap, the time left before the summar
   fi
   echo "=== $name (time-out $limit s)" | tee -a "$console"
   start=$SECONDS
-  timeout -s INT -k 15 "$limit" bash "$self" --run-stage "$name" 2>&1 | tee -a "$console"
+  # SIGINT lets pytest and the benchmarks end cleanly (the warm-up runs in the background, where
+  # bash has SIGINT ignored: it gets SIGTERM); SIGKILL 15 s later.
+  timeout -s "$([[ $name == warm ]] && echo TERM || echo INT)" -k 15 "$limit" bash "$self" --run-stage "$name" 2>&1 \
+    | tee -a "$console"
   rc=${PIPESTATUS[0]}
   case $rc in 0) status=ok ;; 124|137) status="timed out" ;; *) status="failed (rc $rc)" ;; esac
   echo "=== $name: $status, $((SECONDS - start)) s" | tee -a "$console"

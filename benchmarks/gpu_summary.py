@@ -124,18 +124,23 @@ class Line:
 
 
 def _line(name, value, goal, fmt, higher=True, note=""):
+    target = f"{'>=' if higher else '<='} {fmt(goal)}"
     if value is None:
-        return Line(name, "-", fmt(goal, True), "not measured")
+        return Line(name, "-", target, "not measured")
     met = value >= goal if higher else value <= goal
-    return Line(name, fmt(value, False) + (f" ({note})" if note else ""), fmt(goal, True), "met" if met else "NOT MET")
+    return Line(name, fmt(value) + (f" ({note})" if note else ""), target, "met" if met else "NOT MET")
 
 
-def _ratio(v, goal):
-    return f"{'>= ' if goal else ''}{v:.2f}x"
+def _ratio(v):
+    return f"{v:.2f}x"
 
 
-def _pct(v, goal):
-    return f"{'>= ' if goal else ''}{v:.0f}%"
+def _pct(v):
+    return f"{v:.0f}%"
+
+
+def _us(v):
+    return f"{v:.1f} us"
 
 
 def _speedup(R, bench, case, mode, dtype, baseline, providers=FUSED):
@@ -204,7 +209,7 @@ def target_lines(R: Rows, tests: dict[str, str], quick: bool, auto_order: dict) 
         unfused = R.get("mlp_composite", mlp, "unfused", "fwd+bwd", dt)
         value = 100 * (1 - row["saved_MB"] / unfused["saved_MB"]) if row and unfused else None
         lines.append(_line(f"mlp_composite saved for backward, {dt}: less than unfused", value, 90, _pct,
-                           note=f"{row['saved_MB']:.0f} vs {unfused['saved_MB']:.0f} MB" if value is not None else ""))
+                           note=f"{row['saved_MB']:.3g} vs {unfused['saved_MB']:.3g} MB" if value is not None else ""))
     for op in OPS:  # host overhead at FNeVR's shapes, with the backend auto picks
         backend = auto_order.get(op, "triton")
         bench, providers = (op, (f"mlp-{backend}",)) if op == "mlp_composite" else (op, (backend,))
@@ -228,8 +233,7 @@ def target_lines(R: Rows, tests: dict[str, str], quick: bool, auto_order: dict) 
                     items.append((-(row["wall_us"] - torch_row["wall_us"]), mode))
             worst, note = _worst(items)
             lines.append(_line(f"{op} tiny inputs, {b}: wall above PyTorch's op, worst mode",
-                               None if worst is None else -worst, 30, lambda v, g: f"{'<= ' if g else ''}{v:.1f} us",
-                               higher=False, note=note))
+                               None if worst is None else -worst, 30, _us, higher=False, note=note))
     lines += test_lines(tests, quick)
     return lines
 
@@ -243,10 +247,13 @@ def test_lines(tests: dict[str, str], quick: bool) -> list[Line]:
     cov = coverage(tests, dtypes)
     passed = sum(o in ("PASSED", "collected") for o in cov.values())
     missing = [f"{op}/{b}/{d}" for (op, b, d), o in cov.items() if o not in ("PASSED", "collected")]
-    status = "not measured" if not tests else ("met" if not missing else "NOT MET")
-    lines.append(Line(f"op x backend x dtype ({'/'.join(dtypes)}) proved by a GPU test", f"{passed}/{len(cov)}"
-                      + (f" (missing {', '.join(missing[:4])}{'...' if len(missing) > 4 else ''})" if missing else ""),
-                      f"{len(cov)}/{len(cov)}", status))
+    name = f"op x backend x dtype ({'/'.join(dtypes)}) proved by a GPU test"
+    if not tests:
+        lines.append(Line(name, "-", f"{len(cov)}/{len(cov)}", "not measured"))
+    else:
+        lines.append(Line(name, f"{passed}/{len(cov)}" + (f" (missing {', '.join(missing[:3])}"
+                                                        f"{'...' if len(missing) > 3 else ''})" if missing else ""),
+                          f"{len(cov)}/{len(cov)}", "met" if not missing else "NOT MET"))
     return lines
 
 
@@ -305,14 +312,14 @@ def auto_choices() -> dict:
     return {op: order["cuda"][0] for op, order in AUTO_ORDER.items()}
 
 
-def newest_full_bench(out: Path, stamp: str) -> Path | None:
-    runs = sorted(p for p in out.glob("gpu-bench-*.jsonl")
-                  if not p.stem.endswith(("-quick", "-dry")) and p.stem != f"gpu-bench-{stamp}")
-    return runs[-1] if runs else None
+def newest_full_bench(dirs, stamp: str) -> Path | None:
+    runs = [p for d in dirs for p in Path(d).glob("gpu-bench-*.jsonl")
+            if not p.stem.endswith(("-quick", "-dry")) and p.stem != f"gpu-bench-{stamp}"]
+    return max(runs, key=lambda p: p.name) if runs else None
 
 
-def summarize(out: Path, stamp: str, quick: bool, dry: bool) -> tuple[str, dict]:
-    baseline_file = newest_full_bench(out, stamp) if quick and not dry else None
+def summarize(out: Path, stamp: str, quick: bool, dry: bool, baselines=()) -> tuple[str, dict]:
+    baseline_file = newest_full_bench([out, *baselines], stamp) if quick and not dry else None
     R = Rows(load_rows(out / f"gpu-bench-{stamp}.jsonl"), load_rows(baseline_file) if baseline_file else ())
     tests = parse_tests(out / f"gpu-tests-{stamp}.txt")
     auto = auto_choices()
@@ -327,8 +334,8 @@ def summarize(out: Path, stamp: str, quick: bool, dry: bool) -> tuple[str, dict]
     stages = out / f"gpu-stages-{stamp}.txt"
     if stages.is_file():
         text.append("stages: " + " | ".join(stages.read_text().split("\n")[:-1]))
-    text += ["", f"{'target':<{width}}  {'measured':<34} {'target':<10} status"]
-    text += [f"{x.name:<{width}}  {x.measured:<34} {x.target:<10} {x.status}" for x in lines]
+    text += ["", f"{'target':<{width}}  {'measured':<42} {'target':<10} status"]
+    text += [f"{x.name:<{width}}  {x.measured:<42} {x.target:<10} {x.status}" for x in lines]
     met = sum(x.status == "met" for x in lines)
     text.append(f"{met} of {len(lines)} targets met, {sum(x.status == 'NOT MET' for x in lines)} not met, "
                 f"{sum(x.status == 'not measured' for x in lines)} not measured")
@@ -344,6 +351,8 @@ def main(argv=None) -> int:
     parser.add_argument("--stamp")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--baselines", type=Path, action="append", default=[],
+                        help="with --quick: also look here for the full run's rows (a machine's kept cache)")
     parser.add_argument("--coverage", type=Path, metavar="TESTS_TXT")
     parser.add_argument("--fp64", action="store_true", help="with --coverage: fp64 too")
     args = parser.parse_args(argv)
@@ -353,7 +362,7 @@ def main(argv=None) -> int:
         print(f"op x backend x dtype covered by the selection: {len(cov) - len(missing)}/{len(cov)}"
               + (f"; missing: {', '.join(missing)}" if missing else ""))
         return 1 if missing else 0
-    text, data = summarize(args.out, args.stamp, args.quick, args.dry_run)
+    text, data = summarize(args.out, args.stamp, args.quick, args.dry_run, args.baselines)
     print(text, end="")
     (args.out / f"gpu-summary-{args.stamp}.txt").write_text(text)
     (args.out / f"gpu-summary-{args.stamp}.json").write_text(json.dumps(data, indent=1))
