@@ -11,8 +11,9 @@ one sync: what a training loop sees), ``host`` (issuing those calls, before the 
 ``kernel`` (device time: the calls queued behind a sleep kernel, so the device runs them back to
 back, timed with CUDA events). wall >> kernel means the host is the bottleneck. Speed-ups compare
 wall times. ``--warm`` runs every case once and times nothing: gpu_check.sh runs one such process
-per group and dtype in parallel first, so the Triton and Inductor compiles land in their on-disk
-caches on every core instead of one after another in the timed process.
+per group and dtype (``--list-shards``) in parallel while the tests run, so the Triton and
+Inductor compiles land in their on-disk caches on many cores instead of one after another in the
+timed process.
 
 ``--dry-run``: tiny shapes on CPU tensors, the cpu backend standing in for cuda and triton,
 torch.compile with aot_eager; it walks every benchmark so the device is never the first place
@@ -22,7 +23,6 @@ this code runs. Shapes and inputs come from the bench_*.py modules (pytest-bench
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -90,7 +90,7 @@ class Settings:
         end.synchronize()
         self.cycles_per_s = 10_000_000 / (start.elapsed_time(end) * 1e-3)
 
-    def time(self, fn) -> dict:
+    def measure(self, fn) -> dict:
         """wall, host and kernel time per call (us). Calls of 50 ms or more (the model, a training
         step) get fewer rounds and no kernel time (their host work is no launch overhead)."""
         calls, rounds, slow = 1, 1, False
@@ -151,7 +151,7 @@ class Settings:
                     fn()
                     self.sync()
                 return None
-            row.update(self.time(fn))
+            row.update(self.measure(fn))
             if profile and self.device == "cuda" and not self.quick:
                 row["kernels"] = _top_kernels(fn)
         except Exception as err:  # noqa: BLE001 - one failing case must not end the benchmark

@@ -241,7 +241,8 @@ def target_lines(R: Rows, tests: dict[str, str], quick: bool, auto_order: dict) 
 def test_lines(tests: dict[str, str], quick: bool) -> list[Line]:
     lines = []
     for dt in TEST_DTYPES:
-        lines.append(_tests_line(f"GPU tests in {dt}", {n: o for n, o in tests.items() if f"torch.{dt}" in n}))
+        lines.append(_tests_line(f"GPU tests with dtype {dt} (a dtype parameter)",
+                                 {n: o for n, o in tests.items() if f"torch.{dt}" in n}))
     lines.append(_tests_line("every GPU test run (all dtypes, model, training, extension errors)", tests))
     dtypes = TEST_DTYPES + (() if quick else ("float64",))
     cov = coverage(tests, dtypes)
