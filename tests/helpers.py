@@ -51,7 +51,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 def compile_params():
     """target_params() x the torch.compile backends (aot_eager, inductor): (backend, device, compiler)."""
-    return [pytest.param(*p.values[:2], compiler, id=f"{p.id}-{compiler}", marks=p.marks)
+    # Inductor compiles are slow cold: left out of the device check's --quick run.
+    return [pytest.param(*p.values[:2], compiler, id=f"{p.id}-{compiler}",
+                         marks=list(p.marks) + ([pytest.mark.gpu_heavy] if compiler == "inductor" else []))
             for p in target_params() for compiler in ("aot_eager", "inductor")
             if not (compiler == "inductor" and p.id == "triton-cpu")]  # inductor cannot target the interpreter
 
