@@ -7,13 +7,14 @@
 # FNEVR_GPU_BUDGET=<seconds> replaces the run's deadline (420, --quick 180); each stage keeps its cap.
 # Stages, in priority order, each with its own time-out (its cap, or less when the run's deadline
 # is nearer) and its elapsed time printed. Files go to $OUT (default benchmarks/results) as they are
-# produced, named gpu-<what>-STAMP.*, so a time-out loses only the stage it cut:
+# produced, named gpu-<what>-STAMP.*, so a time-out loses only the stage it cut (at most 8 files: the
+# device machine returns no more):
 #   env      nvidia-smi, versions, commit                                 gpu-env-STAMP.txt
 #   build    the CUDA extension for this GPU's arch only, on every core;  gpu-build-STAMP.log
 #            skipped when built here before from the same sources
-#   tests    pytest -m gpu_check (--quick: gpu_quick), pytest-xdist      gpu-tests-STAMP.txt, .xml
+#   tests    pytest -m gpu_check (--quick: gpu_quick), pytest-xdist      gpu-tests-STAMP.txt
 #   warm     during tests, niced: every benchmark case run once, one process per group and dtype,
-#            so the Triton and Inductor compiles are cached in parallel   gpu-warm-STAMP.txt
+#            so the Triton and Inductor compiles are cached in parallel   $FNEVR_GPU_CACHE/warm-STAMP.txt
 #   bench    benchmarks/gpu_bench.py: the four ops, op-call overhead      gpu-bench-STAMP.jsonl (a row at a time)
 #   model    inference frames/s, a vox-256 training step                  the same .jsonl
 #   summary  one line per target, backend choice per op                   gpu-summary-STAMP.txt, .json
@@ -141,7 +142,7 @@ stage_tests() {
   echo "pytest tests ${args[*]}"
   # One thread per worker: the cores are the workers'; Inductor compiles in the worker too.
   OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 \
-    $py -m pytest tests "${args[@]}" -v -rfE --junitxml="$OUT/gpu-tests-$stamp.xml" > "$log" 2>&1
+    $py -m pytest tests "${args[@]}" -v -rfE > "$log" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR) " "$log" | cut -c1-300 | head -40
   tail -1 "$log"
@@ -150,7 +151,7 @@ stage_tests() {
 }
 
 stage_warm() {
-  local log="$OUT/gpu-warm-$stamp.txt"
+  local log="$FNEVR_GPU_CACHE/warm-$stamp.txt"  # its failures reach the console; the rest stays here
   $py benchmarks/gpu_bench.py --list-shards "${bench_args[@]}" \
     | PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 \
       xargs -P "$(nproc)" -I{} \

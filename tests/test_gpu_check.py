@@ -28,14 +28,15 @@ def test_dry_run_walks_every_stage(tmp_path):
     stamp = stages_file.name[len("gpu-stages-"):-len(".txt")]
     statuses = dict(line.split(" ", 1) for line in stages_file.read_text().splitlines())
     assert set(statuses) == STAGES and all(s.startswith("ok ") for s in statuses.values()), statuses
-    for name in ("env.txt", "tests.txt", "warm.txt", "bench.jsonl", "summary.txt", "summary.json", "check.log"):
+    assert len(list(out.iterdir())) <= 8  # the device machine returns at most 8 files
+    for name in ("env.txt", "tests.txt", "bench.jsonl", "summary.txt", "summary.json", "check.log"):
         assert (out / f"gpu-{name.replace('.', f'-{stamp}.', 1)}").stat().st_size > 0, name
     assert "covered by the selection: 32/32" in proc.stdout
 
     rows = gpu_summary.load_rows(out / f"gpu-bench-{stamp}.jsonl")
     assert {r["bench"] for r in rows} == BENCHES
     assert not [r for r in rows if "error" in r]
-    assert "--- warm train float32" in (out / f"gpu-warm-{stamp}.txt").read_text()
+    assert "--- warm train float32" in (tmp_path / "cache" / f"warm-{stamp}.txt").read_text()
 
     # One line per target, each computed from the dry run's rows and test listing.
     summary = json.loads((out / f"gpu-summary-{stamp}.json").read_text())
