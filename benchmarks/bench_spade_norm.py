@@ -17,7 +17,14 @@ from fnevr.ops import spade_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B = 4 if DEVICE == "cuda" else 1
-SHAPES = [(B, 512, 64, 64), (B, 128, 128, 128), (B, 32, 256, 256)]
+
+
+def shapes(B, size=256):
+    """The decoder's SPADE inputs for frames of side `size`."""
+    return [(B, 512, size // 4, size // 4), (B, 128, size // 2, size // 2), (B, 32, size, size)]
+
+
+SHAPES = shapes(B)
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
 # Inductor's CPU code generation takes minutes on a small machine: compiled runs are for GPUs.
 PROVIDERS = ["eager"] + (["compiled-eager"] if DEVICE == "cuda" else []) + [

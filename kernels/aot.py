@@ -18,6 +18,7 @@ from Triton's bundled ``cuobjdump --dump-resource-usage`` of each cubin.
 """
 
 import dataclasses
+import itertools
 import os
 import re
 import subprocess
@@ -199,18 +200,28 @@ def _composite(dtype):
 
 
 def _grid_sample(dtype):
+    """Every tile configuration in every dtype; each other (mode, padding, align_corners,
+    deterministic) code path once, the paths spread over the dtypes."""
     from fnevr.ops import grid_sample
-    for C in (1, 2, 3, 8, 16, 32, 64, 256):  # every (BLOCK_P, BLOCK_C)
-        _fwd_bwd(lambda x, g: grid_sample(x, g, backend="triton"), torch.rand(1, C, 8, 8, dtype=dtype),
-                 torch.rand(1, 4, 4, 2, dtype=dtype) * 2 - 1)
-    for mode in ("bilinear", "nearest"):
-        for padding in ("zeros", "border", "reflection"):
-            for align in (False, True):
-                _fwd_bwd(lambda x, g: grid_sample(x, g, mode, padding, align, backend="triton"),
-                         torch.rand(1, 3, 8, 8, dtype=dtype), torch.rand(1, 4, 4, 2, dtype=dtype) * 2 - 1)
-    for C in (3, 256):  # deterministic input gradient
-        _fwd_bwd(lambda x, g: grid_sample(x, g, backend="triton", deterministic=True),
-                 torch.rand(1, C, 8, 8, dtype=dtype), torch.rand(1, 4, 4, 2, dtype=dtype) * 2 - 1)
+
+    def run(C, mode="bilinear", padding="zeros", align=False, channels_last=False, deterministic=(False,)):
+        x = torch.rand(1, C, 8, 8, dtype=dtype)
+        x = x.to(memory_format=torch.channels_last) if channels_last else x
+        g = torch.rand(1, 4, 4, 2, dtype=dtype) * 2 - 1
+        for det in deterministic:  # a second run compiles only the input gradient's FIXED variant
+            _fwd_bwd(lambda x, g: grid_sample(x, g, mode, padding, align, backend="triton", deterministic=det),
+                     x.detach().clone(), g.detach().clone())
+
+    for C in (1, 3, 8):  # NCHW tiles: UNROLL 1 (C = 1), 4, 8
+        run(C, deterministic=(False, True) if C == 8 else (False,))
+    run(64, channels_last=True, deterministic=(False, True))  # lanes along the channels
+    paths = [p for p in itertools.product(("bilinear", "nearest"), ("zeros", "border", "reflection"), (False, True))
+             if p != ("bilinear", "zeros", False)]
+    for i, (mode, padding, align) in enumerate(paths):
+        if DTYPES[i % len(DTYPES)] == dtype:
+            run(3, mode, padding, align, deterministic=(False, True))
+    if dtype == DTYPES[0]:
+        run(3, channels_last=True)  # a channels_last input with few channels: NCHW's tiles, other strides
 
 
 def _spade_norm(dtype):
