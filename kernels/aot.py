@@ -226,15 +226,19 @@ def _grid_sample(dtype):
 
 def _spade_norm(dtype):
     from fnevr.ops import spade_norm
-    for shape in ((1, 4, 8, 8), (1, 8, 64, 128), (1, 200, 8, 8)):  # one tile, several tiles, wide C
+    # One tile, several tiles (reductions cut into pieces and merged, for sm_90's 132 SMs), wide C; a
+    # batch of 2, so that merges span sample groups and no size is the constant 1. No activation: its
+    # code differs from relu's in one select, so on one shape only.
+    modes = (("instance", "relu"), ("batch", "leaky_relu"))
+    cases = [(shape, m) for shape in ((2, 4, 8, 8), (2, 8, 64, 128), (2, 200, 8, 8)) for m in modes]
+    for shape, (norm, act) in cases + [((2, 8, 64, 128), ("instance", None))]:
         for cl in (False, True):
-            for norm, act in (("instance", "relu"), ("batch", "leaky_relu"), ("instance", None)):
+            for full in (True, False):  # gamma/beta per element, or per channel
                 fmt = torch.channels_last if cl else torch.contiguous_format
-                x = torch.randn(shape, dtype=dtype).to(memory_format=fmt)
-                for full in (True, False):  # gamma/beta per element, or per channel
-                    mshape = shape if full else (1, shape[1], 1, 1)
-                    _fwd_bwd(lambda x, g, b: spade_norm(x, g, b, norm=norm, activation=act, backend="triton"),
-                             x.detach().clone(), torch.randn(mshape, dtype=dtype), torch.randn(mshape, dtype=dtype))
+                mshape = shape if full else (1, shape[1], 1, 1)
+                _fwd_bwd(lambda x, g, b: spade_norm(x, g, b, norm=norm, activation=act, backend="triton"),
+                         torch.randn(shape, dtype=dtype).to(memory_format=fmt), torch.randn(mshape, dtype=dtype),
+                         torch.randn(mshape, dtype=dtype))
 
 
 def _mlp_composite(dtype):

@@ -53,9 +53,13 @@ def test_every_kernel_compiles_for_sm90(compiles, op):
     print(stdout)
     assert proc.returncode == 0, f"{op} failed to compile for sm_90:\n{stderr[-6000:]}"
     report = json.loads(path.read_text())[op]
-    for dtype in DTYPES:
-        for name in _launched_kernels(op):
-            assert any(k["name"] == name and dtype in k["pointers"] for k in report), \
+    for name in _launched_kernels(op):
+        variants = [k for k in report if k["name"] == name]
+        assert variants, f"{op}: {name} was never compiled: add a case to kernels/aot.py OPS[{op!r}]"
+        if all(set(k["pointers"]) == {"fp32"} for k in variants):
+            continue  # fp32 workspaces only (merges of partial results): the same kernel for every dtype
+        for dtype in DTYPES:
+            assert any(dtype in k["pointers"] for k in variants), \
                 f"{op}: {name} was never compiled with {dtype} tensors: add a case to kernels/aot.py OPS[{op!r}]"
     too_big = [(k["name"], k["shared"], k["constants"]) for k in report if k["shared"] > MAX_SHARED]
     assert not too_big, f"{op}: kernels need more than {MAX_SHARED} B of shared memory on sm_90: {too_big}"
