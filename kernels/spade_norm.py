@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulator, interpreting, launch_ctx
+from ._common import accumulator, cdiv, interpreting, launch_ctx, next_power_of_2
 
 
 @triton.jit
@@ -420,11 +420,11 @@ _ONE_TILE_MAX = 4096  # rows up to this long are read once by the fused instance
 def _element_blocks(N: int, C: int, S: int, channels_last: bool):
     """(grid, BLOCK_R, BLOCK_C) of the element-wise kernels: tiles of about 2K elements."""
     if channels_last:
-        block_c = min(128, triton.next_power_of_2(max(C, 1)))
+        block_c = min(128, next_power_of_2(max(C, 1)))
         block_r = max(1, 2048 // block_c)
-        return (triton.cdiv(N * S, block_r), triton.cdiv(C, block_c)), block_r, block_c
-    block_c = min(2048, triton.next_power_of_2(max(S, 1)))
-    return (N * C, triton.cdiv(S, block_c)), 1, block_c
+        return (cdiv(N * S, block_r), cdiv(C, block_c)), block_r, block_c
+    block_c = min(2048, next_power_of_2(max(S, 1)))
+    return (N * C, cdiv(S, block_c)), 1, block_c
 
 
 def _dims(x: torch.Tensor, channels_last: bool):
@@ -441,9 +441,9 @@ _MERGE_Q, _MERGE_G = 256, 8  # merge tiles: partials x groups (many partials of 
 def _reduce_blocks(C: int, S: int, channels_last: bool):
     """(BLOCK_C, BLOCK_S) of _REDUCE_TILE elements; NCHW tiles are one channel's run of S."""
     if channels_last:
-        block_c = min(64, triton.next_power_of_2(max(C, 1)))
-        return block_c, max(1, min(triton.next_power_of_2(max(S, 1)), _REDUCE_TILE // block_c))
-    return 1, min(_REDUCE_TILE, triton.next_power_of_2(max(S, 1)))
+        block_c = min(64, next_power_of_2(max(C, 1)))
+        return block_c, max(1, min(next_power_of_2(max(S, 1)), _REDUCE_TILE // block_c))
+    return 1, min(_REDUCE_TILE, next_power_of_2(max(S, 1)))
 
 
 _SMS: dict = {}
@@ -482,12 +482,12 @@ def _split(N: int, S: int, block_s: int, channel_tiles: int, device: torch.devic
     target = _PROGRAMS_PER_SM * _multiprocessors(device)
     groups, per_group = N, 1
     if batch:
-        per_group = triton.cdiv(N, min(N, max(1, target // channel_tiles)))
-        groups = triton.cdiv(N, per_group)
-    tiles = triton.cdiv(S, block_s)
+        per_group = cdiv(N, min(N, max(1, target // channel_tiles)))
+        groups = cdiv(N, per_group)
+    tiles = cdiv(S, block_s)
     want = min(tiles, max(1, target // (groups * channel_tiles)))
-    per_chunk = triton.cdiv(tiles, want)
-    return _Split(groups, per_group, per_chunk * block_s, triton.cdiv(tiles, per_chunk))
+    per_chunk = cdiv(tiles, want)
+    return _Split(groups, per_group, per_chunk * block_s, cdiv(tiles, per_chunk))
 
 
 def _as_fp32(*ts):
@@ -504,7 +504,7 @@ def spade_norm_stats(x: torch.Tensor, channels_last: bool, batch: bool):
     if x.numel() == 0:
         return torch.zeros(shape, dtype=acc, device=x.device), torch.zeros(shape, dtype=acc, device=x.device)
     block_c, block_s = _reduce_blocks(C, S, channels_last)
-    c_tiles = triton.cdiv(C, block_c)
+    c_tiles = cdiv(C, block_c)
     sp = _split(N, S, block_s, c_tiles, x.device, batch)
     Q = sp.pieces if batch else sp.chunks  # partials per group
     mean = torch.empty(shape, dtype=acc, device=x.device)
@@ -520,7 +520,7 @@ def spade_norm_stats(x: torch.Tensor, channels_last: bool, batch: bool):
             G = mean.numel()
             # Instance norm: partial q of group (n, c) is piece q N + n, one sample of chunk q.
             n, groups, per_group = (N, sp.groups, sp.per_group) if batch else (1, 1, 1)
-            _merge_moments_kernel[(triton.cdiv(G, _MERGE_G),)](
+            _merge_moments_kernel[(cdiv(G, _MERGE_G),)](
                 *part, mean, var, G, Q, n, S, groups, per_group, sp.chunk, ACC=accumulator(x.dtype),
                 BLOCK_Q=_MERGE_Q, BLOCK_G=_MERGE_G, num_warps=4)
     return mean, var
@@ -554,7 +554,7 @@ def spade_norm_backward_reduce(grad_y, x, gamma, beta, mean, var, eps: float, ch
     if x.numel() == 0:
         return torch.zeros((4, N, C), dtype=mean.dtype, device=x.device)
     block_c, block_s = _reduce_blocks(C, S, channels_last)
-    c_tiles = triton.cdiv(C, block_c)
+    c_tiles = cdiv(C, block_c)
     sp = _split(N, S, block_s, c_tiles, x.device, False)
     sums = torch.empty((4, N, C), dtype=mean.dtype, device=x.device)
     part = sums if sp.chunks == 1 else torch.empty((4, sp.chunks, N, C), dtype=mean.dtype, device=x.device)
@@ -564,7 +564,7 @@ def spade_norm_backward_reduce(grad_y, x, gamma, beta, mean, var, eps: float, ch
             G_FULL=gamma.dim() == 3, B_FULL=beta.dim() == 3, BATCH=mean.dim() == 1, CL=channels_last,
             ACC=accumulator(x.dtype), BLOCK_C=block_c, BLOCK_S=block_s, num_warps=8)
         if sp.chunks > 1:
-            _merge_sums_kernel[(triton.cdiv(N * C, _MERGE_G),)](part, sums, N * C, sp.chunks, BLOCK_Q=_MERGE_Q,
+            _merge_sums_kernel[(cdiv(N * C, _MERGE_G),)](part, sums, N * C, sp.chunks, BLOCK_Q=_MERGE_Q,
                                                                 BLOCK_G=_MERGE_G, num_warps=4)
     return sums
 
@@ -606,7 +606,7 @@ def spade_norm_instance_backward(grad_y, x, gamma, beta, mean, var, eps: float, 
     db = torch.empty_like(beta) if beta_grad else x.new_empty((0,))
     if x.numel() == 0:
         return dx, dg.zero_(), db.zero_()
-    block_s = min(_ONE_TILE_MAX, triton.next_power_of_2(S))
+    block_s = min(_ONE_TILE_MAX, next_power_of_2(S))
     with launch_ctx(x):
         _instance_backward_kernel[(N * C,)](
             grad_y, x, gamma, beta, mean, var, dx, dg, db, S, eps=eps, slope=slope, ACT=activation,
@@ -627,7 +627,7 @@ def spade_norm_instance_forward(x, gamma, beta, eps: float, activation: int, slo
     var = torch.zeros((N, C), dtype=acc, device=x.device)
     if x.numel() == 0:
         return y, mean, var
-    block_s = min(_ONE_TILE_MAX, triton.next_power_of_2(S))
+    block_s = min(_ONE_TILE_MAX, next_power_of_2(S))
     with launch_ctx(x):
         _instance_forward_kernel[(N * C,)](
             x, gamma, beta, y, mean, var, S, eps=eps, slope=slope, ACT=activation, G_FULL=gamma.dim() == 3,
