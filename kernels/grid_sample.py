@@ -378,8 +378,10 @@ def grid_sample_backward(grad_out: torch.Tensor, input: torch.Tensor, grid: torc
     P = Ho * Wo
     acc = accumulator(input.dtype)
     grad_input = input.new_empty((0,))
-    grad_grid = torch.zeros_like(grid) if grid_grad else grid.new_empty((0,))
     empty = grad_out.numel() == 0
+    writes_grid_grad = grid_grad and mode == 0 and not empty  # the kernel writes every element
+    grad_grid = (torch.empty_like(grid) if writes_grid_grad else torch.zeros_like(grid)) if grid_grad \
+        else grid.new_empty((0,))
     if not empty:
         grad_out, s_g = _point_strides(grad_out)
         tiles = _tiles(C, input, grad_out)
@@ -388,18 +390,17 @@ def grid_sample_backward(grad_out: torch.Tensor, input: torch.Tensor, grid: torc
             buf_dtype = torch.int64 if deterministic else (torch.float64 if input.dtype == torch.float64
                                                            else torch.float32)
             buf = torch.zeros_like(input, dtype=buf_dtype)  # input is NCHW or channels_last: kept
-            scale = (_fixed_point_scale(grad_out, P) if deterministic and not empty
-                     else buf.new_ones((), dtype=torch.float64))
+            scale = _fixed_point_scale(grad_out, P) if deterministic and not empty else buf  # read if FIXED only
             if not empty:
                 launch, span = _split(C, N, P, tiles)
                 _input_grad_kernel[launch](grad_out, grid, buf, scale, C, H, W, P, span, *buf.stride(), *s_g,
                                            MODE=mode, PADDING=padding, ALIGN=align_corners, ACC=acc,
                                            FIXED=deterministic, **tiles)
-            if deterministic:
+            if deterministic and not empty:
                 grad_input = (buf.double() / scale).to(input.dtype)  # NaN for a non-finite grad_out
             else:
                 grad_input = buf.to(input.dtype)
-        if grid_grad and mode == 0 and not empty:
+        if writes_grid_grad:
             _grid_grad_kernel[(cdiv(P, tiles["BLOCK_P"]), N)](
                 grad_out, input, grid, grad_grid, C, H, W, P, *input.stride(), *s_g, PADDING=padding,
                 ALIGN=align_corners, ACC=acc, **tiles)

@@ -623,8 +623,9 @@ def spade_norm_instance_forward(x, gamma, beta, eps: float, activation: int, slo
     N, C, S = x.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = torch.empty_like(x)
-    mean = torch.zeros((N, C), dtype=acc, device=x.device)
-    var = torch.zeros((N, C), dtype=acc, device=x.device)
+    new = torch.empty if x.numel() else torch.zeros  # the kernel writes every (n, c)'s statistics
+    mean = new((N, C), dtype=acc, device=x.device)
+    var = new((N, C), dtype=acc, device=x.device)
     if x.numel() == 0:
         return y, mean, var
     block_s = min(_ONE_TILE_MAX, next_power_of_2(S))
