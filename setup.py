@@ -10,6 +10,7 @@ with none, for TORCH_CUDA_ARCH_LIST (default "8.0;9.0"). Install with
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -49,6 +50,13 @@ if want_cuda() and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda
 cxx_flags = ["-O3", "-fno-trapping-math", "-ffp-contract=off"]
 # at::parallel_for is inline: without OpenMP in this build it runs serially, whatever torch's threads.
 openmp = [] if os.name == "nt" else ["-fopenmp"]
+# The C++ runtime must come from the shared libstdc++.so.6 that torch and the process already use.
+# A link that finds only libstdc++.a (no libstdc++.so symlink for the compiler) or that is given
+# -static-libstdc++ puts a private copy of iostreams and locales in the module, and the two copies'
+# facet ids disagree: formatting a number in a TORCH_CHECK message then truncates the message or,
+# with a g++ 13 build under a newer libstdc++ (the H100 machine), crashes in ostream::_M_insert<long>.
+# Naming the shared library resolves every libstdc++ symbol against it before the driver's -lstdc++.
+shared_libstdcxx = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
 nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 include_dirs = [os.path.abspath("csrc")]
 
@@ -58,7 +66,7 @@ ext_modules = [
         ["csrc/ops.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp")),
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags + openmp},
-        extra_link_args=openmp,
+        extra_link_args=openmp + shared_libstdcxx,
         py_limited_api=False,
     )
 ]
@@ -69,6 +77,7 @@ if want_cuda():
             ["csrc/cuda_module.cpp"] + sorted(glob.glob("csrc/*/*_cuda.cu")),
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=shared_libstdcxx,
         )
     )
 

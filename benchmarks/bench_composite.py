@@ -27,16 +27,16 @@ def _op(provider):
     return lambda c, d: composite(c, d, transmittance="inclusive", backend=provider)
 
 
-def _inputs(dtype, grad):
+def _inputs(dtype, grad, shape=SHAPE, device=DEVICE):
     torch.manual_seed(0)
-    color = torch.rand(SHAPE, device=DEVICE, dtype=dtype, requires_grad=grad)
-    density = torch.randn(SHAPE[:-1] + (1,), device=DEVICE, dtype=dtype, requires_grad=grad)
+    color = torch.rand(shape, device=device, dtype=dtype, requires_grad=grad)
+    density = torch.randn(shape[:-1] + (1,), device=device, dtype=dtype, requires_grad=grad)
     return color, density
 
 
 def _bytes(color, density, backward):
     size = lambda t: t.numel() * t.element_size()
-    out = size(color) // SHAPE[-2]
+    out = size(color) // color.shape[-2]
     fwd = size(color) + size(density) + out
     return fwd + (out + 2 * size(color) + 2 * size(density) if backward else 0)
 

@@ -23,13 +23,22 @@ from fnevr.ops import grid_sample, grid_sample_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B = 4 if DEVICE == "cuda" else 2
-CASES = {  # name: (input shape, output size, padding, channels_last)
-    "feature": ((B, 256, 64, 64), (64, 64), "zeros", True),
-    "feature-nchw": ((B, 256, 64, 64), (64, 64), "zeros", False),
-    "motion": ((B * 11, 3, 64, 64), (64, 64), "zeros", False),
-    "visual": ((B, 3, 256, 256), (256, 256), "zeros", False),
-    "equivariance": ((B, 3, 256, 256), (256, 256), "reflection", False),
-}
+
+
+def cases(B, size=64):
+    """name: (input shape, output size, padding, channels_last); `size` is the feature maps' side
+    (64 in FNeVR at 256x256, whose frames are 4x larger)."""
+    full = 4 * size
+    return {
+        "feature": ((B, 256, size, size), (size, size), "zeros", True),
+        "feature-nchw": ((B, 256, size, size), (size, size), "zeros", False),
+        "motion": ((B * 11, 3, size, size), (size, size), "zeros", False),
+        "visual": ((B, 3, full, full), (full, full), "zeros", False),
+        "equivariance": ((B, 3, full, full), (full, full), "reflection", False),
+    }
+
+
+CASES = cases(B)
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
 FUSED = [b for b in ("cpu", "cuda", "triton") if fnevr.ops.backends(DEVICE)[b] == "available"
          and not (b == "triton" and DEVICE == "cpu")]  # the interpreter is for tests, not timing
@@ -48,16 +57,16 @@ def _op(provider, padding):
     return lambda x, g: grid_sample(x, g, "bilinear", padding, False, backend=backend, deterministic=bool(det))
 
 
-def _inputs(case, dtype, grad):
-    shape, (Ho, Wo), padding, channels_last = CASES[case]
-    gen = torch.Generator(device=DEVICE).manual_seed(0)
-    x = torch.rand(shape, device=DEVICE, generator=gen).to(dtype)
+def _inputs(case, dtype, grad, spec=None, device=DEVICE):
+    shape, (Ho, Wo), padding, channels_last = spec or CASES[case]
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.rand(shape, device=device, generator=gen).to(dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     # A smooth warp, as a motion field is: identity plus a small displacement, partly off the image.
-    base = F.affine_grid(torch.eye(2, 3, device=DEVICE).expand(shape[0], 2, 3), (shape[0], 1, Ho, Wo),
+    base = F.affine_grid(torch.eye(2, 3, device=device).expand(shape[0], 2, 3), (shape[0], 1, Ho, Wo),
                          align_corners=False)
-    grid = (base * 1.05 + 0.1 * torch.rand(shape[0], Ho, Wo, 2, device=DEVICE, generator=gen) - 0.05).to(dtype)
+    grid = (base * 1.05 + 0.1 * torch.rand(shape[0], Ho, Wo, 2, device=device, generator=gen) - 0.05).to(dtype)
     return x.requires_grad_(grad), grid.requires_grad_(grad), padding
 
 

@@ -3,7 +3,9 @@ frames per second: the reference ops (plain PyTorch) against the fused backends.
 
 On a GPU: the vox-256 config at 256x256, batch 1 and 16, fp32 and bf16 autocast. On a CPU: the
 small config at 64x64 (vox-256 takes seconds per frame there). ``reference`` runs plain PyTorch
-ops, with PyTorch's own grid_sample in place of our gather-based reference.
+ops, with PyTorch's own grid_sample in place of our gather-based reference, in fp32 only (as the
+published code): under autocast PyTorch's grid_sample returns fp32 features, which spade_norm
+refuses next to bf16 modulation.
 """
 
 import contextlib
@@ -16,7 +18,7 @@ import fnevr
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CONFIG, SIZE = ("vox-256", 256) if DEVICE == "cuda" else ("small", 64)
 PRECISIONS = ["fp32", "bf16"] if DEVICE == "cuda" else ["fp32"]
-BACKENDS = ["reference", "auto"]
+CASES = [(b, p) for b in ("reference", "auto") for p in PRECISIONS if not (b == "reference" and p == "bf16")]
 
 
 
@@ -26,8 +28,7 @@ def model():
     return fnevr.FNeVR(CONFIG, training_modules=False).to(DEVICE).eval()
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, precision", CASES)
 @pytest.mark.parametrize("batch", [1, 16])
 def test_inference(measure, model, use_pytorch_grid_sample, backend, batch, precision):
     model.set_backend(backend)

@@ -1,5 +1,6 @@
 """SPADE normalisation at FNeVR's decoder shapes ([B, 512, 64, 64], [B, 128, 128, 128],
-[B, 32, 256, 256]; B = 4 on a GPU, 1 on the CPU): the fused backends against the eager composition
+[B, 32, 256, 256]; B = 4 on a GPU, 1 on the CPU), NCHW and channels_last (training on CUDA uses
+channels_last; its rows are named spade-C<C>-cl): the fused backends against the eager composition
 (InstanceNorm2d -> * (1 + gamma) + beta -> ReLU) and, on a GPU, its torch.compile; forward and
 forward+backward.
 
@@ -16,7 +17,14 @@ from fnevr.ops import spade_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B = 4 if DEVICE == "cuda" else 1
-SHAPES = [(B, 512, 64, 64), (B, 128, 128, 128), (B, 32, 256, 256)]
+
+
+def shapes(B, size=256):
+    """The decoder's SPADE inputs for frames of side `size`."""
+    return [(B, 512, size // 4, size // 4), (B, 128, size // 2, size // 2), (B, 32, size, size)]
+
+
+SHAPES = shapes(B)
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
 # Inductor's CPU code generation takes minutes on a small machine: compiled runs are for GPUs.
 PROVIDERS = ["eager"] + (["compiled-eager"] if DEVICE == "cuda" else []) + [
@@ -46,9 +54,12 @@ def test_copy_bandwidth(measure, dtype):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "fwd+bwd"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_spade_norm(measure, shape, provider, dtype, backward):
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_spade_norm(measure, layout, shape, provider, dtype, backward):
     torch.manual_seed(0)
-    x, gamma, beta, grad_y = (torch.randn(shape, device=DEVICE, dtype=dtype) for _ in range(4))
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+    x, gamma, beta, grad_y = (torch.randn(shape, device=DEVICE, dtype=dtype).contiguous(memory_format=fmt)
+                              for _ in range(4))
     for t in (x, gamma, beta):
         t.requires_grad_(backward)
     op = _op(provider)
@@ -68,5 +79,6 @@ def test_spade_norm(measure, shape, provider, dtype, backward):
                                                       lambda t: t):
             op(x, gamma, beta)
     measure(forward_backward if backward else forward, tensor_bytes * (11 if backward else 4),
-            op=f"spade-C{shape[1]}", provider=provider, mode="fwd+bwd" if backward else "forward",
-            dtype=str(dtype)[6:], device=DEVICE, **({"saved_MB": sum(saved) / 2**20} if backward else {}))
+            op=f"spade-C{shape[1]}" + ("-cl" if layout == "cl" else ""), provider=provider, layout=layout,
+            mode="fwd+bwd" if backward else "forward", dtype=str(dtype)[6:], device=DEVICE,
+            **({"saved_MB": sum(saved) / 2**20} if backward else {}))

@@ -1,4 +1,5 @@
-"""What the Triton kernels share: interpreter detection, accumulator type, launch device."""
+"""What the Triton kernels' launch code shares: interpreter detection, accumulator type, launch
+device, and host-side integer helpers."""
 
 import contextlib
 import os
@@ -7,9 +8,14 @@ import torch
 import triton.language as tl
 
 
+# Read once, as triton.jit does when it decides between compiling and interpreting a kernel.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_NO_DEVICE = contextlib.nullcontext()
+
+
 def interpreting() -> bool:
     """Running under TRITON_INTERPRET=1 (CPU tensors; numpy has no bf16, so bf16 goes through fp32)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETING
 
 
 def accumulator(dtype: torch.dtype):
@@ -19,4 +25,16 @@ def accumulator(dtype: torch.dtype):
 
 def launch_ctx(t: torch.Tensor):
     """Triton launches on the current device: make it the tensors' one."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    return torch.cuda.device(t.device) if t.is_cuda else _NO_DEVICE
+
+
+# Host-side twins of triton.cdiv and triton.next_power_of_2: those are constexpr functions, usable
+# inside kernels, and cost about 10 us per host call (Triton 3.8 on this CPU) against 0.1 us here;
+# every launch needs a few of them.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()

@@ -18,6 +18,7 @@ from Triton's bundled ``cuobjdump --dump-resource-usage`` of each cubin.
 """
 
 import dataclasses
+import itertools
 import os
 import re
 import subprocess
@@ -199,31 +200,45 @@ def _composite(dtype):
 
 
 def _grid_sample(dtype):
+    """Every tile configuration in every dtype; each other (mode, padding, align_corners,
+    deterministic) code path once, the paths spread over the dtypes."""
     from fnevr.ops import grid_sample
-    for C in (1, 2, 3, 8, 16, 32, 64, 256):  # every (BLOCK_P, BLOCK_C)
-        _fwd_bwd(lambda x, g: grid_sample(x, g, backend="triton"), torch.rand(1, C, 8, 8, dtype=dtype),
-                 torch.rand(1, 4, 4, 2, dtype=dtype) * 2 - 1)
-    for mode in ("bilinear", "nearest"):
-        for padding in ("zeros", "border", "reflection"):
-            for align in (False, True):
-                _fwd_bwd(lambda x, g: grid_sample(x, g, mode, padding, align, backend="triton"),
-                         torch.rand(1, 3, 8, 8, dtype=dtype), torch.rand(1, 4, 4, 2, dtype=dtype) * 2 - 1)
-    for C in (3, 256):  # deterministic input gradient
-        _fwd_bwd(lambda x, g: grid_sample(x, g, backend="triton", deterministic=True),
-                 torch.rand(1, C, 8, 8, dtype=dtype), torch.rand(1, 4, 4, 2, dtype=dtype) * 2 - 1)
+
+    def run(C, mode="bilinear", padding="zeros", align=False, channels_last=False, deterministic=(False,)):
+        x = torch.rand(1, C, 8, 8, dtype=dtype)
+        x = x.to(memory_format=torch.channels_last) if channels_last else x
+        g = torch.rand(1, 4, 4, 2, dtype=dtype) * 2 - 1
+        for det in deterministic:  # a second run compiles only the input gradient's FIXED variant
+            _fwd_bwd(lambda x, g: grid_sample(x, g, mode, padding, align, backend="triton", deterministic=det),
+                     x.detach().clone(), g.detach().clone())
+
+    for C in (1, 3, 8):  # NCHW tiles: UNROLL 1 (C = 1), 4, 8
+        run(C, deterministic=(False, True) if C == 8 else (False,))
+    run(64, channels_last=True, deterministic=(False, True))  # lanes along the channels
+    paths = [p for p in itertools.product(("bilinear", "nearest"), ("zeros", "border", "reflection"), (False, True))
+             if p != ("bilinear", "zeros", False)]
+    for i, (mode, padding, align) in enumerate(paths):
+        if DTYPES[i % len(DTYPES)] == dtype:
+            run(3, mode, padding, align, deterministic=(False, True))
+    if dtype == DTYPES[0]:
+        run(3, channels_last=True)  # a channels_last input with few channels: NCHW's tiles, other strides
 
 
 def _spade_norm(dtype):
     from fnevr.ops import spade_norm
-    for shape in ((1, 4, 8, 8), (1, 8, 64, 128), (1, 200, 8, 8)):  # one tile, several tiles, wide C
+    # One tile, several tiles (reductions cut into pieces and merged, for sm_90's 132 SMs), wide C; a
+    # batch of 2, so that merges span sample groups and no size is the constant 1. No activation: its
+    # code differs from relu's in one select, so on one shape only.
+    modes = (("instance", "relu"), ("batch", "leaky_relu"))
+    cases = [(shape, m) for shape in ((2, 4, 8, 8), (2, 8, 64, 128), (2, 200, 8, 8)) for m in modes]
+    for shape, (norm, act) in cases + [((2, 8, 64, 128), ("instance", None))]:
         for cl in (False, True):
-            for norm, act in (("instance", "relu"), ("batch", "leaky_relu"), ("instance", None)):
+            for full in (True, False):  # gamma/beta per element, or per channel
                 fmt = torch.channels_last if cl else torch.contiguous_format
-                x = torch.randn(shape, dtype=dtype).to(memory_format=fmt)
-                for full in (True, False):  # gamma/beta per element, or per channel
-                    mshape = shape if full else (1, shape[1], 1, 1)
-                    _fwd_bwd(lambda x, g, b: spade_norm(x, g, b, norm=norm, activation=act, backend="triton"),
-                             x.detach().clone(), torch.randn(mshape, dtype=dtype), torch.randn(mshape, dtype=dtype))
+                mshape = shape if full else (1, shape[1], 1, 1)
+                _fwd_bwd(lambda x, g, b: spade_norm(x, g, b, norm=norm, activation=act, backend="triton"),
+                         torch.randn(shape, dtype=dtype).to(memory_format=fmt), torch.randn(mshape, dtype=dtype),
+                         torch.randn(mshape, dtype=dtype))
 
 
 def _mlp_composite(dtype):

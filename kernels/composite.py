@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulator, interpreting, launch_ctx
+from ._common import accumulator, cdiv, interpreting, launch_ctx, next_power_of_2
 
 _UNROLL_D: tl.constexpr = tl.constexpr(32)  # up to this many samples, the loop over D is unrolled
 
@@ -149,26 +149,35 @@ def _backward_kernel(grad_out, color, density, grad_color, grad_density, R, D: t
 def _blocks(C: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps): one sample's tile is about 8 KiB, so the unrolled loads of all
     D samples stay in registers."""
-    block_c = min(triton.next_power_of_2(max(C, 1)), 256)
+    block_c = min(next_power_of_2(max(C, 1)), 256)
     block_r = max(1, min(64, 8192 // (block_c * dtype.itemsize)))
     return block_r, block_c, 8 if block_r * block_c >= 4096 else 4
 
 
 # Large problems are autotuned over the rays per program and warps, around the heuristic above;
-# small ones (tests, the interpreter) take the heuristic and skip the tuning runs.
+# small ones (tests, the interpreter) take the heuristic and skip the tuning runs. The autotuner's
+# choice is kept per problem class and launched without it afterwards: its per-call Python (argument
+# dicts, key building) cost about as much as the launch itself.
 _TUNE_MIN_ELEMENTS = 1 << 22
 _TUNE_CONFIGS = [triton.Config({"BLOCK_R": r}, num_warps=w) for r in (4, 8, 16, 32) for w in (4, 8)]
 _forward_tuned = triton.autotune(_TUNE_CONFIGS, key=["D", "C"])(_forward_kernel)
 _backward_tuned = triton.autotune(_TUNE_CONFIGS, key=["D", "C", "COLOR_GRAD"])(_backward_kernel)
+_tuned: dict = {}  # (direction, D, C, dtype, color_grad) -> the autotuner's launch options
 
 
-def _pick(kernel, tuned, color: torch.Tensor):
-    """(kernel to launch, BLOCK_C, the launch options the autotuner does not choose)."""
+def _launch(kernel, tuned, key, color: torch.Tensor, grid, args, constexprs) -> None:
+    """Launch `kernel` over grid(BLOCK_R) with the heuristic's options, or the autotuner's for large
+    problems (`tuned` launches the first call of each `key` and picks them)."""
     R, D, C = color.shape
     block_r, block_c, warps = _blocks(C, color.dtype)
+    options = {"BLOCK_R": block_r, "num_warps": warps}
     if not interpreting() and R * D * C >= _TUNE_MIN_ELEMENTS and C <= block_c:
-        return tuned, block_c, {}
-    return kernel, block_c, {"BLOCK_R": block_r, "num_warps": warps}
+        options = _tuned.get(key)
+        if options is None:
+            tuned[lambda meta: grid(meta["BLOCK_R"])](*args, BLOCK_C=block_c, **constexprs)
+            _tuned[key] = tuned.best_config.all_kwargs()
+            return
+    kernel[grid(options["BLOCK_R"])](*args, BLOCK_C=block_c, **constexprs, **options)
 
 
 def composite_forward(color: torch.Tensor, density: torch.Tensor, inclusive: bool, activation: int) -> torch.Tensor:
@@ -179,11 +188,11 @@ def composite_forward(color: torch.Tensor, density: torch.Tensor, inclusive: boo
     out = torch.empty((R, C), dtype=color.dtype, device=color.device)
     if out.numel() == 0 or D == 0:
         return out.zero_()
-    kernel, block_c, launch = _pick(_forward_kernel, _forward_tuned, color)
-    grid = lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(C, block_c))  # noqa: E731
+    block_c = _blocks(C, color.dtype)[1]
     with launch_ctx(color):
-        kernel[grid](color, density, out, R, D, C, INCLUSIVE=inclusive, ACT=activation, ACC=accumulator(color.dtype),
-                     BLOCK_C=block_c, **launch)
+        _launch(_forward_kernel, _forward_tuned, ("forward", D, C, color.dtype), color,
+                lambda block_r: (cdiv(R, block_r), cdiv(C, block_c)), (color, density, out, R, D, C),
+                dict(INCLUSIVE=inclusive, ACT=activation, ACC=accumulator(color.dtype)))
     return out
 
 
@@ -199,10 +208,10 @@ def composite_backward(grad_out: torch.Tensor, color: torch.Tensor, density: tor
     grad_density = torch.zeros_like(density)
     if R == 0 or D == 0:
         return grad_color, grad_density
-    kernel, block_c, launch = _pick(_backward_kernel, _backward_tuned, color)
-    grid = lambda meta: (triton.cdiv(R, meta["BLOCK_R"]),)  # noqa: E731  (a program spans all of C)
-    with launch_ctx(color):
-        kernel[grid](grad_out, color, density, grad_color, grad_density, R, D, C, COLOR_GRAD=color_grad,
-                     INCLUSIVE=inclusive, ACT=activation, ACC=accumulator(color.dtype), BLOCK_C=block_c,
-                     BLOCK_D=triton.next_power_of_2(D), ONE_TILE=C <= block_c, **launch)
+    block_c = _blocks(C, color.dtype)[1]
+    with launch_ctx(color):  # a program spans all of C
+        _launch(_backward_kernel, _backward_tuned, ("backward", D, C, color.dtype, color_grad), color,
+                lambda block_r: (cdiv(R, block_r),), (grad_out, color, density, grad_color, grad_density, R, D, C),
+                dict(COLOR_GRAD=color_grad, INCLUSIVE=inclusive, ACT=activation, ACC=accumulator(color.dtype),
+                     BLOCK_D=next_power_of_2(D), ONE_TILE=C <= block_c))
     return grad_color, grad_density

@@ -2,26 +2,31 @@
 csrc/spade_norm/spade_norm_math.h.
 
 x is a contiguous [N, C, S] (NCHW) or [N, S, C] (channels_last) tensor. The reductions (statistics,
-backward sums) run one program per (sample or all samples, tile of channels) over [BLOCK_C, BLOCK_S]
-tiles: each tile's per-channel moments are taken around the tile's own mean and merged by Chan's rule,
-so large means do not cancel. The element-wise passes work on tiles of one (n, c) row (NCHW) or of
-rows x channels (channels_last), so finding an element's statistics costs a division per row, not
-per element. eps and the leaky-ReLU slope are compile-time constants: Triton would pass them as
-fp32, too coarse for fp64.
+backward sums) run over [BLOCK_C, BLOCK_S] tiles: each tile's per-channel moments are taken around the
+tile's own mean and merged by Chan's rule, so large means do not cancel. So that a GPU fills up when
+there are few (sample, channel tile) pairs (channels_last, batch norm), each pair's positions (and,
+for batch norm, its samples) are cut into pieces, one program each, whose partial results a second
+small kernel merges in a fixed order (deterministic). The element-wise passes work on tiles of one
+(n, c) row (NCHW) or of rows x channels (channels_last), so finding an element's statistics costs a
+division per row, not per element. eps and the leaky-ReLU slope are compile-time constants: Triton
+would pass them as fp32, too coarse for fp64.
 """
 
+
+import dataclasses
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulator, interpreting, launch_ctx
+from ._common import accumulator, cdiv, interpreting, launch_ctx, next_power_of_2
 
 
 @triton.jit
 def _act(z, ACT: tl.constexpr, slope):
+    """act(z); at NaN as PyTorch (spade_norm_math.h): relu(NaN) = NaN, relu'(NaN) = 1, leaky_relu'(NaN) = slope."""
     if ACT == 1:
-        z = tl.where(z > 0.0, z, 0.0)
+        z = tl.where(z <= 0.0, 0.0, z)
     elif ACT == 2:
         z = tl.where(z > 0.0, z, z * slope)
     return z
@@ -29,9 +34,9 @@ def _act(z, ACT: tl.constexpr, slope):
 
 @triton.jit
 def _act_grad(z, ACT: tl.constexpr, slope):
-    one = z * 0.0 + 1.0  # in z's dtype: a bare float constant would be fp32
+    one = tl.zeros_like(z) + 1.0  # in z's dtype (a bare float constant would be fp32), and 1 where z is NaN
     if ACT == 1:
-        d = tl.where(z > 0.0, one, 0.0)
+        d = tl.where(z <= 0.0, 0.0, one)
     elif ACT == 2:
         d = tl.where(z > 0.0, one, one * slope)
     else:
@@ -51,15 +56,17 @@ def _tile(s0, chans, S, C, CL: tl.constexpr, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def _moments(xn, chans, samples, C, S, CL: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+def _moments(xn, chans, samples, t_lo, t_hi, C, S, CL: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
              BLOCK_S: tl.constexpr):
-    """Per-channel (mean, biased variance) over `samples` consecutive samples from xn: each tile's
-    moments around its own mean (corrected two-pass), merged by Chan's rule."""
+    """Per-channel (mean, biased variance) over tiles t_lo..t_hi of positions of `samples` consecutive
+    samples from xn: each tile's moments around its own mean (corrected two-pass), merged by Chan's
+    rule. (A loop over tile indices, not positions, lets the compiler see the tiles' alignment.)"""
     count = tl.zeros([BLOCK_C], ACC)
     mu = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
     for _ in range(0, samples):
-        for s0 in range(0, S, BLOCK_S):
+        for t in range(t_lo, t_hi):
+            s0 = t * BLOCK_S
             offs, mask = _tile(s0, chans, S, C, CL, BLOCK_S)
             v = tl.load(xn + offs, mask=mask, other=0.0).to(ACC)
             cnt = tl.minimum(S - s0, BLOCK_S).to(ACC)
@@ -67,32 +74,84 @@ def _moments(xn, chans, samples, C, S, CL: tl.constexpr, ACC: tl.constexpr, BLOC
             d = tl.where(mask, v - shift[:, None], 0.0)
             d1 = tl.sum(d, axis=1)
             t_mean = shift + d1 / cnt
-            t_m2 = tl.maximum(tl.sum(d * d, axis=1) - d1 * d1 / cnt, 0.0)
-            total = count + cnt  # Chan's merge of (count, mu, m2) with the tile's (cnt, t_mean, t_m2)
-            delta = t_mean - mu
-            w = cnt / total
-            mu += delta * w
-            m2 += t_m2 + delta * delta * count * w
-            count = total
+            t_m2 = _clamp0(tl.sum(d * d, axis=1) - d1 * d1 / cnt)
+            count, mu, m2 = _chan(count, mu, m2, cnt, t_mean, t_m2)
         xn += C * S
     return mu, m2 / tl.maximum(count, 1.0)
 
 
 @triton.jit
-def _stats_kernel(x, mean, var, N, C, S, BATCH: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
+def _clamp0(m2):
+    """M2 >= 0 against rounding; NaN stays NaN (tl.maximum may drop it on a GPU)."""
+    return tl.where(m2 < 0.0, 0.0, m2)
+
+
+@triton.jit
+def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan's merge of two (count, mean, M2) partials. An empty partial (count 0, mean 0) leaves the
+    other unchanged while it is finite; a NaN or inf stays one."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    w = tl.where(n > 0.0, n_b / tl.maximum(n, 1.0), 0.0)
+    return n, mean_a + delta * w, m2_a + m2_b + delta * delta * n_a * w
+
+
+@triton.jit
+def _stats_kernel(x, mean, var, N, C, S, per_group, chunk_tiles, CL: tl.constexpr, ACC: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    pid_n = tl.program_id(0)
-    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    xn = x + pid_n.to(tl.int64) * C * S  # this program's sample (batch norm: the first, then all)
-    if BATCH:
-        mu, v = _moments(xn, chans, N, C, S, CL, ACC, BLOCK_C, BLOCK_S)
-        out = chans
-    else:
-        mu, v = _moments(xn, chans, 1, C, S, CL, ACC, BLOCK_C, BLOCK_S)
-        out = pid_n * C + chans
+    """(mean, biased var) of sample group program 0, chunk program 1 (of chunk_tiles tiles) and
+    program 2's channels: piece p of _Split at [p, C]."""
+    n0 = tl.program_id(0) * per_group
+    piece = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    t_lo = tl.program_id(1) * chunk_tiles
+    chans = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mu, v = _moments(x + n0.to(tl.int64) * C * S, chans, tl.minimum(per_group, N - n0), t_lo,
+                     tl.minimum(t_lo + chunk_tiles, tl.cdiv(S, BLOCK_S)), C, S, CL, ACC, BLOCK_C, BLOCK_S)
     cmask = chans < C
-    tl.store(mean + out, mu, mask=cmask)
-    tl.store(var + out, v, mask=cmask)
+    tl.store(mean + piece * C + chans, mu, mask=cmask)
+    tl.store(var + piece * C + chans, v, mask=cmask)
+
+
+@triton.jit
+def _merge_moments_kernel(pmean, pvar, mean, var, G, Q, N, S, groups, per_group, chunk, ACC: tl.constexpr,
+                          BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Merges the Q partials (mean, biased var) [Q, G] of each of G groups by Chan's rule: a fixed
+    tree within [BLOCK_Q, BLOCK_G] tiles, then tile after tile. Partial q covers sample group
+    q % groups (per_group samples, fewer in the last) and chunk q // groups (chunk positions, fewer in
+    the last): its element count. Instance norm passes N = groups = per_group = 1."""
+    g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+    gmask = g < G
+    count = tl.zeros([BLOCK_G], ACC)
+    mu = tl.zeros([BLOCK_G], ACC)
+    m2 = tl.zeros([BLOCK_G], ACC)
+    for q0 in range(0, Q, BLOCK_Q):
+        q = q0 + tl.arange(0, BLOCK_Q)
+        mask = (q < Q)[:, None] & gmask[None, :]
+        offs = q[:, None] * G + g[None, :]
+        n0 = (q % groups) * per_group
+        s_lo = (q // groups) * chunk
+        cnt = (tl.minimum(per_group, N - n0).to(ACC) * tl.minimum(chunk, S - s_lo).to(ACC))[:, None]
+        cnt = tl.where(mask, cnt, 0.0)
+        t_mean = tl.load(pmean + offs, mask=mask, other=0.0)
+        t_m2 = tl.load(pvar + offs, mask=mask, other=0.0) * cnt
+        t_n, t_mean, t_m2 = tl.reduce((cnt, t_mean, t_m2), 0, _chan)
+        count, mu, m2 = _chan(count, mu, m2, t_n, t_mean, t_m2)
+    tl.store(mean + g, mu, mask=gmask)
+    tl.store(var + g, m2 / tl.maximum(count, 1.0), mask=gmask)
+
+
+@triton.jit
+def _merge_sums_kernel(part, sums, G, Q, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr):
+    """sums [4, G] = the sums over q of part [4, Q, G]: a fixed tree within tiles, then tile after tile."""
+    g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+    gmask = g < G
+    for k in tl.static_range(4):
+        total = tl.zeros([BLOCK_G], sums.dtype.element_ty)
+        for q0 in range(0, Q, BLOCK_Q):
+            q = q0 + tl.arange(0, BLOCK_Q)
+            mask = (q < Q)[:, None] & gmask[None, :]
+            total += tl.sum(tl.load(part + (k * Q + q[:, None]) * G + g[None, :], mask=mask, other=0.0), axis=0)
+        tl.store(sums + k * G + g, total, mask=gmask)
 
 
 @triton.jit
@@ -111,9 +170,9 @@ def _instance_forward_kernel(x, gamma, beta, y, mean, var, S, eps: tl.constexpr,
         d = tl.where(mask, xv - shift, 0.0)
         d1 = tl.sum(d, axis=0)
         m = shift + d1 / S
-        v = tl.maximum(tl.sum(d * d, axis=0) - d1 * d1 / S, 0.0) / S
+        v = _clamp0(tl.sum(d * d, axis=0) - d1 * d1 / S) / S
     else:
-        mu, vv = _moments(x + base, tl.arange(0, 1), 1, 1, S, False, ACC, 1, BLOCK_S)
+        mu, vv = _moments(x + base, tl.arange(0, 1), 1, 0, tl.cdiv(S, BLOCK_S), 1, S, False, ACC, 1, BLOCK_S)
         m = tl.sum(mu, axis=0)
         v = tl.sum(vv, axis=0)
     tl.store(mean + row, m)
@@ -192,11 +251,16 @@ def _forward_kernel(x, gamma, beta, mean, var, y, N, C, S, eps: tl.constexpr, sl
 
 
 @triton.jit
-def _reduce_kernel(grad_y, x, gamma, beta, mean, var, sums, N, C, S, eps: tl.constexpr, slope: tl.constexpr,
-                   ACT: tl.constexpr, G_FULL: tl.constexpr, B_FULL: tl.constexpr, BATCH: tl.constexpr, CL: tl.constexpr,
-                   ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def _reduce_kernel(grad_y, x, gamma, beta, mean, var, sums, N, C, S, chunk_tiles, eps: tl.constexpr,
+                   slope: tl.constexpr, ACT: tl.constexpr, G_FULL: tl.constexpr, B_FULL: tl.constexpr,
+                   BATCH: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_S: tl.constexpr):
+    """Sums of sample n = program 0, chunk j = program 1 (of chunk_tiles tiles) and program 2's
+    channels: piece j N + n of [4, pieces, C]."""
     n = tl.program_id(0)
-    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    piece = tl.program_id(1) * N + n
+    t_lo = tl.program_id(1) * chunk_tiles
+    chans = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = chans < C
     nc = n * C + chans
     if BATCH:
@@ -216,8 +280,8 @@ def _reduce_kernel(grad_y, x, gamma, beta, mean, var, sums, N, C, S, eps: tl.con
     s_dz = tl.zeros([BLOCK_C], ACC)
     s_dz_xhat = tl.zeros([BLOCK_C], ACC)
     base = n.to(tl.int64) * C * S
-    for s0 in range(0, S, BLOCK_S):
-        offs, mask = _tile(s0, chans, S, C, CL, BLOCK_S)
+    for t in range(t_lo, tl.minimum(t_lo + chunk_tiles, tl.cdiv(S, BLOCK_S))):
+        offs, mask = _tile(t * BLOCK_S, chans, S, C, CL, BLOCK_S)  # a tile index: the compiler sees s0's alignment
         offs = base + offs
         xhat = (tl.load(x + offs, mask=mask, other=0.0).to(ACC) - m[:, None]) * rstd[:, None]
         dy = tl.load(grad_y + offs, mask=mask, other=0.0).to(ACC)
@@ -235,11 +299,12 @@ def _reduce_kernel(grad_y, x, gamma, beta, mean, var, sums, N, C, S, eps: tl.con
         s_dxhat_xhat += tl.sum(dxhat * xhat, axis=1)
         s_dz += tl.sum(dz, axis=1)
         s_dz_xhat += tl.sum(dz * xhat, axis=1)
-    NC = N * C
-    tl.store(sums + nc, s_dxhat, mask=cmask)
-    tl.store(sums + NC + nc, s_dxhat_xhat, mask=cmask)
-    tl.store(sums + 2 * NC + nc, s_dz, mask=cmask)
-    tl.store(sums + 3 * NC + nc, s_dz_xhat, mask=cmask)
+    P = tl.num_programs(0) * tl.num_programs(1) * C
+    out = piece * C + chans
+    tl.store(sums + out, s_dxhat, mask=cmask)
+    tl.store(sums + P + out, s_dxhat_xhat, mask=cmask)
+    tl.store(sums + 2 * P + out, s_dz, mask=cmask)
+    tl.store(sums + 3 * P + out, s_dz_xhat, mask=cmask)
 
 
 @triton.jit
@@ -355,11 +420,11 @@ _ONE_TILE_MAX = 4096  # rows up to this long are read once by the fused instance
 def _element_blocks(N: int, C: int, S: int, channels_last: bool):
     """(grid, BLOCK_R, BLOCK_C) of the element-wise kernels: tiles of about 2K elements."""
     if channels_last:
-        block_c = min(128, triton.next_power_of_2(max(C, 1)))
+        block_c = min(128, next_power_of_2(max(C, 1)))
         block_r = max(1, 2048 // block_c)
-        return (triton.cdiv(N * S, block_r), triton.cdiv(C, block_c)), block_r, block_c
-    block_c = min(2048, triton.next_power_of_2(max(S, 1)))
-    return (N * C, triton.cdiv(S, block_c)), 1, block_c
+        return (cdiv(N * S, block_r), cdiv(C, block_c)), block_r, block_c
+    block_c = min(2048, next_power_of_2(max(S, 1)))
+    return (N * C, cdiv(S, block_c)), 1, block_c
 
 
 def _dims(x: torch.Tensor, channels_last: bool):
@@ -367,13 +432,62 @@ def _dims(x: torch.Tensor, channels_last: bool):
     return (N, B, A) if channels_last else (N, A, B)  # N, C, S
 
 
+_REDUCE_TILE = 4096  # elements of a reduction tile (8 warps: 16 per thread)
+_PROGRAMS_PER_SM = 4  # reductions are cut into pieces until about this many programs per multiprocessor run
+_INTERPRETER_SMS = 2  # CPU tensors in the interpreter: few, so that the tests' small shapes are cut too
+_MERGE_Q, _MERGE_G = 256, 8  # merge tiles: partials x groups (many partials of few groups is the common case)
+
+
 def _reduce_blocks(C: int, S: int, channels_last: bool):
-    """(BLOCK_C, BLOCK_S) of about 4K elements (8 warps: 16 per thread); NCHW tiles are one
-    channel's run of S."""
+    """(BLOCK_C, BLOCK_S) of _REDUCE_TILE elements; NCHW tiles are one channel's run of S."""
     if channels_last:
-        block_c = min(64, triton.next_power_of_2(max(C, 1)))
-        return block_c, max(1, min(triton.next_power_of_2(max(S, 1)), 4096 // block_c))
-    return 1, min(4096, triton.next_power_of_2(max(S, 1)))
+        block_c = min(64, next_power_of_2(max(C, 1)))
+        return block_c, max(1, min(next_power_of_2(max(S, 1)), _REDUCE_TILE // block_c))
+    return 1, min(_REDUCE_TILE, next_power_of_2(max(S, 1)))
+
+
+_SMS: dict = {}
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """Multiprocessors of x's GPU. CPU tensors: the compile-only target's (FNEVR_TRITON_COMPILE_ONLY),
+    else (interpreter) _INTERPRETER_SMS."""
+    if device.type != "cuda":
+        from .aot import MULTIPROCESSORS, requested_arch
+        arch = requested_arch()
+        return _INTERPRETER_SMS if arch is None else MULTIPROCESSORS.get(arch, 132)
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Split:
+    """How a reduction over N samples x S positions is cut for (channel tiles) x pieces programs: piece
+    p covers the per_group samples (fewer in the last group) of group p % groups and the chunk
+    positions (fewer in the last chunk, a whole number of tiles in the others) of chunk p // groups."""
+    groups: int
+    per_group: int
+    chunk: int
+    chunks: int
+
+    @property
+    def pieces(self) -> int:
+        return self.groups * self.chunks
+
+
+def _split(N: int, S: int, block_s: int, channel_tiles: int, device: torch.device, batch: bool) -> _Split:
+    """Instance norm (and the backward sums, per (n, c)): groups of one sample, positions cut until
+    the programs fill the GPU. Batch norm: samples grouped as far as that fills it, then positions cut."""
+    target = _PROGRAMS_PER_SM * _multiprocessors(device)
+    groups, per_group = N, 1
+    if batch:
+        per_group = cdiv(N, min(N, max(1, target // channel_tiles)))
+        groups = cdiv(N, per_group)
+    tiles = cdiv(S, block_s)
+    want = min(tiles, max(1, target // (groups * channel_tiles)))
+    per_chunk = cdiv(tiles, want)
+    return _Split(groups, per_group, per_chunk * block_s, cdiv(tiles, per_chunk))
 
 
 def _as_fp32(*ts):
@@ -387,15 +501,28 @@ def spade_norm_stats(x: torch.Tensor, channels_last: bool, batch: bool):
     N, C, S = _dims(x, channels_last)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     shape = (C,) if batch else (N, C)
-    mean = torch.zeros(shape, dtype=acc, device=x.device)
-    var = torch.zeros(shape, dtype=acc, device=x.device)
     if x.numel() == 0:
-        return mean, var
+        return torch.zeros(shape, dtype=acc, device=x.device), torch.zeros(shape, dtype=acc, device=x.device)
     block_c, block_s = _reduce_blocks(C, S, channels_last)
-    grid = (1 if batch else N, triton.cdiv(C, block_c))
+    c_tiles = cdiv(C, block_c)
+    sp = _split(N, S, block_s, c_tiles, x.device, batch)
+    Q = sp.pieces if batch else sp.chunks  # partials per group
+    mean = torch.empty(shape, dtype=acc, device=x.device)
+    var = torch.empty(shape, dtype=acc, device=x.device)
+    part = mean, var
+    if Q > 1:
+        part = torch.empty((2, sp.pieces, C), dtype=acc, device=x.device).unbind(0)
     with launch_ctx(x):
-        _stats_kernel[grid](x, mean, var, N, C, S, BATCH=batch, CL=channels_last, ACC=accumulator(x.dtype),
-                            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=8)
+        _stats_kernel[(sp.groups, sp.chunks, c_tiles)](x, *part, N, C, S, sp.per_group, sp.chunk // block_s,
+                                                       CL=channels_last, ACC=accumulator(x.dtype), BLOCK_C=block_c,
+                                                       BLOCK_S=block_s, num_warps=8)
+        if Q > 1:
+            G = mean.numel()
+            # Instance norm: partial q of group (n, c) is piece q N + n, one sample of chunk q.
+            n, groups, per_group = (N, sp.groups, sp.per_group) if batch else (1, 1, 1)
+            _merge_moments_kernel[(cdiv(G, _MERGE_G),)](
+                *part, mean, var, G, Q, n, S, groups, per_group, sp.chunk, ACC=accumulator(x.dtype),
+                BLOCK_Q=_MERGE_Q, BLOCK_G=_MERGE_G, num_warps=4)
     return mean, var
 
 
@@ -424,16 +551,21 @@ def spade_norm_backward_reduce(grad_y, x, gamma, beta, mean, var, eps: float, ch
         return spade_norm_backward_reduce(*_as_fp32(grad_y, x, gamma, beta), mean, var, eps, channels_last,
                                           activation, slope)
     N, C, S = _dims(x, channels_last)
-    sums = torch.zeros((4, N, C), dtype=mean.dtype, device=x.device)
     if x.numel() == 0:
-        return sums
+        return torch.zeros((4, N, C), dtype=mean.dtype, device=x.device)
     block_c, block_s = _reduce_blocks(C, S, channels_last)
+    c_tiles = cdiv(C, block_c)
+    sp = _split(N, S, block_s, c_tiles, x.device, False)
+    sums = torch.empty((4, N, C), dtype=mean.dtype, device=x.device)
+    part = sums if sp.chunks == 1 else torch.empty((4, sp.chunks, N, C), dtype=mean.dtype, device=x.device)
     with launch_ctx(x):
-        _reduce_kernel[(N, triton.cdiv(C, block_c))](
-            grad_y, x, gamma, beta, mean, var, sums, N, C, S, eps=eps, slope=slope, ACT=activation,
-            G_FULL=gamma.dim() == 3,
-            B_FULL=beta.dim() == 3, BATCH=mean.dim() == 1, CL=channels_last, ACC=accumulator(x.dtype), BLOCK_C=block_c,
-            BLOCK_S=block_s, num_warps=8)
+        _reduce_kernel[(N, sp.chunks, c_tiles)](
+            grad_y, x, gamma, beta, mean, var, part, N, C, S, sp.chunk // block_s, eps=eps, slope=slope, ACT=activation,
+            G_FULL=gamma.dim() == 3, B_FULL=beta.dim() == 3, BATCH=mean.dim() == 1, CL=channels_last,
+            ACC=accumulator(x.dtype), BLOCK_C=block_c, BLOCK_S=block_s, num_warps=8)
+        if sp.chunks > 1:
+            _merge_sums_kernel[(cdiv(N * C, _MERGE_G),)](part, sums, N * C, sp.chunks, BLOCK_Q=_MERGE_Q,
+                                                                BLOCK_G=_MERGE_G, num_warps=4)
     return sums
 
 
@@ -474,7 +606,7 @@ def spade_norm_instance_backward(grad_y, x, gamma, beta, mean, var, eps: float, 
     db = torch.empty_like(beta) if beta_grad else x.new_empty((0,))
     if x.numel() == 0:
         return dx, dg.zero_(), db.zero_()
-    block_s = min(_ONE_TILE_MAX, triton.next_power_of_2(S))
+    block_s = min(_ONE_TILE_MAX, next_power_of_2(S))
     with launch_ctx(x):
         _instance_backward_kernel[(N * C,)](
             grad_y, x, gamma, beta, mean, var, dx, dg, db, S, eps=eps, slope=slope, ACT=activation,
@@ -491,11 +623,12 @@ def spade_norm_instance_forward(x, gamma, beta, eps: float, activation: int, slo
     N, C, S = x.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = torch.empty_like(x)
-    mean = torch.zeros((N, C), dtype=acc, device=x.device)
-    var = torch.zeros((N, C), dtype=acc, device=x.device)
+    new = torch.empty if x.numel() else torch.zeros  # the kernel writes every (n, c)'s statistics
+    mean = new((N, C), dtype=acc, device=x.device)
+    var = new((N, C), dtype=acc, device=x.device)
     if x.numel() == 0:
         return y, mean, var
-    block_s = min(_ONE_TILE_MAX, triton.next_power_of_2(S))
+    block_s = min(_ONE_TILE_MAX, next_power_of_2(S))
     with launch_ctx(x):
         _instance_forward_kernel[(N * C,)](
             x, gamma, beta, y, mean, var, S, eps=eps, slope=slope, ACT=activation, G_FULL=gamma.dim() == 3,

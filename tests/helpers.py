@@ -1,5 +1,10 @@
 """Shared by the op tests: which backends run here, and per-dtype tolerances."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -46,6 +51,16 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 def compile_params():
     """target_params() x the torch.compile backends (aot_eager, inductor): (backend, device, compiler)."""
-    return [pytest.param(*p.values[:2], compiler, id=f"{p.id}-{compiler}", marks=p.marks)
+    # Inductor compiles are slow cold: left out of the device check's --quick run.
+    return [pytest.param(*p.values[:2], compiler, id=f"{p.id}-{compiler}",
+                         marks=list(p.marks) + ([pytest.mark.gpu_heavy] if compiler == "inductor" else []))
             for p in target_params() for compiler in ("aot_eager", "inductor")
             if not (compiler == "inductor" and p.id == "triton-cpu")]  # inductor cannot target the interpreter
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh Python (without TRITON_INTERPRET unless given): for what must be seen at
+    import time, and for what could crash the process."""
+    environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env={**environ, **env},
+                          capture_output=True, text=True, timeout=300)

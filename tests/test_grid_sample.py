@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, compile_params, target_params
+from helpers import assert_close, compile_params, run_python, target_params
 
 import fnevr
 from fnevr.ops import grid_sample
@@ -17,7 +17,7 @@ OPTION_IDS = [f"{m}-{p}-{'ac' if a else 'noac'}" for m, p, a in OPTIONS]
 # (N, C, H, W, Ho, Wo): C in {1, 3, 256}, output larger/smaller than the input, 1-pixel axes, N = 0.
 SHAPES = [(2, 3, 5, 7, 4, 6), (1, 1, 4, 4, 9, 3), (2, 256, 6, 5, 3, 4), (0, 3, 4, 4, 2, 2), (2, 4, 1, 1, 3, 3),
           (1, 2, 1, 5, 3, 2)]
-TRITON_SHAPES = [(2, 3, 5, 7, 4, 6), (1, 33, 4, 3, 2, 5)]  # the interpreter is slow: few, small
+TRITON_SHAPES = [(2, 3, 5, 7, 4, 6), (1, 65, 4, 3, 2, 5)]  # the interpreter is slow: few, small (65: both tilings)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 WITH_REFERENCE = target_params() + [pytest.param("reference", "cpu", id="reference-cpu")]
 
@@ -139,6 +139,47 @@ def test_non_finite_and_huge_grids(backend, device, mode, padding, align_corners
         assert_close(a, b, torch.float64, name)
 
 
+# Nearest's rint at ties and next to them: x + 1/2 rounds up to 1 at x = 1/2 - 2^-25 in fp32, and
+# rounding halves away from zero misses the ties (-1/2 reads pixel 0, 9/2 pixel 4). With
+# align_corners, x = (g + 1) / 2 * (size - 1) is exact for these grid values (in fp32 and fp64, but
+# 1/2 - 2^-54: fp64's 1/2 - 2^-25, a tie in fp32): along an axis of 2 pixels x = (g + 1) / 2, along
+# one of 5, x = 2 (g + 1).
+NEAR_HALF = [-2.0**-24, -2.0**-53, 0.0, 2.0**-23, -2.0, -1.0, 1.0, 2.0]  # x = 1/2 - 2^-25, 1/2 - 2^-54, 1/2, ...
+TIES = [-1.25, -0.75, -0.25, 0.25, 0.75, 1.25, 0.25 - 2.0**-23, -0.25 + 2.0**-23]  # x = -1/2, ..., 9/2, 5/2 - 2^-22, ...
+
+
+@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_nearest_rounds_half_to_even_exactly(backend, device, dtype):
+    for transpose in (False, True):  # the near-halves along x, then along y
+        g_small, g_ties = torch.meshgrid(torch.tensor(NEAR_HALF, dtype=torch.float64),
+                                         torch.tensor(TIES, dtype=torch.float64), indexing="ij")
+        grid = torch.stack((g_ties, g_small) if transpose else (g_small, g_ties), -1)[None]
+        H, W = (2, 5) if transpose else (5, 2)
+        x = torch.arange(1.0, 1 + 3 * H * W, dtype=torch.float64).reshape(1, 3, H, W)  # 0 means "outside"
+        grad_out = torch.arange(1.0, 1 + 3 * grid.shape[1] * grid.shape[2], dtype=torch.float64)
+        grad_out = grad_out.reshape(1, 3, *grid.shape[1:3])
+        want = torch_reference(x, grid, grad_out, "nearest", "zeros", True)
+        got = run_op(x.to(device, dtype), grid.to(device, dtype), grad_out.to(device, dtype), "nearest", "zeros",
+                     True, backend=backend)
+        for name, a, b in zip(("output", "grad input"), got, want):
+            assert torch.equal(a.cpu().double(), b), f"{name} (transpose={transpose}): {a.cpu().double() - b}"
+
+
+@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
+def test_nearest_rounds_large_coordinates_exactly(backend, device):
+    """fp32 odd integers in [2^23, 2^24): x + 1/2 is a tie there, and rounds up to the next even
+    integer. An axis of 2^24 + 1 pixels reaches them exactly: x = (g + 1) 2^23 (align_corners)."""
+    W = 2**24 + 1
+    x = (torch.arange(W, dtype=torch.float64) % 4096 + 1).reshape(1, 1, 1, W)  # neighbours differ
+    gx = torch.tensor([2.0**-23, 3 * 2.0**-23, 1 - 2.0**-23, -0.5 + 2.0**-24], dtype=torch.float64)  # 2^23 + 1, ...
+    grid = torch.stack((gx, torch.zeros_like(gx)), -1).reshape(1, 1, -1, 2)
+    want = F.grid_sample(x, grid, "nearest", "zeros", align_corners=True)
+    got = grid_sample(x.to(device, torch.float32), grid.to(device, torch.float32), "nearest", "zeros", True,
+                      backend=backend)
+    assert torch.equal(got.cpu().double(), want), (got, want)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 @pytest.mark.parametrize("mode,padding,align_corners", OPTIONS, ids=OPTION_IDS)
 def test_gradcheck_fp64(backend, mode, padding, align_corners):
@@ -251,11 +292,25 @@ def test_torch_compile_fullgraph(backend, device, compiler):
         torch.testing.assert_close(a, b, msg=name)
 
 
+@pytest.mark.parametrize("backend,device", target_params([("triton", "cpu"), ("triton", "cuda")]))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_programs_that_loop_over_channels(backend, device, layout, monkeypatch):
+    """A program takes several steps of channels when there are enough programs without (large
+    launches); forced here by asking for one program per tile of points."""
+    from fnevr.kernels import grid_sample as kernels
+
+    monkeypatch.setattr(kernels, "_PROGRAMS", 1)
+    x, grid = make_inputs(2, 70, 3, 4, 3, 5, device=device, layout=layout)  # 70: a partial last step
+    for deterministic in (False, True):
+        check_against_torch(x, grid, torch.float64, "bilinear", "zeros", False, backend=backend,
+                            deterministic=deterministic)
+
+
 @pytest.mark.parametrize("backend,device", target_params())
 def test_feature_warp_shape(backend, device):
     """FNeVR's hot case, scaled down: a 256-channel channels_last feature map warped by a flow."""
     if backend == "triton" and device == "cpu":
-        pytest.skip("too big for the interpreter; test_dtypes covers its channels_last path")
+        pytest.skip("too big for the interpreter; test_matches_pytorch covers its channels_last tiles")
     x, grid = make_inputs(2, 256, 16, 16, 16, 16, torch.float32, device, "channels_last", spread=1.1)
     check_against_torch(x, grid, torch.float32, "bilinear", "zeros", False, backend=backend)
 
@@ -308,8 +363,6 @@ def test_bad_options(kwargs, error, match):
 
 @pytest.mark.skipif(fnevr.ops.backends()["cpu"] != "available", reason="CPU extension not built")
 def test_kernel_entry_points_check_their_input():
-    from test_composite import run_python  # in a subprocess: see the composite test of the same name
-
     proc = run_python("""
         import torch, fnevr
         x, grid = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 3, 2)

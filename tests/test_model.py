@@ -194,6 +194,7 @@ def _errors(model, ref_grads, ref_out, source, driving):
     return errs
 
 
+@pytest.mark.gpu_heavy  # fp64: every Triton kernel compiled once more
 @pytest.mark.parametrize("backend, device", target_params([("cpu", "cpu"), ("triton", "cpu"), ("cuda", "cuda"),
                                                            ("triton", "cuda")]))
 def test_fused_backends_match_reference(backend, device):
@@ -235,6 +236,7 @@ def test_pose_editor_rejects_bad_angles():
     assert fnevr.model.PoseEditor is type(model.pose_editor)
 
 
+@pytest.mark.gpu_heavy  # fp64
 @pytest.mark.parametrize("head", [True, "mlp"])
 @pytest.mark.parametrize("backend, device", target_params([("reference", "cpu"), ("cpu", "cpu"), ("triton", "cpu"),
                                                            ("cuda", "cuda"), ("triton", "cuda")]))

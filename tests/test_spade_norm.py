@@ -225,6 +225,113 @@ def test_large_mean_fp32_statistics(backend, device, norm):
     torch.testing.assert_close(dx.double().cpu(), want[1], rtol=0, atol=4e-3)
 
 
+# --- reductions cut into pieces (channels_last, batch norm: few groups for a GPU) -------------------
+# Triton's cut depends on its tile and the multiprocessor count: both are made small here so that
+# small shapes are cut into uneven pieces, in the interpreter as on a GPU. CUDA cuts by the device's
+# count: the shapes on a GPU are big enough to be cut there.
+CUT_SHAPE = (2, 3, 20, 20)
+
+
+def _cut_shape(shape, device):
+    return (2, 3, 70, 70) if device == "cuda" and shape == CUT_SHAPE else shape  # NCHW runs over 4096: cut in CUDA
+
+
+@pytest.fixture
+def small_cuts(monkeypatch):
+    """-> fn(backend, shape, channels_last, norm, sms): make Triton cut its reductions of `shape` as on
+    a GPU of `sms` multiprocessors, with tiles of 64 elements -> (statistics' _Split, sums' _Split),
+    or None for other backends."""
+    def setup(backend, shape, channels_last, norm, sms=4):
+        if backend != "triton":
+            return None
+        from fnevr.kernels import spade_norm as k
+
+        monkeypatch.setattr(k, "_REDUCE_TILE", 64)
+        monkeypatch.setattr(k, "_multiprocessors", lambda device: sms)
+        N, C, H, W = shape
+        block_c, block_s = k._reduce_blocks(C, H * W, channels_last)
+        c_tiles = -(-C // block_c)
+        return (k._split(N, H * W, block_s, c_tiles, torch.device("cpu"), norm == "batch"),
+                k._split(N, H * W, block_s, c_tiles, torch.device("cpu"), False))
+    return setup
+
+
+@pytest.mark.parametrize("backend,device", target_params())
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("modulation", ["full", "per-sample-channel"])
+def test_cut_reductions_match_fp64(backend, device, norm, channels_last, modulation, small_cuts):
+    shape = _cut_shape(CUT_SHAPE, device)
+    cuts = small_cuts(backend, shape, channels_last, norm)
+    if cuts is not None:  # the test must see merged pieces: uneven chunks (NCHW instance norm is fused)
+        stats, sums = cuts
+        S = shape[2] * shape[3]
+        assert sums.chunks > 1 and S % sums.chunk != 0, sums
+        if norm == "batch" or channels_last:
+            assert stats.chunks > 1 and S % stats.chunk != 0, stats
+    x, gamma, beta, grad_y = make_inputs(shape, torch.float64, device, modulation, channels_last)
+    stats = batch_stats(shape[1]) if norm == "batch" else None
+    check(x, gamma, beta, grad_y, torch.float64, stats=stats, norm=norm, activation="leaky_relu", backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", target_params())
+@pytest.mark.parametrize("channels_last,sms", [(False, 2), (True, 1)], ids=["nchw", "channels_last"])
+def test_cut_batch_norm_into_uneven_sample_groups(backend, device, channels_last, sms, small_cuts):
+    shape = (5, 4, 9, 11)
+    cuts = small_cuts(backend, shape, channels_last, "batch", sms)
+    if cuts is not None:
+        assert 1 < cuts[0].per_group < 5 and 5 % cuts[0].per_group != 0, cuts[0]
+    x, gamma, beta, grad_y = make_inputs(shape, torch.float64, device, "per-sample-channel", channels_last)
+    check(x, gamma, beta, grad_y, torch.float64, stats=batch_stats(4), norm="batch", activation="relu",
+          backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", target_params())
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype,offset,atol", [(torch.float64, 1e8, 1e-6), (torch.float32, 1e4, 4e-3)], ids=str)
+def test_cut_reductions_large_mean(backend, device, norm, channels_last, dtype, offset, atol, small_cuts):
+    # Partials merged by Chan's rule: no E[x^2] - E[x]^2 between pieces either (see the tests above).
+    shape = _cut_shape(CUT_SHAPE, device)
+    small_cuts(backend, shape, channels_last, norm)
+    x, gamma, beta, grad_y = make_inputs(shape, dtype, device, channels_last=channels_last, offset=offset)
+    y, dx, *_ = run_op(x, gamma, beta, grad_y, norm=norm, backend=backend)
+    want = expected(x, gamma, beta, grad_y, norm=norm)
+    torch.testing.assert_close(y.double().cpu(), want[0], rtol=0, atol=atol)
+    torch.testing.assert_close(dx.double().cpu(), want[1], rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("backend,device", target_params())
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy: inf - inf
+def test_non_finite_input_spoils_its_group_only(backend, device, norm, channels_last, bad, small_cuts):
+    # As PyTorch's norms: a NaN or inf makes its group's statistics, outputs and gradients NaN, and no
+    # other group's (nor does a merge of pieces carry it over).
+    shape = _cut_shape(CUT_SHAPE, device)
+    small_cuts(backend, shape, channels_last, norm)
+    x, gamma, beta, grad_y = make_inputs(shape, torch.float64, device, channels_last=channels_last)
+    x[1, 2, 5, 7] = bad
+    stats = batch_stats(shape[1]) if norm == "batch" else None
+    y, dx, *_ = check(x, gamma, beta, grad_y, torch.float64, stats=stats, norm=norm, activation="relu",
+                      backend=backend)
+    spoilt = torch.zeros(shape, dtype=torch.bool)
+    spoilt[(slice(None) if norm == "batch" else 1), 2] = True
+    assert torch.equal(y.isnan().cpu(), spoilt) and torch.equal(dx.isnan().cpu(), spoilt)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in target_params() if p.values[1] == "cuda"])
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_cut_reductions_are_deterministic(backend, device, norm, channels_last):
+    # Partials are merged in a fixed order (no atomics): the same input gives the same bits.
+    x, gamma, beta, grad_y = make_inputs((4, 32, 128, 128), torch.float32, device, channels_last=channels_last)
+    runs = [run_op(x, gamma, beta, grad_y, norm=norm, activation="relu", backend=backend)[:4] for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 GRADCHECK_MODES = [("instance", "full"), ("instance", "per-channel"), ("batch", "full"),
                    ("batch", "per-sample-channel")]
 

@@ -43,9 +43,12 @@ def read_log(out):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("backend, device", target_params([("reference", "cpu"), ("cpu", "cpu"), ("triton", "cpu")]))
+@pytest.mark.parametrize("backend, device", target_params([("reference", "cpu"), ("cpu", "cpu"), ("triton", "cpu"),
+                                                           ("cuda", "cuda"), ("triton", "cuda")]))
 def test_a_training_step_on_every_backend(data, tmp_path, backend, device):
-    trainer = Trainer(options(data, tmp_path, backend=backend))
+    """On CUDA as training runs there: bf16 autocast and channels_last (the defaults)."""
+    trainer = Trainer(options(data, tmp_path, backend=backend, device=device))
+    assert trainer.amp_dtype == (torch.bfloat16 if device == "cuda" else None)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     batch = next(iter(trainer._loader(0)))
     losses = trainer.train_step([batch])

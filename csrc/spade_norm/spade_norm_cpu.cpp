@@ -68,11 +68,7 @@ Moments<acc_t> run_moments(const scalar_t* p, int64_t len) {
     }
     const acc_t s1 = ((d1[0] + d1[1]) + (d1[2] + d1[3])) + ((d1[4] + d1[5]) + (d1[6] + d1[7]));
     const acc_t s2 = ((d2[0] + d2[1]) + (d2[2] + d2[3])) + ((d2[4] + d2[5]) + (d2[6] + d2[7]));
-    Moments<acc_t> m;
-    m.n = acc_t(L);
-    m.mean = shift + s1 / acc_t(L);
-    m.m2 = std::max(acc_t(0), s2 - s1 * s1 / acc_t(L));
-    total.merge(m);
+    total.merge(Moments<acc_t>::from_shifted_sums(acc_t(L), shift, s1, s2));
   }
   return total;
 }
@@ -91,11 +87,7 @@ void block_moments(const scalar_t* p, int64_t rows, int64_t C, Moments<acc_t>* o
       d1[c] += d;
       d2[c] += d * d;
     }
-  for (int64_t c = 0; c < C; ++c) {
-    out[c].n = acc_t(rows);
-    out[c].mean = shift[c] + d1[c] / acc_t(rows);
-    out[c].m2 = std::max(acc_t(0), d2[c] - d1[c] * d1[c] / acc_t(rows));
-  }
+  for (int64_t c = 0; c < C; ++c) out[c] = Moments<acc_t>::from_shifted_sums(acc_t(rows), shift[c], d1[c], d2[c]);
 }
 
 // channels_last row blocks: `sets` independent sets (samples for instance norm, one for batch norm)

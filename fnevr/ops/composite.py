@@ -29,6 +29,7 @@ Backends: ``reference`` (this module's :func:`composite_reference`, the spec, pl
 (kernels/composite.py); ``auto`` picks the fastest one available for the tensors' device.
 """
 
+import functools
 import math
 
 import torch
@@ -120,6 +121,7 @@ def _check(color, density, transmittance, density_activation):
 
 # --- torch.library registration: one op over flat [R, D, C] / [R, D] tensors --------------------
 
+@functools.cache  # looked up on every call
 def _kernels(backend: str):
     if backend == "triton":
         from ..kernels import composite as triton_kernels  # imports triton: only when asked for

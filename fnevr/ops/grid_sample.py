@@ -44,6 +44,8 @@ double-differentiable by autograd), ``cpu`` (csrc/grid_sample/grid_sample_cpu.cp
 (csrc/grid_sample/grid_sample_cuda.cu), ``triton`` (kernels/grid_sample.py).
 """
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -191,6 +193,7 @@ def _check(input, grid, mode, padding_mode):
 
 # --- torch.library registration -----------------------------------------------------------------
 
+@functools.cache  # looked up on every call
 def _kernels(backend: str):
     if backend == "triton":
         from ..kernels import grid_sample as triton_kernels  # imports triton: only when asked for

@@ -39,6 +39,7 @@ every activation), ``cpu`` (csrc/mlp_composite/mlp_composite_cpu.cpp), ``cuda``
 (csrc/mlp_composite/mlp_composite_cuda.cu), ``triton`` (kernels/mlp_composite.py).
 """
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -162,6 +163,7 @@ def _check(color_code, shape_code, params, transmittance, density_activation):
 
 # --- torch.library registration: one op over flat [R, D, E] codes --------------------------------
 
+@functools.cache  # looked up on every call
 def _kernels(backend: str):
     if backend == "triton":
         from ..kernels import mlp_composite as triton_kernels  # imports triton: only when asked for

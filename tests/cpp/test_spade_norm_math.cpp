@@ -56,11 +56,20 @@ void test_moments(double offset, double rel_tol, const char* name) {
     merged.merge(piece);
   }
   merged.merge(sm::Moments<T>{});  // an empty partial changes nothing
-  for (const auto* m : {&all, &merged}) {
+  // The corrected two-pass formula around a shift off the mean by a few units (the first element).
+  T d1 = 0, d2 = 0;
+  const T shift = static_cast<T>(x[0]);
+  for (double v : x) {
+    const T d = static_cast<T>(v) - shift;
+    d1 += d;
+    d2 += d * d;
+  }
+  sm::Moments<T> shifted = sm::Moments<T>::from_shifted_sums(T(x.size()), shift, d1, d2);
+  for (const sm::Moments<T>* m : {&all, &merged, &shifted}) {
     const double var_err = std::fabs(static_cast<double>((m->var() - want.var) / want.var));
     const double mean_err = std::fabs(static_cast<double>((m->mean - want.mean) / want.var));
-    const std::string what = std::string(name) + (m == &all ? " welford" : " chan merge") + " offset " +
-                             std::to_string(offset);
+    const char* how = m == &all ? " welford" : m == &merged ? " chan merge" : " shifted sums";
+    const std::string what = std::string(name) + how + " offset " + std::to_string(offset);
     check(m->n == T(x.size()) && var_err < rel_tol && mean_err < rel_tol, what + " variance", var_err);
   }
   // The naive formula fails at this offset (the reason for the above): keep the test honest.
@@ -139,10 +148,68 @@ void test_group_gradients(int a) {
   check(worst < 1e-6, "gradients of x, gamma, beta for act " + std::to_string(a), worst);
 }
 
+// A NaN among the elements makes the moments NaN, whichever way they are taken and merged.
+void test_moments_of_nan() {
+  const double nan = std::nan("");
+  const sm::Moments<double> shifted = sm::Moments<double>::from_shifted_sums(4.0, 1.0, nan, nan);
+  sm::Moments<double> pushed, merged = sm::Moments<double>::from_shifted_sums(3.0, 0.0, 0.5, 2.0);
+  for (double v : {1.0, nan, 2.0}) pushed.push(v);
+  merged.merge(shifted);
+  check(std::isnan(shifted.mean) && std::isnan(shifted.var()) && std::isnan(pushed.var()) && std::isnan(merged.mean) &&
+            std::isnan(merged.var()),
+        "a NaN element makes mean and variance NaN (shifted sums, Welford, Chan merge)");
+}
+
 void test_activation_conventions() {
   check(sm::activate_grad(0.0, sm::kRelu, 0.2) == 0.0 && sm::activate_grad(0.0, sm::kLeakyRelu, 0.2) == 0.2 &&
             sm::activate(-2.0f, sm::kLeakyRelu, 0.5f) == -1.0f && sm::activate(-2.0, sm::kNone, 0.5) == -2.0,
         "activation values and derivatives at 0 follow PyTorch");
+  const double nan = std::nan(""), inf = INFINITY;
+  check(std::isnan(sm::activate(nan, sm::kRelu, 0.2)) && std::isnan(sm::activate(nan, sm::kLeakyRelu, 0.2)) &&
+            sm::activate(-inf, sm::kRelu, 0.2) == 0.0 && sm::activate(-inf, sm::kLeakyRelu, 0.5) == -inf &&
+            sm::activate(inf, sm::kRelu, 0.2) == inf && sm::activate_grad(nan, sm::kRelu, 0.2) == 1.0 &&
+            sm::activate_grad(nan, sm::kLeakyRelu, 0.2) == 0.2,
+        "activation values and derivatives at NaN and inf follow PyTorch (relu(-inf) = 0, relu'(NaN) = 1)");
+}
+
+// plan_split: every (sample, position) in exactly one non-empty piece; about `target` blocks when
+// the problem is big enough, never more than it asks for beyond one block per group.
+void test_plan_split() {
+  std::mt19937 rng(3);
+  int bad = 0, cases = 0;
+  auto one = [&](int64_t N, int64_t S, int64_t cols, int64_t target, int64_t step, bool batch) {
+    ++cases;
+    const sm::Split sp = sm::plan_split(N, S, cols, target, step, batch);
+    std::vector<int> seen(static_cast<size_t>(N * S), 0);
+    bool ok = sp.groups >= 1 && sp.chunks >= 1 && sp.chunk % step == 0 && (batch || sp.per_group == 1);
+    for (int64_t p = 0; ok && p < sp.pieces(); ++p) {
+      const int64_t n0 = sp.sample_begin(p), n1 = sp.sample_end(p, N);
+      const int64_t s0 = sp.position_begin(p), s1 = sp.position_end(p, S);
+      ok = n0 < n1 && s0 < s1;
+      for (int64_t n = n0; ok && n < n1; ++n)
+        for (int64_t s = s0; s < s1; ++s) ++seen[n * S + s];
+    }
+    for (int v : seen) ok = ok && v == 1;
+    const int64_t blocks = sp.pieces() * cols, floor = batch ? cols : N * cols;
+    const int64_t most = N * ((S + step - 1) / step) * cols;  // every step of every sample a block
+    ok = ok && blocks <= (target > floor ? target : floor) && 4 * blocks >= (target < most ? target : most);
+    if (!ok && bad++ < 5)
+      std::printf("  plan_split(N=%lld, S=%lld, cols=%lld, target=%lld, step=%lld, batch=%d): groups %lld x %lld, "
+                  "chunks %lld of %lld\n", (long long)N, (long long)S, (long long)cols, (long long)target,
+                  (long long)step, (int)batch, (long long)sp.groups, (long long)sp.per_group, (long long)sp.chunks,
+                  (long long)sp.chunk);
+  };
+  // FNeVR's training shapes on an H100 (132 SMs x 8 blocks), NCHW and channels_last steps.
+  const int64_t shapes[][3] = {{4, 32, 65536}, {4, 64, 16384}, {4, 512, 256}, {1, 512, 4096}};  // N, C, S
+  for (const auto& shape : shapes)
+    for (bool batch : {false, true}) {
+      one(shape[0], shape[2], shape[1], 1056, 256 * 16, batch);
+      one(shape[0], shape[2], (shape[1] + 31) / 32, 1056, 8 * 16, batch);
+    }
+  std::uniform_int_distribution<int64_t> small(1, 9), len(1, 3000), cols(1, 40), target(1, 600), step(1, 300);
+  for (int k = 0; k < 3000; ++k) one(small(rng), len(rng), cols(rng), target(rng), step(rng), k % 2 == 0);
+  check(bad == 0, "plan_split covers every element once, with about the blocks asked for (" +
+                      std::to_string(cases) + " cases)");
 }
 
 }  // namespace
@@ -151,7 +218,9 @@ int main() {
   test_moments<double>(1e8, 1e-7, "double");
   test_moments<float>(1e3, 1e-3, "float");
   for (int a : {sm::kNone, sm::kRelu, sm::kLeakyRelu}) test_group_gradients(a);
+  test_moments_of_nan();
   test_activation_conventions();
+  test_plan_split();
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }
