@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from ._common import accumulator, interpreting, launch_ctx
+from ._common import accumulator, cdiv, interpreting, launch_ctx, next_power_of_2
 from .composite import _activate, _activate_grad, _step
 
 # Wide layers go in pieces (see _xwt, _dzw, _wgrad): each tl.dot reduces over at most _K_PIECE
@@ -439,7 +439,7 @@ def _backward_kernel(grad_features, grad_weight_sum, cc, sc, wsi, bsi, wsh, bsh,
 
 def _pad(n: int) -> int:
     """Padded width of a dot operand: a power of two, at least 16 (the smallest fp16 MMA K)."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def _dims(color_code, shape_code, params):
@@ -478,7 +478,7 @@ _FP32_DOT = "tf32x3"
 
 def _tile(D: int, rows: int) -> tuple[int, int, int]:
     """(BLOCK_R, DC, num_warps) for tiles of `rows` (ray, sample) rows: DC samples of BLOCK_R rays."""
-    dc = min(triton.next_power_of_2(D), rows)
+    dc = min(next_power_of_2(D), rows)
     return rows // dc, dc, 8 if rows >= 128 else 4
 
 
@@ -560,7 +560,7 @@ def mlp_composite_forward(color_code: torch.Tensor, shape_code: torch.Tensor, pa
 
         def launch(rows):
             block_r, dc, warps = _tile(D, rows)
-            _forward_kernel[(triton.cdiv(R, block_r),)](
+            _forward_kernel[(cdiv(R, block_r),)](
                 color_code, shape_code, *params, features, weight_sum, R, D, Ec, Es, H, H4, BLOCK_R=block_r, DC=dc,
                 MULTI=D > dc, num_warps=warps, **const)
 
@@ -592,7 +592,7 @@ def mlp_composite_backward(grad_features: torch.Tensor, grad_weight_sum: torch.T
     def launch(rows):
         nonlocal partials
         block_r, dc, warps = _tile(D, rows)
-        num_tiles = triton.cdiv(R, block_r)
+        num_tiles = cdiv(R, block_r)
         programs = min(num_tiles, _programs(color_code.device))
         # Each program initialises its own partials (its first tile stores without loading).
         partials = torch.empty((programs, length), dtype=acc, device=color_code.device)
