@@ -160,8 +160,22 @@ def _blocks(C: int, dtype: torch.dtype) -> tuple[int, int, int]:
 # dicts, key building) cost about as much as the launch itself.
 _TUNE_MIN_ELEMENTS = 1 << 22
 _TUNE_CONFIGS = [triton.Config({"BLOCK_R": r}, num_warps=w) for r in (4, 8, 16, 32) for w in (4, 8)]
-_forward_tuned = triton.autotune(_TUNE_CONFIGS, key=["D", "C"])(_forward_kernel)
-_backward_tuned = triton.autotune(_TUNE_CONFIGS, key=["D", "C", "COLOR_GRAD"])(_backward_kernel)
+
+
+def _within(bytes_per_thread: int):
+    """Prune the configs whose one-sample tile takes more than this per thread: sm_90 compiles
+    (python -m fnevr.kernels composite) spill registers above 128 B in the forward (its D tiles
+    are in flight at once) and above 64 B in the backward, which holds more per sample."""
+    def prune(configs, named_args, **kwargs):
+        tile = kwargs["BLOCK_C"] * named_args["color"].element_size()
+        return [c for c in configs if c.kwargs["BLOCK_R"] * tile <= bytes_per_thread * 32 * c.num_warps]
+    return prune
+
+
+_forward_tuned = triton.autotune(_TUNE_CONFIGS, key=["D", "C"],
+                                 prune_configs_by={"early_config_prune": _within(128)})(_forward_kernel)
+_backward_tuned = triton.autotune(_TUNE_CONFIGS, key=["D", "C", "COLOR_GRAD"],
+                                  prune_configs_by={"early_config_prune": _within(64)})(_backward_kernel)
 _tuned: dict = {}  # (direction, D, C, dtype, color_grad) -> the autotuner's launch options
 
 
