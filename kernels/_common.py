@@ -23,6 +23,22 @@ def accumulator(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+_SMS: dict = {}
+
+
+def multiprocessors(device: torch.device, interpreter: int) -> int:
+    """Multiprocessors of `device`'s GPU (cached: launch code asks on every call). CPU tensors: the
+    compile-only target's (FNEVR_TRITON_COMPILE_ONLY), else `interpreter`: a few, so that the
+    interpreter tests' small shapes still take the many-program paths."""
+    if device.type != "cuda":
+        from .aot import MULTIPROCESSORS, requested_arch
+        arch = requested_arch()
+        return interpreter if arch is None else MULTIPROCESSORS.get(arch, 132)
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]
+
+
 def launch_ctx(t: torch.Tensor):
     """Triton launches on the current device: make it the tensors' one."""
     return torch.cuda.device(t.device) if t.is_cuda else _NO_DEVICE

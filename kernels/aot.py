@@ -171,7 +171,6 @@ def activate(arch: int = 90) -> CompileOnlyDriver:
     return d
 
 
-
 # --- the launches that select every configuration of every op ------------------------------------
 # Shapes are small; each is chosen for the tile, warps or code path it makes the launch code pick.
 

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from ._common import accumulator, cdiv, interpreting, launch_ctx, next_power_of_2
+from ._common import accumulator, cdiv, interpreting, launch_ctx, multiprocessors, next_power_of_2
 from .composite import _activate, _activate_grad, _step
 
 # Wide layers go in pieces (see _xwt, _dzw, _wgrad): each tl.dot reduces over at most _K_PIECE
@@ -528,14 +528,10 @@ def _grad_layout(KS: int, KC: int, HP: int, H4P: int) -> tuple[dict, int]:
     return offsets, total
 
 
-def _programs(device: torch.device) -> int:
-    """Backward's persistent grid: one program per SM (255 registers per thread and ~90-120 KB of
-    shared memory at H=128 leave room for one); a fixed count per device, so the order of the
-    weight-gradient sums is fixed.
-    A few under the interpreter, so that programs loop over several tiles there too."""
-    if device.type != "cuda":
-        return 3
-    return torch.cuda.get_device_properties(device).multi_processor_count
+# Backward's persistent grid: one program per SM (255 registers per thread and ~90-120 KB of shared
+# memory at H=128 leave room for one); a fixed count per device, so the order of the weight-gradient
+# sums is fixed. A few under the interpreter, so that programs loop over several tiles there too.
+_INTERPRETER_PROGRAMS = 3
 
 
 def _emulating_bf16(t: torch.Tensor) -> bool:
@@ -593,7 +589,7 @@ def mlp_composite_backward(grad_features: torch.Tensor, grad_weight_sum: torch.T
         nonlocal partials
         block_r, dc, warps = _tile(D, rows)
         num_tiles = cdiv(R, block_r)
-        programs = min(num_tiles, _programs(color_code.device))
+        programs = min(num_tiles, multiprocessors(color_code.device, _INTERPRETER_PROGRAMS))
         # Each program initialises its own partials (its first tile stores without loading).
         partials = torch.empty((programs, length), dtype=acc, device=color_code.device)
         _backward_kernel[(programs,)](

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulator, cdiv, interpreting, launch_ctx, next_power_of_2
+from ._common import accumulator, cdiv, interpreting, launch_ctx, multiprocessors, next_power_of_2
 
 
 @triton.jit
@@ -446,21 +446,6 @@ def _reduce_blocks(C: int, S: int, channels_last: bool):
     return 1, min(_REDUCE_TILE, next_power_of_2(max(S, 1)))
 
 
-_SMS: dict = {}
-
-
-def _multiprocessors(device: torch.device) -> int:
-    """Multiprocessors of x's GPU. CPU tensors: the compile-only target's (FNEVR_TRITON_COMPILE_ONLY),
-    else (interpreter) _INTERPRETER_SMS."""
-    if device.type != "cuda":
-        from .aot import MULTIPROCESSORS, requested_arch
-        arch = requested_arch()
-        return _INTERPRETER_SMS if arch is None else MULTIPROCESSORS.get(arch, 132)
-    if device not in _SMS:
-        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[device]
-
-
 @dataclasses.dataclass(frozen=True)
 class _Split:
     """How a reduction over N samples x S positions is cut for (channel tiles) x pieces programs: piece
@@ -479,7 +464,7 @@ class _Split:
 def _split(N: int, S: int, block_s: int, channel_tiles: int, device: torch.device, batch: bool) -> _Split:
     """Instance norm (and the backward sums, per (n, c)): groups of one sample, positions cut until
     the programs fill the GPU. Batch norm: samples grouped as far as that fills it, then positions cut."""
-    target = _PROGRAMS_PER_SM * _multiprocessors(device)
+    target = _PROGRAMS_PER_SM * multiprocessors(device, _INTERPRETER_SMS)
     groups, per_group = N, 1
     if batch:
         per_group = cdiv(N, min(N, max(1, target // channel_tiles)))

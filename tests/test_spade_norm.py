@@ -247,7 +247,7 @@ def small_cuts(monkeypatch):
         from fnevr.kernels import spade_norm as k
 
         monkeypatch.setattr(k, "_REDUCE_TILE", 64)
-        monkeypatch.setattr(k, "_multiprocessors", lambda device: sms)
+        monkeypatch.setattr(k, "multiprocessors", lambda device, interpreter: sms)
         N, C, H, W = shape
         block_c, block_s = k._reduce_blocks(C, H * W, channels_last)
         c_tiles = -(-C // block_c)
