@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fnevr
-from conftest import measure_copy
+from conftest import measure_copy, saved_MB
 from fnevr.ops import composite, composite_reference
 
 SHAPE = (4, 64, 64, 8, 256)
@@ -62,11 +62,6 @@ def test_composite(measure, provider, dtype, backward):
         color.grad = density.grad = None
         op(color, density).backward(grad_out)
 
-    saved = []
-    if backward:
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
-                                                      lambda t: t):
-            op(color, density)
     measure(forward_backward if backward else forward, _bytes(color, density, backward),
             op="composite", provider=provider, mode="fwd+bwd" if backward else "forward",
-            dtype=str(dtype)[6:], device=DEVICE, **({"saved_MB": sum(saved) / 2**20} if backward else {}))
+            dtype=str(dtype)[6:], device=DEVICE, **({"saved_MB": saved_MB(lambda: op(color, density))} if backward else {}))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import fnevr
+from conftest import saved_MB
 from fnevr.model.render import SampleMLP
 from fnevr.ops import composite, mlp_composite
 
@@ -76,12 +77,10 @@ def test_ray_head(measure, provider, dtype, backward):
             out = fn(cc, sc)
         out.backward(grad_out.to(out.dtype))
 
-    saved = []
     if backward:
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
-                                                      lambda t: t), amp:
-            fn(cc, sc)
+        with amp:
+            saved = saved_MB(lambda: fn(cc, sc))
     moved = 2 * cc.numel() * cc.element_size() + grad_out.numel() * grad_out.element_size()
     measure(forward_backward if backward else forward, moved * (2 if backward else 1),
             op="ray_head", provider=provider, mode="fwd+bwd" if backward else "forward", dtype=str(dtype)[6:],
-            device=DEVICE, **({"saved_MB": sum(saved) / 2**20} if backward else {}))
+            device=DEVICE, **({"saved_MB": saved} if backward else {}))

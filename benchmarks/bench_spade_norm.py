@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fnevr
-from conftest import measure_copy
+from conftest import measure_copy, saved_MB
 from fnevr.ops import spade_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -73,12 +73,7 @@ def test_spade_norm(measure, layout, shape, provider, dtype, backward):
         op(x, gamma, beta).backward(grad_y)
 
     tensor_bytes = x.numel() * x.element_size()
-    saved = []
-    if backward:
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
-                                                      lambda t: t):
-            op(x, gamma, beta)
     measure(forward_backward if backward else forward, tensor_bytes * (11 if backward else 4),
             op=f"spade-C{shape[1]}" + ("-cl" if layout == "cl" else ""), provider=provider, layout=layout,
             mode="fwd+bwd" if backward else "forward", dtype=str(dtype)[6:], device=DEVICE,
-            **({"saved_MB": sum(saved) / 2**20} if backward else {}))
+            **({"saved_MB": saved_MB(lambda: op(x, gamma, beta))} if backward else {}))

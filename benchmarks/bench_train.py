@@ -14,6 +14,7 @@ the peak allocation of one step beyond the model and optimiser state.
 import pytest
 import torch
 
+from conftest import saved_MB
 from fnevr.config import load_config
 from fnevr.data.synthetic import ensure_synthetic_dataset
 from fnevr.train import TrainOptions, Trainer
@@ -49,9 +50,6 @@ def test_train_step(measure, data, tmp_path, use_pytorch_grid_sample, provider):
     trainer = Trainer(TrainOptions(config=config, data=str(data), out=str(tmp_path), device=DEVICE, batch_size=8,
                                    num_workers=0, progress=False, **opts))
     batch = next(iter(trainer._loader(0)))
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
-                                                  lambda t: t):
-        trainer.train_step([batch])
+    saved = saved_MB(lambda: trainer.train_step([batch]))
     measure(lambda: trainer.train_step([batch]), 0, op="train", provider=provider, mode=f"step-b8-{SIZE}",
-            dtype=str(trainer.amp_dtype or torch.float32)[6:], device=DEVICE, frames=8, saved_MB=sum(saved) / 2**20)
+            dtype=str(trainer.amp_dtype or torch.float32)[6:], device=DEVICE, frames=8, saved_MB=saved)

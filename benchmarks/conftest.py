@@ -69,17 +69,26 @@ def measure_copy(measure, shape, dtype, device):
             op="copy", provider="copy", mode="copy", dtype=str(dtype)[6:], device=device)
 
 
+def torch_grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=False, *, backend="auto"):
+    """fnevr.ops.grid_sample's signature on PyTorch's own op: the model as the published code runs it."""
+    return torch.nn.functional.grid_sample(input, grid, mode=mode, padding_mode=padding_mode,
+                                           align_corners=align_corners)
+
+
 @pytest.fixture
 def use_pytorch_grid_sample(monkeypatch):
     """Calling it makes the model use PyTorch's own grid_sample (as the published code does) for
     the rest of the test, instead of our gather-based reference."""
-
-    def torch_grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=False, *,
-                          backend="auto"):
-        return torch.nn.functional.grid_sample(input, grid, mode=mode, padding_mode=padding_mode,
-                                               align_corners=align_corners)
-
     return lambda: monkeypatch.setattr(fnevr.ops, "grid_sample", torch_grid_sample)
+
+
+def saved_MB(fn) -> float:
+    """MB that autograd saves for backward while fn() runs (each saved tensor counted whole)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        fn()
+    return sum(saved) / 2**20
 
 
 def kernel_times(fn, device, calls=10) -> dict:

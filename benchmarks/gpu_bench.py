@@ -28,11 +28,11 @@ import sys
 import tempfile
 import time
 import traceback
+import unittest.mock
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import bench_composite
 import bench_grid_sample
@@ -40,6 +40,7 @@ import bench_mlp_composite
 import bench_overhead
 import bench_spade_norm
 import fnevr
+from conftest import kernel_times, saved_MB, torch_grid_sample
 from fnevr.model.render import SampleMLP
 
 GROUPS = ("composite", "grid_sample", "spade_norm", "mlp_composite", "overhead", "model", "train")
@@ -193,8 +194,6 @@ def format_row(r: dict) -> str:
 
 
 def _top_kernels(fn, n=6) -> dict:
-    from conftest import kernel_times  # benchmarks/conftest.py: profiler device time per kernel
-
     times = kernel_times(fn, torch.device("cuda"), calls=5)
     return dict(sorted(times.items(), key=lambda kv: -kv[1])[:n])
 
@@ -216,14 +215,6 @@ def modes(op, inputs, grad_out, which=("forward", "backward", "fwd+bwd")):
     if "fwd+bwd" in which:
         calls["fwd+bwd"] = lambda: torch.autograd.grad(op(*inputs), inputs, grad_out, allow_unused=True)
     return calls
-
-
-def saved_MB(fn, *args) -> float:
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
-                                                  lambda t: t):
-        fn(*args)
-    return sum(saved) / 2**20
 
 
 def measure_copy(s, what, shape, dtype):
@@ -318,7 +309,7 @@ def bench_mlp_composite_(s, dtype):
                 return head(cc_, sc_)
 
         with amp:
-            saved = saved_MB(head, cc, sc)
+            saved = saved_MB(lambda: head(cc, sc))
         which = ("fwd+bwd",) if provider.startswith("compiled") else ("forward", "fwd+bwd")
         for mode, fn in modes(op, inputs, grad_out, which).items():
             s.run(fn, bench="mlp_composite", case="x".join(map(str, shape)) + "-H128", provider=provider, mode=mode,
@@ -344,16 +335,9 @@ def bench_overhead_(s, dtype):
                 s.run(call, bench="overhead", case=f"{op}-tiny", provider=provider, mode=mode, dtype="float32")
 
 
-@contextlib.contextmanager
 def pytorch_grid_sample():
     """The model on PyTorch's own grid_sample (as the published code), not our reference."""
-    ours = fnevr.ops.grid_sample
-    fnevr.ops.grid_sample = lambda input, grid, mode="bilinear", padding_mode="zeros", align_corners=False, *, \
-        backend="auto": F.grid_sample(input, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
-    try:
-        yield
-    finally:
-        fnevr.ops.grid_sample = ours
+    return unittest.mock.patch.object(fnevr.ops, "grid_sample", torch_grid_sample)
 
 
 def bench_model_(s, dtype):
