@@ -9,11 +9,11 @@ Checkpoints are written atomically (temporary file in the same folder, then ``os
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ._files import atomic_path
 from .model import FNeVR
 
 FORMAT, VERSION = "fnevr", 1
@@ -114,6 +114,8 @@ def load_checkpoint(path: str | os.PathLike, config: str | dict | None = None, *
         (``training``, ``step``...), for the published format its other top-level entries.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {path} is a folder; expected a checkpoint file (.pt/.pth)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -123,16 +125,21 @@ def load_checkpoint(path: str | os.PathLike, config: str | dict | None = None, *
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict of state dicts")
     if ckpt.get("format") == FORMAT:
+        _check_state(path, ckpt, "model")
+        if config is None and not isinstance(ckpt.get("config"), dict):
+            raise ValueError(f"checkpoint {path}: its 'config' entry is missing or not a dict; pass a config")
         config = config if config is not None else ckpt["config"]
         state = ckpt["model"]
         extra = {k: v for k, v in ckpt.items() if k not in ("model", "config")}
     elif "generator" in ckpt and "kp_detector" in ckpt:
+        _check_state(path, ckpt, "generator")
+        _check_state(path, ckpt, "kp_detector")
         config = "vox-256" if config is None else config
         state = published_to_fnevr(ckpt)
         extra = {k: v for k, v in ckpt.items() if k not in ("generator", "kp_detector")}
     else:
         raise ValueError(f"checkpoint {path} is neither fnevr's format nor the published one "
-                         f"(top-level keys: {sorted(ckpt)[:10]}; expected 'generator' and 'kp_detector')")
+                         f"(top-level keys: {sorted(map(str, ckpt))[:10]}; expected 'generator' and 'kp_detector')")
     has_training = any(k.startswith(("discriminator.", "pose_editor.")) for k in state)
     training_modules = has_training if training_modules is None else training_modules
     model = FNeVR(config, training_modules=training_modules)
@@ -141,19 +148,17 @@ def load_checkpoint(path: str | os.PathLike, config: str | dict | None = None, *
     return model.eval(), extra
 
 
+def _check_state(path, ckpt: dict, entry: str):
+    state = ckpt[entry]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ValueError(f"checkpoint {path}: its {entry!r} entry is a {type(state).__name__}, not a state dict "
+                         f"(names -> tensors)")
+
+
 def save_checkpoint(path: str | os.PathLike, model: FNeVR, **extra) -> Path:
     """Write ``model`` (with its config) and ``extra`` (training state, step...) atomically to ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, "config": model.config, "model": model.state_dict(), **extra}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save(payload, tmp)
     return path

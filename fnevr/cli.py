@@ -1,11 +1,21 @@
 """The ``fnevr`` command (also ``python -m fnevr``): animate faces, reconstruct videos, train, evaluate.
 
 Run ``fnevr --help`` or ``fnevr <command> --help``.
+
+Errors are one line on stderr, ``fnevr <command>: error: ...``, with exit code 2 for a usage
+mistake (an argument out of range, a path that is missing or of the wrong kind), found before any
+heavy work, and 1 for a failure at run time (an unreadable file, a run folder in use, a diverging
+run). ``--debug`` shows the traceback instead. Output videos are written to a temporary name and
+renamed once complete.
 """
 
 import argparse
 import contextlib
+import math
+import os
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,16 +29,113 @@ commands:
   reconstruct   re-create a video from its first frame and its own keypoints (self-reenactment)
 
 Checkpoints: the authors' published ones (config vox-256) or fnevr's own (config stored inside).
+Errors: one line, exit code 2 for usage, 1 at run time; --debug shows the traceback.
 """
+
+VIDEO_OUT_SUFFIXES = (".mp4", ".mov")
+
+
+class CommandError(Exception):
+    """A failure to report in one line; ``code`` is the exit status (1: at run time)."""
+
+    code = 1
+
+
+class UsageError(CommandError):
+    """A bad argument (exit status 2), found before any work is done."""
+
+    code = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage and exits; we report one line, exit 2
+        raise UsageError(message, self.prog)
+
+
+# --- argument types and checks -------------------------------------------------------------------------
+
+
+def _number(kind, low, strict, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if (kind is float and not math.isfinite(value)) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number(int, 0, True, "a positive integer")
+count = _number(int, 0, False, "an integer >= 0")
+positive_float = _number(float, 0.0, True, "a positive number")
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name}: no CUDA device is available here")
-    return device
+    from .device import parse_device
+
+    try:
+        return parse_device(name)
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from None
+
+
+def _existing_file(path, option: str) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder; expected a file")
+    if not path.is_file():
+        raise UsageError(f"{option} {path}: no such file")
+    return path
+
+
+def _existing(path, option: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{option} {path}: no such file or folder")
+    return path
+
+
+def _dataset_folder(path, split: str, option: str = "--data") -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"{option} {path}: no such folder")
+    if not (path / split).is_dir():
+        raise UsageError(f"{option} {path} has no {split}/ folder (expected the FOMM layout DIR/train, DIR/test)")
+    return path
+
+
+def _config(name):
+    from .config import load_config
+
+    try:
+        return load_config(name)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--config: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a YAML file that does not parse
+        raise UsageError(f"--config {name}: {type(e).__name__}: {e}") from None
+
+
+def _video_out(path: Path) -> Path:
+    """Check that the output video can be written (suffix, not a folder, folder writable: a probe file
+    is created and removed there), before any work; nothing is left behind."""
+    if path.suffix.lower() not in VIDEO_OUT_SUFFIXES:
+        raise UsageError(f"--out {path}: expected a video file name ending in {' or '.join(VIDEO_OUT_SUFFIXES)}")
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a folder; expected a video file name")
+    folder = next(p for p in (path.absolute().parent, *path.absolute().parents) if p.exists())
+    if not folder.is_dir():
+        raise UsageError(f"--out {path}: {folder} is a file, not a folder")
+    try:  # the folders that are missing are created at the end, in this one
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out {path}: cannot write to {folder} ({e.strerror or e})") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"--out {path} exists and is read-only")
+    return path
 
 
 def _as_float(frames: torch.Tensor) -> torch.Tensor:
@@ -43,7 +150,7 @@ def _read_image(path: Path, shape) -> torch.Tensor:
     try:
         return _as_float(read_image(path, shape))[0]
     except VideoReadError as e:
-        raise SystemExit(f"error: source image: {e}") from e
+        raise CommandError(f"source image: {e}") from e
 
 
 def _read_video(path: Path, shape) -> tuple[torch.Tensor, float]:
@@ -53,7 +160,7 @@ def _read_video(path: Path, shape) -> tuple[torch.Tensor, float]:
     try:
         frames = _as_float(read_video(path, shape))
     except VideoReadError as e:
-        raise SystemExit(f"error: {e}") from e
+        raise CommandError(str(e)) from e
     fps = 25.0
     if path.suffix.lower() in MOVIE_SUFFIXES:
         import imageio.v3 as iio
@@ -66,10 +173,7 @@ def _read_video(path: Path, shape) -> tuple[torch.Tensor, float]:
 def _load_model(args, device):
     from .checkpoint import load_checkpoint
 
-    try:
-        model, _ = load_checkpoint(args.checkpoint, args.config, training_modules=False)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}") from e
+    model, _ = load_checkpoint(args.checkpoint, args.config, training_modules=False)
     if args.backend:
         model.set_backend(args.backend)
     return model.to(device).eval()
@@ -80,15 +184,16 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--config", default=None,
                    help="bundled config name (vox-256, small) or YAML path (default: the one stored in fnevr "
                         "checkpoints; vox-256 for the authors' published ones)")
-    p.add_argument("--out", required=True, type=Path, help="output video (.mp4)")
+    p.add_argument("--out", required=True, type=Path, help="output video (.mp4 or .mov)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
-    p.add_argument("--batch-size", type=int, default=8, help="frames per forward pass (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="frames per forward pass (default 8)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="bf16 autocast (default on CUDA) or fp32 (default on CPU)")
     p.add_argument("--backend", choices=["auto", "reference", "cpu", "cuda", "triton"], default=None,
                    help="fused-op backend for the whole model (default: the config's, normally auto)")
     p.add_argument("--side-by-side", action="store_true", help="write source | driving | result side by side")
-    p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the driving video's)")
+    p.add_argument("--fps", type=positive_float, default=None,
+                   help="output frame rate (default: the driving video's)")
 
 
 def _run(model, source, driving, fps, args, device, relative, initial_frame=0):
@@ -107,12 +212,24 @@ def _run(model, source, driving, fps, args, device, relative, initial_frame=0):
     if args.side_by_side:
         pred = torch.cat([source.expand_as(pred), driving, pred], dim=3)
     frames = (pred.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-    write_video(args.out, frames, fps=args.fps or fps)
+    write_video(args.out, frames, fps=args.fps if args.fps is not None else fps)
     return pred
 
 
-def cmd_animate(args):
+def _check_inference(args, *inputs):
+    """animate/reconstruct: every path and option, before the model is loaded."""
     device = _device(args.device)
+    _existing_file(args.checkpoint, "--checkpoint")
+    if args.config is not None:
+        _config(args.config)
+    for option, path in inputs:
+        _existing(path, option)
+    _video_out(args.out)
+    return device
+
+
+def cmd_animate(args):
+    device = _check_inference(args, ("--source", args.source), ("--driving", args.driving))
     model = _load_model(args, device)
     shape = model.config["dataset_params"]["frame_shape"][:2]
     source = _read_image(args.source, shape)
@@ -121,16 +238,13 @@ def cmd_animate(args):
     if args.find_best_frame:
         from .animate import find_best_frame
 
-        try:
-            initial = find_best_frame(source, driving, device=str(device))
-        except RuntimeError as e:
-            raise SystemExit(f"error: {e}") from e
+        initial = find_best_frame(source, driving, device=str(device))
     _run(model, source, driving, fps, args, device, relative=not args.absolute, initial_frame=initial)
     print(f"wrote {args.out} ({driving.shape[0]} frames)")
 
 
 def cmd_reconstruct(args):
-    device = _device(args.device)
+    device = _check_inference(args, ("--video", args.video))
     model = _load_model(args, device)
     driving, fps = _read_video(args.video, model.config["dataset_params"]["frame_shape"][:2])
     pred = _run(model, driving[0], driving, fps, args, device, relative=False)
@@ -140,18 +254,35 @@ def cmd_reconstruct(args):
         print(f"wrote {args.out} ({driving.shape[0]} frames)")
 
 
-DEMO = {"config": "small", "steps": 300, "batch_size": 8, "checkpoint_every": 100, "sample_every": 50,
-        "log_every": 10, "device": "cpu", "num_workers": 1}
+# The demo fits `make demo` on a fresh 2-core machine into 6 minutes, install and build included:
+# 250 steps, no loader worker (a batch loads in ~60 ms, less than a worker process costs to start
+# each 5-step epoch) and channels_last convolutions (~12% faster steps there).
+DEMO = {"config": "small", "steps": 250, "batch_size": 8, "checkpoint_every": 100, "sample_every": 50,
+        "log_every": 10, "device": "cpu", "num_workers": 0, "channels_last": "on"}
 
 
 def cmd_train(args):
+    _device(args.device)
+    config = _config(args.config)
+    if args.data is not None:
+        _dataset_folder(args.data, "train")
+    if args.vgg_weights is not None:
+        _existing_file(args.vgg_weights, "--vgg-weights")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; expected a run folder")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     from .train import TrainOptions, Trainer
 
-    opts = TrainOptions(config=args.config, data=args.data, out=str(args.out), device=args.device, steps=args.steps,
+    if args.demo and args.demo_out and not args.resume:
+        print(f"fnevr train: the demo starts afresh in {args.out}, and replaces any earlier demo run there "
+              f"(--resume continues that one instead, --out DIR writes elsewhere)", file=sys.stderr)
+    opts = TrainOptions(config=config, data=args.data, out=str(args.out), device=args.device, steps=args.steps,
                         batch_size=args.batch_size, precision=args.precision, compile=args.compile,
                         accumulate=args.accumulate, num_workers=args.num_workers,
                         checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
-                        log_every=args.log_every, resume=args.resume, seed=args.seed, vgg_weights=args.vgg_weights,
+                        log_every=args.log_every, resume=args.resume, overwrite=args.overwrite,
+                        allow_nonfinite=args.allow_nonfinite, seed=args.seed, vgg_weights=args.vgg_weights,
                         perceptual_fallback=args.perceptual_fallback, backend=args.backend,
                         channels_last={"auto": None, "on": True, "off": False}[args.channels_last])
     trainer = Trainer(opts)
@@ -169,9 +300,15 @@ def cmd_train(args):
 def cmd_evaluate(args):
     from tqdm import tqdm
 
+    device = _device(args.device)
+    _existing_file(args.checkpoint, "--checkpoint")
+    if args.config is not None:
+        _config(args.config)
+    _dataset_folder(args.data, "test")
+    if args.lpips_weights is not None:
+        _existing_file(args.lpips_weights, "--lpips-weights")
     from .train.evaluate import evaluate
 
-    device = _device(args.device)
     with tqdm(unit="video", desc="evaluate", disable=not sys.stderr.isatty()) as bar:
         result = evaluate(args.checkpoint, args.data, args.config, device=device, batch_size=args.batch_size,
                           max_videos=args.max_videos, lpips_weights=args.lpips_weights, backend=args.backend,
@@ -180,35 +317,44 @@ def cmd_evaluate(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fnevr", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    parser = _Parser(prog="fnevr", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command", parser_class=_Parser)
 
     p = sub.add_parser("train", help="train FNeVR",
                        description="Train FNeVR with the paper's losses. Several processes: "
                                    "torchrun --nproc-per-node N -m fnevr train ... (DDP; the batch is split).")
     p.add_argument("--demo", action="store_true",
                    help="the embedded default: the small config on the synthetic talking-head set, on the CPU, "
-                        "300 steps (a few minutes); other options override it")
+                        "250 steps (a few minutes), starting afresh in runs/demo; other options override it")
     p.add_argument("--config", default=None, help="bundled config (small, vox-256) or YAML path")
     p.add_argument("--data", default=None, help="dataset folder (FOMM layout: DIR/train, DIR/test); default: the "
                                                 "config's root_dir, or the synthetic set when that is null")
     p.add_argument("--out", type=Path, default=None, help="run folder: checkpoints/, samples/, log.csv, tb/")
     p.add_argument("--device", default=None, help="cpu, cuda or auto (default auto; the demo: cpu)")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the config's epochs)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the config's)")
-    p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimiser step")
+    p.add_argument("--steps", type=positive_int, default=None, help="optimiser steps (default: the config's epochs)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="global batch size (default: the config's)")
+    p.add_argument("--accumulate", type=positive_int, default=1, help="micro-batches per optimiser step")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="autocast: auto = bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto", help="auto: on CUDA")
+    p.add_argument("--channels-last", choices=["auto", "on", "off"], default=None,
+                   help="auto (default): on CUDA; the demo: on")
     p.add_argument("--compile", action="store_true", help="torch.compile the generator and keypoint detector")
     p.add_argument("--backend", choices=["auto", "reference", "cpu", "cuda", "triton"], default=None,
                    help="fused-op backend (default: the config's)")
-    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 2; demo 1)")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 500)")
-    p.add_argument("--sample-every", type=int, default=None, help="steps between sample grids (default 500)")
-    p.add_argument("--log-every", type=int, default=None, help="steps between log lines (default 10)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest.pt")
+    p.add_argument("--num-workers", type=count, default=None, help="DataLoader workers (default 2; demo 0)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=None,
+                   help="steps between checkpoints (default 500)")
+    p.add_argument("--sample-every", type=positive_int, default=None, help="steps between sample grids (default 500)")
+    p.add_argument("--log-every", type=positive_int, default=None, help="steps between log lines (default 10)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest readable checkpoint (latest.pt, else the "
+                        "highest step-N.pt)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (its checkpoints/, samples/, tb/, log.csv); without it or "
+                        "--resume, a folder that holds a run is an error")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="go on after a NaN/inf loss (default: stop at the first one, naming the loss term)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vgg-weights", default=None,
                    help="torchvision VGG19 weights (.pth) for the perceptual loss (default: the torch hub cache)")
@@ -223,8 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="default: stored in fnevr checkpoints; vox-256 for published ones")
     p.add_argument("--data", required=True, help="dataset folder with a test/ split")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-videos", type=int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="frames per forward pass (default 16)")
+    p.add_argument("--max-videos", type=positive_int, default=None,
+                   help="evaluate at most this many (readable) videos; unreadable ones are skipped and named")
     p.add_argument("--lpips-weights", default=None,
                    help="torchvision AlexNet weights for LPIPS (default: the torch hub cache; none: LPIPS skipped)")
     p.add_argument("--backend", choices=["auto", "reference", "cpu", "cuda", "triton"], default=None)
@@ -251,18 +398,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str, limit: int = 600) -> str:
+    text = " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+    return text if len(text) <= limit else text[:limit] + " ... (--debug shows all)"
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "train":
-        defaults = dict(DEMO) if args.demo else {"config": "small" if args.config is None else args.config}
-        defaults.setdefault("device", "auto")
-        fallback = {"steps": None, "batch_size": None, "checkpoint_every": 500, "sample_every": 500,
-                    "log_every": 10, "num_workers": 2}
-        for key in ("config", "device", "steps", "batch_size", "checkpoint_every", "sample_every", "log_every",
-                    "num_workers"):
-            if getattr(args, key) is None:
-                setattr(args, key, defaults.get(key, fallback.get(key)))
-        if args.out is None:
-            args.out = Path("runs") / ("demo" if args.demo else "fnevr")
-    args.func(args)
+    """Run one command; returns the exit status (0, 1 at run time, 2 for usage; see the module doc)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    parser = build_parser()
+    prog = "fnevr"
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # warnings: one line each
+        print(f"{prog}: warning: {_one_line(message)}", file=sys.stderr)
+
+    try:
+        args = parser.parse_args([a for a in argv if a != "--debug"])
+        prog = f"fnevr {args.command}"
+        if not debug:
+            warnings.showwarning = show
+        if args.command == "train":
+            _train_defaults(args)
+        args.func(args)
+    except CommandError as e:
+        if debug:
+            raise
+        where = e.args[1] if len(e.args) > 1 else prog
+        print(f"{where}: error: {_one_line(e.args[0] if e.args else e)}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every failure is reported in one line (--debug: traceback)
+        if debug:
+            raise
+        kind = "" if isinstance(e, (OSError, ValueError, RuntimeError)) else f"{type(e).__name__}: "
+        print(f"{prog}: error: {kind}{_one_line(e)}", file=sys.stderr)
+        return 1
+    finally:
+        warnings.showwarning = previous
     return 0
+
+
+def _train_defaults(args):
+    defaults = dict(DEMO) if args.demo else {"config": "small" if args.config is None else args.config}
+    defaults.setdefault("device", "auto")
+    fallback = {"steps": None, "batch_size": None, "checkpoint_every": 500, "sample_every": 500,
+                "log_every": 10, "num_workers": 2, "channels_last": "auto"}
+    for key in ("config", "device", "steps", "batch_size", "checkpoint_every", "sample_every", "log_every",
+                "num_workers", "channels_last"):
+        if getattr(args, key) is None:
+            setattr(args, key, defaults.get(key, fallback.get(key)))
+    args.demo_out = args.out is None  # the demo's own folder: it starts afresh there
+    if args.out is None:
+        args.out = Path("runs") / ("demo" if args.demo else "fnevr")
+    if args.demo and args.demo_out and not args.resume:
+        args.overwrite = True

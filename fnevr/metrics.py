@@ -65,11 +65,13 @@ def load_lpips(backbone_weights=None, net: str = "alex", linear_weights=None):
     # torchmetrics' LPIPS network; pnet_rand=True builds the backbone without downloading weights.
     from torchmetrics.functional.image.lpips import _NoTrainLpips
 
+    from .losses.perceptual import load_state_dict
+
     model = _NoTrainLpips(pretrained=True, net=net, pnet_rand=True, model_path=linear_weights)
     with torch.device("meta"):
         features = getattr(torchvision.models, LPIPS_BACKBONES[net])(weights=None).features
     features = features.to_empty(device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_state_dict(path, "LPIPS backbone weights", f"torchvision's {LPIPS_BACKBONES[net]} state dict")
     state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
     missing = [k for k in features.state_dict() if k not in state]
     if missing:

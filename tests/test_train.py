@@ -67,6 +67,19 @@ def test_bf16_training_step(data, tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
 
 
+def test_channels_last_training_step_matches_the_default_layout(data, tmp_path):
+    """channels_last (CUDA's default, the demo's on CPU) converts the 2-D convolution weights only (the
+    ray sampler's 3-D ones cannot be) and gives the same step."""
+    steps = []
+    for layout in (False, True):
+        trainer = Trainer(options(data, tmp_path / str(layout), channels_last=layout))
+        weights = [p for p in trainer.model.parameters() if p.dim() == 4]
+        assert all(p.is_contiguous(memory_format=torch.channels_last) == layout for p in weights if p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1)
+        steps.append(trainer.train_step([next(iter(trainer._loader(0)))]))
+    for k in steps[0]:
+        assert steps[1][k] == pytest.approx(steps[0][k], rel=1e-4, abs=1e-6), k
+
+
 def test_loss_falls_and_outputs_are_written(data, tmp_path):
     trainer = Trainer(options(data, tmp_path, steps=30, checkpoint_every=30, sample_every=15))
     trainer.fit()
@@ -98,8 +111,20 @@ def test_resume_continues_exactly(data, tmp_path):
 
 
 def test_resume_without_checkpoint_says_where_it_looked(data, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint at .*latest.pt"):
-        Trainer(options(data, tmp_path, resume=True))
+    from fnevr.train.run_folder import RunFolderError
+
+    with pytest.raises(RunFolderError, match="no checkpoint to resume from in .*checkpoints"):
+        Trainer(options(data, tmp_path / "run", resume=True))
+    assert not (tmp_path / "run").exists()  # nothing left behind
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("steps", -5), ("batch_size", 0), ("accumulate", 0),
+                                          ("log_every", 0), ("num_workers", -1), ("device", "tpu"),
+                                          ("precision", "fp8")])
+def test_options_out_of_range_are_refused_before_any_work(data, tmp_path, field, value):
+    with pytest.raises(ValueError, match=field if field != "precision" else "precision"):
+        Trainer(options(data, tmp_path / "run", **{field: value}))
+    assert not (tmp_path / "run").exists()
 
 
 def _free_port():
@@ -151,13 +176,19 @@ def test_ddp_two_processes_equal_one_process_on_the_combined_batch(data, tmp_pat
     assert any(k.startswith("kp_detector.") for k in changed) and any("running_var" in k for k in changed)
 
 
-def test_demo_command_runs_and_learns(tmp_path, monkeypatch, capsys):
+def test_demo_command_runs_twice_starting_afresh(tmp_path, monkeypatch, capsys):
+    """`make demo` twice: the second run says it starts afresh and replaces the first."""
     from fnevr.cli import main
 
     monkeypatch.setenv("FNEVR_CACHE", str(tmp_path / "cache"))
-    main(["train", "--demo", "--steps", "2", "--out", str(tmp_path / "run"), "--num-workers", "0"])
-    assert "done: step 2" in capsys.readouterr().out
-    assert (tmp_path / "run" / "checkpoints" / "latest.pt").is_file()
+    monkeypatch.chdir(tmp_path)
+    for steps in ("2", "1"):
+        assert main(["train", "--demo", "--steps", steps, "--num-workers", "0"]) == 0
+        out, err = capsys.readouterr()
+        assert f"done: step {steps}" in out and "the demo starts afresh in runs/demo" in err
+    assert "replacing the earlier run in runs/demo" in err
+    assert [r["step"] for r in read_log(tmp_path / "runs" / "demo")] == ["1"]
+    assert torch.load(tmp_path / "runs" / "demo" / "checkpoints" / "latest.pt", weights_only=True)["step"] == 1
 
 
 def test_evaluate_reports_metrics(data, tmp_path):

@@ -16,10 +16,13 @@ Poses are used only when every video of the split has such a file (otherwise a w
 lack one). Training items then carry ``pose``: ``[3]`` = (yaw, pitch, roll) of the driving frame
 minus the source frame's (a horizontal flip negates yaw and roll).
 
-Unreadable videos: when a video cannot be read, a ``RuntimeWarning`` names it, the dataset drops
-it for the rest of the run (per DataLoader worker) and the item is taken from the next readable
-video of the list instead (for ``id_sampling``: another clip of that identity, else the next
-identity). Only when no video can be read is an error raised.
+Unreadable videos: in the training split, when a video cannot be read, a ``RuntimeWarning`` names
+it, the dataset drops it for the rest of the run (per DataLoader worker) and the item is taken from
+the next readable video of the list instead (for ``id_sampling``: another clip of that identity,
+else the next identity); only when no video can be read is an error raised. In the test split an
+item is one particular video, never replaced by another: reading it raises
+:class:`~fnevr.data.video.VideoReadError` (naming the file), and the caller decides (``fnevr
+evaluate`` skips it and says so).
 
 Randomness: with ``seed=None`` draws come from torch's global generator (which DataLoader seeds per
 worker); with an integer ``seed`` each item draws from its own generator seeded by
@@ -111,6 +114,8 @@ class FramesDataset(Dataset):
         """Item ``index``, drawing its randomness from the stream ``key`` (see the module doc)."""
         if not 0 <= index < len(self):
             raise IndexError(f"FramesDataset: index {index} out of range for {len(self)} items")
+        if not self.is_train:  # a test item is that video or nothing
+            return self._test_item(index, self.root / self.videos[index])
         generator = None
         if self.seed is not None:
             state = np.random.SeedSequence([self.seed, self.epoch, int(key)]).generate_state(2, np.uint32)

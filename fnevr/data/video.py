@@ -18,13 +18,14 @@ Grey images become RGB, an alpha channel is dropped. With ``frame_shape`` every 
     torch.Size([8, 32, 32, 3])
 """
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .._files import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MOVIE_SUFFIXES = (".mp4", ".mov", ".gif")
@@ -137,7 +138,8 @@ def resize_frames(frames: Tensor, size) -> Tensor:
 def write_video(path, frames, fps: float = 25.0) -> None:
     """Write ``frames`` (``uint8`` ``[T, H, W, 3]`` tensor or array; float in ``[0, 1]`` is scaled)
     as a playable H.264 mp4 (yuv420p). Odd heights/widths are padded by one edge pixel, because
-    yuv420p needs even sizes."""
+    yuv420p needs even sizes. The file appears only once complete (written to a temporary name in
+    the same folder, then renamed), so a failed write leaves no partial video behind."""
     import imageio.v2 as imageio
 
     frames = torch.as_tensor(np.asarray(frames) if not isinstance(frames, Tensor) else frames)
@@ -150,14 +152,14 @@ def write_video(path, frames, fps: float = 25.0) -> None:
     if pad_h or pad_w:
         frames = F.pad(frames.permute(0, 3, 1, 2).float(), (0, pad_w, 0, pad_h), mode="replicate")
         frames = frames.to(torch.uint8).permute(0, 2, 3, 1)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    writer = imageio.get_writer(str(path), fps=fps, codec="libx264", pixelformat="yuv420p",
-                                macro_block_size=2, ffmpeg_log_level="error")
-    try:
-        for frame in frames.numpy():
-            writer.append_data(frame)
-    finally:
-        writer.close()
+    with atomic_path(path) as tmp:
+        writer = imageio.get_writer(str(tmp), fps=fps, codec="libx264", pixelformat="yuv420p",
+                                    macro_block_size=2, ffmpeg_log_level="error")
+        try:
+            for frame in frames.numpy():
+                writer.append_data(frame)
+        finally:
+            writer.close()
 
 
 def _check_shape(frame_shape):

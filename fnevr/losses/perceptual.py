@@ -47,6 +47,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FALLBACKS = ("l1", "error")
 
 
+def load_state_dict(path, what: str, expected: str) -> dict:
+    """``torch.load`` of a weights file (tensors only), as a ``{name: tensor}`` dict; ``ValueError``
+    naming ``path`` for anything else."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle means "not a weights file"
+        raise ValueError(f"{what} {path} could not be read as {expected} ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ValueError(f"{what} {path} holds a {type(state).__name__} that is not {expected} (names -> tensors)")
+    return state
+
+
 def hub_vgg19_pattern() -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", "vgg19-*.pth")
 
@@ -80,7 +92,7 @@ class VGG19Features(nn.Module):
         with torch.device("meta"):  # skip the random init of ~140M parameters that the weights replace
             trunk = vgg19(weights=None).features[: VGG19_SLICES[-1][1]]
         trunk = trunk.to_empty(device="cpu")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = load_state_dict(weights, "VGG19 weights", "torchvision's vgg19 state dict")
         state = {k[len("features."):] if k.startswith("features.") else k: v for k, v in state.items()}
         wanted = trunk.state_dict().keys()
         missing = [k for k in wanted if k not in state]

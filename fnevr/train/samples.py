@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import draw_keypoints, make_grid, save_image
 
+from .._files import atomic_path
+
 
 def _with_keypoints(images: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
     """Draw keypoints ``[B, K, 2]`` (in [-1, 1]) on images ``[B, 3, H, W]`` in [0, 1]."""
@@ -30,8 +32,6 @@ def save_sample_grid(path: Path, batch: dict, out: dict, rows: int = 4) -> Path:
                col(out["prediction"]), col(out["mini_render"]), col(out["deformed"])]
     grid = make_grid(torch.stack(columns, 1).flatten(0, 1), nrow=len(columns), padding=2, pad_value=1.0)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    save_image(grid, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_image(grid, tmp)
     return path

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,8 +27,10 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import load_config
 from ..data.dataset import DatasetRepeater, FramesDataset
 from ..data.synthetic import ensure_synthetic_dataset
+from ..device import parse_device
 from ..model import FNeVR
 from .losses import DiscriminatorLoss, GeneratorLoss, sliced_tps
+from .run_folder import RunFolder, RunFolderError
 from .samples import save_sample_grid
 
 PARTS = ("generator", "kp_detector", "discriminator", "pose_editor")
@@ -53,12 +56,37 @@ class TrainOptions:
     checkpoint_every: int = 500
     sample_every: int = 500
     log_every: int = 10
-    resume: bool = False
+    resume: bool = False              # continue the run in ``out`` from its newest readable checkpoint
+    overwrite: bool = False           # replace the run in ``out`` (without it, and without resume, an error)
+    allow_nonfinite: bool = False     # go on after a NaN/inf loss (default: stop, naming the loss term)
     seed: int = 0
     vgg_weights: str | None = None
     perceptual_fallback: str = "l1"
     backend: str | None = None         # fused-op backend; default: the config's
     progress: bool = True
+
+    def validate(self):
+        """Raise ``ValueError`` naming the first option out of range (before any work is done)."""
+        def positive(name, value, optional=False):
+            if (value is None and optional) or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                return
+            raise ValueError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
+
+        positive("steps", self.steps, optional=True)
+        positive("batch_size", self.batch_size, optional=True)
+        for name in ("accumulate", "checkpoint_every", "sample_every", "log_every"):
+            positive(name, getattr(self, name))
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16", "fp64"):
+            raise ValueError(f"precision must be auto, fp32, bf16, fp16 or fp64, got {self.precision!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
+        parse_device(self.device)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or inf (training stops unless ``allow_nonfinite``)."""
 
 
 class Trainer:
@@ -70,21 +98,62 @@ class Trainer:
     """
 
     def __init__(self, opts: TrainOptions):
+        opts.validate()
         self.opts = opts
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        self.is_main = self.rank == 0
+        self.out = Path(opts.out)
+        self.config = load_config(opts.config)
+        self.folder = RunFolder(self.out) if self.is_main else None
+        if self.folder is not None:  # checked and locked before anything heavy is built
+            self._claim_folder()
+            weakref.finalize(self, self.folder.release)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        if self.folder is not None and opts.overwrite and self.folder.holds_run():  # only once all went well
+            self.say(f"replacing the earlier run in {self.out} (removed {', '.join(self.folder.clear())})")
+
+    def _claim_folder(self):
+        for note in self.folder.acquire():
+            self.say(note)
+        try:
+            if self.folder.holds_run() and not (self.opts.resume or self.opts.overwrite):
+                raise RunFolderError(f"{self.out} already holds a training run; pass --resume to continue it "
+                                     f"or --overwrite to replace it (or choose another --out)")
+            if self.opts.resume and not self.folder.resume_candidates():
+                raise RunFolderError(f"--resume: no checkpoint to resume from in {self.folder.checkpoints} "
+                                     f"(looked for latest.pt and step-N.pt)")
+            for path in self.folder.remove_partial_files():
+                self.say(f"removed {path}, a partial file of an interrupted write")
+        except BaseException:
+            self.folder.release()
+            raise
+
+    def say(self, message: str):
+        """A message for the user (rank 0 only), on stderr."""
+        if self.is_main:
+            print(f"fnevr train: {message}", file=sys.stderr, flush=True)
+
+    def close(self):
+        """Release the run folder (also done at the end of :meth:`fit`)."""
+        if self.folder is not None:
+            self.folder.release()
+
+    def _build(self):
+        opts = self.opts
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if opts.device == "auto":
-            self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-        else:
-            self.device = torch.device(opts.device)
+        self.device = parse_device(opts.device)
+        if opts.device == "auto" and self.device.type == "cuda":
+            self.device = torch.device(f"cuda:{local}")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.is_main = self.rank == 0
-        self.out = Path(opts.out)
-        self.config = load_config(opts.config)
+        self.dataset = self._dataset()  # reads only the folder listing; a bad --data fails here, early
         tp = self.config["train_params"]
         batch = opts.batch_size or tp["batch_size"]
         if batch % (self.world * opts.accumulate):
@@ -92,8 +161,6 @@ class Trainer:
                              f"({opts.accumulate})")
         self.global_batch, self.micro_batch = batch, batch // (self.world * opts.accumulate)
         precision = opts.precision if opts.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
-        if precision not in ("fp32", "bf16", "fp16", "fp64"):
-            raise ValueError(f"precision must be auto, fp32, bf16, fp16 or fp64, got {precision!r}")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.param_dtype = torch.float64 if precision == "fp64" else torch.float32  # fp64: for exactness checks
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
@@ -104,9 +171,12 @@ class Trainer:
             self.model.set_backend(opts.backend)
         if self.world > 1:
             self.model = _sync_batchnorm(self.model, self.device)
-        channels_last = opts.channels_last if opts.channels_last is not None else self.device.type == "cuda"
-        self.model.to(self.device, self.param_dtype,
-                      memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        self.channels_last = opts.channels_last if opts.channels_last is not None else self.device.type == "cuda"
+        self.model.to(self.device, self.param_dtype)
+        if self.channels_last:  # 2-D convolution weights only: Module.to(memory_format=) fails on the 3-D ones
+            for t in (*self.model.parameters(), *self.model.buffers()):
+                if t.dim() == 4:
+                    t.data = t.data.contiguous(memory_format=torch.channels_last)
         if opts.compile:
             self.model.generator.compile()
             self.model.kp_detector.compile()
@@ -127,7 +197,7 @@ class Trainer:
         self.schedulers = {p: torch.optim.lr_scheduler.MultiStepLR(o, tp.get("epoch_milestones", []), gamma=0.1)
                            for p, o in self.optimizers.items()}
         self.step = self.epoch = self.epoch_step = 0
-        self.dataset = self._dataset()
+        self.resumed_from = None
         if opts.resume:
             self._resume()
 
@@ -214,7 +284,7 @@ class Trainer:
         return totals
 
     def _to_device(self, batch: dict) -> dict:
-        fmt = torch.channels_last if self.device.type == "cuda" and self.opts.channels_last is not False else None
+        fmt = torch.channels_last if self.channels_last else None
         out = {}
         for k, v in batch.items():
             if torch.is_tensor(v):
@@ -234,7 +304,17 @@ class Trainer:
             raise ValueError(f"the dataset has {len(self.dataset)} items per epoch, fewer than one step of "
                              f"{self.global_batch} (batch) x {self.opts.accumulate} (accumulate)")
         total = self.opts.steps or per_epoch * tp["num_epochs"]
-        logger = _Logger(self.out, self.is_main, asdict(self.opts), self.perceptual_mode)
+        if self.folder is not None and not self.folder.locked:  # a second fit() of this trainer
+            for note in self.folder.acquire():
+                self.say(note)
+        try:
+            return self._fit(total)
+        finally:
+            self.close()
+
+    def _fit(self, total: int) -> dict:
+        logger = _Logger(self.out, self.is_main, asdict(self.opts), self.perceptual_mode,
+                         purge_step=self.step + 1 if self.resumed_from is not None else None)
         bar = None
         lines = self.is_main and self.opts.progress and not sys.stderr.isatty()  # logs, not a terminal
         if self.is_main and self.opts.progress and not lines:
@@ -249,9 +329,7 @@ class Trainer:
                 if len(micro) < self.opts.accumulate:
                     continue
                 losses, micro = self.train_step(micro), []
-                if not all(math.isfinite(v) for v in losses.values()):
-                    raise FloatingPointError(f"step {self.step}: non-finite loss {losses}; lower the learning rate "
-                                             f"or use --precision fp32")
+                self._check_finite(losses)
                 self.epoch_step += 1
                 window.append(losses)
                 if bar is not None:
@@ -287,6 +365,26 @@ class Trainer:
         logger.close()
         return last
 
+    def _check_finite(self, losses: dict):
+        bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+        flag = len(bad)
+        if self.world > 1:  # every process stops, or none
+            t = torch.tensor([flag], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = int(t.item())
+        if not flag:
+            return
+        terms = ", ".join(f"{k} = {v}" for k, v in bad.items()) or "in another process"
+        if self.opts.allow_nonfinite:
+            self.say(f"step {self.step}: non-finite loss ({terms}); going on (--allow-nonfinite)")
+            return
+        first = next(iter(bad), None)
+        last = self.folder.resume_candidates()[:1] if self.folder is not None else []
+        raise NonFiniteLossError(
+            f"step {self.step}: the loss term {first!r} is not finite ({terms}); training stopped, "
+            f"nothing of this step was saved (last checkpoint: {last[0] if last else 'none'}). Try a lower "
+            f"learning rate or --precision fp32, or pass --allow-nonfinite to go on")
+
     # --- checkpoints ----------------------------------------------------------------------------------
 
     def save(self) -> Path | None:
@@ -305,10 +403,27 @@ class Trainer:
         return path
 
     def _resume(self):
-        path = self.out / "checkpoints" / "latest.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        loaded, extra = load_checkpoint(path, self.config, map_location=self.device, training_modules=True)
+        """Continue from the newest readable checkpoint: ``latest.pt``, or a ``step-N.pt`` newer than it
+        (a crash between the two writes) or, when it cannot be read, the highest readable ``step-N.pt``."""
+        folder = self.folder or RunFolder(self.out)
+        newest = None  # (step, path, model, extra)
+        for path in folder.resume_candidates():
+            if newest is not None and path.name != "latest.pt" and int(path.stem[5:]) <= newest[0]:
+                break
+            try:
+                loaded, extra = load_checkpoint(path, self.config, map_location=self.device, training_modules=True)
+                step = extra["step"]
+                state = extra["training"]
+                if not isinstance(step, int) or not isinstance(state, dict):
+                    raise ValueError("no training state")
+            except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+                self.say(f"--resume: skipping {path}: {str(e).splitlines()[0]}")
+                continue
+            if newest is None or step > newest[0]:
+                newest = (step, path, loaded, extra)
+        if newest is None:
+            raise RunFolderError(f"--resume: no readable checkpoint in {folder.checkpoints}")
+        step, path, loaded, extra = newest
         _plain(self.model).load_state_dict(loaded.state_dict())
         state = extra["training"]
         for k, o in self.optimizers.items():
@@ -318,12 +433,17 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"].cpu())
         self.step, self.epoch, self.epoch_step = extra["step"], extra["epoch"], extra["epoch_step"]
+        self.resumed_from = path
+        if self.folder is not None:
+            dropped = self.folder.truncate_log(self.step)
+            self.say(f"resuming from {path} (step {self.step})"
+                     + (f"; dropped {dropped} log row(s) after it, they are trained again" if dropped else ""))
 
 
 class _Logger:
     """CSV (``log.csv``) and TensorBoard (``tb/``) logs, on rank 0 only."""
 
-    def __init__(self, out: Path, active: bool, options: dict, perceptual_mode: str):
+    def __init__(self, out: Path, active: bool, options: dict, perceptual_mode: str, purge_step: int | None = None):
         self.active, self.writer, self.file, self.csv = active, None, None, None
         if not active:
             return
@@ -332,7 +452,7 @@ class _Logger:
         self.columns = None
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(out / "tb"))
+            self.writer = SummaryWriter(str(out / "tb"), purge_step=purge_step)  # a resume replaces later events
             self.writer.add_text("options", repr(options) + f"\nperceptual loss: {perceptual_mode}")
         except ImportError:  # tensorboard is optional at run time; the CSV log is always written
             self.writer = None
