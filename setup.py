@@ -1,10 +1,11 @@
 """Builds fnevr: the Python package, its C++ CPU extension (fnevr._C) and, where CUDA is at hand,
 its CUDA extension (fnevr._C_cuda). The Triton kernels in kernels/ install as fnevr.kernels.
 
-FNEVR_BUILD_CUDA=1 forces the CUDA extension on (the build fails loudly if it cannot be built),
-=0 forces it off; unset, it is built when torch has CUDA and nvcc is found, for the visible GPU or,
-with none, for TORCH_CUDA_ARCH_LIST (default "8.0;9.0"). Install with
-`pip install --no-build-isolation .` so the build uses the torch you already have.
+FNEVR_BUILD_CUDA=1 forces the CUDA extension on (the build fails loudly if it cannot be built; CI
+forces it, so every CUDA source is compiled there), =0 forces it off; unset, it is built where a GPU
+is present (and torch has CUDA and nvcc is found), for that GPU. A forced build with no GPU targets
+TORCH_CUDA_ARCH_LIST (default "8.0;9.0"). Install with `pip install --no-build-isolation .` so the
+build uses the torch you already have.
 """
 
 import glob
@@ -37,7 +38,8 @@ def want_cuda() -> bool:
         return True
     if flag in ("0", "false", "off", "no"):
         return False
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    # Unforced, only where it can run: compiling the CUDA kernels takes minutes on a small CPU.
+    return torch.version.cuda is not None and CUDA_HOME is not None and torch.cuda.is_available()
 
 
 if want_cuda() and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
