@@ -20,7 +20,7 @@ _UNROLL_D: tl.constexpr = tl.constexpr(32)  # up to this many samples, the loop 
 def _activate(x, ACT: tl.constexpr):
     # Softplus as PyTorch's (identity above 20); exp(x) below -15, where 1 + exp(x) rounds to 1.
     if ACT == 0:
-        p = tl.maximum(x, 0.0)
+        p = tl.where(x <= 0.0, 0.0, x)  # as torch.relu: NaN stays NaN (tl.maximum may drop it)
     elif ACT == 1:
         p = tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
     else:
@@ -29,14 +29,16 @@ def _activate(x, ACT: tl.constexpr):
 
 
 @triton.jit
-def _activate_grad(x, ACT: tl.constexpr):
+def _activate_backward(g, x, ACT: tl.constexpr):
+    """g act'(x), as PyTorch: relu's a select (where relu is off a NaN or inf g gives 0; relu'(NaN) = 1),
+    softplus's a product."""
     if ACT == 0:
-        d = tl.where(x > 0.0, 1.0, 0.0)
+        d = tl.where(x <= 0.0, 0.0, g)
     elif ACT == 1:
         z = tl.exp(tl.minimum(x, 20.0))
-        d = tl.where(x > 20.0, 1.0, z / (z + 1.0))
+        d = tl.where(x > 20.0, g, g * (z / (z + 1.0)))
     else:
-        d = x * 0.0 + 1.0
+        d = g
     return d
 
 
@@ -142,7 +144,7 @@ def _backward_kernel(grad_out, color, density, grad_color, grad_density, R, D: t
     dmask = rmask[:, None] & (samples < D)[None, :]
     doffs = rays[:, None] * D + samples[None, :]
     sigma = tl.load(density + doffs, mask=dmask, other=0.0).to(ACC)
-    grad = (pushed - prefix[:, None]) * _activate_grad(sigma, ACT)
+    grad = _activate_backward(pushed - prefix[:, None], sigma, ACT)
     tl.store(grad_density + doffs, grad.to(grad_density.dtype.element_ty), mask=dmask)
 
 

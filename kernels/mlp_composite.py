@@ -38,7 +38,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from ._common import accumulator, cdiv, interpreting, launch_ctx, multiprocessors, next_power_of_2
-from .composite import _activate, _activate_grad, _step
+from .composite import _activate, _activate_backward, _step
 
 # Wide layers go in pieces (see _xwt, _dzw, _wgrad): each tl.dot reduces over at most _K_PIECE
 # channels, each weight-gradient block is at most _G_BLOCK x _G_BLOCK. A whole [128, 128] fp32
@@ -328,16 +328,16 @@ def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
     else:
         pushed = e * dw + (prefix[:, None] + tl.cumsum(ew, axis=1))
     prefix += tl.sum(ew, axis=1)
-    dsigma = tl.where(inside, (pushed - total[:, None]) * _activate_grad(sigma, ACT), 0.0)
+    dsigma = tl.where(inside, _activate_backward(pushed - total[:, None], sigma, ACT), 0.0)
     dsigma = tl.reshape(dsigma, [ROWS])
     dh = tl.reshape(w[:, :, None] * gF[:, None, :], [ROWS, HP])
     # fuse_hidden
-    dz = _op(tl.where(h > 0.0, dh, 0.0), OP, EMU)
+    dz = _op(tl.where(h <= 0.0, 0.0, dh), OP, EMU)
     _wgrad(part + O_FH, _fresh(dz, PREC, z), _fresh(a4, PREC, z), keep, ROWS, HP, HP, HP, ACC, PREC, z)
     _vgrad(part + O_BFH, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
     da = _dzw(dz, wfh, H, H, H, 0, None, ROWS, HP, HP, OP, ACC, PREC, z)
     # fuse
-    dz = _op(tl.where(a4 > 0.0, da, 0.0), OP, EMU)
+    dz = _op(tl.where(a4 <= 0.0, 0.0, da), OP, EMU)
     y = _xwt(_fresh(cd, PREC, z), wci, H, Ec, Ec, 0, None, ROWS, KC, HP, OP, ACC, PREC, z)
     a3 = _op(_relu(y + _vec(bci, H, HP, ACC, z)[None, :]), OP, EMU)
     _wgrad(part + O_FA, _fresh(dz, PREC, z), _fresh(a2, PREC, z), keep, ROWS, HP, H4P, H4P, ACC, PREC, z)
@@ -346,7 +346,7 @@ def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
     da2 = _dzw(dz, wf, H, H4, H4 + H, 0, None, ROWS, HP, H4P, OP, ACC, PREC, z)
     da = _dzw(dz, wf, H, H, H4 + H, H4, None, ROWS, HP, HP, OP, ACC, PREC, z)
     # color_in
-    dz = _op(tl.where(a3 > 0.0, da, 0.0), OP, EMU)
+    dz = _op(tl.where(a3 <= 0.0, 0.0, da), OP, EMU)
     _wgrad(part + O_CI, _fresh(dz, PREC, z), _fresh(cd, PREC, z), keep, ROWS, HP, KC, KC, ACC, PREC, z)
     _vgrad(part + O_BCI, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
     gc = _dzw(dz, wci, H, Ec, Ec, 0, None, ROWS, HP, KC, OP, ACC, PREC, z)
@@ -358,7 +358,7 @@ def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
     a0 = _op(_relu(y + _vec(bsi, H, HP, ACC, z)[None, :]), OP, EMU)
     y = _xwt(a0, wsh, H, H, H, 0, None, ROWS, HP, HP, OP, ACC, PREC, z)
     a1 = _op(_relu(y + _vec(bsh, H, HP, ACC, z)[None, :]), OP, EMU)
-    dz = _op(tl.where(a2 > 0.0, da2, 0.0), OP, EMU)
+    dz = _op(tl.where(a2 <= 0.0, 0.0, da2), OP, EMU)
     _wgrad(part + O_SF, _fresh(dz, PREC, z), _fresh(a1, PREC, z), keep, ROWS, H4P, HP, HP, ACC, PREC, z)
     _vgrad(part + O_BSF, tl.sum(dz.to(ACC), axis=0), keep, H4P, z)
     da = _dzw(dz, wsf, H4, H, H, 0, None, ROWS, H4P, HP, OP, ACC, PREC, z)
@@ -368,12 +368,12 @@ def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
     tl.store(part + O_BD, bd_old + tl.sum(dsigma, axis=0))
     da += dsigma[:, None] * _vec(wd, H, HP, ACC, z)[None, :]
     # shape_hidden
-    dz = _op(tl.where(a1 > 0.0, da, 0.0), OP, EMU)
+    dz = _op(tl.where(a1 <= 0.0, 0.0, da), OP, EMU)
     _wgrad(part + O_SH, _fresh(dz, PREC, z), _fresh(a0, PREC, z), keep, ROWS, HP, HP, HP, ACC, PREC, z)
     _vgrad(part + O_BSH, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
     da = _dzw(dz, wsh, H, H, H, 0, None, ROWS, HP, HP, OP, ACC, PREC, z)
     # shape_in
-    dz = _op(tl.where(a0 > 0.0, da, 0.0), OP, EMU)
+    dz = _op(tl.where(a0 <= 0.0, 0.0, da), OP, EMU)
     _wgrad(part + O_SI, _fresh(dz, PREC, z), _fresh(s, PREC, z), keep, ROWS, HP, KS, KS, ACC, PREC, z)
     _vgrad(part + O_BSI, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
     gs = _dzw(dz, wsi, H, Es, Es, 0, None, ROWS, HP, KS, OP, ACC, PREC, z)

@@ -33,14 +33,15 @@ def _act(z, ACT: tl.constexpr, slope):
 
 
 @triton.jit
-def _act_grad(z, ACT: tl.constexpr, slope):
-    one = tl.zeros_like(z) + 1.0  # in z's dtype (a bare float constant would be fp32), and 1 where z is NaN
+def _act_backward(dy, z, ACT: tl.constexpr, slope):
+    """dy act'(z), as PyTorch: relu's is a select (a NaN or inf dy where relu is off gives 0),
+    leaky_relu's a product; relu'(NaN) = 1, leaky_relu'(NaN) = slope."""
     if ACT == 1:
-        d = tl.where(z <= 0.0, 0.0, one)
+        d = tl.where(z <= 0.0, 0.0, dy)
     elif ACT == 2:
-        d = tl.where(z > 0.0, one, one * slope)
+        d = tl.where(z > 0.0, dy, dy * slope)
     else:
-        d = one
+        d = dy
     return d
 
 
@@ -293,7 +294,7 @@ def _reduce_kernel(grad_y, x, gamma, beta, mean, var, sums, N, C, S, chunk_tiles
             b = tl.load(beta + offs, mask=mask, other=0.0).to(ACC)
         else:
             b = b_nc[:, None] + xhat * 0.0
-        dz = tl.where(mask, dy * _act_grad(xhat * (1.0 + g) + b, ACT, slope), 0.0)
+        dz = tl.where(mask, _act_backward(dy, xhat * (1.0 + g) + b, ACT, slope), 0.0)
         dxhat = dz * (1.0 + g)
         s_dxhat += tl.sum(dxhat, axis=1)
         s_dxhat_xhat += tl.sum(dxhat * xhat, axis=1)
@@ -316,7 +317,7 @@ def _backward_kernel(grad_y, x, gamma, beta, mean, var, group_means, dx, dgamma,
                                                       CL, ACC, BLOCK_R, BLOCK_C)
     c1 = tl.load(group_means + grp, mask=mask, other=0.0)
     c2 = tl.load(group_means + G + grp, mask=mask, other=0.0)
-    dz = tl.load(grad_y + offs, mask=mask, other=0.0).to(ACC) * _act_grad(xhat * (1.0 + g) + b, ACT, slope)
+    dz = _act_backward(tl.load(grad_y + offs, mask=mask, other=0.0).to(ACC), xhat * (1.0 + g) + b, ACT, slope)
     dxhat = dz * (1.0 + g)
     tl.store(dx + offs, (rstd * (dxhat - c1 - xhat * c2)).to(dx.dtype.element_ty), mask=mask)
     if GAMMA_GRAD:
@@ -340,7 +341,7 @@ def _instance_tile(grad_y, x, gamma, beta, offs, mask, g_row, b_row, m, rstd, sl
     else:
         b = xv * 0.0 + b_row
     xhat = tl.where(mask, (xv - m) * rstd, 0.0)
-    dz = tl.where(mask, dy * _act_grad(xhat * (1.0 + g) + b, ACT, slope), 0.0)
+    dz = tl.where(mask, _act_backward(dy, xhat * (1.0 + g) + b, ACT, slope), 0.0)
     return xhat, dz, dz * (1.0 + g)
 
 

@@ -80,7 +80,7 @@ void backward_rays(const scalar_t* grad_out, const scalar_t* color, const scalar
       for (int64_t i = 0; i < D; ++i) {
         const acc_t sigma = static_cast<acc_t>(density[r * D + i]);
         grad_density[r * D + i] =
-            static_cast<scalar_t>(scan.finish(pushed[i], composite::activate_grad(sigma, act)));
+            static_cast<scalar_t>(scan.finish(pushed[i], sigma, act));
       }
     }
   });

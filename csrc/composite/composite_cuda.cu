@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = 0; i < L.D; ++i) {
     const acc_t sigma = static_cast<acc_t>(d_ray[i]);
     grad_density[ray * L.D + i] =
-        static_cast<scalar_t>(scan.finish(pushed[ray * L.D + i], composite::activate_grad(sigma, act)));
+        static_cast<scalar_t>(scan.finish(pushed[ray * L.D + i], sigma, act));
   }
 }
 

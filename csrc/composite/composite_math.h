@@ -34,17 +34,19 @@ FNEVR_HD double expm1_(double x) { return expm1(x); }
 FNEVR_HD float log1p_(float x) { return log1pf(x); }
 FNEVR_HD double log1p_(double x) { return log1p(x); }
 
+// relu as torch.relu: NaN stays NaN (x > 0 ? x : 0 would make it 0), -inf gives 0.
 template <typename T>
 FNEVR_HD T activate(T x, int act) {
-  if (act == kRelu) return x > T(0) ? x : T(0);
+  if (act == kRelu) return x <= T(0) ? T(0) : x;
   if (act == kSoftplus) return x > T(kSoftplusThreshold) ? x : log1p_(exp_(x));
   return x;
 }
 
-// d act(x) / dx, with PyTorch's conventions: relu'(0) = 0, softplus' = 1 above the threshold.
+// d act(x) / dx, with PyTorch's conventions: relu'(0) = 0, relu'(NaN) = 1, softplus' = 1 above the
+// threshold.
 template <typename T>
 FNEVR_HD T activate_grad(T x, int act) {
-  if (act == kRelu) return x > T(0) ? T(1) : T(0);
+  if (act == kRelu) return x <= T(0) ? T(0) : T(1);
   if (act == kSoftplus) {
     if (x > T(kSoftplusThreshold)) return T(1);
     const T z = exp_(x);
@@ -88,8 +90,12 @@ struct GradScan {
     prefix += e * s.w;
     return e * s.dw_dp + prefix;
   }
-  // sum_{k>i} e_k w_k = total - prefix_i
-  FNEVR_HD T finish(T pushed, T act_grad) const { return (pushed - prefix) * act_grad; }
+  // sum_{k>i} e_k w_k = total - prefix_i, through act at sigma_i. relu's is a select, as PyTorch's
+  // threshold_backward: where relu is off a NaN or inf gradient gives 0 (times 0 would give NaN).
+  FNEVR_HD T finish(T pushed, T sigma, int act) const {
+    const T g = pushed - prefix;
+    return act == kRelu ? (sigma <= T(0) ? T(0) : g) : g * activate_grad(sigma, act);
+  }
 };
 
 }  // namespace composite

@@ -80,7 +80,7 @@ struct Term {
 // What a product does with its result C (M x N, row m at c + m * ldc; only columns < N are touched).
 enum class Mode {
   kBiasRelu,    // C = relu(sum + bias): a layer's forward
-  kMasked,      // C = C > 0 ? sum : 0: a gradient through the ReLU whose output C holds, in place
+  kMasked,      // C = C <= 0 ? 0 : sum: a gradient through the ReLU whose output C holds, in place
   kPlain,       // C = sum
   kAccumulate,  // C += sum: weight gradients
 };
@@ -144,12 +144,13 @@ inline __attribute__((always_inline)) void micro_tile(std::initializer_list<Term
       T* out = c + (m0 + i) * ldc + n0 + j * L;
       const int64_t n = nr - j * L;
       Vec<T> v = acc[i][j];
+      // Selects as mlp::relu and mlp::relu_backward: NaN passes as in PyTorch.
       if (mode == Mode::kBiasRelu) {
-        v = v > zero ? v : zero;
+        v = v <= zero ? zero : v;
       } else if (mode == Mode::kMasked) {
         Vec<T> y;
         load_vec(y, out, n);
-        v = y > zero ? v : zero;
+        v = y <= zero ? zero : v;
       }
       store_vec(out, v, n);
     }

@@ -71,14 +71,16 @@ FNEVR_HD int64_t param_offset(const Dims& d, int p) {
 }
 FNEVR_HD int64_t num_param_elements(const Dims& d) { return param_offset(d, kNumParams); }
 
+// As torch.relu: NaN stays NaN (x > 0 ? x : 0 would make it 0).
 template <typename T>
 FNEVR_HD T relu(T x) {
-  return x > T(0) ? x : T(0);
+  return x <= T(0) ? T(0) : x;
 }
-// The gradient through y = relu(z), given dL/dy and y (relu'(0) = 0, as PyTorch's).
+// The gradient through y = relu(z), given dL/dy and y, as PyTorch's threshold_backward: a select
+// (relu'(0) = 0; where y is NaN the gradient passes, where y is 0 a NaN gradient gives 0).
 template <typename T>
 FNEVR_HD T relu_backward(T grad, T y) {
-  return y > T(0) ? grad : T(0);
+  return y <= T(0) ? T(0) : grad;
 }
 
 // Forward compositing of one ray: the weights w[0..D) of its samples from their raw densities
@@ -106,7 +108,7 @@ FNEVR_HD void ray_backward(const T* sigma, const T* e, int64_t D, bool inclusive
     w[i] = s.w;
     dsigma[i] = scan.push(e[i], s);  // partial value until the ray's total is known
   }
-  for (int64_t i = 0; i < D; ++i) dsigma[i] = scan.finish(dsigma[i], composite::activate_grad(sigma[i], act));
+  for (int64_t i = 0; i < D; ++i) dsigma[i] = scan.finish(dsigma[i], sigma[i], act);
 }
 
 }  // namespace mlp

@@ -168,9 +168,12 @@ struct ElementGrad {
   T dxhat;  // dz (1 + g)
 };
 
+// dL/dz = dy act'(z). For relu a select, as PyTorch's threshold_backward: where relu is off, a NaN
+// or inf dy gives 0 (dy * 0 would give NaN); leaky_relu multiplies, as PyTorch's does.
 template <typename T>
 FNEVR_HD ElementGrad<T> modulate_grad(T dy, T xhat, T g, T b, int act, T slope) {
-  const T dz = dy * activate_grad(xhat * (T(1) + g) + b, act, slope);
+  const T z = xhat * (T(1) + g) + b;
+  const T dz = act == kRelu ? (z <= T(0) ? T(0) : dy) : dy * activate_grad(z, act, slope);
   return {dz, dz * (T(1) + g)};
 }
 

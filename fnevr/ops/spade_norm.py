@@ -38,6 +38,8 @@ between the passes (eager mode only).
 """
 
 import functools
+import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +112,7 @@ def spade_norm(x: Tensor, gamma: Tensor, beta: Tensor, *, norm: str = "instance"
         ``[N, C, H, W]`` in ``x``'s dtype and memory format.
     """
     _check(x, gamma, beta, norm, activation, running_mean, running_var, training, momentum)
+    _check_numbers(eps, negative_slope)
     if process_group is not None and norm != "batch":
         raise ValueError("process_group applies to norm='batch' only")
     name = resolve(backend, x.device, "spade_norm")
@@ -174,6 +177,14 @@ def _modulation(t, x, cl):
     if cl:
         return t.permute(0, 2, 3, 1).contiguous().view(N, H * W, C)
     return t.contiguous().view(N, C, H * W)
+
+
+def _check_numbers(eps, negative_slope):
+    # A negative eps makes var + eps negative for near-constant groups: NaN, from an argument.
+    if not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"spade_norm: eps must be a finite number >= 0, got {eps!r}")
+    if not isinstance(negative_slope, numbers.Real) or not math.isfinite(negative_slope):
+        raise ValueError(f"spade_norm: negative_slope must be a finite number, got {negative_slope!r}")
 
 
 def _check(x, gamma, beta, norm, activation, running_mean, running_var, training, momentum):

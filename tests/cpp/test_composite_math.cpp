@@ -93,7 +93,7 @@ std::vector<T> grad_sigma(const Ray& r, int act, bool inclusive) {
     for (int k = 0; k < kC; ++k) e += T(r.g[k]) * T(r.color[i * kC + k]);
     pushed[i] = scan.push(e, s);
   }
-  for (size_t i = 0; i < D; ++i) grad[i] = scan.finish(pushed[i], cm::activate_grad(T(r.sigma[i]), act));
+  for (size_t i = 0; i < D; ++i) grad[i] = scan.finish(pushed[i], T(r.sigma[i]), act);
   return grad;
 }
 
@@ -239,6 +239,19 @@ void check_activations() {
   check(cm::activate(T(-2), cm::kRelu) == T(0) && cm::activate_grad(T(0), cm::kRelu) == T(0) &&
             cm::activate_grad(T(3), cm::kRelu) == T(1) && cm::activate(T(-2), cm::kNone) == T(-2),
         tag + ": relu and none (relu'(0) = 0, as in PyTorch)");
+
+  // NaN and inf as torch.relu and its threshold_backward: relu(NaN) = NaN, relu(-inf) = 0,
+  // relu'(NaN) = 1, and where relu is off a NaN or inf gradient gives 0, not NaN.
+  const T nan = T(std::nan("")), inf = T(kInf);
+  cm::GradScan<T> scan;
+  check(std::isnan(cm::activate(nan, cm::kRelu)) && cm::activate(-inf, cm::kRelu) == T(0) &&
+            cm::activate(inf, cm::kRelu) == inf && cm::activate_grad(nan, cm::kRelu) == T(1) &&
+            std::isnan(cm::activate(nan, cm::kSoftplus)) && std::isnan(cm::activate_grad(nan, cm::kSoftplus)),
+        tag + ": activations at NaN and inf follow PyTorch");
+  check(scan.finish(nan, T(-1), cm::kRelu) == T(0) && scan.finish(inf, T(0), cm::kRelu) == T(0) &&
+            std::isnan(scan.finish(nan, T(2), cm::kRelu)) && std::isnan(scan.finish(nan, nan, cm::kRelu)) &&
+            std::isnan(scan.finish(nan, T(-1), cm::kSoftplus)),
+        tag + ": the density gradient through relu is a select (NaN where relu is on or at NaN, 0 where off)");
 }
 
 }  // namespace

@@ -84,6 +84,11 @@ void check_relu() {
   check(mlp::relu(-1.5) == 0.0 && mlp::relu(0.0) == 0.0 && mlp::relu(2.5f) == 2.5f &&
             mlp::relu_backward(3.0, 0.0) == 0.0 && mlp::relu_backward(3.0, 1e-30) == 3.0,
         "relu, and its gradient from the output (relu'(0) = 0, as in PyTorch)");
+  const double nan = std::nan(""), inf = INFINITY;
+  check(std::isnan(mlp::relu(nan)) && mlp::relu(-inf) == 0.0 && std::isnan(mlp::relu(float(nan))) &&
+            mlp::relu_backward(nan, 0.0) == 0.0 && mlp::relu_backward(inf, 0.0) == 0.0 &&
+            mlp::relu_backward(2.0, nan) == 2.0 && std::isnan(mlp::relu_backward(nan, 1.0)),
+        "relu at NaN and inf as PyTorch: relu(NaN) = NaN; a NaN or inf gradient where it is off gives 0");
 }
 
 template <typename T>

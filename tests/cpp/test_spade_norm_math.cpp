@@ -170,6 +170,13 @@ void test_activation_conventions() {
             sm::activate(inf, sm::kRelu, 0.2) == inf && sm::activate_grad(nan, sm::kRelu, 0.2) == 1.0 &&
             sm::activate_grad(nan, sm::kLeakyRelu, 0.2) == 0.2,
         "activation values and derivatives at NaN and inf follow PyTorch (relu(-inf) = 0, relu'(NaN) = 1)");
+  // xhat (1 + g) + b = -1: relu is off, so a NaN or inf dy gives 0 (a select, as threshold_backward);
+  // leaky_relu multiplies, so NaN stays NaN.
+  check(sm::modulate_grad(nan, 1.0, 0.0, -2.0, sm::kRelu, 0.2).dz == 0.0 &&
+            sm::modulate_grad(inf, 1.0, 0.0, -2.0, sm::kRelu, 0.2).dz == 0.0 &&
+            std::isnan(sm::modulate_grad(nan, 1.0, 0.0, 2.0, sm::kRelu, 0.2).dz) &&
+            std::isnan(sm::modulate_grad(nan, 1.0, 0.0, -2.0, sm::kLeakyRelu, 0.2).dz),
+        "the gradient through relu is a select: NaN/inf dy where relu is off gives 0");
 }
 
 // plan_split: every (sample, position) in exactly one non-empty piece; about `target` blocks when
