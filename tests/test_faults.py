@@ -31,7 +31,8 @@ from fnevr.model import FNeVR
 STEPS, EVERY = 6, 2
 
 # Runs `fnevr train` with a fault armed: KILL_SAVE=n kills the n-th torch.save half-way through its
-# file, KILL_STEP=n kills after the n-th optimiser step, SLOW=s sleeps s seconds per step.
+# file, KILL_STEP=n kills after the n-th optimiser step, WAIT_FOR=path holds the first step until
+# that file exists.
 RUNNER = textwrap.dedent("""
     import os, signal, sys, time
     import torch
@@ -61,7 +62,8 @@ RUNNER = textwrap.dedent("""
     real_step = Trainer.train_step
     def step(self, batches):
         out = real_step(self, batches)
-        time.sleep(float(os.environ.get("SLOW", 0)))
+        while not os.path.exists(os.environ.get("WAIT_FOR", "/")):
+            time.sleep(0.05)
         if self.step == int(os.environ.get("KILL_STEP", 0)):
             die()
         return out
@@ -187,14 +189,15 @@ def test_resume_skips_corrupt_checkpoints_and_says_which(setup, straight, tmp_pa
 
 
 def test_a_second_training_into_a_busy_folder_is_refused(setup, tmp_path):
-    out = tmp_path / "run"
-    first = train(setup, out, steps=4, env={"SLOW": "1"}, wait=False)
-    deadline = time.monotonic() + 120
+    out, go = tmp_path / "run", tmp_path / "go"
+    first = train(setup, out, steps=4, env={"WAIT_FOR": str(go)}, wait=False)  # holds after its first step
+    deadline = time.monotonic() + 300
     while not (out / ".lock").exists():
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()
         time.sleep(0.05)
     code, _, err = train(setup, out, "--overwrite")
     assert code == 1 and len(err.splitlines()) == 1 and f"is in use: process {first.pid}" in err, err
+    go.touch()
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err
     assert log_steps(out) == [1, 2, 3, 4]
