@@ -14,6 +14,8 @@ import triton.language as tl
 from ._common import accumulator, cdiv, interpreting, launch_ctx, next_power_of_2
 
 _UNROLL_D: tl.constexpr = tl.constexpr(32)  # up to this many samples, the loop over D is unrolled
+# (No NaN global: Triton checks at each launch that a global is unchanged since the compile, with ==.)
+_INF: tl.constexpr = tl.constexpr(float("inf"))
 
 
 @triton.jit
@@ -35,7 +37,7 @@ def _activate_backward(g, x, ACT: tl.constexpr):
     if ACT == 0:
         d = tl.where(x <= 0.0, 0.0, g)
     elif ACT == 1:
-        z = tl.exp(tl.minimum(x, 20.0))
+        z = tl.exp(tl.minimum(x, 20.0, propagate_nan=tl.PropagateNan.ALL))  # NaN: NaN, as PyTorch's
         d = tl.where(x > 20.0, g, g * (z / (z + 1.0)))
     else:
         d = g
@@ -44,7 +46,9 @@ def _activate_backward(g, x, ACT: tl.constexpr):
 
 @triton.jit
 def _step(p, trans, INCLUSIVE: tl.constexpr):
-    """One sample: (weight, d weight / d p, transmittance behind it). As composite_math.h."""
+    """One sample: (weight, d weight / d p through its alpha, transmittance behind it). As
+    composite_math.h's RayMarcher: inclusive's d weight / d p is that minus the weight, which the
+    backward counts with the later samples' (as the reference's cumsum; see _backward_sample)."""
     q = tl.exp(-p)
     # 1 - exp(-p) without cancellation for small |p| (Triton has no expm1): Taylor to p^5, whose
     # remainder p^6/720 is below fp64 round-off of 1 - q where |p| < 1e-2.
@@ -54,7 +58,7 @@ def _step(p, trans, INCLUSIVE: tl.constexpr):
     alpha = tl.where(small, taylor, 1.0 - q)
     if INCLUSIVE:
         w = trans * q * alpha
-        dw = trans * q * (2.0 * q - 1.0)
+        dw = trans * q * q
     else:
         w = trans * alpha
         dw = trans * q
@@ -110,8 +114,22 @@ def _backward_sample(grad_out, color, density, grad_color, rays, rmask, samples,
         e += tl.sum(g * c, axis=1)
         if COLOR_GRAD:
             tl.store(grad_color + offs, (w[:, None] * g).to(grad_color.dtype.element_ty), mask=mask)
-    prefix += e * w
-    pushed = tl.where(samples[None, :] == i, (e * dw + prefix)[:, None], pushed)
+    # GradScan of composite_math.h: pushed_i = e_i dw_i + prefix_i, and dL/dp_i = pushed_i - total,
+    # minus e_i w_i inclusive. Only finite e_k w_k go into the prefix sum: a NaN or inf one is taken
+    # off the samples whose sums hold it (k > i; k >= i inclusive) as it comes, so it poisons those
+    # and no others, as the reference's reversed cumsum (total - prefix would have inf - inf in all
+    # samples behind it). No state beyond the tile; a finite ray takes 0 off.
+    ew = e * w
+    ewf = tl.where(tl.abs(ew) < _INF, ew, 0.0)
+    nf = ew - ewf  # 0, or the non-finite e_i w_i
+    if INCLUSIVE:  # prefix without sample i, whose e_i w_i is in its own sum (not in e_i dw_i: inf - inf)
+        own = e * dw + prefix - nf
+        prefix += ewf
+    else:
+        prefix += ewf
+        own = e * dw + prefix
+    earlier = samples[None, :] < i
+    pushed = tl.where(samples[None, :] == i, own[:, None], pushed - tl.where(earlier, nf[:, None], 0.0))
     return trans, prefix, pushed
 
 
@@ -129,7 +147,7 @@ def _backward_kernel(grad_out, color, density, grad_color, grad_density, R, D: t
         g_tile = tl.load(grad_out + rays[:, None] * C + chans[None, :], mask=gmask, other=0.0).to(ACC)
     samples = tl.arange(0, BLOCK_D)
     trans = tl.full([BLOCK_R], 1.0, ACC)
-    prefix = tl.zeros([BLOCK_R], ACC)  # sum_{k<=i} e_k w_k
+    prefix = tl.zeros([BLOCK_R], ACC)  # sum_{k<=i} e_k w_k over the finite ones
     pushed = tl.zeros([BLOCK_R, BLOCK_D], ACC)  # e_i dw_i/dp_i + prefix_i, per sample
     if D <= _UNROLL_D:
         for i in tl.static_range(D):

@@ -14,8 +14,10 @@ and no NaN), then `kernels.composite._step` gives each weight and its derivative
 sum_i w_i h_i over [BLOCK_R, DC, H]; across chunks the transmittance is carried per ray.
 
 Backward recomputes the tile's forward on chip, then e_i = <gF, h_i> + gS, the GradScan of
-composite_math.h (pushed_i = e_i dw_i + prefix_i, dsigma_i = (pushed_i - total) act'(sigma_i); with
-several chunks a first pass over the ray finds the total), and backprops layer by layer with
+composite_math.h (pushed_i = e_i dw_i + prefix_i, dsigma_i = (pushed_i - total) act'(sigma_i), the
+sums over the finite e_k w_k and the last NaN, +inf and -inf ones added by where they are, so a
+non-finite value poisons the samples the reference's reversed cumsum does; with several chunks a
+first pass over the ray finds the total and those places), and backprops layer by layer with
 `tl.dot` (a0, a1, a3 recomputed where needed again rather than kept live): input gradients are
 stored per sample; weight gradients are dz^T a dots, in blocks of at most 64 x 64, accumulated, in
 the dot itself, onto this program's own fp32 (fp64) partial buffer (load, dot-accumulate, store; a program's first tile
@@ -38,7 +40,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from ._common import accumulator, cdiv, interpreting, launch_ctx, multiprocessors, next_power_of_2
-from .composite import _activate, _activate_backward, _step
+from .composite import _INF, _activate, _activate_backward, _step
 
 # Wide layers go in pieces (see _xwt, _dzw, _wgrad): each tl.dot reduces over at most _K_PIECE
 # channels, each weight-gradient block is at most _G_BLOCK x _G_BLOCK. A whole [128, 128] fp32
@@ -156,8 +158,23 @@ def _opaque_zero(i, R):
 
 
 @triton.jit
-def _relu(z):
-    return tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.relu
+def _relu(z, keep):
+    """relu(z) where keep (the tile's real rows and channels), else 0. NaN stays NaN, as torch.relu.
+    The padding is made 0 here, not only by its zero codes and weights: with an inf in a real row
+    or weight, a padded channel's product holds inf * 0 = NaN, which the next layer's zero weights
+    would carry into the real channels (NaN * 0), and a padded sample's into the weight gradients."""
+    return tl.where(keep, tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0)
+
+
+@triton.jit
+def _keep(valid, N, NP: tl.constexpr, PAD_COLS: tl.constexpr):
+    """Mask of the real rows (valid) and, where a width is padded (PAD_COLS), channels (< N) of an
+    activation tile [ROWS, NP]. (The channel mask costs registers: FNeVR's widths need none.)"""
+    if PAD_COLS:
+        keep = valid[:, None] & (tl.arange(0, NP) < N)[None, :]
+    else:
+        keep = valid[:, None]
+    return keep
 
 
 @triton.jit
@@ -181,26 +198,28 @@ def _rows(ray0, c, R, D, ROWS: tl.constexpr, DC: tl.constexpr):
 @triton.jit
 def _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, rows, valid,
          Ec, Es, H, H4, ACC: tl.constexpr, OP: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr,
-         KS: tl.constexpr, KC: tl.constexpr, HP: tl.constexpr, H4P: tl.constexpr, ROWS: tl.constexpr, z):
+         KS: tl.constexpr, KC: tl.constexpr, HP: tl.constexpr, H4P: tl.constexpr, ROWS: tl.constexpr,
+         PAD_COLS: tl.constexpr, z):
     """One tile's MLP: the codes s, c, the activations a0..a4 (as dot operands), h (ACC) and the
     densities sigma [ROWS] (ACC). z: an opaque 0 (see _opaque_zero)."""
+    keep_h, keep_h4 = _keep(valid, H, HP, PAD_COLS), _keep(valid, H4, H4P, PAD_COLS)
     s = _codes(sc, rows, valid, Es, KS, OP)
     y = _xwt(s, wsi, H, Es, Es, 0, None, ROWS, KS, HP, OP, ACC, PREC, z)
-    a0 = _op(_relu(y + _vec(bsi, H, HP, ACC, z)[None, :]), OP, EMU)
+    a0 = _op(_relu(y + _vec(bsi, H, HP, ACC, z)[None, :], keep_h), OP, EMU)
     y = _xwt(a0, wsh, H, H, H, 0, None, ROWS, HP, HP, OP, ACC, PREC, z)
-    a1 = _op(_relu(y + _vec(bsh, H, HP, ACC, z)[None, :]), OP, EMU)
+    a1 = _op(_relu(y + _vec(bsh, H, HP, ACC, z)[None, :], keep_h), OP, EMU)
     sigma = tl.sum(a1.to(ACC) * _vec(wd, H, HP, ACC, z)[None, :], axis=1) + tl.load(bd).to(ACC)
     y = _xwt(a1, wsf, H4, H, H, 0, None, ROWS, HP, H4P, OP, ACC, PREC, z)
-    a2 = _op(_relu(y + _vec(bsf, H4, H4P, ACC, z)[None, :]), OP, EMU)
+    a2 = _op(_relu(y + _vec(bsf, H4, H4P, ACC, z)[None, :], keep_h4), OP, EMU)
     c = _codes(cc, rows, valid, Ec, KC, OP)
     y = _xwt(c, wci, H, Ec, Ec, 0, None, ROWS, KC, HP, OP, ACC, PREC, z)
-    a3 = _op(_relu(y + _vec(bci, H, HP, ACC, z)[None, :]), OP, EMU)
+    a3 = _op(_relu(y + _vec(bci, H, HP, ACC, z)[None, :], keep_h), OP, EMU)
     # fuse takes concat(a2, a3): its weight's first H4 columns meet a2, the other H meet a3.
     y = _xwt(a2, wf, H, H4, H4 + H, 0, None, ROWS, H4P, HP, OP, ACC, PREC, z)
     y = _xwt(a3, wf, H, H, H4 + H, H4, y, ROWS, HP, HP, OP, ACC, PREC, z)
-    a4 = _op(_relu(y + _vec(bf, H, HP, ACC, z)[None, :]), OP, EMU)
+    a4 = _op(_relu(y + _vec(bf, H, HP, ACC, z)[None, :], keep_h), OP, EMU)
     y = _xwt(a4, wfh, H, H, H, 0, None, ROWS, HP, HP, OP, ACC, PREC, z)
-    h = _relu(y + _vec(bfh, H, HP, ACC, z)[None, :])
+    h = _relu(y + _vec(bfh, H, HP, ACC, z)[None, :], keep_h)
     return s, c, a0, a1, a2, a3, a4, h, sigma
 
 
@@ -224,17 +243,38 @@ def _weights(sigma, trans, c, D, INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC
     return sigma, w, dw, inside, trans
 
 
+@triton.jit
+def _scan_finish(g, first, last_nan, last_pinf, last_ninf):
+    """g (own term + prefix - total, over the finite e_k w_k) minus the non-finite e_k w_k of the
+    sum that starts at sample `first`, given where the last NaN, +inf and -inf one is (-1: none):
+    composite_math.h's GradScan.finish before act'."""
+    g = g - tl.where(last_pinf >= first, _INF, 0.0) + tl.where(last_ninf >= first, _INF, 0.0)
+    return tl.where(last_nan >= first, _INF - _INF, g)  # NaN
+
+
+@triton.jit
+def _scan_totals(ew, j, total, last_nan, last_pinf, last_ninf):
+    """Over a chunk's terms ew = e_k w_k [BLOCK_R, DC] of samples j: the ray's sum of the finite ones,
+    and the last sample whose term is NaN, +inf, -inf (-1: none), as composite_math.h's GradScan."""
+    total += tl.sum(tl.where(tl.abs(ew) < _INF, ew, 0.0), axis=1)
+    last_nan = tl.maximum(last_nan, tl.max(tl.where(ew != ew, j, -1), axis=1))
+    last_pinf = tl.maximum(last_pinf, tl.max(tl.where(ew == _INF, j, -1), axis=1))
+    last_ninf = tl.maximum(last_ninf, tl.max(tl.where(ew == -_INF, j, -1), axis=1))
+    return total, last_nan, last_pinf, last_ninf
+
+
 # --- forward --------------------------------------------------------------------------------------
 
 @triton.jit
 def _forward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, ray0, c, trans, feat, wsum,
                    R, D, Ec, Es, H, H4, INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
                    OP: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr,
-                   HP: tl.constexpr, H4P: tl.constexpr, BLOCK_R: tl.constexpr, DC: tl.constexpr, z):
+                   HP: tl.constexpr, H4P: tl.constexpr, BLOCK_R: tl.constexpr, DC: tl.constexpr,
+                   PAD_COLS: tl.constexpr, z):
     rows, valid = _rows(ray0, c, R, D, BLOCK_R * DC, DC)
     _, _, _, _, _, _, _, h, sigma = _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh,
                                          rows, valid, Ec, Es, H, H4, ACC, OP, EMU, PREC, KS, KC, HP, H4P,
-                                         BLOCK_R * DC, z)
+                                         BLOCK_R * DC, PAD_COLS, z)
     _, w, _, _, trans = _weights(sigma, trans, c, D, INCLUSIVE, ACT, ACC, BLOCK_R, DC)
     feat += tl.sum(w[:, :, None] * tl.reshape(h, [BLOCK_R, DC, HP]), axis=1)
     wsum += tl.sum(w, axis=1)
@@ -246,7 +286,7 @@ def _forward_kernel(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
                     R, D, Ec, Es, H, H4, INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
                     OP: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr,
                     HP: tl.constexpr, H4P: tl.constexpr, BLOCK_R: tl.constexpr, DC: tl.constexpr,
-                    MULTI: tl.constexpr):
+                    MULTI: tl.constexpr, PAD_COLS: tl.constexpr):
     ray0 = tl.program_id(0) * BLOCK_R  # < R: int32 is enough; row offsets are int64
     trans = tl.full([BLOCK_R], 1.0, ACC)
     feat = tl.zeros([BLOCK_R, HP], ACC)
@@ -255,12 +295,12 @@ def _forward_kernel(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
         for c in range(tl.cdiv(D, DC)):
             trans, feat, wsum = _forward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh,
                                                bfh, ray0, c, trans, feat, wsum, R, D, Ec, Es, H, H4, INCLUSIVE,
-                                               ACT, ACC, OP, EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC,
+                                               ACT, ACC, OP, EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC, PAD_COLS,
                                                _opaque_zero(c, R))
     else:
         trans, feat, wsum = _forward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh,
                                            ray0, 0, trans, feat, wsum, R, D, Ec, Es, H, H4, INCLUSIVE, ACT, ACC, OP,
-                                           EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC, 0)
+                                           EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC, PAD_COLS, 0)
     rays = (ray0 + tl.arange(0, BLOCK_R)).to(tl.int64)
     n = tl.arange(0, HP)
     tl.store(features + rays[:, None] * H + n[None, :], feat.to(features.dtype.element_ty),
@@ -299,14 +339,15 @@ def _vgrad(part, v, keep, NP: tl.constexpr, z):
 
 @triton.jit
 def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, grad_cc, grad_sc, part,
-                    gF, gS, ray0, c, keep, trans, prefix, total, R, D, Ec, Es, H, H4, INCLUSIVE: tl.constexpr,
+                    gF, gS, ray0, c, keep, trans, prefix, total, last_nan, last_pinf, last_ninf, R, D, Ec, Es, H, H4,
+                    INCLUSIVE: tl.constexpr,
                     ACT: tl.constexpr, ACC: tl.constexpr, OP: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr,
                     KS: tl.constexpr, KC: tl.constexpr, HP: tl.constexpr, H4P: tl.constexpr, BLOCK_R: tl.constexpr,
                     DC: tl.constexpr, MULTI: tl.constexpr, O_SI: tl.constexpr, O_SH: tl.constexpr,
                     O_SF: tl.constexpr, O_CI: tl.constexpr, O_FA: tl.constexpr, O_FB: tl.constexpr,
                     O_FH: tl.constexpr, O_BSI: tl.constexpr, O_BSH: tl.constexpr, O_BSF: tl.constexpr,
                     O_BCI: tl.constexpr, O_BF: tl.constexpr, O_BFH: tl.constexpr, O_WD: tl.constexpr,
-                    O_BD: tl.constexpr, z):
+                    O_BD: tl.constexpr, PAD_COLS: tl.constexpr, z):
     """Chunk c of a tile: recompute, composite's GradScan, backprop; input gradients stored, weight
     gradients added to this program's partials `part` (keep = 0: they are not initialised yet)."""
     ROWS: tl.constexpr = BLOCK_R * DC
@@ -314,23 +355,31 @@ def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
     # a0, a1 and a3 are recomputed where they are needed again (a0 and a3 from the codes, K = 16;
     # a1 costs one more H x H dot): keeping them live from here costs registers and, as wgmma
     # operands, shared memory. Tensors that two distant dots read go in _fresh.
+    keep_h = _keep(valid, H, HP, PAD_COLS)
     s, cd, _, _, a2, _, a4, h, sigma = _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh,
                                                bfh, rows, valid, Ec, Es, H, H4, ACC, OP, EMU, PREC, KS, KC, HP, H4P,
-                                               ROWS, z)
+                                               ROWS, PAD_COLS, z)
     sigma, w, dw, inside, trans = _weights(sigma, trans, c, D, INCLUSIVE, ACT, ACC, BLOCK_R, DC)
     # Compositing: composite_math.h's GradScan over the chunk's samples.
     e = tl.sum(tl.reshape(h, [BLOCK_R, DC, HP]) * gF[:, None, :], axis=2) + gS[:, None]
-    ew = e * w
+    ew = tl.where(inside, e * w, 0.0)  # padded samples: 0, even where e is inf or NaN
+    j = c * DC + tl.arange(0, DC)[None, :]  # the samples' indices along the ray
     if not MULTI:  # the whole ray is in this chunk
-        total = tl.sum(ew, axis=1)
+        total, last_nan, last_pinf, last_ninf = _scan_totals(ew, j, total, last_nan, last_pinf, last_ninf)
+    ewf = tl.where(tl.abs(ew) < _INF, ew, 0.0)  # the prefix sums take the finite terms only
+    # own term: inclusive's sum starts at sample i itself (a finite e_i w_i may join e_i dw_i: a NaN
+    # or inf one must not, inf - inf, and is added in _scan_finish instead)
+    own = e * dw - ewf if INCLUSIVE else e * dw
     if DC == 1:
-        pushed = e * dw + (prefix[:, None] + ew)
+        pushed = own + (prefix[:, None] + ewf)
     else:
-        pushed = e * dw + (prefix[:, None] + tl.cumsum(ew, axis=1))
-    prefix += tl.sum(ew, axis=1)
-    dsigma = tl.where(inside, _activate_backward(pushed - total[:, None], sigma, ACT), 0.0)
+        pushed = own + (prefix[:, None] + tl.cumsum(ewf, axis=1))
+    prefix += tl.sum(ewf, axis=1)
+    g = _scan_finish(pushed - total[:, None], j + (0 if INCLUSIVE else 1), last_nan[:, None], last_pinf[:, None],
+                     last_ninf[:, None])
+    dsigma = tl.where(inside, _activate_backward(g, sigma, ACT), 0.0)
     dsigma = tl.reshape(dsigma, [ROWS])
-    dh = tl.reshape(w[:, :, None] * gF[:, None, :], [ROWS, HP])
+    dh = tl.reshape(w[:, :, None] * gF[:, None, :], [ROWS, HP])  # 0 * inf gF in padded samples: h is 0 there
     # fuse_hidden
     dz = _op(tl.where(h <= 0.0, 0.0, dh), OP, EMU)
     _wgrad(part + O_FH, _fresh(dz, PREC, z), _fresh(a4, PREC, z), keep, ROWS, HP, HP, HP, ACC, PREC, z)
@@ -339,7 +388,7 @@ def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
     # fuse
     dz = _op(tl.where(a4 <= 0.0, 0.0, da), OP, EMU)
     y = _xwt(_fresh(cd, PREC, z), wci, H, Ec, Ec, 0, None, ROWS, KC, HP, OP, ACC, PREC, z)
-    a3 = _op(_relu(y + _vec(bci, H, HP, ACC, z)[None, :]), OP, EMU)
+    a3 = _op(_relu(y + _vec(bci, H, HP, ACC, z)[None, :], keep_h), OP, EMU)
     _wgrad(part + O_FA, _fresh(dz, PREC, z), _fresh(a2, PREC, z), keep, ROWS, HP, H4P, H4P, ACC, PREC, z)
     _wgrad(part + O_FB, _fresh(dz, PREC, z), _fresh(a3, PREC, z), keep, ROWS, HP, HP, HP, ACC, PREC, z)
     _vgrad(part + O_BF, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
@@ -355,9 +404,9 @@ def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
              mask=valid[:, None] & (k < Ec)[None, :])
     # shape_feature
     y = _xwt(_fresh(s, PREC, z), wsi, H, Es, Es, 0, None, ROWS, KS, HP, OP, ACC, PREC, z)
-    a0 = _op(_relu(y + _vec(bsi, H, HP, ACC, z)[None, :]), OP, EMU)
+    a0 = _op(_relu(y + _vec(bsi, H, HP, ACC, z)[None, :], keep_h), OP, EMU)
     y = _xwt(a0, wsh, H, H, H, 0, None, ROWS, HP, HP, OP, ACC, PREC, z)
-    a1 = _op(_relu(y + _vec(bsh, H, HP, ACC, z)[None, :]), OP, EMU)
+    a1 = _op(_relu(y + _vec(bsh, H, HP, ACC, z)[None, :], keep_h), OP, EMU)
     dz = _op(tl.where(a2 <= 0.0, 0.0, da2), OP, EMU)
     _wgrad(part + O_SF, _fresh(dz, PREC, z), _fresh(a1, PREC, z), keep, ROWS, H4P, HP, HP, ACC, PREC, z)
     _vgrad(part + O_BSF, tl.sum(dz.to(ACC), axis=0), keep, H4P, z)
@@ -392,7 +441,8 @@ def _backward_kernel(grad_features, grad_weight_sum, cc, sc, wsi, bsi, wsh, bsh,
                      O_SI: tl.constexpr, O_SH: tl.constexpr, O_SF: tl.constexpr, O_CI: tl.constexpr,
                      O_FA: tl.constexpr, O_FB: tl.constexpr, O_FH: tl.constexpr, O_BSI: tl.constexpr,
                      O_BSH: tl.constexpr, O_BSF: tl.constexpr, O_BCI: tl.constexpr, O_BF: tl.constexpr,
-                     O_BFH: tl.constexpr, O_WD: tl.constexpr, O_BD: tl.constexpr, PT: tl.constexpr):
+                     O_BFH: tl.constexpr, O_WD: tl.constexpr, O_BD: tl.constexpr, PT: tl.constexpr,
+                     PAD_COLS: tl.constexpr):
     ROWS: tl.constexpr = BLOCK_R * DC
     pid = tl.program_id(0)
     part = partials + pid.to(tl.int64) * PT  # this program's own partial sums
@@ -405,8 +455,11 @@ def _backward_kernel(grad_features, grad_weight_sum, cc, sc, wsi, bsi, wsh, bsh,
                      other=0.0).to(ACC)
         gS = tl.load(grad_weight_sum + rays, mask=rmask, other=0.0).to(ACC)
         trans = tl.full([BLOCK_R], 1.0, ACC)
-        prefix = tl.zeros([BLOCK_R], ACC)  # sum_{k < chunk} e_k w_k
-        total = tl.zeros([BLOCK_R], ACC)  # sum_k e_k w_k over the ray
+        prefix = tl.zeros([BLOCK_R], ACC)  # sum_{k < chunk} e_k w_k, of the finite ones
+        total = tl.zeros([BLOCK_R], ACC)  # sum_k e_k w_k over the ray, of the finite ones
+        last_nan = tl.full([BLOCK_R], -1, tl.int32)  # the last sample whose e_k w_k is NaN, +inf, -inf
+        last_pinf = tl.full([BLOCK_R], -1, tl.int32)
+        last_ninf = tl.full([BLOCK_R], -1, tl.int32)
         # The last tile's (chunk's) partial-sum stores, by whichever threads held those elements, must
         # land before this one's loads, by others: a CTA barrier orders them.
         tl.debug_barrier()
@@ -415,24 +468,27 @@ def _backward_kernel(grad_features, grad_weight_sum, cc, sc, wsi, bsi, wsh, bsh,
                 rows, valid = _rows(ray0, c, R, D, ROWS, DC)
                 _, _, _, _, _, _, _, h, sigma = _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf,
                                                      wfh, bfh, rows, valid, Ec, Es, H, H4, ACC, OP, EMU, PREC, KS,
-                                                     KC, HP, H4P, ROWS, _opaque_zero(c, R))
-                _, w, _, _, trans = _weights(sigma, trans, c, D, INCLUSIVE, ACT, ACC, BLOCK_R, DC)
+                                                     KC, HP, H4P, ROWS, PAD_COLS, _opaque_zero(c, R))
+                _, w, _, inside, trans = _weights(sigma, trans, c, D, INCLUSIVE, ACT, ACC, BLOCK_R, DC)
                 e = tl.sum(tl.reshape(h, [BLOCK_R, DC, HP]) * gF[:, None, :], axis=2) + gS[:, None]
-                total += tl.sum(e * w, axis=1)
+                total, last_nan, last_pinf, last_ninf = _scan_totals(
+                    tl.where(inside, e * w, 0.0), c * DC + tl.arange(0, DC)[None, :], total, last_nan, last_pinf,
+                    last_ninf)
             trans = tl.full([BLOCK_R], 1.0, ACC)
             for c in range(tl.cdiv(D, DC)):
                 tl.debug_barrier()
                 trans, prefix = _backward_chunk(
                     cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, grad_cc, grad_sc, part,
-                    gF, gS, ray0, c, (t != pid) | (c > 0), trans, prefix, total, R, D, Ec, Es, H, H4, INCLUSIVE,
-                    ACT, ACC, OP, EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC, MULTI, O_SI, O_SH, O_SF, O_CI, O_FA,
-                    O_FB, O_FH, O_BSI, O_BSH, O_BSF, O_BCI, O_BF, O_BFH, O_WD, O_BD, _opaque_zero(c, R))
+                    gF, gS, ray0, c, (t != pid) | (c > 0), trans, prefix, total, last_nan, last_pinf, last_ninf, R, D,
+                    Ec, Es, H, H4, INCLUSIVE, ACT, ACC, OP, EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC, MULTI, O_SI, O_SH,
+                    O_SF, O_CI, O_FA, O_FB, O_FH, O_BSI, O_BSH, O_BSF, O_BCI, O_BF, O_BFH, O_WD, O_BD, PAD_COLS,
+                    _opaque_zero(c, R))
         else:
             trans, prefix = _backward_chunk(
                 cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, grad_cc, grad_sc, part,
-                gF, gS, ray0, 0, t != pid, trans, prefix, total, R, D, Ec, Es, H, H4, INCLUSIVE, ACT, ACC, OP, EMU,
-                PREC, KS, KC, HP, H4P, BLOCK_R, DC, MULTI, O_SI, O_SH, O_SF, O_CI, O_FA, O_FB, O_FH, O_BSI, O_BSH,
-                O_BSF, O_BCI, O_BF, O_BFH, O_WD, O_BD, _opaque_zero(t, R))
+                gF, gS, ray0, 0, t != pid, trans, prefix, total, last_nan, last_pinf, last_ninf, R, D, Ec, Es, H, H4,
+                INCLUSIVE, ACT, ACC, OP, EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC, MULTI, O_SI, O_SH, O_SF, O_CI, O_FA,
+                O_FB, O_FH, O_BSI, O_BSH, O_BSF, O_BCI, O_BF, O_BFH, O_WD, O_BD, PAD_COLS, _opaque_zero(t, R))
 
 
 # --- launchers ------------------------------------------------------------------------------------
@@ -514,7 +570,7 @@ def _constexprs(dtype: torch.dtype, emu: bool, inclusive: bool, activation: int,
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting()
     return dict(INCLUSIVE=bool(inclusive), ACT=int(activation), ACC=accumulator(dtype), OP=op, EMU=emu,
                 PREC="tf32" if tf32 else (_FP32_DOT if dtype == torch.float32 else "ieee"), KS=_pad(Es),
-                KC=_pad(Ec), HP=_pad(H), H4P=_pad(H4))
+                KC=_pad(Ec), HP=_pad(H), H4P=_pad(H4), PAD_COLS=_pad(H) != H or _pad(H4) != H4)
 
 
 def _grad_layout(KS: int, KC: int, HP: int, H4P: int) -> tuple[dict, int]:

@@ -66,11 +66,13 @@ void backward_rays(const scalar_t* grad_out, const scalar_t* color, const scalar
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t k = 0; k < C; ++k) g[k] = static_cast<acc_t>(grad_out[r * C + k]);
       RayMarcher<acc_t> march(inclusive);
-      GradScan<acc_t> scan;
+      GradScan<acc_t> scan(inclusive);
       for (int64_t i = 0; i < D; ++i) {
         const auto s = march.step(composite::activate(static_cast<acc_t>(density[r * D + i]), act));
         const scalar_t* c = color + (r * D + i) * C;
-        pushed[i] = scan.push(dot(g.data(), c, C), s);
+        acc_t taken;
+        pushed[i] = scan.push(dot(g.data(), c, C), s, taken);
+        composite::take_off(pushed.data(), i, taken);
         if (grad_color != nullptr) {
           scalar_t* __restrict__ gc = grad_color + (r * D + i) * C;
           const acc_t* __restrict__ gr = g.data();
@@ -79,8 +81,7 @@ void backward_rays(const scalar_t* grad_out, const scalar_t* color, const scalar
       }
       for (int64_t i = 0; i < D; ++i) {
         const acc_t sigma = static_cast<acc_t>(density[r * D + i]);
-        grad_density[r * D + i] =
-            static_cast<scalar_t>(scan.finish(pushed[i], sigma, act));
+        grad_density[r * D + i] = static_cast<scalar_t>(scan.finish(pushed[i], sigma, act));
       }
     }
   });

@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kThreads)
   const scalar_t* d_ray = density + ray * L.D;
 
   RayMarcher<acc_t> march(inclusive);
-  GradScan<acc_t> scan;
+  GradScan<acc_t> scan(inclusive);
   for (int i0 = 0; i0 < L.D; i0 += kTile) {
     SampleWeight<acc_t> s[kTile];
     tile_weights(d_ray, i0, L.D, act, march, s);
@@ -178,15 +178,18 @@ __global__ void __launch_bounds__(kThreads)
     for (int u = 0; u < kTile; ++u) {
       if (i0 + u >= L.D) break;
       for (int offset = G >> 1; offset > 0; offset >>= 1) e[u] += __shfl_xor_sync(0xffffffffu, e[u], offset);
-      const acc_t p = scan.push(e[u], s[u]);
-      if (valid && lane == 0) pushed[ray * L.D + i0 + u] = p;
+      acc_t taken;
+      const acc_t p = scan.push(e[u], s[u], taken);
+      if (valid && lane == 0) {
+        pushed[ray * L.D + i0 + u] = p;
+        composite::take_off(pushed + ray * L.D, i0 + u, taken);  // a loop only for a NaN or inf e_i w_i
+      }
     }
   }
   if (!valid || lane != 0) return;
   for (int i = 0; i < L.D; ++i) {
     const acc_t sigma = static_cast<acc_t>(d_ray[i]);
-    grad_density[ray * L.D + i] =
-        static_cast<scalar_t>(scan.finish(pushed[ray * L.D + i], sigma, act));
+    grad_density[ray * L.D + i] = static_cast<scalar_t>(scan.finish(pushed[ray * L.D + i], sigma, act));
   }
 }
 

@@ -102,11 +102,13 @@ template <typename T>
 FNEVR_HD void ray_backward(const T* sigma, const T* e, int64_t D, bool inclusive, int act, T* w,
                            T* dsigma) {
   composite::RayMarcher<T> march(inclusive);
-  composite::GradScan<T> scan;
+  composite::GradScan<T> scan(inclusive);
   for (int64_t i = 0; i < D; ++i) {
     const composite::SampleWeight<T> s = march.step(composite::activate(sigma[i], act));
     w[i] = s.w;
-    dsigma[i] = scan.push(e[i], s);  // partial value until the ray's total is known
+    T taken;
+    dsigma[i] = scan.push(e[i], s, taken);  // partial value until the ray's total is known
+    composite::take_off(dsigma, i, taken);
   }
   for (int64_t i = 0; i < D; ++i) dsigma[i] = scan.finish(dsigma[i], sigma[i], act);
 }

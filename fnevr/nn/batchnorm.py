@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..ops import spade_norm
+from ..ops.spade_norm import check_eps
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -21,6 +22,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, backend: str = "auto"):
+        check_eps(eps, "SyncBatchNorm")  # here, not at the first forward (which checks it too)
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
         self.process_group, self.ops_backend = process_group, backend
 

@@ -26,7 +26,9 @@ deterministic (bit-identical run to run) when ``torch.are_deterministic_algorith
 ``deterministic=True``: the CPU kernel always is (each thread owns whole channel planes of
 ``grad_input`` and visits output points in order); on CUDA and Triton the scatter into
 ``grad_input`` then adds 64-bit fixed-point values (an integer sum does not depend on the order of
-its terms) instead of floating-point atomics. Double backward: with respect to ``input`` and
+its terms) instead of floating-point atomics. Those have no NaN or inf: there a non-finite
+``grad_output`` makes all of ``grad_input`` NaN (elsewhere it is NaN and inf where the reference's
+is). Double backward: with respect to ``input`` and
 ``grad_output`` through the fused kernels (``grad_input`` is linear in ``grad_output``, so its
 derivative is the forward op itself); where ``grid`` needs a second derivative, the backward
 falls back to differentiating :func:`grid_sample_reference` with autograd. Example::

@@ -179,10 +179,16 @@ def _modulation(t, x, cl):
     return t.contiguous().view(N, C, H * W)
 
 
-def _check_numbers(eps, negative_slope):
-    # A negative eps makes var + eps negative for near-constant groups: NaN, from an argument.
+def check_eps(eps, who: str = "spade_norm") -> None:
+    """eps must be a finite number >= 0 (0 as PyTorch's norms allow): a negative one makes var + eps
+    negative for near-constant groups, NaN that would look like bad data, not a bad argument."""
     if not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"spade_norm: eps must be a finite number >= 0, got {eps!r}")
+        raise ValueError(f"{who}: eps must be a finite number >= 0, got {eps!r}")
+
+
+def _check_numbers(eps, negative_slope):
+    check_eps(eps)
+    # A NaN slope makes every negative z NaN, an infinite one makes them +-inf (or NaN at -0).
     if not isinstance(negative_slope, numbers.Real) or not math.isfinite(negative_slope):
         raise ValueError(f"spade_norm: negative_slope must be a finite number, got {negative_slope!r}")
 

@@ -85,15 +85,41 @@ template <typename T>
 std::vector<T> grad_sigma(const Ray& r, int act, bool inclusive) {
   const size_t D = r.sigma.size();
   cm::RayMarcher<T> m(inclusive);
-  cm::GradScan<T> scan;
+  cm::GradScan<T> scan(inclusive);
   std::vector<T> pushed(D), grad(D);
   for (size_t i = 0; i < D; ++i) {
     const cm::SampleWeight<T> s = m.step(cm::activate(T(r.sigma[i]), act));
     T e = 0;
     for (int k = 0; k < kC; ++k) e += T(r.g[k]) * T(r.color[i * kC + k]);
-    pushed[i] = scan.push(e, s);
+    T taken;
+    pushed[i] = scan.push(e, s, taken);
+    cm::take_off(pushed.data(), i, taken);
   }
   for (size_t i = 0; i < D; ++i) grad[i] = scan.finish(pushed[i], T(r.sigma[i]), act);
+  return grad;
+}
+
+// dL/dsigma as the reference's autograd forms it (fnevr.ops.composite_reference: weights
+// exp(-cumsum(p)) (1 - exp(-p)), cumsum's backward a reversed cumsum), term by term, for activation
+// none: e_i E_i q_i minus the sum over the samples whose depth includes p_i of e_k w_k. Which
+// entries are NaN or +-inf does not depend on the order of a sum or product, so this says where
+// the header's must be.
+template <typename T>
+std::vector<T> autograd_grad_sigma(const std::vector<T>& p, const std::vector<T>& e, bool inclusive) {
+  const size_t D = p.size();
+  std::vector<T> E(D), w(D), grad(D);
+  T depth = 0;
+  for (size_t i = 0; i < D; ++i) {
+    const T before = depth;
+    depth += p[i];
+    E[i] = std::exp(-(inclusive ? depth : before));
+    w[i] = E[i] * -std::expm1(-p[i]);
+  }
+  for (size_t i = 0; i < D; ++i) {
+    T sum = 0;
+    for (size_t k = inclusive ? i : i + 1; k < D; ++k) sum += e[k] * w[k];
+    grad[i] = e[i] * E[i] * (std::expm1(-p[i]) + T(1)) - sum;
+  }
   return grad;
 }
 
@@ -243,15 +269,51 @@ void check_activations() {
   // NaN and inf as torch.relu and its threshold_backward: relu(NaN) = NaN, relu(-inf) = 0,
   // relu'(NaN) = 1, and where relu is off a NaN or inf gradient gives 0, not NaN.
   const T nan = T(std::nan("")), inf = T(kInf);
-  cm::GradScan<T> scan;
   check(std::isnan(cm::activate(nan, cm::kRelu)) && cm::activate(-inf, cm::kRelu) == T(0) &&
             cm::activate(inf, cm::kRelu) == inf && cm::activate_grad(nan, cm::kRelu) == T(1) &&
             std::isnan(cm::activate(nan, cm::kSoftplus)) && std::isnan(cm::activate_grad(nan, cm::kSoftplus)),
         tag + ": activations at NaN and inf follow PyTorch");
+  const cm::GradScan<T> scan(false);
   check(scan.finish(nan, T(-1), cm::kRelu) == T(0) && scan.finish(inf, T(0), cm::kRelu) == T(0) &&
             std::isnan(scan.finish(nan, T(2), cm::kRelu)) && std::isnan(scan.finish(nan, nan, cm::kRelu)) &&
             std::isnan(scan.finish(nan, T(-1), cm::kSoftplus)),
         tag + ": the density gradient through relu is a select (NaN where relu is on or at NaN, 0 where off)");
+}
+
+// A NaN or +-inf in e (a colour or the incoming gradient) or in p: dL/dp is NaN exactly where the
+// reference's autograd makes it NaN, +-inf where it does (a poisoned e_k w_k reaches the samples
+// 0..k only, through the reversed cumsum; the inclusive form's e_i w_i is its own term).
+template <typename T>
+void check_nonfinite(bool inclusive) {
+  const std::string tag = std::string(type_name<T>()) + " " + mode_name(inclusive);
+  const T nan = T(std::nan("")), inf = T(kInf);
+  const std::vector<T> p0 = {0.5, 0.25, 1.0, 0.0, 0.75, 2.0}, e0 = {0.5, -1.0, 0.25, 2.0, -0.5, 1.5};
+  bool same = true;
+  std::string bad;
+  for (int where = 0; where < 2; ++where)
+    for (size_t k = 0; k < p0.size(); ++k)
+      for (T v : {nan, inf, -inf}) {
+        std::vector<T> p = p0, e = e0;
+        (where == 0 ? e : p)[k] = v;
+        const std::vector<T> want = autograd_grad_sigma(p, e, inclusive);
+        cm::RayMarcher<T> m(inclusive);
+        cm::GradScan<T> scan(inclusive);
+        std::vector<T> got(p.size());
+        for (size_t i = 0; i < p.size(); ++i) {
+          T taken;
+          got[i] = scan.push(e[i], m.step(p[i]), taken);
+          cm::take_off(got.data(), i, taken);
+        }
+        for (size_t i = 0; i < p.size(); ++i) {
+          got[i] = scan.finish(got[i], p[i], cm::kNone);
+          const bool ok = std::isnan(got[i]) == std::isnan(want[i]) &&
+                          (std::isinf(got[i]) ? got[i] == want[i] : !std::isinf(want[i]));
+          if (!ok && same) bad = std::string(where ? " (p[" : " (e[") + std::to_string(k) + "] = " +
+                                 std::to_string(double(v)) + ", sample " + std::to_string(i) + ")";
+          same = same && ok;
+        }
+      }
+  check(same, tag + ": NaN/inf in e or p give NaN and inf in dL/dp where autograd's are" + bad);
 }
 
 }  // namespace
@@ -269,6 +331,8 @@ int main() {
   for (bool inclusive : {false, true}) {
     check_extremes<double>(inclusive);
     check_extremes<float>(inclusive);
+    check_nonfinite<double>(inclusive);
+    check_nonfinite<float>(inclusive);
   }
   check_activations<double>();
   check_activations<float>();

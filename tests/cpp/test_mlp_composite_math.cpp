@@ -89,6 +89,20 @@ void check_relu() {
             mlp::relu_backward(nan, 0.0) == 0.0 && mlp::relu_backward(inf, 0.0) == 0.0 &&
             mlp::relu_backward(2.0, nan) == 2.0 && std::isnan(mlp::relu_backward(nan, 1.0)),
         "relu at NaN and inf as PyTorch: relu(NaN) = NaN; a NaN or inf gradient where it is off gives 0");
+
+  // A NaN or inf e_k (a code or grad_features) reaches dL/dsigma of samples 0..k only, through the
+  // reversed cumsum of the reference (fnevr.ops.composite_reference), whatever comes behind it.
+  bool reach = true;
+  for (bool inclusive : {false, true})
+    for (double v : {nan, inf, -inf})
+      for (int k = 0; k < 5; ++k) {
+        const double sigma[5] = {0.5, 1.0, 0.25, 2.0, 0.75};
+        double e[5] = {0.3, -1.0, 0.5, 0.25, 2.0}, w[5], ds[5];
+        e[k] = v;
+        mlp::ray_backward(sigma, e, 5, inclusive, fnevr::composite::kRelu, w, ds);
+        for (int i = 0; i < 5; ++i) reach = reach && std::isfinite(ds[i]) == (i > k);
+      }
+  check(reach, "ray_backward: a NaN or inf e_k makes dL/dsigma non-finite at samples 0..k, finite behind");
 }
 
 template <typename T>
