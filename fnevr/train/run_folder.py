@@ -127,15 +127,16 @@ class RunFolder:
             p.unlink(missing_ok=True)
         return stale
 
-    def resume_candidates(self) -> list[Path]:
-        """``latest.pt``, then ``step-N.pt`` by decreasing N (the caller reads ``latest.pt``'s step
-        and prefers a step file newer than it: a crash between the two writes leaves one)."""
+    def resume_candidates(self) -> list[tuple[int | None, Path]]:
+        """``(None, latest.pt)``, then ``(N, step-N.pt)`` by decreasing N (the caller reads
+        ``latest.pt``'s step and prefers a step file newer than it: a crash between the two writes
+        leaves one)."""
         found = []
         if self.checkpoints.is_dir():
-            steps = [(int(m.group(1)), p) for p in self.checkpoints.iterdir() if (m := _STEP_FILE.match(p.name))]
-            found = [p for _, p in sorted(steps, reverse=True)]
+            found = sorted(((int(m.group(1)), p) for p in self.checkpoints.iterdir()
+                            if (m := _STEP_FILE.match(p.name))), reverse=True)
         latest = self.checkpoints / "latest.pt"
-        return ([latest] if latest.is_file() else []) + found
+        return ([(None, latest)] if latest.is_file() else []) + found
 
     def truncate_log(self, step: int) -> int:
         """Drop ``log.csv`` rows after ``step`` (a resumed run logs them again); returns how many."""

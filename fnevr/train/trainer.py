@@ -382,7 +382,7 @@ class Trainer:
         last = self.folder.resume_candidates()[:1] if self.folder is not None else []
         raise NonFiniteLossError(
             f"step {self.step}: the loss term {first!r} is not finite ({terms}); training stopped, "
-            f"nothing of this step was saved (last checkpoint: {last[0] if last else 'none'}). Try a lower "
+            f"nothing of this step was saved (last checkpoint: {last[0][1] if last else 'none'}). Try a lower "
             f"learning rate or --precision fp32, or pass --allow-nonfinite to go on")
 
     # --- checkpoints ----------------------------------------------------------------------------------
@@ -407,8 +407,8 @@ class Trainer:
         (a crash between the two writes) or, when it cannot be read, the highest readable ``step-N.pt``."""
         folder = self.folder or RunFolder(self.out)
         newest = None  # (step, path, model, extra)
-        for path in folder.resume_candidates():
-            if newest is not None and path.name != "latest.pt" and int(path.stem[5:]) <= newest[0]:
+        for file_step, path in folder.resume_candidates():
+            if newest is not None and file_step is not None and file_step <= newest[0]:
                 break
             try:
                 loaded, extra = load_checkpoint(path, self.config, map_location=self.device, training_modules=True)
