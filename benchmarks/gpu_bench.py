@@ -397,6 +397,15 @@ def _random_vgg19(path: Path):
     torch.save({f"features.{k}": v for k, v in trunk.state_dict().items()}, path)
 
 
+def train_saved_MB(trainer, batch) -> float:
+    """MB one training step keeps for backward (recipes of recomputed tensors counted as what they keep)."""
+    from fnevr.train.memory import SavedTensorLedger
+
+    with SavedTensorLedger(trainer.model, {trainer.gen_loss: "", trainer.disc_loss: ""}) as ledger:
+        trainer.train_step([batch])
+    return ledger.total() / 2**20
+
+
 def bench_train_(s, dtype):
     """One optimiser step of fnevr's Trainer (generator, keypoint detector, discriminator, pose
     editor, all losses with a VGG19 of random weights), bench_train's providers: vox-256, batch 8
@@ -408,8 +417,9 @@ def bench_train_(s, dtype):
     from fnevr.train import TrainOptions, Trainer
 
     config_name, size, batch = ("small", 32, 2) if s.dry else ("vox-256", 256, 8)
-    # (the dry run skips fnevr+mlp: the same code with another config value, and steps cost seconds there)
-    names = ["fnevr"] if s.quick else (["fnevr", "published"] if s.dry else ["fnevr", "fnevr+mlp", "published"])
+    # (the dry run skips the bf16 and checkpointing variants: the same code with other options)
+    names = ["fnevr"] if s.quick else (["fnevr", "published"] if s.dry else
+                                       ["fnevr", "fnevr-checkpoint", "published", "published-bf16-cl"])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = ensure_synthetic_dataset(tmp / "set", size=size, num_frames=4, num_train=batch, num_test=1,
@@ -420,16 +430,17 @@ def bench_train_(s, dtype):
                 continue
             opts = dict(PROVIDERS[name])
             config = load_config(config_name)
-            config["model_params"]["generator_params"]["render_params"]["fused_head"] = opts.pop("fused_head", False)
+            if "fused_head" in opts:
+                config["model_params"]["generator_params"]["render_params"]["fused_head"] = opts.pop("fused_head")
             if s.dry:  # as tests/test_train.py's tiny config
                 config["dataset_params"]["frame_shape"] = [size, size, 3]
                 config["model_params"]["discriminator_params"]["num_blocks"] = 3
-            with pytorch_grid_sample() if opts["backend"] == "reference" else contextlib.nullcontext():
+            with pytorch_grid_sample() if opts.get("backend") == "reference" else contextlib.nullcontext():
                 trainer = Trainer(TrainOptions(config=config, data=str(data), out=str(tmp / name), device=s.device,
                                                batch_size=batch, num_workers=0, progress=False,
                                                vgg_weights=str(tmp / "vgg19.pth"), **opts))
                 step_batch = next(iter(trainer._loader(0)))
-                saved = None if s.warm else saved_MB(lambda: trainer.train_step([step_batch]))
+                saved = None if s.warm else train_saved_MB(trainer, step_batch)
                 if s.device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated()
@@ -477,7 +488,7 @@ def main(argv=None) -> int:
         for group in args.groups.split(","):
             for dtype in dtypes[:1] if group in ONE_DTYPE else dtypes:
                 if group == "train":  # each step compiles many kernels: a shard per configuration
-                    for name in ("fnevr", "fnevr+mlp"):
+                    for name in ("fnevr", "fnevr-checkpoint"):
                         print(f"--groups {group} --dtypes {dtype} --providers {name}")
                 else:
                     print(f"--groups {group} --dtypes {dtype}")

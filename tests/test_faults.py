@@ -347,6 +347,8 @@ def _cases(r):
         ([*tr, "--config", "bogus"], 2, "bogus"),
         ([*tr, "--resume"], 1, "no checkpoint to resume from"),
         ([*tr, "--resume", "--overwrite"], 2, "--overwrite"),
+        ([*tr, "--checkpoint-activations", "--compile"], 2, "--checkpoint-activations"),
+        ([*tr, "--checkpoint-activations", "--no-memory-saving"], 2, "--checkpoint-activations"),
         ([*tr, "--vgg-weights", str(r / "notes.txt")], 1, "notes.txt"),
         ([*tr, "--vgg-weights", str(r / "none.pth")], 2, "none.pth"),
         ([*tr[:5], "--steps", "0"], 2, "--steps"),

@@ -23,6 +23,7 @@ Example::
 import torch
 from torch import Tensor
 
+from ..nn.lean import l1_mean
 from ._precision import loss_dtype, to_loss_dtype
 
 MAP, FEATURES = "prediction_map_", "feature_maps_"
@@ -65,5 +66,6 @@ def feature_matching_loss(real: dict, fake: dict, weights, scales=None) -> Tenso
                              f"feature maps and {len(weights)} weights; expected equal counts and a weight each")
         for weight, a, b in zip(weights, real[key], fake[key]):
             if weight != 0:
-                total = total + float(weight) * (to_loss_dtype(a.detach()) - to_loss_dtype(b)).abs().mean()
+                # |b - a| = |a - b| bit for bit; lean.l1_mean keeps only the sign for backward
+                total = total + float(weight) * l1_mean(to_loss_dtype(b), to_loss_dtype(a), loss_dtype(b))
     return total

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nn import lean, recompute
 from ._precision import loss_dtype, to_loss_dtype
 from .pyramid import ImagePyramid
 
@@ -115,9 +116,23 @@ class VGG19Features(nn.Module):
             raise ValueError(f"VGG19Features: expected [B, 3, H, W]; got {tuple(x.shape)}")
         out, h = [], (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         for block in self.slices[:layers]:
-            h = block(h)
+            for layer in block:
+                h = _lean_layer(layer, h)
             out.append(h)
         return out
+
+
+def _lean_layer(layer: nn.Module, h: Tensor) -> Tensor:
+    """``layer(h)``; inside ``saving_memory`` (:mod:`fnevr.nn.lean`) the frozen convolutions keep
+    no input, the ReLUs a bool mask, and the max pools one byte per output, not int64 indices."""
+    if isinstance(layer, nn.Conv2d):
+        return lean.frozen_conv2d(h, layer)
+    if isinstance(layer, nn.ReLU):
+        return lean.relu(h) if recompute.active() else layer(h)
+    if isinstance(layer, nn.MaxPool2d) and layer.kernel_size == layer.stride == 2 and not layer.ceil_mode \
+            and layer.padding == 0 and layer.dilation == 1:
+        return lean.max_pool2x2(h)
+    return layer(h)
 
 
 def reachable_layers(height: int, width: int) -> int:
@@ -178,7 +193,7 @@ class PerceptualPyramidLoss(nn.Module):
                 real_features = self.vgg(real[key], layers)
             for weight, a, b in zip(self.weights, self.vgg(level, layers), real_features):
                 if weight != 0:
-                    total = total + weight * to_loss_dtype((a - b).abs()).mean()
+                    total = total + weight * lean.l1_mean(a, b, loss_dtype(a))
         return total
 
 

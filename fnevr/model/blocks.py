@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nn import recompute
 
 
 def coordinate_grid(height: int, width: int, like: Tensor) -> Tensor:
@@ -30,6 +31,54 @@ def gaussian_heatmaps(kp: Tensor, height: int, width: int, variance: float) -> T
     return torch.exp(-0.5 * diff.pow(2).sum(-1) / variance)
 
 
+def cat_channels(*parts: Tensor) -> Tensor:
+    """``torch.cat(parts, dim=1)``, in autocast's dtype under autocast: the next convolution casts
+    to it anyway, and keeps that copy."""
+    dtype = _autocast_dtype(parts[0])
+    return torch.cat([p.to(dtype) for p in parts] if dtype else parts, dim=1)
+
+
+def _autocast_dtype(x: Tensor):
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind) else None
+
+
+def upsample2x(x: Tensor) -> Tensor:
+    """2x nearest upsampling, recomputable (:mod:`fnevr.nn.recompute`): the next conv keeps its
+    input, four times the size of ``x``."""
+    return recompute.cheap_call(_nearest2x, x)
+
+
+def _nearest2x(x):
+    dtype = _autocast_dtype(x)  # the next convolution casts to it; nearest upsampling only copies values
+    with torch.autocast(x.device.type, enabled=False):
+        return F.interpolate(x if dtype is None else x.to(dtype), scale_factor=2.0)
+
+
+def norm_act(norm: nn.Module, x: Tensor, act=torch.relu, pool: bool = False) -> Tensor:
+    """``act(norm(x))``, then a 2x average pool if ``pool``. Inside
+    :func:`fnevr.nn.recompute.saving_memory` a plain BatchNorm keeps only ``x`` (and the batch
+    statistics are recomputed from it in backward, without touching the running ones)."""
+
+    def run(x, *affine):
+        y = norm(x) if act is None else act(norm(x))
+        return F.avg_pool2d(y, 2) if pool else y
+
+    if type(norm) not in (nn.BatchNorm2d, nn.BatchNorm3d) or norm.weight is None:  # e.g. SyncBatchNorm
+        return run(x)
+    training = norm.training or norm.running_mean is None
+    stats = (None, None) if training else (norm.running_mean, norm.running_var)
+
+    def pure(x, weight, bias):
+        y = F.batch_norm(x, *stats, weight, bias, training, 0.0, norm.eps)
+        y = y if act is None else act(y)
+        return F.avg_pool2d(y, 2) if pool else y
+
+    if recompute.recomputing():  # a checkpointed block runs again: the running statistics are updated
+        return pure(x, norm.weight, norm.bias)
+    return recompute.recomputed(run, x, norm.weight, norm.bias, pure=pure)
+
+
 class ConvBlock(nn.Module):
     """conv -> BatchNorm -> ReLU, then optionally a 2x average pool ("down") or preceded by a 2x
     nearest upsample ("up"). ``kind``: "same", "down" or "up"."""
@@ -42,9 +91,8 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "up":
-            x = F.interpolate(x, scale_factor=2.0)
-        x = torch.relu(self.norm(self.conv(x)))
-        return F.avg_pool2d(x, 2) if self.kind == "down" else x
+            x = upsample2x(x)
+        return norm_act(self.norm, self.conv(x), pool=self.kind == "down")
 
 
 class ResBlock3d(nn.Module):
@@ -58,8 +106,8 @@ class ResBlock3d(nn.Module):
         self.norm2 = nn.BatchNorm3d(channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.conv1(torch.relu(self.norm1(x)))
-        return x + self.conv2(torch.relu(self.norm2(out)))
+        out = self.conv1(norm_act(self.norm1, x))
+        return x + self.conv2(norm_act(self.norm2, out))
 
 
 class Hourglass(nn.Module):
@@ -84,12 +132,15 @@ class Hourglass(nn.Module):
         self.out_channels = block_expansion + in_channels
 
     def forward(self, x: Tensor) -> Tensor:
+        # --checkpoint-activations: each block keeps only its input (SyncBatchNorm cannot run twice)
+        plain = recompute.checkpointing() and all(type(m.norm) is nn.BatchNorm2d for m in (*self.down, *self.up))
         skips = [x]
         for block in self.down:
-            skips.append(block(skips[-1]))
+            skips.append(recompute.checkpoint_module(block, skips[-1]) if plain else block(skips[-1]))
         out = skips.pop()
         for block in self.up:
-            out = torch.cat([block(out), skips.pop()], dim=1)
+            out = recompute.cheap_call(cat_channels, recompute.checkpoint_module(block, out) if plain else block(out),
+                                       skips.pop())
         return out
 
 

@@ -4,7 +4,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn import SPADE
+from ..nn import SPADE, recompute
+
+
+def _bilinear2x(x: Tensor) -> Tensor:
+    return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
 
 
 class SPADEBlock(nn.Module):
@@ -42,8 +46,10 @@ class SPADEDecoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         modulation = torch.relu(self.modulation_conv(x))
+        checkpoint = recompute.checkpointing() and all(m.norm == "instance" for m in self.modules()
+                                                       if isinstance(m, SPADE))  # stateless: safe to rerun
         for i, block in enumerate(self.blocks):
-            x = block(x, modulation)
+            x = recompute.checkpoint_module(block, x, modulation) if checkpoint else block(x, modulation)
             if i < 2:
-                x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
+                x = recompute.cheap_call(_bilinear2x, x)
         return torch.sigmoid(self.to_rgb(x))

@@ -2,7 +2,23 @@
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..nn import recompute
 from torch.nn.utils.parametrizations import spectral_norm
+
+
+def _norm_leaky_pool(norm: nn.Module, x: Tensor, pool: bool) -> Tensor:
+    """leaky_relu(norm(x), 0.2), then a 2x average pool if ``pool``. ``norm`` is an Identity or a
+    stateless InstanceNorm2d, so inside :func:`fnevr.nn.recompute.saving_memory` only ``x`` is kept."""
+
+    def pure(x, *affine):
+        if not isinstance(norm, nn.Identity):
+            x = F.instance_norm(x, None, None, *affine, True, 0.0, norm.eps)
+        y = F.leaky_relu(x, 0.2)
+        return F.avg_pool2d(y, 2) if pool else y
+
+    affine = () if isinstance(norm, nn.Identity) else (norm.weight, norm.bias)
+    return recompute.recomputed(pure, x, *affine)
 
 
 class PatchDiscriminator(nn.Module):
@@ -25,9 +41,7 @@ class PatchDiscriminator(nn.Module):
     def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
         features = []
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            x = F.leaky_relu(norm(conv(x)), 0.2)
-            if i < len(self.convs) - 1:
-                x = F.avg_pool2d(x, 2)
+            x = _norm_leaky_pool(norm, conv(x), i < len(self.convs) - 1)
             features.append(x)
         return features, self.score(x)
 

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from .blocks import ConvBlock
+from ..nn import recompute
+from .blocks import ConvBlock, cat_channels
 from .decoder import SPADEDecoder
 from .dense_motion import DenseMotion
 from .render import VolumeRenderer
@@ -62,9 +63,9 @@ class Generator(nn.Module):
             occlusion = motion["occlusion_map"]
             if occlusion.shape[2:] != features.shape[2:]:
                 occlusion = F.interpolate(occlusion, size=features.shape[2:], mode="bilinear", align_corners=False)
-            features = features * occlusion
+            features = recompute.cheap_call(torch.mul, features, occlusion)
         out["deformed"] = self.warp(source, motion["deformation"])
         rendered = self.renderer(features)
         out.update(rendered)
-        out["prediction"] = self.decoder(torch.cat([features, rendered["render"]], dim=1))
+        out["prediction"] = self.decoder(recompute.cheap_call(cat_channels, features, rendered["render"]))
         return out

@@ -12,11 +12,19 @@ two layers' weights concatenated at call time), while ``mlp_gamma`` and ``mlp_be
 parameters so the published checkpoints load unchanged.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.spade_norm import ACTIVATIONS, NORMS, spade_norm
+from . import recompute
+
+
+def _resize_nearest(x: Tensor, size) -> Tensor:
+    with torch.autocast(x.device.type, enabled=False):  # copies values: no need for CPU autocast's fp32
+        return F.interpolate(x, size=size, mode="nearest")
 
 
 class SPADE(nn.Module):
@@ -60,11 +68,14 @@ class SPADE(nn.Module):
         self.mlp_beta = nn.Conv2d(hidden_channels, norm_channels, 3, padding=1)
 
     def forward(self, x: Tensor, segmap: Tensor) -> Tensor:
-        segmap = F.interpolate(segmap, size=x.shape[2:], mode="nearest")
+        if segmap.shape[2:] != x.shape[2:]:  # recomputable: the conv keeps it, C_label x H x W
+            segmap = recompute.cheap_call(_resize_nearest, segmap, tuple(x.shape[2:]))
         hidden = self.mlp_shared(segmap)
         weight = torch.cat([self.mlp_gamma.weight, self.mlp_beta.weight])
         bias = torch.cat([self.mlp_gamma.bias, self.mlp_beta.bias])
         gamma, beta = F.conv2d(hidden, weight, bias, padding=1).chunk(2, dim=1)
+        if x.dtype != gamma.dtype:  # CPU autocast upsamples in fp32; convolutions give its dtype
+            x = recompute.cheap_call(Tensor.to, x, gamma.dtype)
         pfn = self.param_free_norm
         kw = {}
         if self.norm == "batch":
@@ -76,8 +87,11 @@ class SPADE(nn.Module):
                     momentum = 1.0 / float(pfn.num_batches_tracked)
             kw = dict(running_mean=pfn.running_mean, running_var=pfn.running_var, training=training,
                       momentum=momentum if momentum is not None else 0.0)
-        return spade_norm(x, gamma, beta, norm=self.norm, eps=pfn.eps, activation=self.activation,
-                          backend=self.ops_backend, **kw)
+        kw.update(norm=self.norm, eps=pfn.eps, activation=self.activation, backend=self.ops_backend)
+        out = spade_norm(x, gamma, beta, **kw)
+        if self.norm == "instance" or not kw["training"]:  # the output is a pure function of x, gamma, beta
+            out = recompute.cheap(out, functools.partial(spade_norm, **kw), x, gamma, beta)
+        return out
 
     def extra_repr(self) -> str:
         return f"norm={self.norm!r}, activation={self.activation!r}, backend={self.ops_backend!r}"

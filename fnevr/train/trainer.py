@@ -29,6 +29,7 @@ from ..data.dataset import DatasetRepeater, FramesDataset
 from ..data.synthetic import ensure_synthetic_dataset
 from ..device import parse_device
 from ..model import FNeVR
+from ..nn import recompute
 from .losses import DiscriminatorLoss, GeneratorLoss, sliced_tps
 from .run_folder import RunFolder, RunFolderError
 from .samples import save_sample_grid
@@ -51,6 +52,8 @@ class TrainOptions:
     precision: str = "auto"            # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16, fp64
     channels_last: bool | None = None  # default: on CUDA
     compile: bool = False              # torch.compile the generator and keypoint detector
+    memory_saving: bool = True         # fused ray MLP + recomputed cheap activations (same results)
+    checkpoint_activations: bool = False  # also recompute the decoder and hourglass blocks (less memory, slower)
     accumulate: int = 1                # micro-batches per optimiser step
     num_workers: int = 2
     checkpoint_every: int = 500
@@ -80,6 +83,9 @@ class TrainOptions:
             raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16", "fp64"):
             raise ValueError(f"precision must be auto, fp32, bf16, fp16 or fp64, got {self.precision!r}")
+        if self.checkpoint_activations and (not self.memory_saving or self.compile):
+            raise ValueError("checkpoint_activations needs memory_saving and no compile (torch.compile plans its "
+                             "own recomputation)")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
         parse_device(self.device)
@@ -165,6 +171,13 @@ class Trainer:
         self.param_dtype = torch.float64 if precision == "fp64" else torch.float32  # fp64: for exactness checks
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
 
+        # Memory saving (same results; see fnevr.nn.recompute): the fused ray MLP unless the config
+        # asks for another head, and recomputed cheap activations, except under torch.compile,
+        # which plans its own recomputation.
+        render = self.config["model_params"]["generator_params"]["render_params"]
+        if opts.memory_saving and not render.get("fused_head"):
+            render["fused_head"] = "mlp"
+        self.recompute = opts.memory_saving and not opts.compile
         torch.manual_seed(opts.seed)
         self.model = FNeVR(self.config)
         if opts.backend:
@@ -192,8 +205,9 @@ class Trainer:
             self.gen_step = DDP(self.gen_loss, find_unused_parameters=True)
             self.model.discriminator.requires_grad_(True)
             self.disc_step = DDP(self.disc_loss)
+        # fused Adam: one kernel per step for all parameters (CPU and CUDA), not one per tensor
         self.optimizers = {p: torch.optim.Adam(getattr(self.model, p).parameters(), lr=tp[LR_KEYS[p]],
-                                               betas=(0.5, 0.999)) for p in PARTS}
+                                               betas=(0.5, 0.999), fused=True) for p in PARTS}
         self.schedulers = {p: torch.optim.lr_scheduler.MultiStepLR(o, tp.get("epoch_milestones", []), gamma=0.1)
                            for p, o in self.optimizers.items()}
         self.step = self.epoch = self.epoch_step = 0
@@ -254,13 +268,13 @@ class Trainer:
             batch = self._to_device(batch)
             offset = (self.rank * n + i) * self.micro_batch
             sync = _no_sync(self.gen_step) if i < n - 1 else contextlib.nullcontext()
-            with sync, torch.autocast(**amp):
+            with sync, torch.autocast(**amp), recompute.saving_memory(self.recompute, self.opts.checkpoint_activations):
                 losses, out = self.gen_step(batch, self.tps_for_step(self.step, offset))
                 loss = sum(losses.values()) / n
             self.scaler.scale(loss).backward()
             generated.append((batch["driving"], out["prediction"].detach()))
-            for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + v.item() / n
+            for k, v in losses.items():  # tensors: read once, after the step (one host sync, not one per loss)
+                totals[k] = totals.get(k, 0.0) + v.detach() / n
         self.model.discriminator.requires_grad_(True)
         for part in ("generator", "kp_detector", "pose_editor"):
             if any(p.grad is not None for p in getattr(self.model, part).parameters()):
@@ -268,12 +282,12 @@ class Trainer:
         if self.use_gan:
             for i, (driving, prediction) in enumerate(generated):
                 sync = _no_sync(self.disc_step) if i < n - 1 else contextlib.nullcontext()
-                with sync, torch.autocast(**amp):
+                with sync, torch.autocast(**amp), recompute.saving_memory(self.recompute, self.opts.checkpoint_activations):
                     d_losses = self.disc_step(driving, prediction)
                     loss = sum(d_losses.values()) / n
                 self.scaler.scale(loss).backward()
                 for k, v in d_losses.items():
-                    totals[k] = totals.get(k, 0.0) + v.item() / n
+                    totals[k] = totals.get(k, 0.0) + v.detach() / n
             self.scaler.step(self.optimizers["discriminator"])
         self.scaler.update()
         for opt in self.optimizers.values():
@@ -281,7 +295,8 @@ class Trainer:
         self.step += 1
         self._last_out = out
         self._last_batch = batch
-        return totals
+        values = torch.stack([v.double() for v in totals.values()]).tolist()
+        return dict(zip(totals, values))
 
     def _to_device(self, batch: dict) -> dict:
         fmt = torch.channels_last if self.channels_last else None
