@@ -34,13 +34,9 @@ def gaussian_heatmaps(kp: Tensor, height: int, width: int, variance: float) -> T
 def cat_channels(*parts: Tensor) -> Tensor:
     """``torch.cat(parts, dim=1)``, in autocast's dtype under autocast: the next convolution casts
     to it anyway, and keeps that copy."""
-    dtype = _autocast_dtype(parts[0])
+    dtype = recompute.autocast_dtype(parts[0])
     return torch.cat([p.to(dtype) for p in parts] if dtype else parts, dim=1)
 
-
-def _autocast_dtype(x: Tensor):
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind) else None
 
 
 def upsample2x(x: Tensor) -> Tensor:
@@ -50,7 +46,7 @@ def upsample2x(x: Tensor) -> Tensor:
 
 
 def _nearest2x(x):
-    dtype = _autocast_dtype(x)  # the next convolution casts to it; nearest upsampling only copies values
+    dtype = recompute.autocast_dtype(x)  # the next convolution casts to it; nearest upsampling only copies values
     with torch.autocast(x.device.type, enabled=False):
         return F.interpolate(x if dtype is None else x.to(dtype), scale_factor=2.0)
 

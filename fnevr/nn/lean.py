@@ -20,11 +20,6 @@ from torch import Tensor
 from . import recompute
 
 
-def _autocast_dtype(x: Tensor):
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind) else None
-
-
 class _FrozenConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, padding, dtype):
@@ -45,7 +40,7 @@ def frozen_conv2d(x: Tensor, conv: torch.nn.Conv2d) -> Tensor:
     if not (recompute.active() and frozen and x.requires_grad and conv.stride == (1, 1) and conv.dilation == (1, 1)
             and conv.groups == 1 and isinstance(conv.padding, tuple)):
         return conv(x)
-    dtype = _autocast_dtype(x) or x.dtype  # autocast runs convolutions in its dtype
+    dtype = recompute.autocast_dtype(x) or x.dtype  # autocast runs convolutions in its dtype
     with torch.autocast(x.device.type, enabled=False):
         return _FrozenConv2d.apply(x.to(dtype), conv.weight, conv.bias, conv.padding, dtype)
 

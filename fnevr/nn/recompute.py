@@ -85,6 +85,12 @@ class _Recipe:
                 yield a
 
 
+def autocast_dtype(x: Tensor):
+    """The dtype autocast computes in on ``x``'s device, or ``None`` when it is off there."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind) else None
+
+
 def _versions(args):
     return [a._version if isinstance(a, Tensor) else None for a in args]
 

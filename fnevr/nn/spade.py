@@ -89,7 +89,10 @@ class SPADE(nn.Module):
                       momentum=momentum if momentum is not None else 0.0)
         kw.update(norm=self.norm, eps=pfn.eps, activation=self.activation, backend=self.ops_backend)
         out = spade_norm(x, gamma, beta, **kw)
-        if self.norm == "instance" or not kw["training"]:  # the output is a pure function of x, gamma, beta
+        # The output is a pure function of x, gamma and beta, which the op keeps as they are when
+        # they are contiguous; for other layouts (channels_last) it keeps copies, and a recipe would
+        # keep the originals besides.
+        if (self.norm == "instance" or not kw["training"]) and x.is_contiguous() and gamma.is_contiguous():
             out = recompute.cheap(out, functools.partial(spade_norm, **kw), x, gamma, beta)
         return out
 
