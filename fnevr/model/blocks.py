@@ -38,7 +38,6 @@ def cat_channels(*parts: Tensor) -> Tensor:
     return torch.cat([p.to(dtype) for p in parts] if dtype else parts, dim=1)
 
 
-
 def upsample2x(x: Tensor) -> Tensor:
     """2x nearest upsampling, recomputable (:mod:`fnevr.nn.recompute`): the next conv keeps its
     input, four times the size of ``x``."""
@@ -46,7 +45,7 @@ def upsample2x(x: Tensor) -> Tensor:
 
 
 def _nearest2x(x):
-    dtype = recompute.autocast_dtype(x)  # the next convolution casts to it; nearest upsampling only copies values
+    dtype = recompute.autocast_dtype(x)  # the next conv casts to it; nearest upsampling only copies values
     with torch.autocast(x.device.type, enabled=False):
         return F.interpolate(x if dtype is None else x.to(dtype), scale_factor=2.0)
 

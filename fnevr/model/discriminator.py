@@ -2,9 +2,9 @@
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
 
 from ..nn import recompute
-from torch.nn.utils.parametrizations import spectral_norm
 
 
 def _norm_leaky_pool(norm: nn.Module, x: Tensor, pool: bool) -> Tensor:
