@@ -35,6 +35,8 @@ from fnevr.data.synthetic import ensure_synthetic_dataset
 from fnevr.train import TrainOptions, Trainer
 from fnevr.train.memory import SavedTensorLedger
 
+from conftest import torch_grid_sample  # PyTorch's op, as the published code calls it
+
 GROUPS = {
     "": "losses (VGG19, pyramids, equivariance)",
     "generator": "generator glue (warp, occlusion, concat)",
@@ -60,12 +62,6 @@ RECIPES = {
     "fnevr-checkpoint": dict(checkpoint_activations=True),
     "fnevr-channels-last": dict(channels_last=True),
 }
-
-
-def torch_grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=False, *, backend="auto"):
-    """fnevr.ops.grid_sample's signature on PyTorch's own op, as the published code calls it."""
-    return torch.nn.functional.grid_sample(input, grid, mode=mode, padding_mode=padding_mode,
-                                           align_corners=align_corners)
 
 
 @contextlib.contextmanager

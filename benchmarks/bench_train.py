@@ -15,7 +15,7 @@ allocation of one step beyond the model and optimiser state.
 import pytest
 import torch
 
-from gpu_bench import train_saved_MB
+from conftest import train_saved_MB
 from fnevr.config import load_config
 from fnevr.data.synthetic import ensure_synthetic_dataset
 from fnevr.train import TrainOptions, Trainer

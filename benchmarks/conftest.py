@@ -91,6 +91,16 @@ def saved_MB(fn) -> float:
     return sum(saved) / 2**20
 
 
+def train_saved_MB(trainer, batch) -> float:
+    """MB one training step keeps for backward: each storage once, recipes of recomputed tensors as
+    what they keep alive (``saved_MB`` would not see them)."""
+    from fnevr.train.memory import SavedTensorLedger
+
+    with SavedTensorLedger(trainer.model, {trainer.gen_loss: "", trainer.disc_loss: ""}) as ledger:
+        trainer.train_step([batch])
+    return ledger.total() / 2**20
+
+
 def kernel_times(fn, device, calls=10) -> dict:
     """Device time per call of each kernel fn launches, in microseconds, from the profiler."""
     from torch.profiler import ProfilerActivity, profile

@@ -40,7 +40,7 @@ import bench_mlp_composite
 import bench_overhead
 import bench_spade_norm
 import fnevr
-from conftest import kernel_times, saved_MB, torch_grid_sample
+from conftest import kernel_times, saved_MB, torch_grid_sample, train_saved_MB
 from fnevr.model.render import SampleMLP
 
 GROUPS = ("composite", "grid_sample", "spade_norm", "mlp_composite", "overhead", "model", "train")
@@ -395,15 +395,6 @@ def _random_vgg19(path: Path):
     for p in trunk.parameters():
         torch.nn.init.normal_(p, std=0.01)
     torch.save({f"features.{k}": v for k, v in trunk.state_dict().items()}, path)
-
-
-def train_saved_MB(trainer, batch) -> float:
-    """MB one training step keeps for backward (recipes of recomputed tensors counted as what they keep)."""
-    from fnevr.train.memory import SavedTensorLedger
-
-    with SavedTensorLedger(trainer.model, {trainer.gen_loss: "", trainer.disc_loss: ""}) as ledger:
-        trainer.train_step([batch])
-    return ledger.total() / 2**20
 
 
 def bench_train_(s, dtype):

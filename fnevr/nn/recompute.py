@@ -174,13 +174,13 @@ def recomputed(run, *args, pure=None, mark: bool = True) -> Tensor:
 def checkpoint_module(module: torch.nn.Module, *inputs: Tensor) -> Tensor:
     """``module(*inputs)`` keeping only the inputs: backward runs the module again (its parameters
     passed as inputs, so their gradients flow as any other). Its output is kept, not rebuilt."""
-    names, params = zip(*module.named_parameters()) if any(True for _ in module.parameters()) else ((), ())
+    params = dict(module.named_parameters())
     k = len(inputs)
 
     def pure(*args):
-        return torch.func.functional_call(module, dict(zip(names, args[k:])), args[:k])
+        return torch.func.functional_call(module, dict(zip(params, args[k:])), args[:k])
 
-    return recomputed(lambda *args: module(*args[:k]), *inputs, *params, pure=pure, mark=False)
+    return recomputed(lambda *args: module(*args[:k]), *inputs, *params.values(), pure=pure, mark=False)
 
 
 def _weight_cast(t):
