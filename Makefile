@@ -3,7 +3,8 @@
 #                (CPU, a few minutes, no downloads); writes runs/demo/
 #   make test    the tests (Python, with Triton through its interpreter when there is no GPU,
 #                and the C++ tests of the shared kernel math through CMake/ctest)
-#   make bench   the op benchmarks (compositing, grid sample, SPADE norm)
+#   make bench   the benchmarks of every registered op (fnevr/ops/_registry.py)
+#   make lint    ruff (lint and format), clang-format over csrc/, mypy; CI runs it before the tests
 # FNEVR_BUILD_CUDA=1|0 forces the CUDA extension on or off (default: only where a GPU is present;
 # CI forces it on, so every CUDA source is compiled there).
 SHELL := /bin/bash
@@ -12,14 +13,19 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fnevr-built
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
 PACKAGES := torch==2.14.1 torchvision==0.29.1 numpy pyyaml imageio imageio-ffmpeg tqdm torchmetrics tensorboard \
 	pytest pytest-benchmark ninja matplotlib
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
-.PHONY: demo bench test
+# The style checkers, pinned so every machine reports the same (make lint; .pre-commit-config.yaml runs them too).
+LINT_TOOLS := ruff==0.17.6 mypy==2.4.1 clang-format==23.1.5 pre-commit==4.7.0
+LINT_STAMP := $(VENV)/.fnevr-lint-tools
+CXX_SOURCES := $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu tests/cpp/*.h tests/cpp/*.cpp)
+
+.PHONY: demo bench test lint
 
 # Each step says what it does and how long it took (pip's own output is quiet; --no-compile: the
 # modules used are byte-compiled on first import instead of all of torch's up front).
@@ -35,11 +41,23 @@ $(STAMP): $(SOURCES)
 	echo "make: [2/2] done in $$(( $$(date +%s) - start )) s; built: $$(find fnevr -maxdepth 1 -name "_C*.so" -newermt "@$$start" -printf "%f " | sed "s/\.cpython[^ ]*//g")"
 	@touch $@
 
+$(LINT_STAMP):
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -q --no-compile $(LINT_TOOLS) 2>&1 | { grep -v "^WARNING: Location" || true; }
+	@touch $@
+
+# mypy reads torch's and triton's types, so the package is installed first.
+lint: $(STAMP) $(LINT_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/clang-format --dry-run --Werror $(CXX_SOURCES)
+	$(BIN)/mypy
+
 demo: $(STAMP)
 	$(BIN)/fnevr train --demo
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py composite grid_sample spade_norm
+	$(BIN)/python benchmarks/run.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

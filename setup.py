@@ -23,8 +23,8 @@ if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
             os.environ["CUDA_HOME"] = home
             break
 
-import torch  # noqa: E402
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 
 def want_cuda() -> bool:

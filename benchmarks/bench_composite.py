@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fnevr
-from conftest import measure_copy, saved_MB
+from conftest import gpu_copy, measure_copy, modes, saved_MB
 from fnevr.ops import composite, composite_reference
 
 SHAPE = (4, 64, 64, 8, 256)
@@ -65,3 +65,26 @@ def test_composite(measure, provider, dtype, backward):
     measure(forward_backward if backward else forward, _bytes(color, density, backward),
             op="composite", provider=provider, mode="fwd+bwd" if backward else "forward",
             dtype=str(dtype)[6:], device=DEVICE, **({"saved_MB": saved_MB(lambda: op(color, density))} if backward else {}))
+
+
+def gpu(s, dtype):
+    """benchmarks/gpu_bench.py's rows for this op (`s`: its Settings): FNeVR's shapes, each fused backend
+    against PyTorch and torch.compile, forward and backward."""
+    shape = (1, 4, 4, 8, 16) if s.dry else SHAPE
+    case = "x".join(map(str, shape))
+    gpu_copy(s, "composite", shape, dtype)
+    kw = dict(transmittance="inclusive")
+    providers = {"reference": lambda c, d: composite_reference(c, d, **kw)}
+    if s.compiler:
+        providers["compiled-reference"] = s.compile(providers["reference"])
+    for b in s.fused:
+        providers[b] = (lambda backend: lambda c, d: composite(c, d, backend=backend, **kw))(s.backend(b))
+    color, density = _inputs(dtype, True, shape, s.device)
+    grad_out = torch.rand(shape[:-2] + shape[-1:], device=s.device, dtype=dtype)
+    fwd, both = _bytes(color, density, False), _bytes(color, density, True)
+    for provider, op in providers.items():
+        which = ("fwd+bwd",) if provider.startswith("compiled") else ("forward", "backward", "fwd+bwd")
+        for mode, fn in modes(op, (color, density), grad_out, which).items():
+            s.run(fn, bench="composite", case=case, provider=provider, mode=mode, dtype=str(dtype)[6:],
+                  bytes={"forward": fwd, "backward": both - fwd, "fwd+bwd": both}[mode], copy_of="composite",
+                  profile=provider in s.fused and mode == "fwd+bwd")

@@ -37,8 +37,14 @@ def main():
     from torchvision.models import vgg19
 
     from fnevr.data import DatasetRepeater, FramesDataset, ensure_synthetic_dataset
-    from fnevr.losses import (PerceptualPyramidLoss, RandomTPS, equivariance_jacobian_loss, equivariance_value_loss,
-                              feature_matching_loss, lsgan_generator_loss)
+    from fnevr.losses import (
+        PerceptualPyramidLoss,
+        RandomTPS,
+        equivariance_jacobian_loss,
+        equivariance_value_loss,
+        feature_matching_loss,
+        lsgan_generator_loss,
+    )
     from fnevr.metrics import evaluate_pairs
 
     rows = []

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import fnevr
-from conftest import measure_copy
+from conftest import measure_copy, modes
 from fnevr.ops import grid_sample, grid_sample_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,7 +71,7 @@ def _inputs(case, dtype, grad, spec=None, device=DEVICE):
 
 
 def _bytes(x, grid, out_numel, backward):
-    size = lambda t: t.numel() * t.element_size()  # noqa: E731
+    size = lambda t: t.numel() * t.element_size()
     out = out_numel * x.element_size()
     fwd = size(x) + size(grid) + out
     return fwd + (out + size(x) + size(grid) + size(x) + size(grid) if backward else 0)
@@ -105,3 +105,21 @@ def test_grid_sample(measure, case, provider, dtype, backward):
     measure(forward_backward if backward else forward, _bytes(x, grid, out_numel, backward),
             op=f"gs/{case}", provider=provider, mode="fwd+bwd" if backward else "forward",
             dtype=str(dtype)[6:], device=DEVICE)
+
+
+def gpu(s, dtype):
+    """benchmarks/gpu_bench.py's rows for this op (`s`: its Settings): FNeVR's shapes, each fused backend
+    against PyTorch and torch.compile, forward and backward."""
+    for case, spec in (cases(1, size=8) if s.dry else CASES).items():
+        x, grid, padding = _inputs(case, dtype, True, spec, s.device)
+        out_numel = x.shape[0] * x.shape[1] * grid.shape[1] * grid.shape[2]
+        grad_out = torch.rand(x.shape[0], x.shape[1], *grid.shape[1:3], device=s.device, dtype=dtype)
+        which = ("forward", "backward", "fwd+bwd") if case.startswith("feature") else ("forward", "fwd+bwd")
+        for provider in ("torch", *s.fused):
+            op = _op(s.backend(provider) if provider in s.fused else provider, padding)
+            for mode, fn in modes(op, (x, grid), grad_out, which).items():
+                full = _bytes(x, grid, out_numel, True)
+                fwd = _bytes(x, grid, out_numel, False)
+                s.run(fn, bench="grid_sample", case=case, provider=provider, mode=mode, dtype=str(dtype)[6:],
+                      bytes={"forward": fwd, "backward": full - fwd, "fwd+bwd": full}[mode],
+                      profile=provider in s.fused and mode == "fwd+bwd" and case == "feature")

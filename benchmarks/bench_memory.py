@@ -30,12 +30,11 @@ from pathlib import Path
 import torch
 
 import fnevr
+from conftest import torch_grid_sample  # PyTorch's op, as the published code calls it
 from fnevr.config import load_config
 from fnevr.data.synthetic import ensure_synthetic_dataset
-from fnevr.train import TrainOptions, Trainer
+from fnevr.train import Trainer, TrainOptions
 from fnevr.train.memory import SavedTensorLedger
-
-from conftest import torch_grid_sample  # PyTorch's op, as the published code calls it
 
 GROUPS = {
     "": "losses (VGG19, pyramids, equivariance)",
@@ -55,8 +54,8 @@ ROWS = ["encoder", "dense motion", "generator glue (warp, occlusion, concat)", "
         "mini decoder", "SPADE decoder", "keypoint detector", "discriminator", "pose editor",
         "losses (VGG19, pyramids, equivariance)", "other"]
 RECIPES = {
-    "published": dict(backend="reference", precision="fp32", fused_head=False, memory_saving=False),
-    "published-bf16": dict(backend="reference", precision="bf16", fused_head=False, memory_saving=False),
+    "published": dict(backend="reference", precision="fp32", fused_head="none", memory_saving=False),
+    "published-bf16": dict(backend="reference", precision="bf16", fused_head="none", memory_saving=False),
     "fnevr": dict(),
     "fnevr-bf16": dict(precision="bf16"),
     "fnevr-checkpoint": dict(checkpoint_activations=True),

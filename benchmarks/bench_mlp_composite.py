@@ -6,7 +6,7 @@ Providers:
 - ``unfused``: the published path, SampleMLP's full colour field ``[B, 64, 64, 8, 256]`` then
   compositing (both plain PyTorch, the reference backend);
 - ``compiled-unfused``: the same under torch.compile (GPU only: Inductor's CPU build takes minutes);
-- ``head-<backend>``: ``fused_head: true``, the hidden features composited by ``fnevr.ops.composite``,
+- ``head-<backend>``: ``fused_head: hidden``, the hidden features composited by ``fnevr.ops.composite``,
   the last layer per ray;
 - ``mlp-<backend>``: ``fused_head: mlp``, ``fnevr.ops.mlp_composite`` (nothing per sample is stored).
 ``saved_MB`` is what the forward keeps for backward. The op is compute bound, so the GB/s column
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import fnevr
-from conftest import saved_MB
+from conftest import modes, saved_MB
 from fnevr.model.render import SampleMLP
 from fnevr.ops import composite, mlp_composite
 
@@ -84,3 +84,32 @@ def test_ray_head(measure, provider, dtype, backward):
     measure(forward_backward if backward else forward, moved * (2 if backward else 1),
             op="ray_head", provider=provider, mode="fwd+bwd" if backward else "forward", dtype=str(dtype)[6:],
             device=DEVICE, **({"saved_MB": saved} if backward else {}))
+
+
+def gpu(s, dtype):
+    """benchmarks/gpu_bench.py's rows for this op (`s`: its Settings): the vox-256 ray head as the
+    test above times it, fp32 parameters, bf16 by autocast."""
+    shape = (1, 4, 4, 8) if s.dry else SHAPE
+    torch.manual_seed(0)
+    mlp = SampleMLP(color_dim=16, shape_dim=16, hidden=128, out_channels=256).to(s.device)
+    cc, sc = (torch.rand(*shape, 16, device=s.device).requires_grad_() for _ in range(2))
+    amp = torch.autocast(s.device, dtype=dtype, enabled=dtype != torch.float32)
+    grad_out = torch.rand(*shape[:-1], 256, device=s.device, dtype=dtype)  # the head's output dtype under amp
+    providers = {"unfused": _head("unfused", mlp)}
+    if s.compiler:
+        providers["compiled-unfused"] = s.compile(providers["unfused"])
+    for kind in ("head", "mlp"):
+        for b in s.fused:
+            providers[f"{kind}-{b}"] = _head(f"{kind}-{s.backend(b)}", mlp)
+    inputs = (cc, sc, *mlp.parameters())
+    for provider, head in providers.items():
+        def op(cc_, sc_, *_params, head=head):
+            with amp:
+                return head(cc_, sc_)
+
+        with amp:
+            saved = saved_MB(lambda: head(cc, sc))
+        which = ("fwd+bwd",) if provider.startswith("compiled") else ("forward", "fwd+bwd")
+        for mode, fn in modes(op, inputs, grad_out, which).items():
+            s.run(fn, bench="mlp_composite", case="x".join(map(str, shape)) + "-H128", provider=provider, mode=mode,
+                  dtype=str(dtype)[6:], saved_MB=saved, profile=provider.startswith("mlp-") and mode == "fwd+bwd")

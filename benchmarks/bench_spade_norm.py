@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fnevr
-from conftest import measure_copy, saved_MB
+from conftest import measure_copy, modes, saved_MB
 from fnevr.ops import spade_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -77,3 +77,27 @@ def test_spade_norm(measure, layout, shape, provider, dtype, backward):
             op=f"spade-C{shape[1]}" + ("-cl" if layout == "cl" else ""), provider=provider, layout=layout,
             mode="fwd+bwd" if backward else "forward", dtype=str(dtype)[6:], device=DEVICE,
             **({"saved_MB": saved_MB(lambda: op(x, gamma, beta))} if backward else {}))
+
+
+def gpu(s, dtype):
+    """benchmarks/gpu_bench.py's rows for this op (`s`: its Settings): FNeVR's shapes, each fused backend
+    against PyTorch and torch.compile, forward and backward."""
+    for i, shape in enumerate(shapes(1, size=16) if s.dry else SHAPES):
+        for layout in ("nchw", "channels_last"):
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            torch.manual_seed(0)
+            x, gamma, beta, grad_y = (torch.randn(shape, device=s.device, dtype=dtype).contiguous(memory_format=fmt)
+                                      for _ in range(4))
+            inputs = tuple(t.requires_grad_() for t in (x, gamma, beta))
+            providers = {"eager": eager}
+            if s.compiler and i == 1:  # one shape: Inductor compiles are slow
+                providers["compiled-eager"] = s.compile(eager)
+            for b in s.fused:
+                providers[b] = _op(s.backend(b))
+            for provider, op in providers.items():
+                which = ("fwd+bwd",) if provider.startswith("compiled") else ("forward", "fwd+bwd")
+                for mode, fn in modes(op, inputs, grad_y, which).items():
+                    nbytes = x.numel() * x.element_size() * (11 if mode == "fwd+bwd" else 4)
+                    s.run(fn, bench="spade_norm", case=f"{'x'.join(map(str, shape))}-{layout}", provider=provider,
+                          mode=mode, dtype=str(dtype)[6:], bytes=nbytes, layout=layout,
+                          profile=provider in s.fused and mode == "fwd+bwd" and i == 1)

@@ -18,11 +18,11 @@ import torch
 from conftest import train_saved_MB
 from fnevr.config import load_config
 from fnevr.data.synthetic import ensure_synthetic_dataset
-from fnevr.train import TrainOptions, Trainer
+from fnevr.train import Trainer, TrainOptions
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CONFIG, SIZE = ("vox-256", 256) if DEVICE == "cuda" else ("small", 64)
-PLAIN = dict(backend="reference", memory_saving=False, fused_head=False)
+PLAIN = dict(backend="reference", memory_saving=False, fused_head="none")
 PROVIDERS = {
     "published": dict(PLAIN, precision="fp32", channels_last=False),
     "published-bf16-cl": dict(PLAIN, precision="bf16", channels_last=True),

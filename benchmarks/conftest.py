@@ -139,3 +139,33 @@ def pytest_terminal_summary(terminalreporter):
     for r in ROWS:
         for name, us in r.get("kernels_us", {}).items():
             tr.write_line(f"{r['mode']:<8} {r['provider']:<20} {r['dtype']:<9} {us:9.1f}  {name[:110]}")
+
+
+# --- for gpu_bench.py (benchmarks/gpu_check.sh): each bench_<op>.py has a gpu(s, dtype) ------------
+
+def modes(op, inputs, grad_out, which=("forward", "backward", "fwd+bwd")):
+    """mode -> a call: forward without autograd; backward alone (autograd.grad of a kept graph);
+    forward+backward. Gradients by autograd.grad: nothing accumulates between calls."""
+    calls = {}
+    if "forward" in which:
+        def forward():
+            with torch.no_grad():
+                return op(*inputs)
+        calls["forward"] = forward
+    if "backward" in which:
+        out = op(*inputs)
+        calls["backward"] = lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True, allow_unused=True)
+    if "fwd+bwd" in which:
+        calls["fwd+bwd"] = lambda: torch.autograd.grad(op(*inputs), inputs, grad_out, allow_unused=True)
+    return calls
+
+
+def gpu_copy(s, what, shape, dtype):
+    """The copy bandwidth of `shape` in `dtype`: the 100% of an op's GB/s column in gpu_bench."""
+    src = torch.rand(shape, device=s.device).to(dtype)
+    dst = torch.empty_like(src)
+    nbytes = 2 * src.numel() * src.element_size()
+    row = s.run(lambda: dst.copy_(src), bench="copy", case=what, provider="copy", mode="copy",
+                dtype=str(dtype)[6:], bytes=nbytes)
+    if row and "error" not in row:
+        s.copy_GBps[(what, row["dtype"])] = row["GBps"]

@@ -22,6 +22,7 @@ this code runs. Shapes and inputs come from the bench_*.py modules (pytest-bench
 
 import argparse
 import contextlib
+import importlib
 import json
 import statistics
 import sys
@@ -32,18 +33,14 @@ import unittest.mock
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import bench_overhead
 import torch
 
-import bench_composite
-import bench_grid_sample
-import bench_mlp_composite
-import bench_overhead
-import bench_spade_norm
 import fnevr
-from conftest import kernel_times, saved_MB, torch_grid_sample, train_saved_MB
-from fnevr.model.render import SampleMLP
+from conftest import kernel_times, torch_grid_sample, train_saved_MB
 
-GROUPS = ("composite", "grid_sample", "spade_norm", "mlp_composite", "overhead", "model", "train")
+OPS = tuple(fnevr.ops.ops())  # each op's GPU benchmark is gpu(s, dtype) in its bench_<op>.py
+GROUPS = (*OPS, "overhead", "model", "train")
 # Providers whose calls compile nothing (PyTorch eager): --warm skips them.
 EAGER = ("copy", "torch", "eager", "reference", "unfused", "published")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -59,6 +56,7 @@ class Settings:
     warm: bool
     dtypes: list
     providers: tuple | None = None  # only these (a --warm shard), or all
+    fused = FUSED  # the backends benchmarked against PyTorch
     device: str = field(init=False)
     compiler: str | None = field(init=False)  # None: no torch.compile providers (--quick)
 
@@ -155,7 +153,7 @@ class Settings:
             row.update(self.measure(fn))
             if profile and self.device == "cuda" and not self.quick:
                 row["kernels"] = _top_kernels(fn)
-        except Exception as err:  # noqa: BLE001 - one failing case must not end the benchmark
+        except Exception as err:
             if not isinstance(err, torch.OutOfMemoryError) and ("CUDA error" in str(err) or "illegal" in str(err)):
                 raise  # the CUDA context is lost
             if self.device == "cuda":
@@ -200,128 +198,11 @@ def _top_kernels(fn, n=6) -> dict:
 
 # --- what is timed -----------------------------------------------------------------------------
 
-def modes(op, inputs, grad_out, which=("forward", "backward", "fwd+bwd")):
-    """mode -> a call: forward without autograd; backward alone (autograd.grad of a kept graph);
-    forward+backward. Gradients by autograd.grad: nothing accumulates between calls."""
-    calls = {}
-    if "forward" in which:
-        def forward():
-            with torch.no_grad():
-                return op(*inputs)
-        calls["forward"] = forward
-    if "backward" in which:
-        out = op(*inputs)
-        calls["backward"] = lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True, allow_unused=True)
-    if "fwd+bwd" in which:
-        calls["fwd+bwd"] = lambda: torch.autograd.grad(op(*inputs), inputs, grad_out, allow_unused=True)
-    return calls
-
-
-def measure_copy(s, what, shape, dtype):
-    src = torch.rand(shape, device=s.device).to(dtype)
-    dst = torch.empty_like(src)
-    nbytes = 2 * src.numel() * src.element_size()
-    row = s.run(lambda: dst.copy_(src), bench="copy", case=what, provider="copy", mode="copy",
-                dtype=str(dtype)[6:], bytes=nbytes)
-    if row and "error" not in row:
-        s.copy_GBps[(what, row["dtype"])] = row["GBps"]
-
-
-def bench_composite_(s, dtype):
-    shape = (1, 4, 4, 8, 16) if s.dry else bench_composite.SHAPE
-    case = "x".join(map(str, shape))
-    measure_copy(s, "composite", shape, dtype)
-    kw = dict(transmittance="inclusive")
-    providers = {"reference": lambda c, d: bench_composite.composite_reference(c, d, **kw)}
-    if s.compiler:
-        providers["compiled-reference"] = s.compile(providers["reference"])
-    for b in FUSED:
-        providers[b] = (lambda backend: lambda c, d: bench_composite.composite(c, d, backend=backend, **kw))(s.backend(b))
-    color, density = bench_composite._inputs(dtype, True, shape, s.device)
-    grad_out = torch.rand(shape[:-2] + shape[-1:], device=s.device, dtype=dtype)
-    fwd, both = bench_composite._bytes(color, density, False), bench_composite._bytes(color, density, True)
-    for provider, op in providers.items():
-        which = ("fwd+bwd",) if provider.startswith("compiled") else ("forward", "backward", "fwd+bwd")
-        for mode, fn in modes(op, (color, density), grad_out, which).items():
-            s.run(fn, bench="composite", case=case, provider=provider, mode=mode, dtype=str(dtype)[6:],
-                  bytes={"forward": fwd, "backward": both - fwd, "fwd+bwd": both}[mode], copy_of="composite",
-                  profile=provider in FUSED and mode == "fwd+bwd")
-
-
-def bench_grid_sample_(s, dtype):
-    cases = bench_grid_sample.cases(1, size=8) if s.dry else bench_grid_sample.CASES
-    for case, spec in cases.items():
-        x, grid, padding = bench_grid_sample._inputs(case, dtype, True, spec, s.device)
-        out_numel = x.shape[0] * x.shape[1] * grid.shape[1] * grid.shape[2]
-        grad_out = torch.rand(x.shape[0], x.shape[1], *grid.shape[1:3], device=s.device, dtype=dtype)
-        which = ("forward", "backward", "fwd+bwd") if case.startswith("feature") else ("forward", "fwd+bwd")
-        for provider in ("torch",) + FUSED:
-            op = bench_grid_sample._op(s.backend(provider) if provider in FUSED else provider, padding)
-            for mode, fn in modes(op, (x, grid), grad_out, which).items():
-                full = bench_grid_sample._bytes(x, grid, out_numel, True)
-                fwd = bench_grid_sample._bytes(x, grid, out_numel, False)
-                s.run(fn, bench="grid_sample", case=case, provider=provider, mode=mode, dtype=str(dtype)[6:],
-                      bytes={"forward": fwd, "backward": full - fwd, "fwd+bwd": full}[mode],
-                      profile=provider in FUSED and mode == "fwd+bwd" and case == "feature")
-
-
-def bench_spade_norm_(s, dtype):
-    shapes = bench_spade_norm.shapes(1, size=16) if s.dry else bench_spade_norm.SHAPES
-    for i, shape in enumerate(shapes):
-        for layout in ("nchw", "channels_last"):
-            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-            torch.manual_seed(0)
-            x, gamma, beta, grad_y = (torch.randn(shape, device=s.device, dtype=dtype).contiguous(memory_format=fmt)
-                                      for _ in range(4))
-            inputs = tuple(t.requires_grad_() for t in (x, gamma, beta))
-            providers = {"eager": bench_spade_norm.eager}
-            if s.compiler and i == 1:  # one shape: Inductor compiles are slow
-                providers["compiled-eager"] = s.compile(bench_spade_norm.eager)
-            for b in FUSED:
-                providers[b] = bench_spade_norm._op(s.backend(b))
-            for provider, op in providers.items():
-                which = ("fwd+bwd",) if provider.startswith("compiled") else ("forward", "fwd+bwd")
-                for mode, fn in modes(op, inputs, grad_y, which).items():
-                    nbytes = x.numel() * x.element_size() * (11 if mode == "fwd+bwd" else 4)
-                    s.run(fn, bench="spade_norm", case=f"{'x'.join(map(str, shape))}-{layout}", provider=provider,
-                          mode=mode, dtype=str(dtype)[6:], bytes=nbytes, layout=layout,
-                          profile=provider in FUSED and mode == "fwd+bwd" and i == 1)
-
-
-def bench_mlp_composite_(s, dtype):
-    """The vox-256 ray head as bench_mlp_composite times it: fp32 parameters, bf16 by autocast."""
-    shape = (1, 4, 4, 8) if s.dry else bench_mlp_composite.SHAPE
-    torch.manual_seed(0)
-    mlp = SampleMLP(color_dim=16, shape_dim=16, hidden=128, out_channels=256).to(s.device)
-    cc, sc = (torch.rand(*shape, 16, device=s.device).requires_grad_() for _ in range(2))
-    amp = torch.autocast(s.device, dtype=dtype, enabled=dtype != torch.float32)
-    grad_out = torch.rand(*shape[:-1], 256, device=s.device, dtype=dtype)  # the head's output dtype under amp
-    providers = {"unfused": bench_mlp_composite._head("unfused", mlp)}
-    if s.compiler:
-        providers["compiled-unfused"] = s.compile(providers["unfused"])
-    for kind in ("head", "mlp"):
-        for b in FUSED:
-            providers[f"{kind}-{b}"] = bench_mlp_composite._head(f"{kind}-{s.backend(b)}", mlp)
-    inputs = (cc, sc, *mlp.parameters())
-    for provider, head in providers.items():
-        def op(cc_, sc_, *_params, head=head):
-            with amp:
-                return head(cc_, sc_)
-
-        with amp:
-            saved = saved_MB(lambda: head(cc, sc))
-        which = ("fwd+bwd",) if provider.startswith("compiled") else ("forward", "fwd+bwd")
-        for mode, fn in modes(op, inputs, grad_out, which).items():
-            s.run(fn, bench="mlp_composite", case="x".join(map(str, shape)) + "-H128", provider=provider, mode=mode,
-                  dtype=str(dtype)[6:], saved_MB=saved, profile=provider.startswith("mlp-") and mode == "fwd+bwd")
-
-
 def bench_overhead_(s, dtype):
     """Tiny inputs (bench_overhead's), fp32: the time is the cost of getting to the kernel."""
     for op in bench_overhead.OPS:
-        args = bench_overhead._inputs(op, s.device)
         for provider in ("torch",) + FUSED:
-            fn = bench_overhead._call(op, s.backend(provider) if provider in FUSED else provider)
+            fn, args = bench_overhead._call(op, s.backend(provider) if provider in FUSED else provider)
             inputs = tuple(a.requires_grad_() for a in args)
 
             def forward(fn=fn, inputs=inputs):
@@ -360,7 +241,7 @@ def bench_model_(s, dtype):
                 with torch.no_grad(), amp:
                     kp_source = {k: v.expand(batch, *v.shape[1:]) for k, v in model.kp_detector(source).items()}
 
-                def step(batch=batch, source=source, driving=driving, kp_source=kp_source):
+                def step(batch=batch, source=source, driving=driving, kp_source=kp_source, model=model):
                     with torch.no_grad(), amp:
                         return model.animate(source.expand(batch, -1, -1, -1), kp_source, model.kp_detector(driving))
 
@@ -405,7 +286,7 @@ def bench_train_(s, dtype):
 
     from fnevr.config import load_config
     from fnevr.data.synthetic import ensure_synthetic_dataset
-    from fnevr.train import TrainOptions, Trainer
+    from fnevr.train import Trainer, TrainOptions
 
     config_name, size, batch = ("small", 32, 2) if s.dry else ("vox-256", 256, 8)
     # (the dry run skips the bf16 and checkpointing variants: the same code with other options)
@@ -417,7 +298,7 @@ def bench_train_(s, dtype):
                                         clips_per_id=1)
         _random_vgg19(tmp / "vgg19.pth")
         for name in names:
-            if s.providers and name not in s.providers or s.warm and name in EAGER:
+            if (s.providers and name not in s.providers) or (s.warm and name in EAGER):
                 continue
             opts = dict(PROVIDERS[name])
             config = load_config(config_name)
@@ -435,7 +316,7 @@ def bench_train_(s, dtype):
                 if s.device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated()
-                row = s.run(lambda: trainer.train_step([step_batch]), bench="train", case=f"{config_name}-b{batch}",
+                row = s.run(lambda trainer=trainer, step_batch=step_batch: trainer.train_step([step_batch]), bench="train", case=f"{config_name}-b{batch}",
                             provider=name, mode="step", dtype=str(trainer.amp_dtype or torch.float32)[6:],
                             saved_MB=saved)
                 if row and "error" not in row:
@@ -451,9 +332,8 @@ def bench_train_(s, dtype):
                 torch.cuda.empty_cache()  # the next provider's peak starts from the same place
 
 
-BENCHES = {"composite": bench_composite_, "grid_sample": bench_grid_sample_, "spade_norm": bench_spade_norm_,
-           "mlp_composite": bench_mlp_composite_, "overhead": bench_overhead_, "model": bench_model_,
-           "train": bench_train_}
+BENCHES = {**{op: importlib.import_module(f"bench_{op}").gpu for op in OPS}, "overhead": bench_overhead_,
+           "model": bench_model_, "train": bench_train_}
 ONE_DTYPE = ("overhead", "train")  # fp32 tiny calls; the step's precision is the Trainer's own
 
 

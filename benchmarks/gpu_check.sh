@@ -89,10 +89,10 @@ import_check() {  # the extension and the Triton kernels import; on a GPU the CU
 import fnevr, fnevr.kernels
 from fnevr import _extension as e
 print('fnevr from', fnevr.__file__)
-print('cpu extension:', 'available' if e.cpu_available else e.cpu_reason, '| cuda extension built:', e.cuda_built)
-assert e.cpu_available, e.cpu_reason
+print('cpu extension:', 'available' if e.cpu else e.cpu_reason, '| cuda extension built:', e.cuda is not None)
+assert e.cpu, e.cpu_reason
 if $([[ $dry == 1 ]] && echo False || echo True):
-    assert e.cuda_built, e.cuda_reason
+    assert e.cuda, e.cuda_reason
     print('cuda backends:', fnevr.ops.backends('cuda'))
 "
 }
@@ -160,7 +160,7 @@ stage_warm() {
 }
 
 stage_bench() {
-  $py benchmarks/gpu_bench.py --out "$OUT" --stamp "$stamp" --groups composite,grid_sample,spade_norm,mlp_composite,overhead \
+  $py benchmarks/gpu_bench.py --out "$OUT" --stamp "$stamp" --groups "$($py -m fnevr.ops list --sep ,),overhead" \
     "${bench_args[@]}"
 }
 

@@ -19,7 +19,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-OPS = ("composite", "grid_sample", "spade_norm", "mlp_composite")
+from fnevr.ops import _registry
+
+OPS = tuple(_registry.ops())
 FUSED = ("cuda", "triton")
 BENCH_DTYPES = ("float32", "bfloat16")
 TEST_DTYPES = ("float32", "float16", "bfloat16")
@@ -56,10 +58,11 @@ def _nodeid(line: str) -> str | None:
     found = TEST.search(line)
     if not found:
         return None
-    end = found.end()
-    if line[end:end + 1] == "[":
+    start = found.end()
+    end = start
+    if line[start:start + 1] == "[":
         depth = 0
-        for end in range(end, len(line)):
+        for end in range(start, len(line)):
             depth += {"[": 1, "]": -1}.get(line[end], 0)
             if depth == 0:
                 break
@@ -77,9 +80,9 @@ def coverage(outcomes: dict[str, str], dtypes) -> dict[tuple, str]:
         for b in FUSED:
             for d in dtypes:
                 key = (op and op.group(1), b, d)
-                if key in best and f"{b}-cuda" in node and f"torch.{d}" in node:
-                    if best[key] is None or rank.get(outcome, 3) < rank.get(best[key], 3):
-                        best[key] = outcome
+                if (key in best and f"{b}-cuda" in node and f"torch.{d}" in node
+                        and (best[key] is None or rank.get(outcome, 3) < rank.get(best[key], 3))):
+                    best[key] = outcome
     return best
 
 
@@ -292,7 +295,7 @@ def backend_lines(R: Rows, auto_order: dict) -> list[str]:
 
 def info_lines(R: Rows) -> list[str]:
     out = []
-    for (bench, case, provider, mode, dtype), r in sorted(R.rows.items()):
+    for (bench, case, provider, _mode, dtype), r in sorted(R.rows.items()):
         if bench == "model":
             out.append(f"inference {case:<16} {provider:<10} {dtype:<9} {r['per_s']:9.1f} frames/s "
                        f"(wall {r['wall_us'] / 1e3:.1f} ms, host {r['host_us'] / 1e3:.1f} ms per call)"
@@ -305,12 +308,12 @@ def info_lines(R: Rows) -> list[str]:
 
 
 def auto_choices() -> dict:
-    """The backend `auto` tries first on CUDA today, per op (fnevr.ops._backend.AUTO_ORDER)."""
+    """The backend `auto` tries first on CUDA today, per op (each op's registry entry)."""
     try:
-        from fnevr.ops._backend import AUTO_ORDER
-    except Exception:  # noqa: BLE001 - the summary must print even if fnevr does not import
+        from fnevr.ops import _registry
+    except Exception:
         return {}
-    return {op: order["cuda"][0] for op, order in AUTO_ORDER.items()}
+    return {op: _registry.auto_order(op, "cuda")[0] for op in _registry.ops()}
 
 
 def newest_full_bench(dirs, stamp: str) -> Path | None:

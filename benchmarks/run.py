@@ -1,11 +1,14 @@
 """Run fnevr's benchmarks and print their table; with --save DIR also write the pytest-benchmark
 JSON and the printed output there, with the device, versions, commit and date.
 
-    python benchmarks/run.py                     # compositing, on the GPU if there is one
+    python benchmarks/run.py                     # every registered op (make bench), on the GPU if there is one
     python benchmarks/run.py grid_sample         # grid sampling
     python benchmarks/run.py spade_norm          # SPADE normalisation at the decoder's shapes
     python benchmarks/run.py mlp_composite       # the ray head: unfused, fused head, fused MLP
-    python benchmarks/run.py composite grid_sample spade_norm --save benchmarks/results
+    python benchmarks/run.py overhead model train  # call overhead, the whole model, a training step
+    python benchmarks/run.py composite grid_sample --save benchmarks/results
+
+Each registered op (fnevr/ops/_registry.py) has its benchmarks/bench_<op>.py.
 """
 
 import argparse
@@ -20,6 +23,8 @@ from contextlib import redirect_stdout
 
 import pytest
 import torch
+
+import fnevr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -52,8 +57,9 @@ def environment() -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmarks", nargs="*", default=["composite"],
-                        help="which bench_*.py to run: composite (default), grid_sample, spade_norm, mlp_composite, overhead, "
+    ops = list(fnevr.ops.ops())
+    parser.add_argument("benchmarks", nargs="*", default=ops,
+                        help=f"which bench_*.py to run: the ops ({', '.join(ops)}; all by default), or overhead, "
                              "model, train")
     parser.add_argument("--save", metavar="DIR", help="write <name>-<device>-<date>.json and .txt here")
     args, extra = parser.parse_known_args()

@@ -1,4 +1,10 @@
-"""Loads fnevr's compiled kernels (fnevr._C for the CPU, fnevr._C_cuda for CUDA) if they were built.
+"""Loads fnevr's compiled kernels if they were built: ``cpu`` is the module fnevr._C (the CPU
+kernels and every kernel schema), ``cuda`` the module fnevr._C_cuda (the CUDA kernels); each is
+None when it cannot be loaded, with ``cpu_reason`` / ``cuda_reason`` saying why.
+
+Why two modules: fnevr._C_cuda is built only where CUDA is at hand and links the CUDA runtime, so
+a CPU-only build, or a machine without those libraries, still loads the CPU kernels; the schemas
+live in fnevr._C alone, so both backends implement the same ones.
 
 Without them fnevr still works: `backend="auto"` falls back to the reference (pure PyTorch) or to
 Triton, and one warning at import says so. FNEVR_NO_EXTENSION=1 skips loading them on purpose.
@@ -7,6 +13,7 @@ Triton, and one warning at import says so. FNEVR_NO_EXTENSION=1 skips loading th
 import importlib
 import os
 import warnings
+from types import ModuleType
 
 import torch
 
@@ -15,25 +22,22 @@ class ExtensionWarning(UserWarning):
     """fnevr's compiled kernels could not be loaded; slower fallbacks are used."""
 
 
-def _load(name: str):
+def _load(name: str) -> tuple[ModuleType | None, str]:
     if os.environ.get("FNEVR_NO_EXTENSION", "") not in ("", "0"):
         return None, "disabled by FNEVR_NO_EXTENSION=1"
     try:
-        importlib.import_module(name)
-        return True, ""
+        return importlib.import_module(name), ""
     except ImportError as err:  # not built, or built against another torch
         return None, f"{name} failed to import ({err}); rebuild with `pip install --no-build-isolation -e .`"
 
 
-_cpu, cpu_reason = _load("fnevr._C")
-cpu_available = _cpu is not None
-if cpu_available:
-    _cuda, cuda_reason = _load("fnevr._C_cuda")
+cpu, cpu_reason = _load("fnevr._C")
+if cpu is not None:
+    cuda, cuda_reason = _load("fnevr._C_cuda")
 else:
-    _cuda, cuda_reason = None, f"needs the CPU extension, which is unavailable: {cpu_reason}"
-cuda_built = _cuda is not None
+    cuda, cuda_reason = None, f"needs the CPU extension, which is unavailable: {cpu_reason}"
 
-if not cpu_available:
+if cpu is None:
     warnings.warn(
         f"fnevr's compiled kernels are unavailable ({cpu_reason}); fused ops fall back to the "
         "pure-PyTorch reference on the CPU, and to Triton or the reference on CUDA.",
@@ -44,7 +48,7 @@ if not cpu_available:
 
 def cuda_status() -> tuple[bool, str]:
     """Whether the CUDA kernels can run here, and if not, why."""
-    if not cuda_built:
+    if cuda is None:
         return False, cuda_reason or "fnevr._C_cuda was not built (torch without CUDA or nvcc not found at build time)"
     if not torch.cuda.is_available():
         return False, "no CUDA device (torch.cuda.is_available() is False)"

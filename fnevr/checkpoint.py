@@ -120,7 +120,7 @@ def load_checkpoint(path: str | os.PathLike, config: str | dict | None = None, *
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+    except Exception as e:
         raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict of state dicts")

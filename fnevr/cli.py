@@ -20,6 +20,10 @@ from pathlib import Path
 
 import torch
 
+from .ops import BACKENDS
+
+BACKEND_CHOICES = ["auto", *BACKENDS]  # the fused ops' backends, from their registry
+
 DESCRIPTION = """FNeVR face animation (Neural Volume Rendering for Face Animation, NeurIPS 2022).
 
 commands:
@@ -114,7 +118,7 @@ def _config(name):
         return load_config(name)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--config: {e}") from None
-    except Exception as e:  # noqa: BLE001 - a YAML file that does not parse
+    except Exception as e:
         raise UsageError(f"--config {name}: {type(e).__name__}: {e}") from None
 
 
@@ -189,7 +193,7 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--batch-size", type=positive_int, default=8, help="frames per forward pass (default 8)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="bf16 autocast (default on CUDA) or fp32 (default on CPU)")
-    p.add_argument("--backend", choices=["auto", "reference", "cpu", "cuda", "triton"], default=None,
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
                    help="fused-op backend for the whole model (default: the config's, normally auto)")
     p.add_argument("--side-by-side", action="store_true", help="write source | driving | result side by side")
     p.add_argument("--fps", type=positive_float, default=None,
@@ -276,7 +280,7 @@ def cmd_train(args):
     if args.checkpoint_activations and (args.compile or args.memory_saving is False):
         raise UsageError("--checkpoint-activations goes with memory saving and without --compile (torch.compile "
                          "plans its own recomputation)")
-    from .train import TrainOptions, Trainer
+    from .train import Trainer, TrainOptions
 
     if args.demo and args.demo_out and not args.resume:
         print(f"fnevr train: the demo starts afresh in {args.out}, and replaces any earlier demo run there "
@@ -351,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-activations", action="store_true",
                    help="also recompute the decoder and hourglass blocks in backward: far less memory, ~10%% "
                         "slower steps")
-    p.add_argument("--backend", choices=["auto", "reference", "cpu", "cuda", "triton"], default=None,
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
                    help="fused-op backend (default: the config's)")
     p.add_argument("--num-workers", type=count, default=None, help="DataLoader workers (default 2; demo 0)")
     p.add_argument("--checkpoint-every", type=positive_int, default=None,
@@ -385,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate at most this many (readable) videos; unreadable ones are skipped and named")
     p.add_argument("--lpips-weights", default=None,
                    help="torchvision AlexNet weights for LPIPS (default: the torch hub cache; none: LPIPS skipped)")
-    p.add_argument("--backend", choices=["auto", "reference", "cpu", "cuda", "triton"], default=None)
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default=None)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("animate", help="drive a source image with a driving video",
@@ -444,7 +448,7 @@ def main(argv=None) -> int:
             raise
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - every failure is reported in one line (--debug: traceback)
+    except Exception as e:
         if debug:
             raise
         kind = "" if isinstance(e, (OSError, ValueError, RuntimeError)) else f"{type(e).__name__}: "

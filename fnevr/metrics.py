@@ -62,6 +62,7 @@ def load_lpips(backbone_weights=None, net: str = "alex", linear_weights=None):
                        LPIPS_BACKBONES[net], _hub_pattern(net), LPIPS_BACKBONES[net])
         return None
     import torchvision
+
     # torchmetrics' LPIPS network; pnet_rand=True builds the backbone without downloading weights.
     from torchmetrics.functional.image.lpips import _NoTrainLpips
 

@@ -6,7 +6,11 @@ import dataclasses
 
 import torch
 
-from .aot import DTYPES, ENV, OPS, compile_op, requested_arch
+from fnevr.ops import ops
+
+from .aot import DTYPES, ENV, compile_op, requested_arch
+
+OPS = tuple(ops())
 
 
 def main(argv=None) -> int:

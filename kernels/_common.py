@@ -7,6 +7,17 @@ import os
 import torch
 import triton.language as tl
 
+from fnevr.ops._codes import Activation, Mode, Padding
+
+# The op codes (fnevr/ops/_codes.py, the one table) as constants the kernels compare against.
+RELU: tl.constexpr = tl.constexpr(int(Activation.RELU))
+LEAKY_RELU: tl.constexpr = tl.constexpr(int(Activation.LEAKY_RELU))
+SOFTPLUS: tl.constexpr = tl.constexpr(int(Activation.SOFTPLUS))
+BILINEAR: tl.constexpr = tl.constexpr(int(Mode.BILINEAR))
+NEAREST: tl.constexpr = tl.constexpr(int(Mode.NEAREST))
+BORDER: tl.constexpr = tl.constexpr(int(Padding.BORDER))
+REFLECTION: tl.constexpr = tl.constexpr(int(Padding.REFLECTION))
+
 
 # Read once, as triton.jit does when it decides between compiling and interpreting a kernel.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -18,7 +18,7 @@ from Triton's bundled ``cuobjdump --dump-resource-usage`` of each cubin.
 """
 
 import dataclasses
-import itertools
+import importlib
 import os
 import re
 import subprocess
@@ -177,7 +177,7 @@ def activate(arch: int = 90) -> CompileOnlyDriver:
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _fwd_bwd(fn, *inputs):
+def fwd_bwd(fn, *inputs):
     """fn(*inputs) forward, then backward into every input (one launch of each kernel)."""
     inputs = [t.requires_grad_() for t in inputs]
     out = fn(*inputs)
@@ -185,82 +185,9 @@ def _fwd_bwd(fn, *inputs):
     torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
 
 
-def _composite(dtype):
-    from fnevr.ops import composite
-    cases = [((4096, 8, 256), {}),  # FNeVR's shape class: >= 2^22 elements, the autotuner's configs
-             ((64, 8, 3), {}), ((64, 8, 64), {}), ((64, 8, 128), {}), ((64, 8, 300), {}),  # tiles by C
-             ((64, 40, 16), {}),  # D above the unrolled limit
-             ((64, 8, 16), {"transmittance": "exclusive", "density_activation": "softplus"}),
-             ((64, 8, 16), {"density_activation": "none"})]
-    for (R, D, C), kw in cases:
-        kw = {"transmittance": "inclusive", **kw}
-        _fwd_bwd(lambda c, d: composite(c, d, backend="triton", **kw), torch.rand(R, D, C, dtype=dtype),
-                 torch.randn(R, D, dtype=dtype))
-
-
-def _grid_sample(dtype):
-    """Every tile configuration in every dtype; each other (mode, padding, align_corners,
-    deterministic) code path once, the paths spread over the dtypes."""
-    from fnevr.ops import grid_sample
-
-    def run(C, mode="bilinear", padding="zeros", align=False, channels_last=False, deterministic=(False,)):
-        x = torch.rand(1, C, 8, 8, dtype=dtype)
-        x = x.to(memory_format=torch.channels_last) if channels_last else x
-        g = torch.rand(1, 4, 4, 2, dtype=dtype) * 2 - 1
-        for det in deterministic:  # a second run compiles only the input gradient's FIXED variant
-            _fwd_bwd(lambda x, g: grid_sample(x, g, mode, padding, align, backend="triton", deterministic=det),
-                     x.detach().clone(), g.detach().clone())
-
-    for C in (1, 3, 8):  # NCHW tiles: UNROLL 1 (C = 1), 4, 8
-        run(C, deterministic=(False, True) if C == 8 else (False,))
-    run(64, channels_last=True, deterministic=(False, True))  # lanes along the channels
-    paths = [p for p in itertools.product(("bilinear", "nearest"), ("zeros", "border", "reflection"), (False, True))
-             if p != ("bilinear", "zeros", False)]
-    for i, (mode, padding, align) in enumerate(paths):
-        if DTYPES[i % len(DTYPES)] == dtype:
-            run(3, mode, padding, align, deterministic=(False, True))
-    if dtype == DTYPES[0]:
-        run(3, channels_last=True)  # a channels_last input with few channels: NCHW's tiles, other strides
-
-
-def _spade_norm(dtype):
-    from fnevr.ops import spade_norm
-    # One tile, several tiles (reductions cut into pieces and merged, for sm_90's 132 SMs), wide C; a
-    # batch of 2, so that merges span sample groups and no size is the constant 1. No activation: its
-    # code differs from relu's in one select, so on one shape only.
-    modes = (("instance", "relu"), ("batch", "leaky_relu"))
-    cases = [(shape, m) for shape in ((2, 4, 8, 8), (2, 8, 64, 128), (2, 200, 8, 8)) for m in modes]
-    for shape, (norm, act) in cases + [((2, 8, 64, 128), ("instance", None))]:
-        for cl in (False, True):
-            for full in (True, False):  # gamma/beta per element, or per channel
-                fmt = torch.channels_last if cl else torch.contiguous_format
-                mshape = shape if full else (1, shape[1], 1, 1)
-                _fwd_bwd(lambda x, g, b: spade_norm(x, g, b, norm=norm, activation=act, backend="triton"),
-                         torch.randn(shape, dtype=dtype).to(memory_format=fmt), torch.randn(mshape, dtype=dtype),
-                         torch.randn(mshape, dtype=dtype))
-
-
-def _mlp_composite(dtype):
-    from fnevr.model.render import SampleMLP
-    from fnevr.ops import mlp_composite
-    # fp32 dots are tf32x3, or plain TF32 where PyTorch's own matmuls may use it: both.
-    tf32_flags = (False, True) if dtype == torch.float32 else (False,)
-    for e, hidden, D in ((16, 128, 8), (8, 32, 4)):  # vox-256's ray head; the small config's
-        mlp = SampleMLP(color_dim=e, shape_dim=e, hidden=hidden).to(dtype)
-        params = [p for name, p in mlp.named_parameters() if not name.startswith("color_out")]
-        for tf32 in tf32_flags:
-            saved = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            try:
-                _fwd_bwd(lambda c, s, *p: mlp_composite(c, s, list(p), transmittance="inclusive", backend="triton"),
-                         torch.rand(64, D, e, dtype=dtype), torch.rand(64, D, e, dtype=dtype),
-                         *[p.detach().clone() for p in params])
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-OPS = {"composite": _composite, "grid_sample": _grid_sample, "spade_norm": _spade_norm,
-       "mlp_composite": _mlp_composite}
+def _launches(op: str):
+    """`op`'s compile-only launches: ``compile_launches(dtype)`` in its kernels/<op>.py."""
+    return importlib.import_module(f"fnevr.kernels.{op}").compile_launches
 
 
 def compile_op(op: str, dtypes=DTYPES) -> list[Compiled]:
@@ -271,6 +198,6 @@ def compile_op(op: str, dtypes=DTYPES) -> list[Compiled]:
         raise RuntimeError(f"compile-only mode is off: set {ENV}=90 before importing fnevr")
     start = len(d.compiled)
     for dtype in dtypes:
-        OPS[op](dtype)
+        _launches(op)(dtype)
     return d.compiled[start:]
 

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulator, cdiv, interpreting, launch_ctx, next_power_of_2
+from ._common import RELU, SOFTPLUS, accumulator, cdiv, interpreting, launch_ctx, next_power_of_2
 
 _UNROLL_D: tl.constexpr = tl.constexpr(32)  # up to this many samples, the loop over D is unrolled
 # (No NaN global: Triton checks at each launch that a global is unchanged since the compile, with ==.)
@@ -21,9 +21,9 @@ _INF: tl.constexpr = tl.constexpr(float("inf"))
 @triton.jit
 def _activate(x, ACT: tl.constexpr):
     # Softplus as PyTorch's (identity above 20); exp(x) below -15, where 1 + exp(x) rounds to 1.
-    if ACT == 0:
+    if ACT == RELU:
         p = tl.where(x <= 0.0, 0.0, x)  # as torch.relu: NaN stays NaN (tl.maximum may drop it)
-    elif ACT == 1:
+    elif ACT == SOFTPLUS:
         p = tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
     else:
         p = x
@@ -34,9 +34,9 @@ def _activate(x, ACT: tl.constexpr):
 def _activate_backward(g, x, ACT: tl.constexpr):
     """g act'(x), as PyTorch: relu's a select (where relu is off a NaN or inf g gives 0; relu'(NaN) = 1),
     softplus's a product."""
-    if ACT == 0:
+    if ACT == RELU:
         d = tl.where(x <= 0.0, 0.0, g)
-    elif ACT == 1:
+    elif ACT == SOFTPLUS:
         z = tl.exp(tl.minimum(x, 20.0, propagate_nan=tl.PropagateNan.ALL))  # NaN: NaN, as PyTorch's
         d = tl.where(x > 20.0, g, g * (z / (z + 1.0)))
     else:
@@ -206,11 +206,11 @@ def _launch(kernel, tuned, key, color: torch.Tensor, grid, args, constexprs) -> 
     block_r, block_c, warps = _blocks(C, color.dtype)
     options = {"BLOCK_R": block_r, "num_warps": warps}
     if not interpreting() and R * D * C >= _TUNE_MIN_ELEMENTS and C <= block_c:
-        options = _tuned.get(key)
-        if options is None:
+        if key not in _tuned:
             tuned[lambda meta: grid(meta["BLOCK_R"])](*args, BLOCK_C=block_c, **constexprs)
             _tuned[key] = tuned.best_config.all_kwargs()
             return
+        options = _tuned[key]
     kernel[grid(options["BLOCK_R"])](*args, BLOCK_C=block_c, **constexprs, **options)
 
 
@@ -249,3 +249,21 @@ def composite_backward(grad_out: torch.Tensor, color: torch.Tensor, density: tor
                 dict(COLOR_GRAD=color_grad, INCLUSIVE=inclusive, ACT=activation, ACC=accumulator(color.dtype),
                      BLOCK_D=next_power_of_2(D), ONE_TILE=C <= block_c))
     return grad_color, grad_density
+
+
+# --- compile-only launches (kernels/aot.py, FNEVR_TRITON_COMPILE_ONLY) -------------------------------
+
+def compile_launches(dtype):
+    """The launches that make kernels/aot.py compile every configuration of these kernels in `dtype`."""
+    from fnevr.ops import composite
+
+    from .aot import fwd_bwd
+    cases = [((4096, 8, 256), {}),  # FNeVR's shape class: >= 2^22 elements, the autotuner's configs
+             ((64, 8, 3), {}), ((64, 8, 64), {}), ((64, 8, 128), {}), ((64, 8, 300), {}),  # tiles by C
+             ((64, 40, 16), {}),  # D above the unrolled limit
+             ((64, 8, 16), {"transmittance": "exclusive", "density_activation": "softplus"}),
+             ((64, 8, 16), {"density_activation": "none"})]
+    for (R, D, C), kw in cases:
+        kw = {"transmittance": "inclusive", **kw}
+        fwd_bwd(lambda c, d: composite(c, d, backend="triton", **kw), torch.rand(R, D, C, dtype=dtype),
+                 torch.randn(R, D, dtype=dtype))

@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulator, cdiv, interpreting, launch_ctx
+from fnevr.ops._codes import Mode
+
+from ._common import BILINEAR, BORDER, NEAREST, REFLECTION, accumulator, cdiv, interpreting, launch_ctx
 
 _MAX_COORD: tl.constexpr = tl.constexpr(1073741824.0)  # 2^30, as grid_sample_math.h's kMaxCoord
 _FAR: tl.constexpr = tl.constexpr(-100.0)  # kFar
@@ -54,9 +56,9 @@ def _source_index(g, size, PADDING: tl.constexpr, ALIGN: tl.constexpr):
     else:
         x = ((g + 1.0) * sizef - 1.0) * 0.5
         dx = sizef * 0.5
-    if PADDING == 1:
+    if PADDING == BORDER:
         x, dx = _clip(x, dx, size)
-    elif PADDING == 2:
+    elif PADDING == REFLECTION:
         finite = (x - x) == 0.0
         if ALIGN:
             low = 0.0
@@ -118,7 +120,7 @@ def _points(grid, n, p0, P, H, W, PADDING: tl.constexpr, ALIGN: tl.constexpr, AC
 def _taps(x, y, H, W, s_h, s_w, pmask, MODE: tl.constexpr):
     """Per point: the element offsets (int64), masks and weights of the four taps (nearest: tap 0
     with weight 1; the others read nothing)."""
-    if MODE == 1:
+    if MODE == NEAREST:
         ox, _, vx, _ = _axis(_rint(x), W, s_w)
         oy, _, vy, _ = _axis(_rint(y), H, s_h)
         o = oy + ox
@@ -186,7 +188,7 @@ def _forward_kernel(inp, grid, out, C, H, W, P, c_span, s_in_n, s_in_c, s_in_h, 
             mask = (chans < c_end - c)[:, None]
             s = src + c * s_ic
             acc = tl.load(s + o0[None, :], mask=m0[None, :] & mask, other=0.0).to(ACC)
-            if MODE == 0:
+            if MODE == BILINEAR:
                 acc = acc * w0[None, :]
                 acc += w1[None, :] * tl.load(s + o1[None, :], mask=m1[None, :] & mask, other=0.0).to(ACC)
                 acc += w2[None, :] * tl.load(s + o2[None, :], mask=m2[None, :] & mask, other=0.0).to(ACC)
@@ -279,7 +281,7 @@ def _input_grad_kernel(grad_out, grid, buf, scale_ptr, C, H, W, P, c_span, s_b_n
             mask = (chans < c_end - c)[:, None]
             g = tl.load(gsrc + c * s_gc, mask=pmask[None, :] & mask, other=0.0).to(ACC)
             d = dst + c * s_bc
-            if MODE == 1:
+            if MODE == NEAREST:
                 _scatter(d + o0[None, :], m0[None, :] & mask, g, scale, FIXED)
             else:
                 _scatter(d + o0[None, :], m0[None, :] & mask, w0[None, :] * g, scale, FIXED)
@@ -379,7 +381,7 @@ def grid_sample_backward(grad_out: torch.Tensor, input: torch.Tensor, grid: torc
     acc = accumulator(input.dtype)
     grad_input = input.new_empty((0,))
     empty = grad_out.numel() == 0
-    writes_grid_grad = grid_grad and mode == 0 and not empty  # the kernel writes every element
+    writes_grid_grad = grid_grad and mode == Mode.BILINEAR and not empty  # the kernel writes every element
     grad_grid = (torch.empty_like(grid) if writes_grid_grad else torch.zeros_like(grid)) if grid_grad \
         else grid.new_empty((0,))
     if not empty:
@@ -405,3 +407,34 @@ def grid_sample_backward(grad_out: torch.Tensor, input: torch.Tensor, grid: torc
                 grad_out, input, grid, grad_grid, C, H, W, P, *input.stride(), *s_g, PADDING=padding,
                 ALIGN=align_corners, ACC=acc, **tiles)
     return grad_input, grad_grid
+
+
+# --- compile-only launches (kernels/aot.py, FNEVR_TRITON_COMPILE_ONLY) -------------------------------
+
+def compile_launches(dtype):
+    """Every tile configuration in every dtype; each other (mode, padding, align_corners,
+    deterministic) code path once, the paths spread over the dtypes."""
+    import itertools
+
+    from fnevr.ops import grid_sample
+
+    from .aot import DTYPES, fwd_bwd
+
+    def run(C, mode="bilinear", padding="zeros", align=False, channels_last=False, deterministic=(False,)):
+        x = torch.rand(1, C, 8, 8, dtype=dtype)
+        x = x.to(memory_format=torch.channels_last) if channels_last else x
+        g = torch.rand(1, 4, 4, 2, dtype=dtype) * 2 - 1
+        for det in deterministic:  # a second run compiles only the input gradient's FIXED variant
+            fwd_bwd(lambda x, g: grid_sample(x, g, mode, padding, align, backend="triton", deterministic=det),
+                     x.detach().clone(), g.detach().clone())
+
+    for C in (1, 3, 8):  # NCHW tiles: UNROLL 1 (C = 1), 4, 8
+        run(C, deterministic=(False, True) if C == 8 else (False,))
+    run(64, channels_last=True, deterministic=(False, True))  # lanes along the channels
+    paths = [p for p in itertools.product(("bilinear", "nearest"), ("zeros", "border", "reflection"), (False, True))
+             if p != ("bilinear", "zeros", False)]
+    for i, (mode, padding, align) in enumerate(paths):
+        if DTYPES[i % len(DTYPES)] == dtype:
+            run(3, mode, padding, align, deterministic=(False, True))
+    if dtype == DTYPES[0]:
+        run(3, channels_last=True)  # a channels_last input with few channels: NCHW's tiles, other strides

@@ -656,6 +656,7 @@ def mlp_composite_backward(grad_features: torch.Tensor, grad_weight_sum: torch.T
     with launch_ctx(color_code):
         _launch("backward", (color_code.device, dtype, D, Ec, Es, H, H4, inclusive, activation, const["PREC"]),
                 _first_rows(_BACKWARD_ROWS, dtype, HP), launch)
+    assert partials is not None  # launch() made them
     g = partials.sum(0)  # fixed order: deterministic
 
     def block(name, rows, cols, n, k):
@@ -673,3 +674,27 @@ def mlp_composite_backward(grad_features: torch.Tensor, grad_weight_sum: torch.T
     ]
     grads = [t.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True) for t in grads]
     return [grad_cc.to(dtype), grad_sc.to(dtype)] + grads
+
+
+# --- compile-only launches (kernels/aot.py, FNEVR_TRITON_COMPILE_ONLY) -------------------------------
+
+def compile_launches(dtype):
+    """The launches that make kernels/aot.py compile every configuration of these kernels in `dtype`."""
+    from fnevr.model.render import SampleMLP
+    from fnevr.ops import mlp_composite
+
+    from .aot import fwd_bwd
+    # fp32 dots are tf32x3, or plain TF32 where PyTorch's own matmuls may use it: both.
+    tf32_flags = (False, True) if dtype == torch.float32 else (False,)
+    for e, hidden, D in ((16, 128, 8), (8, 32, 4)):  # vox-256's ray head; the small config's
+        mlp = SampleMLP(color_dim=e, shape_dim=e, hidden=hidden).to(dtype)
+        params = [p for name, p in mlp.named_parameters() if not name.startswith("color_out")]
+        for tf32 in tf32_flags:
+            saved = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            try:
+                fwd_bwd(lambda c, s, *p: mlp_composite(c, s, list(p), transmittance="inclusive", backend="triton"),
+                         torch.rand(64, D, e, dtype=dtype), torch.rand(64, D, e, dtype=dtype),
+                         *[p.detach().clone() for p in params])
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = saved

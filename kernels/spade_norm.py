@@ -19,15 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulator, cdiv, interpreting, launch_ctx, multiprocessors, next_power_of_2
+from ._common import LEAKY_RELU, RELU, accumulator, cdiv, interpreting, launch_ctx, multiprocessors, next_power_of_2
 
 
 @triton.jit
 def _act(z, ACT: tl.constexpr, slope):
     """act(z); at NaN as PyTorch (spade_norm_math.h): relu(NaN) = NaN, relu'(NaN) = 1, leaky_relu'(NaN) = slope."""
-    if ACT == 1:
+    if ACT == RELU:
         z = tl.where(z <= 0.0, 0.0, z)
-    elif ACT == 2:
+    elif ACT == LEAKY_RELU:
         z = tl.where(z > 0.0, z, z * slope)
     return z
 
@@ -36,9 +36,9 @@ def _act(z, ACT: tl.constexpr, slope):
 def _act_backward(dy, z, ACT: tl.constexpr, slope):
     """dy act'(z), as PyTorch: relu's is a select (a NaN or inf dy where relu is off gives 0),
     leaky_relu's a product; relu'(NaN) = 1, leaky_relu'(NaN) = slope."""
-    if ACT == 1:
+    if ACT == RELU:
         d = tl.where(z <= 0.0, 0.0, dy)
-    elif ACT == 2:
+    elif ACT == LEAKY_RELU:
         d = tl.where(z > 0.0, dy, dy * slope)
     else:
         d = dy
@@ -476,7 +476,7 @@ def _split(N: int, S: int, block_s: int, channel_tiles: int, device: torch.devic
     return _Split(groups, per_group, per_chunk * block_s, cdiv(tiles, per_chunk))
 
 
-def _as_fp32(*ts):
+def _as_fp32(*ts: torch.Tensor) -> list:
     return [t.float() if t.dtype == torch.bfloat16 else t for t in ts]
 
 
@@ -495,7 +495,7 @@ def spade_norm_stats(x: torch.Tensor, channels_last: bool, batch: bool):
     Q = sp.pieces if batch else sp.chunks  # partials per group
     mean = torch.empty(shape, dtype=acc, device=x.device)
     var = torch.empty(shape, dtype=acc, device=x.device)
-    part = mean, var
+    part: tuple[torch.Tensor, ...] = (mean, var)
     if Q > 1:
         part = torch.empty((2, sp.pieces, C), dtype=acc, device=x.device).unbind(0)
     with launch_ctx(x):
@@ -515,7 +515,8 @@ def spade_norm_stats(x: torch.Tensor, channels_last: bool, batch: bool):
 def spade_norm_forward(x, gamma, beta, mean, var, eps: float, channels_last: bool, activation: int, slope: float):
     """-> y = act(xhat (1 + gamma) + beta), like x."""
     if interpreting() and x.dtype == torch.bfloat16:
-        return spade_norm_forward(*_as_fp32(x, gamma, beta), mean, var, eps, channels_last, activation,
+        x32, g32, b32 = _as_fp32(x, gamma, beta)
+        return spade_norm_forward(x32, g32, b32, mean, var, eps, channels_last, activation,
                                   slope).to(x.dtype)
     N, C, S = _dims(x, channels_last)
     y = torch.empty_like(x)
@@ -534,7 +535,8 @@ def spade_norm_backward_reduce(grad_y, x, gamma, beta, mean, var, eps: float, ch
                                slope: float):
     """-> [4, N, C] per-(n, c) sums of dxhat, dxhat xhat, dz, dz xhat (statistics' dtype)."""
     if interpreting() and x.dtype == torch.bfloat16:
-        return spade_norm_backward_reduce(*_as_fp32(grad_y, x, gamma, beta), mean, var, eps, channels_last,
+        gy32, x32, g32, b32 = _as_fp32(grad_y, x, gamma, beta)
+        return spade_norm_backward_reduce(gy32, x32, g32, b32, mean, var, eps, channels_last,
                                           activation, slope)
     N, C, S = _dims(x, channels_last)
     if x.numel() == 0:
@@ -559,7 +561,8 @@ def spade_norm_backward(grad_y, x, gamma, beta, mean, var, group_sums, scale: fl
                         activation: int, slope: float, gamma_grad: bool, beta_grad: bool):
     """-> (dx like x; dgamma, dbeta like x when asked for (full-size gamma/beta), else empty)."""
     if interpreting() and x.dtype == torch.bfloat16:
-        grads = spade_norm_backward(*_as_fp32(grad_y, x, gamma, beta), mean, var, group_sums, scale, eps,
+        gy32, x32, g32, b32 = _as_fp32(grad_y, x, gamma, beta)
+        grads = spade_norm_backward(gy32, x32, g32, b32, mean, var, group_sums, scale, eps,
                                     channels_last, activation, slope, gamma_grad, beta_grad)
         return tuple(t.to(x.dtype) for t in grads)
     N, C, S = _dims(x, channels_last)
@@ -583,7 +586,8 @@ def spade_norm_instance_backward(grad_y, x, gamma, beta, mean, var, eps: float, 
     """Instance norm of an NCHW x ([N, C, S]), whole backward in one kernel -> (dx; dgamma, dbeta
     shaped like gamma, beta when asked for, else empty)."""
     if interpreting() and x.dtype == torch.bfloat16:
-        grads = spade_norm_instance_backward(*_as_fp32(grad_y, x, gamma, beta), mean, var, eps, activation, slope,
+        gy32, x32, g32, b32 = _as_fp32(grad_y, x, gamma, beta)
+        grads = spade_norm_instance_backward(gy32, x32, g32, b32, mean, var, eps, activation, slope,
                                              gamma_grad, beta_grad)
         return tuple(t.to(x.dtype) for t in grads)
     N, C, S = x.shape
@@ -604,7 +608,8 @@ def spade_norm_instance_backward(grad_y, x, gamma, beta, mean, var, eps: float, 
 def spade_norm_instance_forward(x, gamma, beta, eps: float, activation: int, slope: float):
     """Instance norm of an NCHW x ([N, C, S]), statistics and output in one kernel -> (y, mean, var)."""
     if interpreting() and x.dtype == torch.bfloat16:
-        y, mean, var = spade_norm_instance_forward(*_as_fp32(x, gamma, beta), eps, activation, slope)
+        x32, g32, b32 = _as_fp32(x, gamma, beta)
+        y, mean, var = spade_norm_instance_forward(x32, g32, b32, eps, activation, slope)
         return y.to(x.dtype), mean, var
     N, C, S = x.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -621,3 +626,25 @@ def spade_norm_instance_forward(x, gamma, beta, eps: float, activation: int, slo
             B_FULL=beta.dim() == 3, ACC=accumulator(x.dtype), BLOCK_S=block_s, ONE_TILE=S <= block_s,
             num_warps=8 if block_s >= 2048 else 4)
     return y, mean, var
+
+
+# --- compile-only launches (kernels/aot.py, FNEVR_TRITON_COMPILE_ONLY) -------------------------------
+
+def compile_launches(dtype):
+    """The launches that make kernels/aot.py compile every configuration of these kernels in `dtype`."""
+    from fnevr.ops import spade_norm
+
+    from .aot import fwd_bwd
+    # One tile, several tiles (reductions cut into pieces and merged, for sm_90's 132 SMs), wide C; a
+    # batch of 2, so that merges span sample groups and no size is the constant 1. No activation: its
+    # code differs from relu's in one select, so on one shape only.
+    modes = (("instance", "relu"), ("batch", "leaky_relu"))
+    cases = [(shape, m) for shape in ((2, 4, 8, 8), (2, 8, 64, 128), (2, 200, 8, 8)) for m in modes]
+    for shape, (norm, act) in cases + [((2, 8, 64, 128), ("instance", None))]:
+        for cl in (False, True):
+            for full in (True, False):  # gamma/beta per element, or per channel
+                fmt = torch.channels_last if cl else torch.contiguous_format
+                mshape = shape if full else (1, shape[1], 1, 1)
+                fwd_bwd(lambda x, g, b: spade_norm(x, g, b, norm=norm, activation=act, backend="triton"),
+                         torch.randn(shape, dtype=dtype).to(memory_format=fmt), torch.randn(mshape, dtype=dtype),
+                         torch.randn(mshape, dtype=dtype))

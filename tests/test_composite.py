@@ -3,16 +3,13 @@ paper's formula, gradients, layouts, numerical safety, torch.library integration
 
 import itertools
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from helpers import assert_close, compile_params, run_python, target_params
 
 import fnevr
 from fnevr.ops import composite, composite_reference
+from helpers import assert_close, run_python, target_params
 
 MODES = list(itertools.product(("exclusive", "inclusive"), ("relu", "softplus", "none")))
 # (leading ray dims, D, C): D in {1, 2, 8, 13}, C in {1, 3, 256}, 0-3 leading dims, empty.
@@ -106,7 +103,7 @@ def strided_layouts(device):
     """Inputs that are not plain contiguous [..., D, C] / [..., D] tensors (made on `device`, since
     copying a strided tensor to another device may make it contiguous)."""
     g = torch.Generator().manual_seed(3)
-    rand = lambda *shape: torch.rand(*shape, generator=g).to(device)  # noqa: E731
+    rand = lambda *shape: torch.rand(*shape, generator=g).to(device)
     B, H, W, D, C = 2, 3, 4, 8, 32
     # FNeVR-style channels-last view of a [B, C, D, H, W] field, density [B, H, W, D, 1] likewise.
     cl = (rand(B, C, D, H, W).permute(0, 3, 4, 2, 1), rand(B, 1, D, H, W).permute(0, 3, 4, 2, 1) * 3 - 1)
@@ -151,61 +148,6 @@ def test_huge_and_zero_densities_are_safe(backend, device, dtype, transmittance)
         assert t.isfinite().all(), t
     assert torch.all(out[2] == 0), "zero densities must composite to exactly zero"
     check_against_reference(color.detach(), density.detach(), dtype, backend=backend, transmittance=transmittance)
-
-
-@pytest.mark.parametrize("backend,device", target_params())
-def test_backward_saves_only_the_inputs(backend, device):
-    color, density = make_inputs((4, 4), 8, 64, device=device)
-    color.requires_grad_(), density.requires_grad_()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        out = composite(color, density, backend=backend)
-    assert sum(saved) <= color.numel() + density.numel(), saved
-    out.sum().backward()
-
-
-@pytest.mark.parametrize("backend,device", target_params())
-@pytest.mark.parametrize("which", ["color", "density"])
-def test_gradient_for_one_input(backend, device, which):
-    color, density = make_inputs((3, 5), 8, 24, device=device)
-    grad_out = torch.randn(3, 5, 24, device=device)
-    c = color.clone().requires_grad_(which == "color")
-    d = density.clone().requires_grad_(which == "density")
-    composite(c, d, transmittance="inclusive", backend=backend).backward(grad_out)
-    _, ref_c, ref_d = reference_and_grads(color, density, grad_out, transmittance="inclusive")
-    got, want = (c.grad, ref_c) if which == "color" else (d.grad, ref_d)
-    assert_close(got, want, torch.float32, which)
-    assert (d if which == "color" else c).grad is None
-
-
-@pytest.mark.parametrize("backend,device", target_params())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_opcheck(backend, device, dtype):
-    color, density = make_inputs((6,), 8, 16, dtype, device)
-    args = (color.requires_grad_(), density.requires_grad_(), True, 1, backend)
-    torch.library.opcheck(torch.ops.fnevr.composite.default, args)
-    grad_out = torch.randn(6, 16, dtype=dtype, device=device)
-    for color_grad in (True, False):
-        torch.library.opcheck(torch.ops.fnevr.composite_grad.default,
-                              (grad_out, color.detach(), density.detach(), True, 1, backend, color_grad))
-
-
-@pytest.mark.parametrize("backend,device,compiler", compile_params())
-def test_torch_compile_fullgraph(backend, device, compiler):
-    torch._dynamo.reset()
-
-    def loss(c, d):
-        rgb = composite(c, d, transmittance="inclusive", backend=backend)
-        return torch.sigmoid(rgb).square().sum()
-
-    color, density = make_inputs((2, 4, 4), 8, 32, device=device)
-    grads = []
-    for fn in (loss, torch.compile(loss, fullgraph=True, backend=compiler)):
-        c, d = color.clone().requires_grad_(), density.clone().requires_grad_()
-        fn(c, d).backward()
-        grads.append((c.grad, d.grad))
-    for (a, b), name in zip(zip(*grads), ("grad color", "grad density")):
-        torch.testing.assert_close(a, b, msg=name)
 
 
 BAD_INPUTS = [
@@ -277,8 +219,8 @@ def test_extension_was_built_where_expected():
     from fnevr import _extension
 
     if "cpu" in expected:
-        assert _extension.cpu_available, _extension.cpu_reason
+        assert _extension.cpu is not None, _extension.cpu_reason
     if "cuda" in expected:
-        assert _extension.cuda_built, _extension.cuda_reason
+        assert _extension.cuda is not None, _extension.cuda_reason
     if not expected:
         pytest.skip("FNEVR_EXPECT_BUILD is not set")

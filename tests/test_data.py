@@ -7,8 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from fnevr.data import (Augmentation, DatasetRepeater, FramesDataset, VideoReadError, ensure_synthetic_dataset,
-                        pose_path, read_pose_csv, read_video, write_pose_csv, write_video)
+from fnevr.data import (
+    Augmentation,
+    DatasetRepeater,
+    FramesDataset,
+    VideoReadError,
+    ensure_synthetic_dataset,
+    pose_path,
+    read_pose_csv,
+    read_video,
+    write_pose_csv,
+    write_video,
+)
 from fnevr.data.synthetic import random_identity, random_motion, render_video
 
 T, H, W = 4, 16, 16
@@ -19,7 +29,7 @@ def make_frames(t=T, h=H, w=W, seed=0):
     y, x = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
     g = torch.Generator().manual_seed(seed)
     frames = []
-    for i in range(t):
+    for _ in range(t):
         colour = torch.rand(3, generator=g) * 0.5 + 0.25
         frames.append(torch.stack([colour[0] * x, colour[1] * y, colour[2] * (1 - x) * 0 + colour[2]], -1))
     return (torch.stack(frames) * 255).round().to(torch.uint8)

@@ -12,9 +12,9 @@ import shutil
 import subprocess
 
 import pytest
-from helpers import run_python
 
 import fnevr
+from helpers import run_python
 
 # Each kernel entry point called with a bad argument, and the whole message its TORCH_CHECK builds
 # (numbers included: formatting them is what failed).
@@ -26,7 +26,7 @@ calls = [
     (lambda: ops._composite_forward(torch.rand(4, 8, 4, device=dev), torch.randn(4, 3, device=dev), False, 0),
      "fnevr composite: density must be [R, D] = [4, 8], got [4, 3]"),
     (lambda: ops._composite_forward(torch.rand(4, 8, 4, device=dev), torch.randn(4, 8, device=dev), False, 7),
-     "fnevr composite: activation must be 0 (relu), 1 (softplus) or 2 (none), got 7"),
+     "fnevr composite: activation must be 0 (none), 1 (relu) or 3 (softplus), got 7"),
     (lambda: ops._grid_sample_forward(x, torch.rand(2, 6, 7, 3, device=dev), 0, 0, False),
      "fnevr grid_sample: grid must be [N, Ho, Wo, 2] with N = 2, got [2, 6, 7, 3]"),
     (lambda: ops._spade_norm_stats(torch.rand(2, 3, device=dev), False, False),

@@ -10,8 +10,8 @@ writing half the bytes) or after an optimiser step, chosen per case from a seede
 import csv
 import math
 import os
-import socket
 import random
+import socket
 import subprocess
 import sys
 import textwrap
@@ -234,7 +234,7 @@ def test_overwrite_starts_afresh(setup, tmp_path):
 
 
 def test_nonfinite_loss_stops_training_naming_the_term(setup, tmp_path, monkeypatch, capsys):
-    from fnevr.train import TrainOptions, Trainer
+    from fnevr.train import Trainer, TrainOptions
     from fnevr.train.trainer import NonFiniteLossError
 
     root, data = setup

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
+import fnevr
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_summary  # noqa: E402
 
 STAGES = {"env", "build", "tests", "warm", "bench", "model", "summary"}
-BENCHES = {"copy", "composite", "grid_sample", "spade_norm", "mlp_composite", "overhead", "model", "train"}
+BENCHES = {"copy", *fnevr.ops.ops(), "overhead", "model", "train"}
 
 
 def test_dry_run_walks_every_stage(tmp_path):

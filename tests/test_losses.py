@@ -9,9 +9,20 @@ import torch
 import torch.nn.functional as F
 
 import fnevr.losses.perceptual as perceptual
-from fnevr.losses import (ImagePyramid, PerceptualPyramidLoss, RandomTPS, VGG19Features, equivariance_jacobian_loss,
-                          equivariance_value_loss, feature_matching_loss, find_vgg19_weights,
-                          lsgan_discriminator_loss, lsgan_generator_loss, perceptual_l1, pose_edit_loss)
+from fnevr.losses import (
+    ImagePyramid,
+    PerceptualPyramidLoss,
+    RandomTPS,
+    VGG19Features,
+    equivariance_jacobian_loss,
+    equivariance_value_loss,
+    feature_matching_loss,
+    find_vgg19_weights,
+    lsgan_discriminator_loss,
+    lsgan_generator_loss,
+    perceptual_l1,
+    pose_edit_loss,
+)
 from fnevr.losses.perceptual import reachable_layers
 from fnevr.losses.pyramid import gaussian_kernel
 from fnevr.losses.tps import coordinate_grid
@@ -179,7 +190,7 @@ def test_lsgan_and_feature_matching_by_hand():
     assert fake_grad["feature_maps_1"][1].grad is None  # weight 0: skipped
     with pytest.raises(KeyError, match="prediction_map_"):
         lsgan_generator_loss({"feature_maps_1": []})
-    with pytest.raises(KeyError, match="0.25"):
+    with pytest.raises(KeyError, match=r"0\.25"):
         lsgan_generator_loss(fake, scales=[0.25])
 
 

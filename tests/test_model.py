@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import target_params
 from published_model import generator as published_generator
 from published_model import keypoints as published_keypoints
 
 import fnevr
 from fnevr.checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint
 from fnevr.model import FNeVR
+from helpers import target_params
 
 KEYS = json.loads((Path(__file__).parent / "data" / "published_vox256_keys.json").read_text())
 
@@ -112,13 +112,13 @@ def test_mismatched_checkpoint_lists_missing_unexpected_and_misshaped(published,
 
 
 def test_checkpoint_errors_name_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.pth"):
         load_checkpoint(tmp_path / "nowhere.pth", "small")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pth could not be read"):
+    with pytest.raises(ValueError, match=r"junk\.pth could not be read"):
         load_checkpoint(tmp_path / "junk.pth", "small")
     torch.save({"state_dict": {}}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="other.pth is neither"):
+    with pytest.raises(ValueError, match=r"other\.pth is neither"):
         load_checkpoint(tmp_path / "other.pth", "small")
     torch.save({"generator": {}, "kp_detector": {}}, tmp_path / "published.pth")
     with pytest.raises(CheckpointMismatchError, match=r"(?s)published.pth does not fit.*missing \(330\)"):
@@ -147,7 +147,7 @@ def test_shapes_through_every_module():
     model, size = FNeVR("small").eval(), 64
     m = model.config["model_params"]
     K, D = m["common_params"]["num_kp"], m["generator_params"]["render_params"]["floor_num"]
-    source, driving = frames(1, size)
+    source, _ = frames(1, size)
     with torch.no_grad():
         kp = model.kp_detector(source)
         assert kp["value"].shape == (1, K, 2) and kp["jacobian"].shape == (1, K, 2, 2)
@@ -237,11 +237,11 @@ def test_pose_editor_rejects_bad_angles():
 
 
 @pytest.mark.gpu_heavy  # fp64
-@pytest.mark.parametrize("head", [True, "mlp"])
+@pytest.mark.parametrize("head", ["hidden", "mlp"])
 @pytest.mark.parametrize("backend, device", target_params([("reference", "cpu"), ("cpu", "cpu"), ("triton", "cpu"),
                                                            ("cuda", "cuda"), ("triton", "cuda")]))
 def test_fused_head_equals_the_unfused_model(backend, device, head):
-    """Compositing the hidden features and applying the last layer per ray (render fused_head: true),
+    """Compositing the hidden features and applying the last layer per ray (render fused_head: hidden),
     or the whole MLP and compositing as one op (fused_head: mlp), gives the unfused model's outputs
     and parameter gradients, in fp64."""
     config = fnevr.load_config("small")
@@ -274,3 +274,17 @@ def test_bf16_autocast(backend, device):
             got = model(source, driving)["prediction"]
     assert got.isfinite().all()
     assert (got.float() - want).abs().mean() < 0.02
+
+
+@pytest.mark.parametrize("value, head", [(False, "none"), (True, "hidden"), ("mlp", "mlp"), ("none", "none")])
+def test_fused_head_reads_names_and_the_booleans_of_older_configs(value, head):
+    config = fnevr.load_config("small")
+    config["model_params"]["generator_params"]["render_params"]["fused_head"] = value
+    assert FNeVR(config, training_modules=False).generator.renderer.fused_head == head
+
+
+def test_an_unknown_fused_head_is_refused_with_the_choices():
+    config = fnevr.load_config("small")
+    config["model_params"]["generator_params"]["render_params"]["fused_head"] = "fastest"
+    with pytest.raises(ValueError, match=r"fused_head must be one of \('none', 'hidden', 'mlp'\).*got 'fastest'"):
+        FNeVR(config, training_modules=False)

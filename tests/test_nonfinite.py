@@ -5,10 +5,10 @@ gradient. Shapes are small: the Triton cases run through the interpreter on a ma
 
 import pytest
 import torch
-from helpers import TOL, target_params
 
 from fnevr.ops import composite, grid_sample, mlp_composite, spade_norm
 from fnevr.ops.mlp_composite import PARAMETERS
+from helpers import TOL, target_params
 
 VALUES = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
 

@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
 from torch import nn
 
 import fnevr
+from helpers import assert_close
 
 PUBLISHED = os.path.join(os.path.dirname(__file__), "data", "published_vox256_keys.json")
 BACKENDS = ["reference", "cpu", "triton"]
@@ -36,7 +36,7 @@ class PlainSPADE(nn.Module):
 
 def random_state_dict(C, L, hidden, norm, seed=0):
     g = torch.Generator().manual_seed(seed)
-    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64) * 0.2  # noqa: E731
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64) * 0.2
     sd = {"mlp_shared.0.weight": rand(hidden, L, 3, 3), "mlp_shared.0.bias": rand(hidden),
           "mlp_gamma.weight": rand(C, hidden, 3, 3), "mlp_gamma.bias": rand(C),
           "mlp_beta.weight": rand(C, hidden, 3, 3), "mlp_beta.bias": rand(C)}

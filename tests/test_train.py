@@ -9,11 +9,11 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import target_params
 
 from fnevr.config import load_config
 from fnevr.data.synthetic import ensure_synthetic_dataset
-from fnevr.train import TrainOptions, Trainer
+from fnevr.train import Trainer, TrainOptions
+from helpers import target_params
 
 
 def tiny_config():
@@ -113,7 +113,7 @@ def test_resume_continues_exactly(data, tmp_path):
 def test_resume_without_checkpoint_says_where_it_looked(data, tmp_path):
     from fnevr.train.run_folder import RunFolderError
 
-    with pytest.raises(RunFolderError, match="no checkpoint to resume from in .*checkpoints"):
+    with pytest.raises(RunFolderError, match=r"no checkpoint to resume from in .*checkpoints"):
         Trainer(options(data, tmp_path / "run", resume=True))
     assert not (tmp_path / "run").exists()  # nothing left behind
 
@@ -136,7 +136,7 @@ def _free_port():
 def _sgd(trainer):
     """Plain SGD, so parameter changes are proportional to the gradients (Adam's first step is
     lr * sign(grad), which turns round-off in near-zero gradients into differences of 2 lr)."""
-    for part, opt in trainer.optimizers.items():
+    for part in trainer.optimizers:
         trainer.optimizers[part] = torch.optim.SGD(getattr(trainer.model, part).parameters(), lr=0.1)
     return trainer
 

@@ -3,8 +3,8 @@
 The interpreter that runs the Triton tests on the CPU never runs Triton's code generator, so a kernel
 can pass all of them and still fail to compile for a GPU. Here each op's launch code runs in
 compile-only mode (``FNEVR_TRITON_COMPILE_ONLY=90``, :mod:`fnevr.kernels.aot`) on the shapes of
-``aot.OPS[op]``, which select every tile, warp count and autotuner config the launch code can pick,
-in fp32, fp16 and bf16, forward and backward. A kernel that does not compile, or that needs more
+each op's ``compile_launches`` (kernels/<op>.py), which select every tile, warp count and autotuner
+config the launch code can pick, in fp32, fp16 and bf16, forward and backward. A kernel that does not compile, or that needs more
 shared memory than an H100 gives a block (227 KB), fails the test; registers and spills (the stack
 frame) are printed (``pytest -rP``; ``.ci/run`` prints the whole report).
 """
@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
+import fnevr
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
-OPS = ("composite", "grid_sample", "spade_norm", "mlp_composite")
+OPS = tuple(fnevr.ops.ops())
 DTYPES = ("fp32", "fp16", "bf16")
 MAX_SHARED = 232448  # bytes of shared memory a block may have on sm_90
 KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
@@ -55,11 +57,11 @@ def test_every_kernel_compiles_for_sm90(compiles, op):
     report = json.loads(path.read_text())[op]
     for name in _launched_kernels(op):
         variants = [k for k in report if k["name"] == name]
-        assert variants, f"{op}: {name} was never compiled: add a case to kernels/aot.py OPS[{op!r}]"
+        assert variants, f"{op}: {name} was never compiled: add a case to compile_launches in kernels/{op}.py"
         if all(set(k["pointers"]) == {"fp32"} for k in variants):
             continue  # fp32 workspaces only (merges of partial results): the same kernel for every dtype
         for dtype in DTYPES:
             assert any(dtype in k["pointers"] for k in variants), \
-                f"{op}: {name} was never compiled with {dtype} tensors: add a case to kernels/aot.py OPS[{op!r}]"
+                f"{op}: {name} was never compiled with {dtype} tensors: add a case to compile_launches in kernels/{op}.py"
     too_big = [(k["name"], k["shared"], k["constants"]) for k in report if k["shared"] > MAX_SHARED]
     assert not too_big, f"{op}: kernels need more than {MAX_SHARED} B of shared memory on sm_90: {too_big}"

@@ -6,6 +6,8 @@
 
 #include <tuple>
 
+#include "common/codes.h"
+
 namespace fnevr {
 
 // color [R, D, C], density [R, D], both contiguous, same dtype and device -> out [R, C].
@@ -43,12 +45,15 @@ inline void check_composite_inputs(const at::Tensor& color, const at::Tensor& de
               " and ", density.device());
   TORCH_CHECK(color.is_contiguous() && density.is_contiguous(),
               "fnevr composite: color and density must be contiguous");
-  TORCH_CHECK(activation >= 0 && activation <= 2,
-              "fnevr composite: activation must be 0 (relu), 1 (softplus) or 2 (none), got ",
-              activation);
+  TORCH_CHECK(activation == kNone || activation == kRelu || activation == kSoftplus,
+              "fnevr composite: activation must be ", int(kNone), " (none), ", int(kRelu), " (relu) or ",
+              int(kSoftplus), " (softplus), got ", activation);
 }
 
-inline void check_composite_grad(const at::Tensor& grad_out, const at::Tensor& color) {
+// The backward entry points' inputs: the forward's, and grad_out [R, C].
+inline void check_composite_backward_inputs(const at::Tensor& grad_out, const at::Tensor& color,
+                                            const at::Tensor& density, int64_t activation) {
+  check_composite_inputs(color, density, activation);
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == color.size(0) &&
                   grad_out.size(1) == color.size(2) && grad_out.is_contiguous(),
               "fnevr composite: grad_out must be contiguous [R, C] = [", color.size(0), ", ",

@@ -1,7 +1,8 @@
 // Compositing on the CPU: rays are split across threads; each ray is one front-to-back pass.
 #include "composite.h"
 #include "composite_math.h"
-#include "cpu_memory.h"
+#include "common/cpu.h"
+#include "common/cpu_memory.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -21,25 +22,13 @@ namespace {
 using composite::GradScan;
 using composite::RayMarcher;
 
-// Rays per task: enough samples that a task amortises its scheduling.
-int64_t grain_size(int64_t D, int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, D * C)); }
-
-// Eight independent partial sums so the compiler vectorises the dot product without -ffast-math.
-template <typename acc_t, typename scalar_t>
-acc_t dot(const acc_t* g, const scalar_t* c, int64_t n) {
-  acc_t part[8] = {};
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    for (int j = 0; j < 8; ++j) part[j] += g[k + j] * static_cast<acc_t>(c[k + j]);
-  for (; k < n; ++k) part[0] += g[k] * static_cast<acc_t>(c[k]);
-  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-}
+constexpr int64_t kTaskWork = 32768;  // samples x channels per task
 
 template <typename scalar_t>
 void forward_rays(const scalar_t* color, const scalar_t* density, scalar_t* out, int64_t R,
                   int64_t D, int64_t C, bool inclusive, int act) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, R, grain_size(D, C), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, R, grain_size(D * C, kTaskWork), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(C);
     for (int64_t r = begin; r < end; ++r) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -60,7 +49,7 @@ void backward_rays(const scalar_t* grad_out, const scalar_t* color, const scalar
                    scalar_t* grad_color, scalar_t* grad_density, int64_t R, int64_t D, int64_t C,
                    bool inclusive, int act) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, R, grain_size(D, C), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, R, grain_size(D * C, kTaskWork), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> g(C);
     std::vector<acc_t> pushed(D);
     for (int64_t r = begin; r < end; ++r) {
@@ -71,7 +60,7 @@ void backward_rays(const scalar_t* grad_out, const scalar_t* color, const scalar
         const auto s = march.step(composite::activate(static_cast<acc_t>(density[r * D + i]), act));
         const scalar_t* c = color + (r * D + i) * C;
         acc_t taken;
-        pushed[i] = scan.push(dot(g.data(), c, C), s, taken);
+        pushed[i] = scan.push(dot<acc_t>(g.data(), c, C), s, taken);
         composite::take_off(pushed.data(), i, taken);
         if (grad_color != nullptr) {
           scalar_t* __restrict__ gc = grad_color + (r * D + i) * C;
@@ -108,8 +97,7 @@ std::tuple<at::Tensor, at::Tensor> composite_backward_cpu(const at::Tensor& grad
                                                           const at::Tensor& density,
                                                           bool inclusive, int64_t activation,
                                                           bool color_grad) {
-  check_composite_inputs(color, density, activation);
-  check_composite_grad(grad_out, color);
+  check_composite_backward_inputs(grad_out, color, density, activation);
   const int64_t R = color.size(0), D = color.size(1), C = color.size(2);
   at::Tensor grad_color = color_grad ? empty_for_writing(color) : at::empty({0}, color.options());
   at::Tensor grad_density = at::zeros_like(density);
@@ -122,6 +110,15 @@ std::tuple<at::Tensor, at::Tensor> composite_backward_cpu(const at::Tensor& grad
                             static_cast<int>(activation));
   });
   return {grad_color, grad_density};
+}
+
+// The schemas of this op's kernel entry points (fnevr/ops/composite.py calls them; the CUDA kernels
+// implement the same ones). Defined here, in fnevr._C, which fnevr._C_cuda needs loaded first.
+TORCH_LIBRARY_FRAGMENT(fnevr, m) {
+  m.def("_composite_forward(Tensor color, Tensor density, bool inclusive, int activation) -> Tensor");
+  m.def(
+      "_composite_backward(Tensor grad_out, Tensor color, Tensor density, bool inclusive, "
+      "int activation, bool color_grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fnevr, CPU, m) {

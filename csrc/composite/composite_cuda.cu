@@ -5,6 +5,7 @@
 // and writes the output once; backward reads colour and grad_out once and writes grad_colour once.
 // Both run one front-to-back pass per ray (see composite_math.h); backward reduces e_i = <g, c_i>
 // across the group with warp shuffles.
+#include "common/cuda.cuh"
 #include "composite.h"
 #include "composite_math.h"
 
@@ -40,7 +41,6 @@ using composite::SampleWeight;
 #ifndef FNEVR_COMPOSITE_CHUNKS
 #define FNEVR_COMPOSITE_CHUNKS 1
 #endif
-constexpr int kThreads = 256;
 constexpr int kTile = FNEVR_COMPOSITE_TILE;
 constexpr int kMaxChunks = FNEVR_COMPOSITE_CHUNKS;
 
@@ -49,7 +49,8 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-struct Layout {
+// What a launch is planned from: the [R, D, C] problem and how many lanes share a ray.
+struct Plan {
   int64_t R;
   int D, C;
   int group_log2;  // log2 of the lanes per ray
@@ -70,7 +71,7 @@ __device__ __forceinline__ void tile_weights(const scalar_t* d_ray, int i0, int 
 template <typename scalar_t, typename acc_t, int VEC, int CHUNKS>
 __global__ void __launch_bounds__(kThreads)
     composite_forward_kernel(const scalar_t* __restrict__ color, const scalar_t* __restrict__ density,
-                             scalar_t* __restrict__ out, Layout L, bool inclusive, int act) {
+                             scalar_t* __restrict__ out, Plan L, bool inclusive, int act) {
   using P = Pack<scalar_t, VEC>;
   const int G = 1 << L.group_log2;
   const int lane = threadIdx.x & (G - 1);
@@ -125,7 +126,7 @@ __global__ void __launch_bounds__(kThreads)
     composite_backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ color,
                               const scalar_t* __restrict__ density, scalar_t* __restrict__ grad_color,
                               acc_t* pushed, scalar_t* grad_density,  // may alias: see the launch
-                              Layout L, bool inclusive, int act) {
+                              Plan L, bool inclusive, int act) {
   using P = Pack<scalar_t, VEC>;
   const int G = 1 << L.group_log2;
   const int lane = threadIdx.x & (G - 1);
@@ -177,7 +178,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int u = 0; u < kTile; ++u) {
       if (i0 + u >= L.D) break;
-      for (int offset = G >> 1; offset > 0; offset >>= 1) e[u] += __shfl_xor_sync(0xffffffffu, e[u], offset);
+      e[u] = group_sum(e[u], G);
       acc_t taken;
       const acc_t p = scan.push(e[u], s[u], taken);
       if (valid && lane == 0) {
@@ -198,7 +199,7 @@ __global__ void __launch_bounds__(kThreads)
 // up to 4 chunks, and more passes).
 struct Config {
   int vec, chunks;
-  Layout layout;
+  Plan plan;
   int64_t blocks;
 };
 
@@ -237,16 +238,13 @@ void with_shape(const Config& cfg, F&& f) {
   else pick_chunks(std::integral_constant<int, 1>{});
 }
 
-void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "fnevr composite (cuda): ", name, " must be a CUDA tensor, got ", t.device());
-}
 
 }  // namespace
 
 at::Tensor composite_forward_cuda(const at::Tensor& color, const at::Tensor& density, bool inclusive,
                                   int64_t activation) {
   check_composite_inputs(color, density, activation);
-  check_cuda(color, "color");
+  check_cuda(color, "composite", "color");
   const c10::cuda::CUDAGuard guard(color.device());
   at::Tensor out = color.size(1) == 0 ? at::zeros({color.size(0), color.size(2)}, color.options())
                                       : at::empty({color.size(0), color.size(2)}, color.options());
@@ -259,7 +257,7 @@ at::Tensor composite_forward_cuda(const at::Tensor& color, const at::Tensor& den
       composite_forward_kernel<scalar_t, acc_t, decltype(vec)::value, decltype(chunks)::value>
           <<<cfg.blocks, kThreads, 0, stream>>>(color.const_data_ptr<scalar_t>(),
                                                 density.const_data_ptr<scalar_t>(),
-                                                out.mutable_data_ptr<scalar_t>(), cfg.layout,
+                                                out.mutable_data_ptr<scalar_t>(), cfg.plan,
                                                 inclusive, static_cast<int>(activation));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -272,9 +270,8 @@ std::tuple<at::Tensor, at::Tensor> composite_backward_cuda(const at::Tensor& gra
                                                            const at::Tensor& density,
                                                            bool inclusive, int64_t activation,
                                                            bool color_grad) {
-  check_composite_inputs(color, density, activation);
-  check_composite_grad(grad_out, color);
-  check_cuda(color, "color");
+  check_composite_backward_inputs(grad_out, color, density, activation);
+  check_cuda(color, "composite", "color");
   const c10::cuda::CUDAGuard guard(color.device());
   at::Tensor grad_color = color_grad ? at::empty_like(color) : at::empty({0}, color.options());
   at::Tensor grad_density = at::zeros_like(density);
@@ -293,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor> composite_backward_cuda(const at::Tensor& gra
               grad_out.const_data_ptr<scalar_t>(), color.const_data_ptr<scalar_t>(),
               density.const_data_ptr<scalar_t>(),
               color_grad ? grad_color.mutable_data_ptr<scalar_t>() : nullptr,
-              pushed.mutable_data_ptr<acc_t>(), grad_density.mutable_data_ptr<scalar_t>(), c.layout,
+              pushed.mutable_data_ptr<acc_t>(), grad_density.mutable_data_ptr<scalar_t>(), c.plan,
               inclusive, static_cast<int>(activation));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -25,13 +25,16 @@
 
 #include <cmath>
 
-#include "../fnevr_hd.h"
+#include "common/codes.h"
+#include "common/hd.h"
 
 namespace fnevr {
 namespace composite {
 
-// Values of the `density_activation` argument, as passed from Python.
-enum Activation : int { kRelu = 0, kSoftplus = 1, kNone = 2 };
+// The density activations (fnevr::Activation): none, relu or softplus.
+using fnevr::kNone;
+using fnevr::kRelu;
+using fnevr::kSoftplus;
 
 // PyTorch's softplus (beta 1) switches to the identity above this, and so do we, to match it.
 constexpr double kSoftplusThreshold = 20.0;

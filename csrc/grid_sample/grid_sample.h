@@ -6,6 +6,8 @@
 
 #include <tuple>
 
+#include "common/codes.h"
+
 namespace fnevr {
 
 // input [N, C, H, W] (any strides; NCHW and channels_last are the fast ones), grid [N, Ho, Wo, 2]
@@ -50,9 +52,11 @@ inline void check_grid_sample_inputs(const at::Tensor& input, const at::Tensor& 
               input.scalar_type(), " and ", grid.scalar_type());
   TORCH_CHECK(input.device() == grid.device(), "fnevr grid_sample: input and grid must be on one device, got ",
               input.device(), " and ", grid.device());
-  TORCH_CHECK(mode == 0 || mode == 1, "fnevr grid_sample: mode must be 0 (bilinear) or 1 (nearest), got ", mode);
-  TORCH_CHECK(padding >= 0 && padding <= 2,
-              "fnevr grid_sample: padding must be 0 (zeros), 1 (border) or 2 (reflection), got ", padding);
+  TORCH_CHECK(mode == kBilinear || mode == kNearest, "fnevr grid_sample: mode must be ", int(kBilinear),
+              " (bilinear) or ", int(kNearest), " (nearest), got ", mode);
+  TORCH_CHECK(padding == kZeros || padding == kBorder || padding == kReflection, "fnevr grid_sample: padding must be ",
+              int(kZeros), " (zeros), ", int(kBorder), " (border) or ", int(kReflection), " (reflection), got ",
+              padding);
 }
 
 inline void check_grid_sample_grad(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& grid) {

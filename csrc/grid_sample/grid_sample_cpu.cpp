@@ -5,6 +5,8 @@
 // The input gradient is a scatter made deterministic without atomics: a task owns whole channel
 // ranges of one image's grad_input and adds the output points' contributions in order, so every
 // element sums its terms in the same order whatever the thread count.
+#include "common/cpu.h"
+#include "common/strides.h"
 #include "grid_sample.h"
 #include "grid_sample_math.h"
 
@@ -34,12 +36,6 @@ struct Dims {
   int64_t blocks() const { return (points() + kBlock - 1) / kBlock; }
 };
 
-struct Strides {
-  int64_t n, c, h, w;
-};
-
-Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
-
 Dims dims_of(const at::Tensor& input, const at::Tensor& grid, int64_t mode, int64_t padding, bool align_corners) {
   return {input.size(0), input.size(1), input.size(2), input.size(3), grid.size(1), grid.size(2),
           static_cast<int>(mode), static_cast<int>(padding), align_corners};
@@ -48,8 +44,6 @@ Dims dims_of(const at::Tensor& input, const at::Tensor& grid, int64_t mode, int6
 // Points x channels per task: enough that a task amortises its scheduling.
 constexpr int64_t kTaskWork = 16384;
 
-// Blocks per task.
-int64_t grain_size(int64_t C) { return std::max<int64_t>(1, kTaskWork / (kBlock * std::max<int64_t>(1, C))); }
 
 // The taps of a block of output points, computed once and then read for every channel, in
 // structure-of-arrays form so the per-point loops vectorise. "Full" points (nearly all of a warp)
@@ -122,17 +116,6 @@ struct Block {
   }
 };
 
-// Eight independent partial sums so the compiler vectorises the dot product without -ffast-math.
-template <typename acc_t, typename scalar_t>
-acc_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
-  acc_t part[8] = {};
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    for (int j = 0; j < 8; ++j) part[j] += static_cast<acc_t>(a[k + j]) * static_cast<acc_t>(b[k + j]);
-  for (; k < n; ++k) part[0] += static_cast<acc_t>(a[k]) * static_cast<acc_t>(b[k]);
-  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-}
-
 template <typename scalar_t>
 void forward_points(const at::Tensor& input, const at::Tensor& grid, at::Tensor& out, const Dims& d) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -142,7 +125,7 @@ void forward_points(const at::Tensor& input, const at::Tensor& grid, at::Tensor&
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   const bool channels_inner = si.c == 1 && so.c == 1;
   const int64_t blocks = d.blocks();
-  at::parallel_for(0, d.N * blocks, grain_size(d.C), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, d.N * blocks, grain_size(kBlock * d.C, kTaskWork), [&](int64_t begin, int64_t end) {
     auto block = std::make_unique<Block<acc_t>>();
     std::vector<acc_t> acc(channels_inner ? d.C : 0);
     for (int64_t task = begin; task < end; ++task) {
@@ -236,7 +219,7 @@ void grid_grad_points(const at::Tensor& grad_out, const at::Tensor& input, const
   scalar_t* gg = grad_grid.mutable_data_ptr<scalar_t>();
   const bool channels_inner = si.c == 1 && sg.c == 1;
   const int64_t blocks = d.blocks();
-  at::parallel_for(0, d.N * blocks, grain_size(d.C), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, d.N * blocks, grain_size(kBlock * d.C, kTaskWork), [&](int64_t begin, int64_t end) {
     auto block = std::make_unique<Block<acc_t>>();
     acc_t dots[kBlock][4];
     for (int64_t task = begin; task < end; ++task) {
@@ -262,7 +245,7 @@ void input_grad_points(const at::Tensor& grad_out, const at::Tensor& input, cons
   acc_t* bp = buf.mutable_data_ptr<acc_t>();
   const bool channels_inner = sb.c == 1 && sg.c == 1;
   const int64_t width = (d.C + ranges - 1) / ranges;
-  const int64_t grain = std::max<int64_t>(1, kTaskWork / std::max<int64_t>(1, d.points() * width));
+  const int64_t grain = grain_size(d.points() * width, kTaskWork);
   at::parallel_for(0, d.N * ranges, grain, [&](int64_t begin, int64_t end) {
     auto block = std::make_unique<Block<acc_t>>();
     acc_t dots[kBlock][4];
@@ -355,6 +338,16 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cpu(const at::Tensor& gr
     if (live_grid && !grid_done) grid_grad_points<scalar_t>(grad_out, input, grid, grad_grid, d);
   });
   return {grad_input, grad_grid};
+}
+
+// The schemas of this op's kernel entry points (fnevr/ops/grid_sample.py calls them; the CUDA kernels
+// implement the same ones). Defined here, in fnevr._C, which fnevr._C_cuda needs loaded first.
+TORCH_LIBRARY_FRAGMENT(fnevr, m) {
+  m.def(
+      "_grid_sample_forward(Tensor input, Tensor grid, int mode, int padding, bool align_corners) -> Tensor");
+  m.def(
+      "_grid_sample_backward(Tensor grad_out, Tensor input, Tensor grid, int mode, int padding, "
+      "bool align_corners, bool input_grad, bool grid_grad, bool deterministic) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fnevr, CPU, m) {

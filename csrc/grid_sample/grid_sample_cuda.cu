@@ -13,6 +13,8 @@
 // deterministic, 64-bit integer adds of fixed-point values scaled by 2^k with
 // points * max|grad_out| * 2^k <= 2^62; integer sums do not depend on order, so the result is
 // bit-identical run to run.
+#include "common/cuda.cuh"
+#include "common/strides.h"
 #include "grid_sample.h"
 #include "grid_sample_math.h"
 
@@ -38,15 +40,8 @@ namespace {
 
 using grid_sample::Taps;
 
-constexpr int kThreads = 256;
 constexpr int64_t kChunk = 16;         // channels per thread for NCHW (more when C > 16 * kMaxGridYZ)
 constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on gridDim.y and gridDim.z
-
-struct Strides {
-  int64_t n, c, h, w;
-};
-
-Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
 // An output-shaped tensor [N, C, Ho, Wo] that is dense over (Ho, Wo): point p = i * Wo + j of an
 // image is at p * p_stride, so no kernel divides by Wo.
@@ -140,10 +135,8 @@ __global__ void __launch_bounds__(kThreads)
     gx += t.dw_dx[k] * dots[k];
     gy += t.dw_dy[k] * dots[k];
   }
-  for (int offset = (1 << L.group_log2) >> 1; offset > 0; offset >>= 1) {
-    gx += __shfl_xor_sync(0xffffffffu, gx, offset);
-    gy += __shfl_xor_sync(0xffffffffu, gy, offset);
-  }
+  gx = group_sum(gx, 1 << L.group_log2);
+  gy = group_sum(gy, 1 << L.group_log2);
   if (!valid || lane != 0) return;
   scalar_t* gg = grad_grid + (n * L.P + p) * 2;
   gg[0] = static_cast<scalar_t>(gx * t.dx_dgx);
@@ -225,16 +218,13 @@ void for_image_slices(const Plan& L, bool one_chunk, F launch) {
   }
 }
 
-void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "fnevr grid_sample (cuda): ", name, " must be a CUDA tensor, got ", t.device());
-}
 
 }  // namespace
 
 at::Tensor grid_sample_forward_cuda(const at::Tensor& input, const at::Tensor& grid, int64_t mode, int64_t padding,
                                     bool align_corners) {
   check_grid_sample_inputs(input, grid, mode, padding);
-  check_cuda(input, "input");
+  check_cuda(input, "grid_sample", "input");
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = at::empty({input.size(0), input.size(1), grid.size(1), grid.size(2)},
                              input.options().memory_format(grid_sample_memory_format(input)));
@@ -261,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cuda(const at::Tensor& g
                                                              bool deterministic) {
   check_grid_sample_inputs(input, grid, mode, padding);
   check_grid_sample_grad(grad_out_, input, grid);
-  check_cuda(input, "input");
+  check_cuda(input, "grid_sample", "input");
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor grad_input = at::empty({0}, input.options());
   at::Tensor grad_grid = grid_grad ? at::zeros_like(grid) : at::empty({0}, grid.options());

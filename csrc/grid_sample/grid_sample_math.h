@@ -15,14 +15,19 @@
 #include <cmath>
 #include <cstdint>
 
-#include "../fnevr_hd.h"
+#include "common/codes.h"
+#include "common/hd.h"
 
 namespace fnevr {
 namespace grid_sample {
 
-// Values of the `mode` and `padding_mode` arguments, as passed from Python.
-enum Mode : int { kBilinear = 0, kNearest = 1 };
-enum Padding : int { kZeros = 0, kBorder = 1, kReflection = 2 };
+using fnevr::kBilinear;
+using fnevr::kBorder;
+using fnevr::kNearest;
+using fnevr::kReflection;
+using fnevr::kZeros;
+using fnevr::Mode;
+using fnevr::Padding;
 
 constexpr double kFar = -100.0;       // where a non-finite coordinate goes
 constexpr double kMaxCoord = 1073741824.0;  // 2^30: beyond it a floor might not fit an int

@@ -67,8 +67,9 @@ inline mlp::Dims check_mlp_composite_inputs(const at::Tensor& color_code, const 
               "fnevr mlp_composite: color_code and shape_code must share dtype and device");
   TORCH_CHECK(color_code.is_contiguous() && shape_code.is_contiguous(),
               "fnevr mlp_composite: color_code and shape_code must be contiguous");
-  TORCH_CHECK(activation >= 0 && activation <= 2,
-              "fnevr mlp_composite: activation must be 0 (relu), 1 (softplus) or 2 (none), got ", activation);
+  TORCH_CHECK(activation == kNone || activation == kRelu || activation == kSoftplus,
+              "fnevr mlp_composite: activation must be ", int(kNone), " (none), ", int(kRelu), " (relu) or ",
+              int(kSoftplus), " (softplus), got ", activation);
   return dims;
 }
 

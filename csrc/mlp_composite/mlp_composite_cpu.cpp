@@ -10,8 +10,9 @@
 // gradient once its last reader is done. Weight gradients accumulate into one partial buffer per
 // chunk of tiles; chunks depend on R and D only, not on the thread count, and their partials are
 // summed in chunk order, so the results are bit-identical run to run and across thread counts.
-#include "cpu_clones.h"
-#include "cpu_memory.h"
+#include "common/cpu.h"
+#include "common/cpu_clones.h"
+#include "common/cpu_memory.h"
 #include "mlp_composite.h"
 #include "mlp_composite_math.h"
 
@@ -175,17 +176,6 @@ FNEVR_CPU_CLONES void add_column_sums(const T* __restrict__ z, int64_t ld, int64
     for (int64_t k = 0; k < n; ++k) out[k] += z[r * ld + k];
 }
 
-// Eight independent partial sums so the compiler vectorises the dot product without -ffast-math.
-template <typename T>
-T dot(const T* x, const T* y, int64_t n) {
-  T part[8] = {};
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    for (int j = 0; j < 8; ++j) part[j] += x[k + j] * y[k + j];
-  for (; k < n; ++k) part[0] += x[k] * y[k];
-  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-}
-
 // ---- the MLP's parameters, converted and laid out for the products -------------------------------
 
 // Columns [col0, col0 + in) of a Linear weight [out, in_total], in the two layouts the products
@@ -260,34 +250,19 @@ constexpr int64_t kTileRows = 96;
 
 int64_t rays_per_tile(int64_t D) { return std::max<int64_t>(1, kTileRows / D); }
 
-// A thread's activations for one tile, each [rows, width] with its row length padded to kNR
-// (the padding stays zero). In backward each buffer later holds its activation's gradient.
+// A thread's buffers for one tile (mlp::TileBuffers), each row padded to kNR values (the padding
+// stays zero), and one ray's dL/dF.
 template <typename T>
-struct Workspace {
+struct Workspace : mlp::TileBuffers<T> {
   int64_t ld_s, ld_c, ld_h, ld_h4;
   std::vector<T> mem;
-  T *s, *c, *a0, *a1, *a2, *a3, *a4, *h;  // shape code, colour code, the layers' outputs
-  T *sigma, *w, *e;                       // per sample: density, compositing weight, dL/dw then dL/dsigma
-  T* g;                                   // one ray's dL/dF
+  T* g;
 
   Workspace(const Dims& d, int64_t rows)
       : ld_s(round_up(d.Es, kNR<T>)), ld_c(round_up(d.Ec, kNR<T>)), ld_h(round_up(d.H, kNR<T>)),
         ld_h4(round_up(d.H4, kNR<T>)),
         mem(rows * (ld_s + ld_c + 5 * ld_h + ld_h4 + 3) + ld_h, T(0)) {
-    T* p = mem.data();
-    auto take = [&](int64_t n) { T* q = p; p += n; return q; };
-    s = take(rows * ld_s);
-    c = take(rows * ld_c);
-    a0 = take(rows * ld_h);
-    a1 = take(rows * ld_h);
-    a2 = take(rows * ld_h4);
-    a3 = take(rows * ld_h);
-    a4 = take(rows * ld_h);
-    h = take(rows * ld_h);
-    sigma = take(rows);
-    w = take(rows);
-    e = take(rows);
-    g = take(ld_h);
+    g = this->carve(mem.data(), rows, ld_s, ld_c, ld_h, ld_h4);
   }
 };
 
@@ -327,7 +302,7 @@ void tile_forward(const Problem<T, scalar_t>& p, Workspace<T>& ws, int64_t first
   };
   layer(ws.s, ws.ld_s, d.Es, m.shape_in, m.b_shape_in, d.H, ws.a0, ws.ld_h);
   layer(ws.a0, ws.ld_h, d.H, m.shape_hidden, m.b_shape_hidden, d.H, ws.a1, ws.ld_h);
-  for (int64_t r = 0; r < rows; ++r) ws.sigma[r] = dot(m.density.bwd.data(), ws.a1 + r * ws.ld_h, d.H) + m.b_density;
+  for (int64_t r = 0; r < rows; ++r) ws.sigma[r] = dot<T>(m.density.bwd.data(), ws.a1 + r * ws.ld_h, d.H) + m.b_density;
   layer(ws.a1, ws.ld_h, d.H, m.shape_feature, m.b_shape_feature, d.H4, ws.a2, ws.ld_h4);
   layer(ws.c, ws.ld_c, d.Ec, m.color_in, m.b_color_in, d.H, ws.a3, ws.ld_h);
   gemm<T>(rows, d.H,
@@ -367,7 +342,7 @@ FNEVR_CPU_CLONES void tile_composite_backward(const Problem<T, scalar_t>& p, Wor
     T* __restrict__ g = ws.g;
     for (int64_t k = 0; k < H; ++k) g[k] = static_cast<T>(grad_features[(ray0 + j) * H + k]);
     const T gs = static_cast<T>(grad_weight_sum[ray0 + j]);
-    for (int64_t i = 0; i < D; ++i) ws.e[j * D + i] = dot(g, ws.h + (j * D + i) * ws.ld_h, H) + gs;
+    for (int64_t i = 0; i < D; ++i) ws.e[j * D + i] = dot<T>(g, ws.h + (j * D + i) * ws.ld_h, H) + gs;
     mlp::ray_backward(ws.sigma + j * D, ws.e + j * D, D, p.inclusive, p.act, ws.w + j * D, ws.e + j * D);
     for (int64_t i = 0; i < D; ++i) {
       const T wi = ws.w[j * D + i];
@@ -543,6 +518,17 @@ std::vector<at::Tensor> mlp_composite_backward_cpu(const at::Tensor& grad_featur
                                     }
                                   });
   return grads;
+}
+
+// The schemas of this op's kernel entry points (fnevr/ops/mlp_composite.py calls them; the CUDA kernels
+// implement the same ones). Defined here, in fnevr._C, which fnevr._C_cuda needs loaded first.
+TORCH_LIBRARY_FRAGMENT(fnevr, m) {
+  m.def(
+      "_mlp_composite_forward(Tensor color_code, Tensor shape_code, Tensor[] params, bool inclusive, "
+      "int activation) -> (Tensor, Tensor)");
+  m.def(
+      "_mlp_composite_backward(Tensor grad_features, Tensor grad_weight_sum, Tensor color_code, "
+      "Tensor shape_code, Tensor[] params, bool inclusive, int activation) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fnevr, CPU, m) {

@@ -13,6 +13,7 @@
 // layer, each activation overwritten by its gradient once its last reader is done. Weight gradients
 // go into the block's own slice of a [grid, P] partial buffer (no atomics), then a second kernel
 // sums the slices in block order: results are deterministic for a given GPU model.
+#include "common/cuda.cuh"
 #include "mlp_composite.h"
 #include "mlp_composite_math.h"
 
@@ -39,7 +40,6 @@ namespace {
 
 using mlp::Dims;
 
-constexpr int kThreads = 256;
 constexpr int kTileRows = 32;      // samples per tile when D allows (whole rays, at least one)
 constexpr int kRowsPerThread = 4;  // block_gemm: rows of one output column per thread
 constexpr int kBlocksPerSM = 2;    // backward's persistent grid
@@ -74,28 +74,14 @@ __host__ __device__ int64_t tile_values(const Dims& d, int64_t rows) {
   return rows * (pitch(d.Es) + pitch(d.Ec) + 5 * pitch(d.H) + pitch(d.H4) + 3);
 }
 
+// A block's buffers for one tile (mlp::TileBuffers) in shared memory, rows an odd pitch apart.
 template <typename T>
-struct Tile {
-  T *s, *c;                    // shape code [rows, Es], colour code [rows, Ec]
-  T *a0, *a1, *a2, *a3, *a4;   // the layers' outputs: [rows, H], except a2 [rows, H4]
-  T* h;                        // fuse_hidden's output [rows, H]
-  T *sigma, *w, *e;            // per sample: density, weight, dL/dw then dL/dsigma
-  int ps, pc, ph, ph4;         // row pitches of s, c, the [rows, H] buffers and a2
+struct Tile : mlp::TileBuffers<T> {
+  int ps, pc, ph, ph4;  // row pitches of s, c, the [rows, H] buffers and a2
 
   __device__ Tile(T* p, const Net<T>& n, int rows)
       : ps(pitch(n.Es)), pc(pitch(n.Ec)), ph(pitch(n.H)), ph4(pitch(n.H4)) {
-    auto take = [&](int count) { T* q = p; p += count; return q; };
-    s = take(rows * ps);
-    c = take(rows * pc);
-    a0 = take(rows * ph);
-    a1 = take(rows * ph);
-    a2 = take(rows * ph4);
-    a3 = take(rows * ph);
-    a4 = take(rows * ph);
-    h = take(rows * ph);
-    sigma = take(rows);
-    w = take(rows);
-    e = take(rows);
+    this->carve(p, rows, ps, pc, ph, ph4);
   }
 };
 
@@ -148,7 +134,7 @@ __device__ void row_dots(const T* x, int ldx, int K, int rows, V&& v, F&& f) {
     T acc = T(0);
     for (int k = lane; k < K; k += 32) acc += x[r * ldx + k] * v(r, k);
 #pragma unroll
-    for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    acc = group_sum(acc, 32);
     if (lane == 0) f(r, acc);
   }
 }
@@ -473,9 +459,6 @@ int64_t num_tiles(int64_t R, int rays_per_tile) {
   return tiles;
 }
 
-void check_cuda(const at::Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), "fnevr mlp_composite (cuda): expected CUDA tensors, got ", t.device());
-}
 
 }  // namespace
 
@@ -484,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_composite_forward_cuda(const at::Tensor& 
                                                               at::TensorList params, bool inclusive,
                                                               int64_t activation) {
   const Dims d = check_mlp_composite_inputs(color_code, shape_code, params, activation);
-  check_cuda(color_code);
+  check_cuda(color_code, "mlp_composite", "color_code");
   const c10::cuda::CUDAGuard guard(color_code.device());
   const int64_t R = color_code.size(0), D = color_code.size(1);
   if (R == 0 || D == 0) return {at::zeros({R, d.H}, color_code.options()), at::zeros({R}, color_code.options())};
@@ -514,7 +497,7 @@ std::vector<at::Tensor> mlp_composite_backward_cuda(const at::Tensor& grad_featu
                                                     bool inclusive, int64_t activation) {
   const Dims d = check_mlp_composite_inputs(color_code, shape_code, params, activation);
   check_mlp_composite_grads(grad_features, grad_weight_sum, color_code, d);
-  check_cuda(color_code);
+  check_cuda(color_code, "mlp_composite", "color_code");
   const c10::cuda::CUDAGuard guard(color_code.device());
   const int64_t R = color_code.size(0), D = color_code.size(1);
   if (R == 0 || D == 0) return zero_mlp_composite_grads(color_code, shape_code, params);

@@ -19,8 +19,9 @@
 
 #include <cstdint>
 
-#include "../composite/composite_math.h"
-#include "../fnevr_hd.h"
+#include "composite/composite_math.h"
+#include "common/codes.h"
+#include "common/hd.h"
 
 namespace fnevr {
 namespace mlp {
@@ -36,6 +37,36 @@ enum Param : int {
   kFuseW, kFuseB,                  // H4 + H -> H
   kFuseHiddenW, kFuseHiddenB,      // H -> H
   kNumParams
+};
+
+// One tile's activations and per-sample values, carved in this order out of one buffer (a CPU
+// thread's workspace, a CUDA block's shared memory). Rows of the [rows, width] buffers are a pitch
+// apart: ps (s), pc (c), ph (the [rows, H] buffers), ph4 (a2). In backward each buffer later holds
+// its activation's gradient.
+template <typename T>
+struct TileBuffers {
+  T *s, *c;                   // shape code [rows, Es], colour code [rows, Ec]
+  T *a0, *a1, *a2, *a3, *a4;  // the layers' outputs: [rows, H], except a2 [rows, H4]
+  T* h;                       // fuse_hidden's output [rows, H]
+  T *sigma, *w, *e;           // per sample: density, compositing weight, dL/dw then dL/dsigma
+
+  // Points the buffers into p, which holds rows * (ps + pc + 5 ph + ph4 + 3) values; returns the
+  // first value past them.
+  template <typename I>
+  FNEVR_HD T* carve(T* p, I rows, I ps, I pc, I ph, I ph4) {
+    s = p, p += rows * ps;
+    c = p, p += rows * pc;
+    a0 = p, p += rows * ph;
+    a1 = p, p += rows * ph;
+    a2 = p, p += rows * ph4;
+    a3 = p, p += rows * ph;
+    a4 = p, p += rows * ph;
+    h = p, p += rows * ph;
+    sigma = p, p += rows;
+    w = p, p += rows;
+    e = p, p += rows;
+    return p;
+  }
 };
 
 struct Dims {

@@ -12,6 +12,8 @@
 
 #include <tuple>
 
+#include "common/codes.h"
+
 namespace fnevr {
 
 // -> (mean, var) per (n, c) (batch false) or per c (batch true).
@@ -95,8 +97,9 @@ inline SpadeShape check_spade_inputs(const at::Tensor& x, const at::Tensor& gamm
   for (const auto* t : {&mean, &var})
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == spade_stats_type(x) && t->device() == x.device(),
                 "fnevr spade_norm: mean and var must be contiguous ", spade_stats_type(x), " on x's device");
-  TORCH_CHECK(activation >= 0 && activation <= 2,
-              "fnevr spade_norm: activation must be 0 (none), 1 (relu) or 2 (leaky_relu), got ", activation);
+  TORCH_CHECK(activation == kNone || activation == kRelu || activation == kLeakyRelu,
+              "fnevr spade_norm: activation must be ", int(kNone), " (none), ", int(kRelu), " (relu) or ",
+              int(kLeakyRelu), " (leaky_relu), got ", activation);
   return s;
 }
 
@@ -113,6 +116,20 @@ inline void check_spade_group_sums(const at::Tensor& group_sums, const at::Tenso
                   group_sums.scalar_type() == mean.scalar_type() && group_sums.device() == mean.device(),
               "fnevr spade_norm: group_sums must be contiguous [2, ", mean.sizes(), "] like mean, got ",
               group_sums.sizes());
+}
+
+// The general backward entry points' inputs: the forward's, grad_y like x, group_sums like mean;
+// these kernels write full-size gamma/beta gradients only ([N, C] ones are reduce's sums).
+inline SpadeShape check_spade_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& gamma,
+                                              const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var,
+                                              const at::Tensor& group_sums, bool channels_last, int64_t activation,
+                                              bool gamma_grad, bool beta_grad) {
+  const SpadeShape s = check_spade_inputs(x, gamma, beta, mean, var, channels_last, activation);
+  check_spade_grad(grad_y, x);
+  check_spade_group_sums(group_sums, mean);
+  TORCH_CHECK(!(gamma_grad && gamma.dim() != 3) && !(beta_grad && beta.dim() != 3),
+              "fnevr spade_norm: the backward kernel writes full-size gamma/beta gradients only");
+  return s;
 }
 
 }  // namespace fnevr

@@ -1,8 +1,9 @@
 // SPADE normalisation on the CPU. NCHW: a task owns whole (n, c) rows of S contiguous elements, so
 // the statistics are scalars per row. channels_last: a task owns blocks of rows of C channels, and
 // per-channel partial results of the blocks are merged in a second, cheap step.
-#include "cpu_clones.h"
-#include "cpu_memory.h"
+#include "common/cpu.h"
+#include "common/cpu_clones.h"
+#include "common/cpu_memory.h"
 #include "spade_norm.h"
 #include "spade_norm_math.h"
 
@@ -27,7 +28,7 @@ using spade::Moments;
 constexpr int64_t kGrainElements = 32768;  // elements per task: enough to amortise its scheduling
 constexpr int64_t kChunk = 1024;           // elements per two-pass chunk of the statistics (fits L1)
 
-int64_t rows_per_task(int64_t row_len) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, row_len)); }
+int64_t rows_per_task(int64_t row_len) { return grain_size(row_len, kGrainElements); }
 
 // Calls f with the activation code as a compile-time constant, so inner loops have no branch on it.
 template <typename F>
@@ -491,11 +492,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spade_norm_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
     const at::Tensor& mean, const at::Tensor& var, const at::Tensor& group_sums, double scale, double eps,
     bool channels_last, int64_t activation, double slope, bool gamma_grad, bool beta_grad) {
-  const SpadeShape s = check_spade_inputs(x, gamma, beta, mean, var, channels_last, activation);
-  check_spade_grad(grad_y, x);
-  check_spade_group_sums(group_sums, mean);
-  TORCH_CHECK(!(gamma_grad && gamma.dim() != 3) && !(beta_grad && beta.dim() != 3),
-              "fnevr spade_norm: the backward kernel writes full-size gamma/beta gradients only");
+  const SpadeShape s = check_spade_backward_inputs(grad_y, x, gamma, beta, mean, var, group_sums, channels_last,
+                                                   activation, gamma_grad, beta_grad);
   at::Tensor dx = empty_for_writing(x);
   at::Tensor dg = gamma_grad ? empty_for_writing(x) : at::empty({0}, x.options());
   at::Tensor db = beta_grad ? empty_for_writing(x) : at::empty({0}, x.options());
@@ -540,6 +538,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spade_norm_instance_backward_cpu(
                                      beta_grad ? db.mutable_data_ptr<scalar_t>() : nullptr, s, eps, activation, slope);
   });
   return {dx, dg, db};
+}
+
+// The schemas of this op's kernel entry points (fnevr/ops/spade_norm.py calls them; the CUDA kernels
+// implement the same ones). Defined here, in fnevr._C, which fnevr._C_cuda needs loaded first.
+TORCH_LIBRARY_FRAGMENT(fnevr, m) {
+  m.def("_spade_norm_stats(Tensor x, bool channels_last, bool batch) -> (Tensor, Tensor)");
+  m.def(
+      "_spade_norm_forward(Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor var, float eps, "
+      "bool channels_last, int activation, float slope) -> Tensor");
+  m.def(
+      "_spade_norm_backward_reduce(Tensor grad_y, Tensor x, Tensor gamma, Tensor beta, Tensor mean, "
+      "Tensor var, float eps, bool channels_last, int activation, float slope) -> Tensor");
+  m.def(
+      "_spade_norm_backward(Tensor grad_y, Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor var, "
+      "Tensor group_sums, float scale, float eps, bool channels_last, int activation, float slope, "
+      "bool gamma_grad, bool beta_grad) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_spade_norm_instance_forward(Tensor x, Tensor gamma, Tensor beta, float eps, int activation, "
+      "float slope) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_spade_norm_instance_backward(Tensor grad_y, Tensor x, Tensor gamma, Tensor beta, Tensor mean, "
+      "Tensor var, float eps, int activation, float slope, bool gamma_grad, bool beta_grad) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fnevr, CPU, m) {

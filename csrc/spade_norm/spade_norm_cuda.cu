@@ -9,6 +9,7 @@
 // Chan's rule (spade_norm_math.h), so large means do not cancel.
 // Element-wise passes (forward; dx, dgamma, dbeta) are grid-stride loops over all of x, recomputing
 // xhat from x and the group's mean and variance.
+#include "common/cuda.cuh"
 #include "spade_norm.h"
 #include "spade_norm_math.h"
 
@@ -34,7 +35,6 @@ namespace {
 using spade::Moments;
 using spade::Split;
 
-constexpr int kThreads = 256;  // threads of the NCHW reduction and element-wise blocks
 constexpr int kLanesC = 32;    // channels_last reductions: channels per block
 constexpr int kLanesR = 8;     // ... and row lanes per block
 constexpr int kWarps = kThreads / 32;
@@ -366,9 +366,6 @@ void with_index_type(int64_t total, F&& f) {
   else f(int64_t{});
 }
 
-void check_cuda(const at::Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), "fnevr spade_norm (cuda): x must be a CUDA tensor, got ", t.device());
-}
 
 Dims dims(const SpadeShape& s) { return {s.N, s.C, s.S}; }
 
@@ -387,7 +384,7 @@ Split reduction_split(const SpadeShape& s, bool channels_last, bool batch) {
 
 std::tuple<at::Tensor, at::Tensor> spade_norm_stats_cuda(const at::Tensor& x, bool channels_last, bool batch) {
   SpadeShape s = check_spade_x(x, channels_last);
-  check_cuda(x);
+  check_cuda(x, "spade_norm", "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto opts = x.options().dtype(spade_stats_type(x));
   const std::vector<int64_t> shape = batch ? std::vector<int64_t>{s.C} : std::vector<int64_t>{s.N, s.C};
@@ -426,7 +423,7 @@ at::Tensor spade_norm_forward_cuda(const at::Tensor& x, const at::Tensor& gamma,
                                    const at::Tensor& mean, const at::Tensor& var, double eps, bool channels_last,
                                    int64_t activation, double slope) {
   const SpadeShape s = check_spade_inputs(x, gamma, beta, mean, var, channels_last, activation);
-  check_cuda(x);
+  check_cuda(x, "spade_norm", "x");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
@@ -454,7 +451,7 @@ at::Tensor spade_norm_backward_reduce_cuda(const at::Tensor& grad_y, const at::T
                                            double eps, bool channels_last, int64_t activation, double slope) {
   const SpadeShape s = check_spade_inputs(x, gamma, beta, mean, var, channels_last, activation);
   check_spade_grad(grad_y, x);
-  check_cuda(x);
+  check_cuda(x, "spade_norm", "x");
   const c10::cuda::CUDAGuard guard(x.device());
   if (x.numel() == 0) return at::zeros({4, s.N, s.C}, mean.options());
   at::Tensor sums = at::empty({4, s.N, s.C}, mean.options());
@@ -495,12 +492,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spade_norm_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
     const at::Tensor& mean, const at::Tensor& var, const at::Tensor& group_sums, double scale, double eps,
     bool channels_last, int64_t activation, double slope, bool gamma_grad, bool beta_grad) {
-  const SpadeShape s = check_spade_inputs(x, gamma, beta, mean, var, channels_last, activation);
-  check_spade_grad(grad_y, x);
-  check_spade_group_sums(group_sums, mean);
-  check_cuda(x);
-  TORCH_CHECK(!(gamma_grad && gamma.dim() != 3) && !(beta_grad && beta.dim() != 3),
-              "fnevr spade_norm: the backward kernel writes full-size gamma/beta gradients only");
+  const SpadeShape s = check_spade_backward_inputs(grad_y, x, gamma, beta, mean, var, group_sums, channels_last,
+                                                   activation, gamma_grad, beta_grad);
+  check_cuda(x, "spade_norm", "x");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty_like(x);
   at::Tensor dg = gamma_grad ? at::empty_like(x) : at::empty({0}, x.options());

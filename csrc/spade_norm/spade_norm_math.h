@@ -23,13 +23,16 @@
 #include <cmath>
 #include <cstdint>
 
-#include "../fnevr_hd.h"
+#include "common/codes.h"
+#include "common/hd.h"
 
 namespace fnevr {
 namespace spade {
 
-// Values of the `activation` argument, as passed from Python.
-enum Activation : int { kNone = 0, kRelu = 1, kLeakyRelu = 2 };
+// The output activations (fnevr::Activation): none, relu or leaky_relu.
+using fnevr::kLeakyRelu;
+using fnevr::kNone;
+using fnevr::kRelu;
 
 FNEVR_HD float rsqrt_(float x) {
 #if defined(__CUDA_ARCH__)

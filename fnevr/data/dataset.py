@@ -269,4 +269,4 @@ def _read_pairs(pairs_list, videos):
     return [(r["source"], r["driving"]) for r in rows if r["source"] in videos and r["driving"] in videos]
 
 
-__all__ = ["FramesDataset", "DatasetRepeater", "read_pose_csv", "write_pose_csv", "pose_path"]
+__all__ = ["DatasetRepeater", "FramesDataset", "pose_path", "read_pose_csv", "write_pose_csv"]

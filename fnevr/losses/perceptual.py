@@ -53,7 +53,7 @@ def load_state_dict(path, what: str, expected: str) -> dict:
     naming ``path`` for anything else."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to unpickle means "not a weights file"
+    except Exception as e:
         raise ValueError(f"{what} {path} could not be read as {expected} ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise ValueError(f"{what} {path} holds a {type(state).__name__} that is not {expected} (names -> tensors)")

@@ -43,7 +43,7 @@ def build_generator(config: dict) -> Generator:
                       "num_blocks": dm["num_blocks"], "scale_factor": dm.get("scale_factor", 1)},
         render={"color_channels": r["simpled_channel_rgb"], "shape_channels": r["simpled_channel_sigma"],
                 "samples": r["floor_num"], "hidden": r["hidden_size"],
-                "transmittance": r.get("transmittance", "inclusive"), "fused_head": r.get("fused_head", False)},
+                "transmittance": r.get("transmittance", "inclusive"), "fused_head": r.get("fused_head", "none")},
         modulation_channels=p.get("modulation_channels", 128))
 
 
@@ -78,7 +78,7 @@ class FNeVR(nn.Module):
             raise ValueError(f"backend must be 'auto' or one of {ops.BACKENDS}, got {backend!r}")
         for module in self.modules():
             if hasattr(module, "ops_backend"):
-                module.ops_backend = backend
+                setattr(module, "ops_backend", backend)  # noqa: B010  (mypy: nn.Module types attributes as tensors)
         self.backend = backend
         return self
 
@@ -92,6 +92,19 @@ class FNeVR(nn.Module):
         return out
 
 
-__all__ = ["FNeVR", "Generator", "KeypointDetector", "DenseMotion", "RaySampler", "SampleMLP", "VolumeRenderer",
-           "SPADEBlock", "SPADEDecoder", "PatchDiscriminator", "MultiScaleDiscriminator", "PoseEditor",
-           "build_generator", "build_keypoint_detector"]
+__all__ = [
+    "DenseMotion",
+    "FNeVR",
+    "Generator",
+    "KeypointDetector",
+    "MultiScaleDiscriminator",
+    "PatchDiscriminator",
+    "PoseEditor",
+    "RaySampler",
+    "SPADEBlock",
+    "SPADEDecoder",
+    "SampleMLP",
+    "VolumeRenderer",
+    "build_generator",
+    "build_keypoint_detector",
+]

@@ -151,6 +151,7 @@ def gaussian_kernel(scale: float) -> Tensor:
 
 
 class AntiAliasDownsample(nn.Module):
+    weight: Tensor  # a buffer
     """Gaussian blur then stride-``1/scale`` subsampling (band-limited downsampling), per channel.
 
     ``sigma = (1/scale - 1) / 2``, kernel ``2*round(4 sigma) + 1``; the kernel is a buffer named
@@ -160,7 +161,7 @@ class AntiAliasDownsample(nn.Module):
     def __init__(self, channels: int, scale: float):
         super().__init__()
         self.scale = scale
-        self.stride = int(round(1 / scale))
+        self.stride = round(1 / scale)
         taps = gaussian_kernel(scale)
         size = taps.numel()
         self.pad = size // 2

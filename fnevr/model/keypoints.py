@@ -28,6 +28,7 @@ class KeypointDetector(nn.Module):
         if estimate_jacobian:
             self.jacobian_head = nn.Conv2d(self.hourglass.out_channels, 4 * num_kp, 7)
             nn.init.zeros_(self.jacobian_head.weight)
+            assert self.jacobian_head.bias is not None
             with torch.no_grad():
                 self.jacobian_head.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 1.0]).repeat(num_kp))
 

@@ -20,10 +20,10 @@ class PoseEditor(nn.Module):
         super().__init__()
         self.num_kp = num_kp
         width = 3 + 6 * num_kp
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, 6 * num_kp))
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
+        first, second, out = nn.Linear(width, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, 6 * num_kp)
+        self.mlp = nn.Sequential(first, nn.ReLU(), second, nn.ReLU(), out)
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
 
     def forward(self, kp: dict, angles: Tensor) -> dict[str, Tensor]:
         B, K = kp["value"].shape[:2]

@@ -82,6 +82,20 @@ class SampleMLP(nn.Module):
         return self.color_out(x), density
 
 
+FUSED_HEADS = ("none", "hidden", "mlp")
+
+
+def fused_head_choice(value: str | bool) -> str:
+    """``render_params.fused_head`` as one of :data:`FUSED_HEADS` (the booleans of older configs:
+    ``false`` is ``"none"``, ``true`` is ``"hidden"``)."""
+    if value is False or value is True:
+        return "hidden" if value else "none"
+    if value not in FUSED_HEADS:
+        raise ValueError(f"fused_head must be one of {FUSED_HEADS} (or, from older configs, false or true), "
+                         f"got {value!r}")
+    return value
+
+
 class VolumeRenderer(nn.Module):
     r"""Ray sampler + per-sample MLP + compositing + mini decoder.
 
@@ -89,23 +103,22 @@ class VolumeRenderer(nn.Module):
     ``mini_render`` ``[B, 3, 4h, 4w]`` (two nearest-upsampling conv blocks, sigmoid: an auxiliary
     image) and ``shape_volume`` ``[B, e, D, h, w]``.
 
-    ``fused_head``: the MLP's last layer is linear, so it commutes with compositing,
-    :math:`\sum_i w_i (W h_i + b) = W \sum_i w_i h_i + b \sum_i w_i`. With ``True`` the renderer
+    ``fused_head`` (one of :data:`FUSED_HEADS`): the MLP's last layer is linear, so it commutes with
+    compositing, :math:`\sum_i w_i (W h_i + b) = W \sum_i w_i h_i + b \sum_i w_i`. With ``"hidden"`` the renderer
     composites the ``hidden``-channel features (and a tensor of ones, for :math:`\sum_i w_i`) and
     applies the last layer once per ray: the ``[B, h, w, D, C]`` colour field and its gradient never
     exist, and that layer does D times less work. With ``"mlp"`` the whole per-sample MLP and the
     compositing run as one fused op (:func:`fnevr.ops.mlp_composite`), which keeps the per-sample
     activations on chip and recomputes them in backward. Same outputs up to round-off, same
-    parameters, in every mode.
+    parameters, in every mode. ``"none"`` runs the published per-sample MLP, then compositing.
+    Configs written before these names may say ``false`` (``"none"``) or ``true`` (``"hidden"``).
     """
 
     def __init__(self, in_channels: int = 256, color_channels: int = 128, shape_channels: int = 128,
                  samples: int = 8, hidden: int = 128, transmittance: str = "inclusive",
-                 fused_head: bool | str = False):
+                 fused_head: str | bool = "none"):
         super().__init__()
-        if fused_head not in (False, True, "mlp"):
-            raise ValueError(f"fused_head must be false, true or 'mlp', got {fused_head!r}")
-        self.transmittance, self.fused_head = transmittance, fused_head
+        self.transmittance, self.fused_head = transmittance, fused_head_choice(fused_head)
         self.ops_backend = "auto"
         self.ray_sampler = RaySampler(in_channels, color_channels, shape_channels, samples)
         self.sample_mlp = SampleMLP(color_channels // samples, shape_channels // samples, hidden, in_channels)
@@ -120,7 +133,7 @@ class VolumeRenderer(nn.Module):
             hidden, weight_sum = ops.mlp_composite(color_code, shape_code, dict(self.sample_mlp.named_parameters()),
                                                    **kw)  # composited: [B, h, w, hidden], [B, h, w, 1]
             rays = F.linear(hidden, head.weight) + weight_sum * head.bias
-        elif self.fused_head:
+        elif self.fused_head == "hidden":
             hidden, density = self.sample_mlp.hidden_features(color_code, shape_code)  # [B, h, w, D, hidden]
             weight_sum = ops.composite(torch.ones_like(density), density, **kw)  # [B, h, w, 1]
             rays = F.linear(ops.composite(hidden, density, **kw), head.weight) + weight_sum * head.bias

@@ -59,7 +59,7 @@ def recomputing() -> bool:
 class _Recipe:
     """``fn(*args)``, where each arg is a tensor (kept), a recipe (rebuilt) or a constant."""
 
-    __slots__ = ("fn", "args", "autocast", "versions")
+    __slots__ = ("args", "autocast", "fn", "versions")
 
     def __init__(self, fn, args, autocast, versions=None):
         self.fn, self.args, self.autocast = fn, args, autocast

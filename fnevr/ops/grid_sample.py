@@ -46,16 +46,17 @@ double-differentiable by autograd), ``cpu`` (csrc/grid_sample/grid_sample_cpu.cp
 (csrc/grid_sample/grid_sample_cuda.cu), ``triton`` (kernels/grid_sample.py).
 """
 
-import functools
 
 import torch
 from torch import Tensor
 
-from ._backend import custom_op, resolve
+from . import _registry
+from ._codes import Mode, Padding
+from ._fused import custom_op
 from ._layout import is_channels_last
 
-MODES = {"bilinear": 0, "nearest": 1}  # codes shared with grid_sample_math.h
-PADDINGS = {"zeros": 0, "border": 1, "reflection": 2}
+MODES = {"bilinear": int(Mode.BILINEAR), "nearest": int(Mode.NEAREST)}  # names -> kernel codes
+PADDINGS = {"zeros": int(Padding.ZEROS), "border": int(Padding.BORDER), "reflection": int(Padding.REFLECTION)}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FAR = -100.0  # where a non-finite coordinate goes (as grid_sample_math.h): outside any image
 _MAX_COORD = 2.0**30  # larger source coordinates count as non-finite: their floor must fit an int
@@ -123,8 +124,9 @@ def grid_sample_reference(input: Tensor, grid: Tensor, mode: str = "bilinear", p
         x0, y0 = torch.floor(x), torch.floor(y)
         ex, wx, ey, wy = x0 + 1 - x, x - x0, y0 + 1 - y, y - y0  # weights of the left/right, top/bottom
         xi, yi = x0.long(), y0.long()
-        out = 0
-        for dx, dy, w in ((0, 0, ex * ey), (1, 0, wx * ey), (0, 1, ex * wy), (1, 1, wx * wy)):
+        corners = ((0, 0, ex * ey), (1, 0, wx * ey), (0, 1, ex * wy), (1, 1, wx * wy))
+        out = _gather(flat, xi, yi, H, W) * corners[0][2].unsqueeze(1)
+        for dx, dy, w in corners[1:]:
             out = out + _gather(flat, xi + dx, yi + dy, H, W) * w.unsqueeze(1)
     return out.reshape(N, C, Ho, Wo).to(dtype)
 
@@ -157,7 +159,7 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
         input, grid = input.to(dtype), grid.to(dtype)
     _check(input, grid, mode, padding_mode)
     align_corners = bool(align_corners)
-    name = resolve(backend, input.device, "grid_sample")
+    name = _registry.resolve(backend, input.device, "grid_sample")
     if name == "reference":
         return grid_sample_reference(input, grid, mode, padding_mode, align_corners)
     if deterministic is None:
@@ -195,14 +197,6 @@ def _check(input, grid, mode, padding_mode):
 
 # --- torch.library registration -----------------------------------------------------------------
 
-@functools.cache  # looked up on every call
-def _kernels(backend: str):
-    if backend == "triton":
-        from ..kernels import grid_sample as triton_kernels  # imports triton: only when asked for
-        return triton_kernels.grid_sample_forward, triton_kernels.grid_sample_backward
-    return torch.ops.fnevr._grid_sample_forward, torch.ops.fnevr._grid_sample_backward  # cpu, cuda
-
-
 def _memory_format(t: Tensor):
     return torch.channels_last if is_channels_last(t) else torch.contiguous_format
 
@@ -210,7 +204,7 @@ def _memory_format(t: Tensor):
 @custom_op("fnevr::grid_sample")
 def _grid_sample_op(input: Tensor, grid: Tensor, mode: int, padding: int, align_corners: bool,
                     deterministic: bool, backend: str) -> Tensor:
-    return _kernels(backend)[0](input, grid, mode, padding, align_corners)
+    return _registry.kernels(backend, "grid_sample").grid_sample_forward(input, grid, mode, padding, align_corners)
 
 
 @_grid_sample_op.register_fake
@@ -223,8 +217,8 @@ def _(input, grid, mode, padding, align_corners, deterministic, backend):
 def _grid_sample_grad_op(grad_out: Tensor, input: Tensor, grid: Tensor, mode: int, padding: int,
                          align_corners: bool, deterministic: bool, backend: str, input_grad: bool,
                          grid_grad: bool) -> tuple[Tensor, Tensor]:
-    return _kernels(backend)[1](grad_out, input, grid, mode, padding, align_corners, input_grad, grid_grad,
-                                deterministic)
+    return _registry.kernels(backend, "grid_sample").grid_sample_backward(
+        grad_out, input, grid, mode, padding, align_corners, input_grad, grid_grad, deterministic)
 
 
 @_grid_sample_grad_op.register_fake
@@ -261,7 +255,7 @@ _grid_sample_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _grad_setup_context(ctx, inputs, output):
-    grad_out, input, grid, mode, padding, align_corners, deterministic, backend, input_grad, grid_grad = inputs
+    _, _, grid, mode, padding, align_corners, deterministic, backend, _, grid_grad = inputs
     ctx.save_for_backward(grid)
     ctx.options = (mode, padding, align_corners, deterministic, backend)
     ctx.grid_grad_is_live = grid_grad and mode == MODES["bilinear"]
@@ -285,3 +279,29 @@ def _grad_backward(ctx, gg_input, gg_grid):
 
 
 _grid_sample_grad_op.register_autograd(_grad_backward, setup_context=_grad_setup_context)
+
+
+def _pytorch(input, grid, mode="bilinear", padding_mode="zeros", align_corners=False, deterministic=None):
+    """PyTorch's own op, as the benchmarks' baseline (`deterministic` follows torch's global setting)."""
+    return torch.nn.functional.grid_sample(input, grid, mode, padding_mode, bool(align_corners))
+
+
+def _samples(device, dtype, generator) -> list[_registry.Sample]:
+    """The first is bench_overhead's tiny call ([1, 4, 8, 8] sampled at 8 x 8 points)."""
+    tiny, tiny_grid = _registry.tensors([(1, 4, 8, 8), (1, 8, 8, 2)], device, dtype, generator)
+    x, grid = _registry.tensors([(2, 3, 5, 6), (2, 4, 3, 2)], device, dtype, generator)
+    grid = grid * 2.4 - 1.2  # some points outside the image
+    saved = x.numel() + grid.numel()
+    return [
+        _registry.Sample("zeros", (tiny, tiny_grid * 2 - 1), {}, (0, 1), tiny.numel() + tiny_grid.numel()),
+        _registry.Sample("border-aligned", (x, grid), dict(padding_mode="border", align_corners=True), (0, 1), saved),
+        _registry.Sample("nearest-reflection", (x, grid), dict(mode="nearest", padding_mode="reflection"), (0,),
+                         saved),
+        _registry.Sample("deterministic", (x, grid), dict(deterministic=True), (0, 1), saved),
+    ]
+
+
+OP = _registry.register(_registry.Op(
+    name="grid_sample", fn=grid_sample, reference=grid_sample_reference, samples=_samples,
+    auto={"cpu": _registry.CPU_ORDER, "cuda": ("triton", "cuda")},
+    why_auto="CUDA: not yet timed on a GPU; Triton until it is", layouts=True, pytorch=_pytorch))

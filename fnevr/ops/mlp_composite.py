@@ -39,7 +39,6 @@ every activation), ``cpu`` (csrc/mlp_composite/mlp_composite_cpu.cpp), ``cuda``
 (csrc/mlp_composite/mlp_composite_cuda.cu), ``triton`` (kernels/mlp_composite.py).
 """
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -47,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import custom_op, resolve
+from . import _registry
+from ._fused import custom_op
 from .composite import ACTIVATIONS, TRANSMITTANCES, composite_reference
 
 # The MLP's layers, in the order the kernels take them: (name, activation follows).
@@ -92,7 +92,7 @@ def mlp_composite(color_code: Tensor, shape_code: Tensor, params, *, transmittan
     params = _as_list(params)
     color_code, shape_code, params = _cast(color_code, shape_code, params)
     lead, D, H = _check(color_code, shape_code, params, transmittance, density_activation)
-    name = resolve(backend, color_code.device, "mlp_composite")
+    name = _registry.resolve(backend, color_code.device, "mlp_composite")
     if name == "reference":
         return mlp_composite_reference(color_code, shape_code, params, transmittance=transmittance,
                                        density_activation=density_activation)
@@ -163,18 +163,11 @@ def _check(color_code, shape_code, params, transmittance, density_activation):
 
 # --- torch.library registration: one op over flat [R, D, E] codes --------------------------------
 
-@functools.cache  # looked up on every call
-def _kernels(backend: str):
-    if backend == "triton":
-        from ..kernels import mlp_composite as triton_kernels  # imports triton: only when asked for
-        return triton_kernels.mlp_composite_forward, triton_kernels.mlp_composite_backward
-    return torch.ops.fnevr._mlp_composite_forward, torch.ops.fnevr._mlp_composite_backward  # cpu, cuda
-
-
 @custom_op("fnevr::mlp_composite")
 def _mlp_composite_op(color_code: Tensor, shape_code: Tensor, params: list[Tensor], inclusive: bool,
                       activation: int, backend: str) -> tuple[Tensor, Tensor]:
-    return _kernels(backend)[0](color_code, shape_code, params, inclusive, activation)
+    return _registry.kernels(backend, "mlp_composite").mlp_composite_forward(color_code, shape_code, params, inclusive,
+                                                                          activation)
 
 
 @_mlp_composite_op.register_fake
@@ -186,8 +179,8 @@ def _(color_code, shape_code, params, inclusive, activation, backend):
 @custom_op("fnevr::mlp_composite_grad")
 def _mlp_composite_grad_op(grad_features: Tensor, grad_weight_sum: Tensor, color_code: Tensor, shape_code: Tensor,
                            params: list[Tensor], inclusive: bool, activation: int, backend: str) -> list[Tensor]:
-    return _kernels(backend)[1](grad_features, grad_weight_sum, color_code, shape_code, params, inclusive,
-                                activation)
+    return _registry.kernels(backend, "mlp_composite").mlp_composite_backward(
+        grad_features, grad_weight_sum, color_code, shape_code, params, inclusive, activation)
 
 
 @_mlp_composite_grad_op.register_fake
@@ -214,3 +207,32 @@ def _backward(ctx, grad_features, grad_weight_sum):
 
 
 _mlp_composite_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _samples(device, dtype, generator) -> list[_registry.Sample]:
+    """Codes and parameters scaled so that the ReLUs cut about half the units and densities spread
+    around zero (Ec = Es = 4, H = 16, H4 = 4, on 16 rays of 8 samples: bench_overhead's tiny call)."""
+    Ec, Es, H, H4 = 4, 4, 16, 4
+    widths = {"shape_in": (H, Es), "shape_hidden": (H, H), "density": (1, H), "shape_feature": (H4, H),
+              "color_in": (H, Ec), "fuse": (H, H + H4), "fuse_hidden": (H, H)}
+    cc, sc = (t * 2 - 1 for t in _registry.tensors([(1, 4, 4, 8, Ec), (1, 4, 4, 8, Es)], device, dtype, generator))
+    params = []
+    for name in PARAMETERS:
+        out, fan_in = widths[name.split(".")[0]]
+        (t,) = _registry.tensors([(out, fan_in) if name.endswith("weight") else (out,)], device, dtype, generator)
+        params.append((t * 2 - 1) * (2.5 / fan_in**0.5))
+    saved = cc.numel() + sc.numel() + sum(p.numel() for p in params)
+    return [
+        _registry.Sample("inclusive", (cc, sc, params), dict(transmittance="inclusive"), (0, 1, 2), saved),
+        _registry.Sample("exclusive-softplus", (cc, sc, params),
+                         dict(transmittance="exclusive", density_activation="softplus"), (1,), saved),
+    ]
+
+
+OP = _registry.register(_registry.Op(
+    name="mlp_composite", fn=mlp_composite, reference=mlp_composite_reference, samples=_samples,
+    auto={"cpu": _registry.CPU_ORDER, "cuda": ("triton", "cuda")},
+    why_auto="CUDA: not yet timed on a GPU; Triton until it is",
+    # Seven layers and a compositing sum round more than one op: fp16/bf16 get twice the default.
+    tolerance={**_registry.TOLERANCE, torch.float16: 2 * _registry.TOLERANCE[torch.float16],
+               torch.bfloat16: 2 * _registry.TOLERANCE[torch.bfloat16]}))

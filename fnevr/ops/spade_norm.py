@@ -37,7 +37,6 @@ Triton fuses each direction into one kernel for NCHW instance norm (FNeVR's case
 between the passes (eager mode only).
 """
 
-import functools
 import math
 import numbers
 
@@ -45,11 +44,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import custom_op, resolve
+from . import _registry
+from ._codes import Activation
+from ._fused import custom_op
 from ._layout import is_channels_last
 
 NORMS = ("instance", "batch")
-ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2}  # codes shared with spade_norm_math.h
+# Names -> kernel codes (plain ints: what the schemas take)
+ACTIVATIONS = {None: int(Activation.NONE), "relu": int(Activation.RELU), "leaky_relu": int(Activation.LEAKY_RELU)}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -115,7 +117,7 @@ def spade_norm(x: Tensor, gamma: Tensor, beta: Tensor, *, norm: str = "instance"
     _check_numbers(eps, negative_slope)
     if process_group is not None and norm != "batch":
         raise ValueError("process_group applies to norm='batch' only")
-    name = resolve(backend, x.device, "spade_norm")
+    name = _registry.resolve(backend, x.device, "spade_norm")
     kw = dict(norm=norm, eps=eps, activation=activation, negative_slope=negative_slope, running_mean=running_mean,
               running_var=running_var, training=training, momentum=momentum, process_group=process_group)
     if name == "reference":
@@ -131,6 +133,7 @@ def spade_norm(x: Tensor, gamma: Tensor, beta: Tensor, *, norm: str = "instance"
         y3 = _SyncSpadeNorm.apply(x3, g, b, opts, name, process_group, running_mean, running_var, momentum)
         return _unflat(y3, x, cl)
     if batch and not training:
+        assert running_mean is not None and running_var is not None  # _check's
         acc = _acc(x.dtype)
         mean, var = running_mean.detach().to(acc), running_var.detach().to(acc)
     else:
@@ -237,43 +240,27 @@ def _check(x, gamma, beta, norm, activation, running_mean, running_var, training
 def _broadcasts_to(shape, target) -> bool:
     """Whether `shape` broadcasts to `target` itself (torch.broadcast_shapes costs ~10 us a call)."""
     pad = len(target) - len(shape)
-    return shape == target or pad >= 0 and all(s == 1 or s == t for s, t in zip(shape, target[pad:]))
+    return shape == target or (pad >= 0 and all(s == 1 or s == t for s, t in zip(shape, target[pad:])))
 
 
-# --- kernels: the same five functions from the compiled extension or from Triton ---------------------
+# --- kernels ---------------------------------------------------------------------------------------
 
-class _Kernels:
-    def __init__(self, backend):
-        if backend == "triton":
-            from ..kernels import spade_norm as k  # imports triton: only when asked for
-            self.stats, self.forward = k.spade_norm_stats, k.spade_norm_forward
-            self.reduce, self.backward = k.spade_norm_backward_reduce, k.spade_norm_backward
-            self.instance_forward = k.spade_norm_instance_forward
-            self.instance_backward = k.spade_norm_instance_backward
-        else:  # cpu, cuda: torch dispatches on the tensors' device
-            ops = torch.ops.fnevr
-            self.stats, self.forward = ops._spade_norm_stats, ops._spade_norm_forward
-            self.reduce, self.backward = ops._spade_norm_backward_reduce, ops._spade_norm_backward
-            # NCHW instance norm fused into one pass per direction (CPU; CUDA runs the general passes)
-            fused = backend == "cpu"
-            self.instance_forward = ops._spade_norm_instance_forward if fused else None
-            self.instance_backward = ops._spade_norm_instance_backward if fused else None
+_FUSED_INSTANCE = ("cpu", "triton")  # backends with the one-pass NCHW instance-norm kernels
 
 
-@functools.cache
-def _kernels(backend) -> _Kernels:
-    """One _Kernels per backend (each op call asks, some twice)."""
-    return _Kernels(backend)
+def _kernels(backend):
+    return _registry.kernels(backend, "spade_norm")
 
 
-def _backward_impl(k, grad_y, x3, g, b, mean, var, eps, cl, act, slope, stats_grad, gamma_grad, beta_grad,
+def _backward_impl(backend, grad_y, x3, g, b, mean, var, eps, cl, act, slope, stats_grad, gamma_grad, beta_grad,
                    all_reduce=None, count=None):
     """(dx, dgamma, dbeta) for the kernel-level tensors; `all_reduce` sums [2, C] across processes."""
+    k = _kernels(backend)
     batch = mean.dim() == 1
-    if k.instance_backward is not None and not batch and not cl:  # one fused kernel
-        return k.instance_backward(grad_y, x3, g, b, mean, var, eps, act, slope, gamma_grad, beta_grad)
+    if backend in _FUSED_INSTANCE and not batch and not cl:  # one fused kernel
+        return k.spade_norm_instance_backward(grad_y, x3, g, b, mean, var, eps, act, slope, gamma_grad, beta_grad)
     need_sums = stats_grad or (g.dim() == 2 and gamma_grad) or (b.dim() == 2 and beta_grad)
-    sums = k.reduce(grad_y, x3, g, b, mean, var, eps, cl, act, slope) if need_sums else None  # [4, N, C]
+    sums = k.spade_norm_backward_reduce(grad_y, x3, g, b, mean, var, eps, cl, act, slope) if need_sums else None  # [4, N, C]
     scale = 0.0
     if stats_grad:
         group_sums = sums[:2].sum(1) if batch else sums[:2]
@@ -283,7 +270,7 @@ def _backward_impl(k, grad_y, x3, g, b, mean, var, eps, cl, act, slope, stats_gr
         scale = 1.0 / count if count else 0.0
     else:
         group_sums = torch.zeros((2,) + tuple(mean.shape), dtype=mean.dtype, device=mean.device)
-    dx, dg, db = k.backward(grad_y, x3, g, b, mean, var, group_sums, scale, eps, cl, act, slope,
+    dx, dg, db = k.spade_norm_backward(grad_y, x3, g, b, mean, var, group_sums, scale, eps, cl, act, slope,
                             gamma_grad and g.dim() == 3, beta_grad and b.dim() == 3)
     if g.dim() == 2 and gamma_grad:
         dg = sums[3].to(g.dtype, copy=True)
@@ -296,7 +283,7 @@ def _backward_impl(k, grad_y, x3, g, b, mean, var, eps, cl, act, slope, stats_gr
 
 @custom_op("fnevr::spade_norm_stats")
 def _spade_norm_stats_op(x: Tensor, channels_last: bool, batch: bool, backend: str) -> tuple[Tensor, Tensor]:
-    return _kernels(backend).stats(x, channels_last, batch)
+    return _kernels(backend).spade_norm_stats(x, channels_last, batch)
 
 
 @_spade_norm_stats_op.register_fake
@@ -310,7 +297,8 @@ def _(x, channels_last, batch, backend):
 def _spade_norm_op(x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor, eps: float,
                    channels_last: bool, activation: int, negative_slope: float, stats_grad: bool,
                    backend: str) -> Tensor:
-    return _kernels(backend).forward(x, gamma, beta, mean, var, eps, channels_last, activation, negative_slope)
+    return _kernels(backend).spade_norm_forward(x, gamma, beta, mean, var, eps, channels_last, activation,
+                                               negative_slope)
 
 
 @_spade_norm_op.register_fake
@@ -322,7 +310,7 @@ def _(x, gamma, beta, mean, var, eps, channels_last, activation, negative_slope,
 def _spade_norm_grad_op(grad_y: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor,
                         eps: float, channels_last: bool, activation: int, negative_slope: float, stats_grad: bool,
                         backend: str, gamma_grad: bool, beta_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dg, db = _backward_impl(_kernels(backend), grad_y, x, gamma, beta, mean, var, eps, channels_last,
+    dx, dg, db = _backward_impl(backend, grad_y, x, gamma, beta, mean, var, eps, channels_last,
                                 activation, negative_slope, stats_grad, gamma_grad, beta_grad)
     return dx, dg if gamma_grad else x.new_empty((0,)), db if beta_grad else x.new_empty((0,))
 
@@ -350,19 +338,16 @@ def _backward(ctx, grad_y):
 _spade_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-_FUSED_INSTANCE = ("cpu", "triton")  # backends with the one-pass NCHW instance-norm kernels
-
-
 @custom_op("fnevr::spade_norm_instance")
 def _spade_norm_instance_op(x: Tensor, gamma: Tensor, beta: Tensor, eps: float, activation: int,
                             negative_slope: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Instance norm of an NCHW [N, C, S] x in one pass -> (y, mean, var)."""
-    return _kernels(backend).instance_forward(x, gamma, beta, eps, activation, negative_slope)
+    return _kernels(backend).spade_norm_instance_forward(x, gamma, beta, eps, activation, negative_slope)
 
 
 @_spade_norm_instance_op.register_fake
 def _(x, gamma, beta, eps, activation, negative_slope, backend):
-    stats = lambda: x.new_empty(x.shape[:2], dtype=_acc(x.dtype))  # noqa: E731
+    stats = lambda: x.new_empty(x.shape[:2], dtype=_acc(x.dtype))
     return torch.empty_like(x), stats(), stats()
 
 
@@ -390,8 +375,8 @@ class _SyncSpadeNorm(torch.autograd.Function):
         import torch.distributed as dist
 
         k = _kernels(backend)
-        eps, cl = opts[:2]
-        mean_l, var_l = k.stats(x3, cl, True)
+        cl = opts[1]
+        mean_l, var_l = k.spade_norm_stats(x3, cl, True)
         n_l = x3.numel() // mean_l.numel()
         # Exact merge (Chan): global mean from the sums, then every process's M2 moved to it.
         packed = torch.cat([mean_l * n_l, mean_l.new_full((1,), n_l)])
@@ -405,14 +390,36 @@ class _SyncSpadeNorm(torch.autograd.Function):
             _update_running(running_mean, running_var, mean, var, count, momentum)
         ctx.save_for_backward(x3, g, b, mean, var)
         ctx.opts, ctx.backend, ctx.group, ctx.count = opts, backend, group, count
-        return k.forward(x3, g, b, mean, var, *opts)
+        return k.spade_norm_forward(x3, g, b, mean, var, *opts)
 
     @staticmethod
     def backward(ctx, grad_y):
         import torch.distributed as dist
 
         x3, g, b, mean, var = ctx.saved_tensors
-        dx, dg, db = _backward_impl(_kernels(ctx.backend), grad_y.contiguous(), x3, g, b, mean, var, *ctx.opts,
+        dx, dg, db = _backward_impl(ctx.backend, grad_y.contiguous(), x3, g, b, mean, var, *ctx.opts,
                                     True, ctx.needs_input_grad[1], ctx.needs_input_grad[2],
                                     all_reduce=lambda t: dist.all_reduce(t, group=ctx.group), count=ctx.count)
         return dx, (dg if ctx.needs_input_grad[1] else None), (db if ctx.needs_input_grad[2] else None), *[None] * 6
+
+
+def _samples(device, dtype, generator) -> list[_registry.Sample]:
+    """The first is bench_overhead's tiny call ([1, 4, 8, 8], full-size modulation, ReLU)."""
+    tiny = tuple(_registry.tensors([(1, 4, 8, 8)] * 3, device, dtype, generator))
+    x, gamma, beta = _registry.tensors([(2, 3, 4, 5), (2, 3, 4, 5), (2, 3, 1, 1)], device, dtype, generator)
+    stats = dict(running_mean=torch.zeros(3, dtype=dtype, device=device),
+                 running_var=torch.ones(3, dtype=dtype, device=device))
+    args = (x, gamma, beta)
+    saved = x.numel() + gamma.numel() + beta.numel() + 2 * 2 * 3  # inputs, and mean and var per group
+    return [
+        _registry.Sample("instance-relu", tiny, dict(activation="relu"), (0, 1, 2), 3 * 4 * 64 + 2 * 4),
+        _registry.Sample("instance-leaky", args, dict(activation="leaky_relu"), (0, 1, 2), saved),
+        _registry.Sample("batch-relu", args, dict(norm="batch", activation="relu", **stats), (0, 2), saved),
+        _registry.Sample("batch-eval", args, dict(norm="batch", training=False, **stats), (1,), saved),
+    ]
+
+
+OP = _registry.register(_registry.Op(
+    name="spade_norm", fn=spade_norm, reference=spade_norm_reference, samples=_samples,
+    auto={"cpu": _registry.CPU_ORDER, "cuda": ("triton", "cuda")},
+    why_auto="CUDA: not yet timed on a GPU; Triton until it is", layouts=True))

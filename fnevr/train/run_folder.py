@@ -71,7 +71,7 @@ class RunFolder:
                     continue
                 pid, host = holder
                 raise RunFolderError(f"{self.out} is in use: process {pid} on {host} is training into it "
-                                     f"(lock file {self.lock}); if that process is gone, delete the lock file")
+                                     f"(lock file {self.lock}); if that process is gone, delete the lock file") from None
             with os.fdopen(fd, "w") as f:
                 f.write(f"{os.getpid()} {socket.gethostname()}\n")
             self.locked = True

@@ -29,6 +29,7 @@ from ..data.dataset import DatasetRepeater, FramesDataset
 from ..data.synthetic import ensure_synthetic_dataset
 from ..device import parse_device
 from ..model import FNeVR
+from ..model.render import fused_head_choice
 from ..nn import recompute
 from .losses import DiscriminatorLoss, GeneratorLoss, sliced_tps
 from .run_folder import RunFolder, RunFolderError
@@ -175,7 +176,7 @@ class Trainer:
         # asks for another head, and recomputed cheap activations, except under torch.compile,
         # which plans its own recomputation.
         render = self.config["model_params"]["generator_params"]["render_params"]
-        if opts.memory_saving and not render.get("fused_head"):
+        if opts.memory_saving and fused_head_choice(render.get("fused_head", "none")) == "none":
             render["fused_head"] = "mlp"
         self.recompute = opts.memory_saving and not opts.compile
         torch.manual_seed(opts.seed)
@@ -478,7 +479,7 @@ class _Logger:
         row = {"step": step, "epoch": epoch, **{k: f"{v:.6g}" for k, v in values.items()}}
         if self.file is None:
             new = not self.path.exists()
-            self.file = open(self.path, "a", newline="")
+            self.file = open(self.path, "a", newline="")  # noqa: SIM115  (kept open; close() closes it)
             self.columns = list(row)
             self.csv = csv.DictWriter(self.file, fieldnames=self.columns, extrasaction="ignore")
             if new:
