@@ -84,8 +84,16 @@ if want_cuda():
     )
 
 setup(
-    packages=["fnevr", "fnevr.ops", "fnevr.nn", "fnevr.kernels", "fnevr.model", "fnevr.train", "fnevr.data",
-              "fnevr.losses"],
+    packages=[
+        "fnevr",
+        "fnevr.ops",
+        "fnevr.nn",
+        "fnevr.kernels",
+        "fnevr.model",
+        "fnevr.train",
+        "fnevr.data",
+        "fnevr.losses",
+    ],
     package_data={"fnevr": ["configs/*.yaml"]},
     package_dir={"fnevr.kernels": "kernels"},
     ext_modules=ext_modules,

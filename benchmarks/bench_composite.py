@@ -16,7 +16,9 @@ SHAPE = (4, 64, 64, 8, 256)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
 PROVIDERS = ["reference", "compiled-reference"] + [
-    b for b in ("cpu", "cuda", "triton") if fnevr.ops.backends(DEVICE)[b] == "available"
+    b
+    for b in ("cpu", "cuda", "triton")
+    if fnevr.ops.backends(DEVICE)[b] == "available"
     and not (b == "triton" and DEVICE == "cpu")  # the interpreter is for tests, not timing
 ]
 
@@ -62,9 +64,16 @@ def test_composite(measure, provider, dtype, backward):
         color.grad = density.grad = None
         op(color, density).backward(grad_out)
 
-    measure(forward_backward if backward else forward, _bytes(color, density, backward),
-            op="composite", provider=provider, mode="fwd+bwd" if backward else "forward",
-            dtype=str(dtype)[6:], device=DEVICE, **({"saved_MB": saved_MB(lambda: op(color, density))} if backward else {}))
+    measure(
+        forward_backward if backward else forward,
+        _bytes(color, density, backward),
+        op="composite",
+        provider=provider,
+        mode="fwd+bwd" if backward else "forward",
+        dtype=str(dtype)[6:],
+        device=DEVICE,
+        **({"saved_MB": saved_MB(lambda: op(color, density))} if backward else {}),
+    )
 
 
 def gpu(s, dtype):
@@ -85,6 +94,14 @@ def gpu(s, dtype):
     for provider, op in providers.items():
         which = ("fwd+bwd",) if provider.startswith("compiled") else ("forward", "backward", "fwd+bwd")
         for mode, fn in modes(op, (color, density), grad_out, which).items():
-            s.run(fn, bench="composite", case=case, provider=provider, mode=mode, dtype=str(dtype)[6:],
-                  bytes={"forward": fwd, "backward": both - fwd, "fwd+bwd": both}[mode], copy_of="composite",
-                  profile=provider in s.fused and mode == "fwd+bwd")
+            s.run(
+                fn,
+                bench="composite",
+                case=case,
+                provider=provider,
+                mode=mode,
+                dtype=str(dtype)[6:],
+                bytes={"forward": fwd, "backward": both - fwd, "fwd+bwd": both}[mode],
+                copy_of="composite",
+                profile=provider in s.fused and mode == "fwd+bwd",
+            )

@@ -53,20 +53,29 @@ def main():
         start = time.perf_counter()
         root = ensure_synthetic_dataset(tmp / "synthetic")
         rows.append(("synthetic set build (40+8 videos, 32 frames, 64x64)", time.perf_counter() - start, "s"))
-        aug = {"flip_param": {"horizontal_flip": True, "time_flip": True},
-               "jitter_param": {"brightness": 0.1, "contrast": 0.1, "saturation": 0.1, "hue": 0.1}}
-        dataset = DatasetRepeater(FramesDataset(root, (args.size, args.size), id_sampling=True, augmentation=aug,
-                                                seed=0), 10)
+        aug = {
+            "flip_param": {"horizontal_flip": True, "time_flip": True},
+            "jitter_param": {"brightness": 0.1, "contrast": 0.1, "saturation": 0.1, "hue": 0.1},
+        }
+        dataset = DatasetRepeater(
+            FramesDataset(root, (args.size, args.size), id_sampling=True, augmentation=aug, seed=0), 10
+        )
         for workers in (0, 2):
-            loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, num_workers=workers, shuffle=True,
-                                                 pin_memory=torch.cuda.is_available())
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=args.batch, num_workers=workers, shuffle=True, pin_memory=torch.cuda.is_available()
+            )
             batches = iter(loader)
             next(batches)  # worker start-up
             start, items = time.perf_counter(), 0
             for batch in batches:
                 items += batch["source"].shape[0]
-            rows.append((f"dataset items/s at {args.size}x{args.size}, augmented, {workers} workers",
-                         items / (time.perf_counter() - start), "items/s"))
+            rows.append(
+                (
+                    f"dataset items/s at {args.size}x{args.size}, augmented, {workers} workers",
+                    items / (time.perf_counter() - start),
+                    "items/s",
+                )
+            )
 
         with torch.device("meta"):
             trunk = vgg19(weights=None).features[:30]
@@ -81,11 +90,18 @@ def main():
             loss_fn = PerceptualPyramidLoss([1, 0.5, 0.25, 0.125], [10] * 5, vgg_weights=weights).to(device)
             if weights is None and loss_fn.mode != "l1":
                 continue  # VGG19 weights in the hub cache: no fallback to time
-            rows.append((f"perceptual pyramid loss ({name}) fwd+bwd, batch {args.batch}",
-                         1e3 * median_time(lambda: loss_fn(pred, target).backward()), "ms"))
+            rows.append(
+                (
+                    f"perceptual pyramid loss ({name}) fwd+bwd, batch {args.batch}",
+                    1e3 * median_time(lambda: loss_fn(pred, target).backward()),
+                    "ms",
+                )
+            )
 
-    kp = {"value": (torch.rand(args.batch, 10, 2, device=device) - 0.5).requires_grad_(True),
-          "jacobian": (torch.eye(2, device=device) + 0.1 * torch.randn(args.batch, 10, 2, 2, device=device))}
+    kp = {
+        "value": (torch.rand(args.batch, 10, 2, device=device) - 0.5).requires_grad_(True),
+        "jacobian": (torch.eye(2, device=device) + 0.1 * torch.randn(args.batch, 10, 2, 2, device=device)),
+    }
 
     def equivariance():
         tps = RandomTPS(args.batch, 0.05, 0.005, 5, device=device)
@@ -93,19 +109,42 @@ def main():
         loss = equivariance_value_loss(kp, kp, tps) + equivariance_jacobian_loss(kp, kp, tps)
         loss.backward()
 
-    rows.append((f"random TPS + frame warp + equivariance losses fwd+bwd, batch {args.batch}",
-                 1e3 * median_time(equivariance), "ms"))
-    maps = {"prediction_map_1": torch.rand(args.batch, 1, 16, 16, device=device, requires_grad=True),
-            "feature_maps_1": [torch.rand(args.batch, c, 16, 16, device=device, requires_grad=True)
-                               for c in (64, 128, 256, 512)]}
-    rows.append(("LSGAN + feature matching fwd+bwd", 1e3 * median_time(
-        lambda: (lsgan_generator_loss(maps) + feature_matching_loss(maps, maps, [10] * 4)).backward()), "ms"))
+    rows.append(
+        (
+            f"random TPS + frame warp + equivariance losses fwd+bwd, batch {args.batch}",
+            1e3 * median_time(equivariance),
+            "ms",
+        )
+    )
+    maps = {
+        "prediction_map_1": torch.rand(args.batch, 1, 16, 16, device=device, requires_grad=True),
+        "feature_maps_1": [
+            torch.rand(args.batch, c, 16, 16, device=device, requires_grad=True) for c in (64, 128, 256, 512)
+        ],
+    }
+    rows.append(
+        (
+            "LSGAN + feature matching fwd+bwd",
+            1e3
+            * median_time(
+                lambda: (lsgan_generator_loss(maps) + feature_matching_loss(maps, maps, [10] * 4)).backward()
+            ),
+            "ms",
+        )
+    )
     frames = torch.rand(32, 3, args.size, args.size, device=device)
-    rows.append((f"evaluate_pairs (L1, PSNR, SSIM) on 32 frames {args.size}x{args.size}",
-                 1e3 * median_time(lambda: evaluate_pairs(frames, frames.flip(-1))), "ms"))
+    rows.append(
+        (
+            f"evaluate_pairs (L1, PSNR, SSIM) on 32 frames {args.size}x{args.size}",
+            1e3 * median_time(lambda: evaluate_pairs(frames, frames.flip(-1))),
+            "ms",
+        )
+    )
 
-    print(f"device: {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, python "
-          f"{sys.version.split()[0]}")
+    print(
+        f"device: {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, python "
+        f"{sys.version.split()[0]}"
+    )
     print(f"| {'measurement':<72} | {'value':>10} | unit    |")
     print(f"|{'-' * 74}|{'-' * 12}|---------|")
     for name, value, unit in rows:

@@ -40,10 +40,16 @@ def cases(B, size=64):
 
 CASES = cases(B)
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
-FUSED = [b for b in ("cpu", "cuda", "triton") if fnevr.ops.backends(DEVICE)[b] == "available"
-         and not (b == "triton" and DEVICE == "cpu")]  # the interpreter is for tests, not timing
-PROVIDERS = ["torch", "torch-compiled", "reference"] + FUSED + (
-    [f"{b}-deterministic" for b in FUSED] if DEVICE == "cuda" else [])
+FUSED = [
+    b
+    for b in ("cpu", "cuda", "triton")
+    if fnevr.ops.backends(DEVICE)[b] == "available" and not (b == "triton" and DEVICE == "cpu")
+]  # the interpreter is for tests, not timing
+PROVIDERS = (
+    ["torch", "torch-compiled", "reference"]
+    + FUSED
+    + ([f"{b}-deterministic" for b in FUSED] if DEVICE == "cuda" else [])
+)
 
 
 def _op(provider, padding):
@@ -64,8 +70,9 @@ def _inputs(case, dtype, grad, spec=None, device=DEVICE):
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     # A smooth warp, as a motion field is: identity plus a small displacement, partly off the image.
-    base = F.affine_grid(torch.eye(2, 3, device=device).expand(shape[0], 2, 3), (shape[0], 1, Ho, Wo),
-                         align_corners=False)
+    base = F.affine_grid(
+        torch.eye(2, 3, device=device).expand(shape[0], 2, 3), (shape[0], 1, Ho, Wo), align_corners=False
+    )
     grid = (base * 1.05 + 0.1 * torch.rand(shape[0], Ho, Wo, 2, device=device, generator=gen) - 0.05).to(dtype)
     return x.requires_grad_(grad), grid.requires_grad_(grad), padding
 
@@ -102,9 +109,15 @@ def test_grid_sample(measure, case, provider, dtype, backward):
         x.grad = grid.grad = None
         op(x, grid).backward(grad_out)
 
-    measure(forward_backward if backward else forward, _bytes(x, grid, out_numel, backward),
-            op=f"gs/{case}", provider=provider, mode="fwd+bwd" if backward else "forward",
-            dtype=str(dtype)[6:], device=DEVICE)
+    measure(
+        forward_backward if backward else forward,
+        _bytes(x, grid, out_numel, backward),
+        op=f"gs/{case}",
+        provider=provider,
+        mode="fwd+bwd" if backward else "forward",
+        dtype=str(dtype)[6:],
+        device=DEVICE,
+    )
 
 
 def gpu(s, dtype):
@@ -120,6 +133,13 @@ def gpu(s, dtype):
             for mode, fn in modes(op, (x, grid), grad_out, which).items():
                 full = _bytes(x, grid, out_numel, True)
                 fwd = _bytes(x, grid, out_numel, False)
-                s.run(fn, bench="grid_sample", case=case, provider=provider, mode=mode, dtype=str(dtype)[6:],
-                      bytes={"forward": fwd, "backward": full - fwd, "fwd+bwd": full}[mode],
-                      profile=provider in s.fused and mode == "fwd+bwd" and case == "feature")
+                s.run(
+                    fn,
+                    bench="grid_sample",
+                    case=case,
+                    provider=provider,
+                    mode=mode,
+                    dtype=str(dtype)[6:],
+                    bytes={"forward": fwd, "backward": full - fwd, "fwd+bwd": full}[mode],
+                    profile=provider in s.fused and mode == "fwd+bwd" and case == "feature",
+                )

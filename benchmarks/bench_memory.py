@@ -39,7 +39,8 @@ from fnevr.train.memory import SavedTensorLedger
 GROUPS = {
     "": "losses (VGG19, pyramids, equivariance)",
     "generator": "generator glue (warp, occlusion, concat)",
-    "generator.stem": "encoder", "generator.down": "encoder",
+    "generator.stem": "encoder",
+    "generator.down": "encoder",
     "generator.dense_motion": "dense motion",
     "generator.renderer": "MLP + compositing",
     "generator.renderer.sample_mlp": "MLP + compositing",
@@ -50,9 +51,20 @@ GROUPS = {
     "discriminator": "discriminator",
     "pose_editor": "pose editor",
 }
-ROWS = ["encoder", "dense motion", "generator glue (warp, occlusion, concat)", "ray sampler", "MLP + compositing",
-        "mini decoder", "SPADE decoder", "keypoint detector", "discriminator", "pose editor",
-        "losses (VGG19, pyramids, equivariance)", "other"]
+ROWS = [
+    "encoder",
+    "dense motion",
+    "generator glue (warp, occlusion, concat)",
+    "ray sampler",
+    "MLP + compositing",
+    "mini decoder",
+    "SPADE decoder",
+    "keypoint detector",
+    "discriminator",
+    "pose editor",
+    "losses (VGG19, pyramids, equivariance)",
+    "other",
+]
 RECIPES = {
     "published": dict(backend="reference", precision="fp32", fused_head="none", memory_saving=False),
     "published-bf16": dict(backend="reference", precision="bf16", fused_head="none", memory_saving=False),
@@ -91,17 +103,34 @@ def build(recipe: str, args, data: str, vgg: str, out: Path) -> dict:
     if "fused_head" in opts:
         config["model_params"]["generator_params"]["render_params"]["fused_head"] = opts.pop("fused_head")
     with recipe_ops(recipe):
-        trainer = Trainer(TrainOptions(config=config, data=data, out=str(out / recipe), device=args.device,
-                                       batch_size=args.batch, num_workers=0, progress=False, vgg_weights=vgg,
-                                       **opts))
+        trainer = Trainer(
+            TrainOptions(
+                config=config,
+                data=data,
+                out=str(out / recipe),
+                device=args.device,
+                batch_size=args.batch,
+                num_workers=0,
+                progress=False,
+                vgg_weights=vgg,
+                **opts,
+            )
+        )
         batch = next(iter(trainer._loader(0)))
         trainer.train_step([batch])  # warm-up (allocator, lazy init)
         with SavedTensorLedger(trainer.model, {trainer.gen_loss: "", trainer.disc_loss: ""}) as ledger:
             trainer.train_step([batch])
     trainer.close()
-    return {"recipe": recipe, "trainer": trainer, "batch": batch, "groups": ledger.grouped(GROUPS),
-            "total": ledger.total(), "modules": ledger.by_module(), "times": [],
-            "dtype": str(trainer.amp_dtype or trainer.param_dtype)[6:]}
+    return {
+        "recipe": recipe,
+        "trainer": trainer,
+        "batch": batch,
+        "groups": ledger.grouped(GROUPS),
+        "total": ledger.total(),
+        "modules": ledger.by_module(),
+        "times": [],
+        "dtype": str(trainer.amp_dtype or trainer.param_dtype)[6:],
+    }
 
 
 def time_steps(results: list[dict], rounds: int):
@@ -128,11 +157,14 @@ def table(results: list[dict], batch: int) -> str:
             lines.append(f"{row:<42}" + "".join(f"{r['groups'].get(row, 0) / 2**20 / batch:20.1f}" for r in results))
     lines.append("-" * len(head))
     lines.append(f"{'total':<42}" + "".join(f"{r['total'] / 2**20 / batch:20.1f}" for r in results))
-    lines.append(f"{'share of ' + base['recipe']:<42}" + "".join(f"{r['total'] / base['total']:20.1%}" for r in results))
+    lines.append(
+        f"{'share of ' + base['recipe']:<42}" + "".join(f"{r['total'] / base['total']:20.1%}" for r in results)
+    )
     lines.append(f"{'autocast dtype':<42}" + "".join(f"{r['dtype']:>20}" for r in results))
     lines.append(f"{'step time (s, median)':<42}" + "".join(f"{r['step_s']:20.3f}" for r in results))
-    lines.append(f"{'step time vs ' + base['recipe']:<42}" + "".join(f"{base['step_s'] / r['step_s']:19.2f}x"
-                                                                       for r in results))
+    lines.append(
+        f"{'step time vs ' + base['recipe']:<42}" + "".join(f"{base['step_s'] / r['step_s']:19.2f}x" for r in results)
+    )
     return "\n".join(lines)
 
 
@@ -150,20 +182,24 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data = str(ensure_synthetic_dataset(tmp / "data", size=size, num_frames=4, num_train=2, num_test=1,
-                                            clips_per_id=1))
+        data = str(
+            ensure_synthetic_dataset(tmp / "data", size=size, num_frames=4, num_train=2, num_test=1, clips_per_id=1)
+        )
         vgg = args.vgg_weights or random_vgg19(tmp)
         for recipe in args.recipes:
             results.append(build(recipe, args, data, vgg, tmp))
-            print(f"{recipe}: {results[-1]['total'] / 2**20 / args.batch:.1f} MB per sample", file=sys.stderr,
-                  flush=True)
+            print(
+                f"{recipe}: {results[-1]['total'] / 2**20 / args.batch:.1f} MB per sample", file=sys.stderr, flush=True
+            )
         time_steps(results, args.repeats)
     from run import environment
 
     env = environment()
-    text = (f"Saved for backward in one training step ({args.config}, batch {args.batch}, {args.device}, "
-            f"{env['cpu_threads']} threads; commit {env['commit']}, torch {env['torch']}, {env['date']})\n\n"
-            + table(results, args.batch))
+    text = (
+        f"Saved for backward in one training step ({args.config}, batch {args.batch}, {args.device}, "
+        f"{env['cpu_threads']} threads; commit {env['commit']}, torch {env['torch']}, {env['date']})\n\n"
+        + table(results, args.batch)
+    )
     print(text)
     if args.save:
         path = Path(args.save) / f"memory-{args.config}-{args.device}-{env['date'][:10]}.txt"

@@ -26,32 +26,43 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH = 4 if DEVICE == "cuda" else 1
 SHAPE = (BATCH, 64, 64, 8)
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
-FUSED = [b for b in ("cpu", "cuda", "triton") if fnevr.ops.backends(DEVICE)[b] == "available"
-         and not (b == "triton" and DEVICE == "cpu")]  # the interpreter is for tests, not timing
-PROVIDERS = ["unfused"] + (["compiled-unfused"] if DEVICE == "cuda" else []) + [
-    f"{kind}-{b}" for kind in ("head", "mlp") for b in FUSED]
+FUSED = [
+    b
+    for b in ("cpu", "cuda", "triton")
+    if fnevr.ops.backends(DEVICE)[b] == "available" and not (b == "triton" and DEVICE == "cpu")
+]  # the interpreter is for tests, not timing
+PROVIDERS = (
+    ["unfused"]
+    + (["compiled-unfused"] if DEVICE == "cuda" else [])
+    + [f"{kind}-{b}" for kind in ("head", "mlp") for b in FUSED]
+)
 KW = dict(transmittance="inclusive", density_activation="relu")
 
 
 def _head(provider, mlp):
     last = mlp.color_out
     if provider in ("unfused", "compiled-unfused"):
+
         def unfused(cc, sc):
             color, density = mlp(cc, sc)
             return composite(color, density, backend="reference", **KW)
+
         return torch.compile(unfused) if provider == "compiled-unfused" else unfused
     kind, backend = provider.split("-")
     if kind == "head":
+
         def head(cc, sc):
             hidden, density = mlp.hidden_features(cc, sc)
             weight_sum = composite(torch.ones_like(density), density, backend=backend, **KW)
             return F.linear(composite(hidden, density, backend=backend, **KW), last.weight) + weight_sum * last.bias
+
         return head
     params = dict(mlp.named_parameters())
 
     def fused(cc, sc):
         features, weight_sum = mlp_composite(cc, sc, params, backend=backend, **KW)
         return F.linear(features, last.weight) + weight_sum * last.bias
+
     return fused
 
 
@@ -81,9 +92,16 @@ def test_ray_head(measure, provider, dtype, backward):
         with amp:
             saved = saved_MB(lambda: fn(cc, sc))
     moved = 2 * cc.numel() * cc.element_size() + grad_out.numel() * grad_out.element_size()
-    measure(forward_backward if backward else forward, moved * (2 if backward else 1),
-            op="ray_head", provider=provider, mode="fwd+bwd" if backward else "forward", dtype=str(dtype)[6:],
-            device=DEVICE, **({"saved_MB": saved} if backward else {}))
+    measure(
+        forward_backward if backward else forward,
+        moved * (2 if backward else 1),
+        op="ray_head",
+        provider=provider,
+        mode="fwd+bwd" if backward else "forward",
+        dtype=str(dtype)[6:],
+        device=DEVICE,
+        **({"saved_MB": saved} if backward else {}),
+    )
 
 
 def gpu(s, dtype):
@@ -103,6 +121,7 @@ def gpu(s, dtype):
             providers[f"{kind}-{b}"] = _head(f"{kind}-{s.backend(b)}", mlp)
     inputs = (cc, sc, *mlp.parameters())
     for provider, head in providers.items():
+
         def op(cc_, sc_, *_params, head=head):
             with amp:
                 return head(cc_, sc_)
@@ -111,5 +130,13 @@ def gpu(s, dtype):
             saved = saved_MB(lambda: head(cc, sc))
         which = ("fwd+bwd",) if provider.startswith("compiled") else ("forward", "fwd+bwd")
         for mode, fn in modes(op, inputs, grad_out, which).items():
-            s.run(fn, bench="mlp_composite", case="x".join(map(str, shape)) + "-H128", provider=provider, mode=mode,
-                  dtype=str(dtype)[6:], saved_MB=saved, profile=provider.startswith("mlp-") and mode == "fwd+bwd")
+            s.run(
+                fn,
+                bench="mlp_composite",
+                case="x".join(map(str, shape)) + "-H128",
+                provider=provider,
+                mode=mode,
+                dtype=str(dtype)[6:],
+                saved_MB=saved,
+                profile=provider.startswith("mlp-") and mode == "fwd+bwd",
+            )

@@ -21,7 +21,6 @@ PRECISIONS = ["fp32", "bf16"] if DEVICE == "cuda" else ["fp32"]
 CASES = [(b, p) for b in ("reference", "auto") for p in PRECISIONS if not (b == "reference" and p == "bf16")]
 
 
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -45,6 +44,14 @@ def test_inference(measure, model, use_pytorch_grid_sample, backend, batch, prec
         with torch.no_grad(), amp:
             model.animate(source.expand(batch, -1, -1, -1), kp_source, model.kp_detector(driving))
 
-    median = measure(step, 0, op="fnevr", provider=f"{CONFIG}/{backend}", mode=f"infer-b{batch}",
-                     dtype=precision, device=DEVICE, frames=batch)
+    median = measure(
+        step,
+        0,
+        op="fnevr",
+        provider=f"{CONFIG}/{backend}",
+        mode=f"infer-b{batch}",
+        dtype=precision,
+        device=DEVICE,
+        frames=batch,
+    )
     assert median > 0

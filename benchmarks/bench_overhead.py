@@ -28,8 +28,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CALLS = 1 if DEVICE == "cuda" else 100  # on CUDA, the shared timing batches calls itself
 # On the CPU, Triton runs under the interpreter (not timed: it is for tests) or compile-only (timed:
 # the host path of a GPU call).
-FUSED = [b for b in _registry.FUSED_BACKENDS if fnevr.ops.backends(DEVICE)[b].startswith("available")
-         and not (b == "triton" and DEVICE == "cpu" and fnevr.ops.backends(DEVICE)[b] == "available")]
+FUSED = [
+    b
+    for b in _registry.FUSED_BACKENDS
+    if fnevr.ops.backends(DEVICE)[b].startswith("available")
+    and not (b == "triton" and DEVICE == "cpu" and fnevr.ops.backends(DEVICE)[b] == "available")
+]
 OPS = _registry.ops()
 
 
@@ -42,7 +46,7 @@ def _call(op, provider):
     def regroup(tensors):
         args, k = [], 0
         for n in lists:
-            args.append(tensors[k] if n is None else list(tensors[k:k + n]))
+            args.append(tensors[k] if n is None else list(tensors[k : k + n]))
             k += 1 if n is None else n
         return args
 
@@ -76,8 +80,15 @@ def test_overhead(measure, benchmark, op, provider, backward):
                     fn(*args)
 
     label = "triton-sm90-null-launch" if provider == "triton" and DEVICE == "cpu" else provider
-    measure(run, 0, op=f"{op}-tiny", provider=label, mode="fwd+bwd" if backward else "forward",
-            dtype="float32", device=DEVICE)
+    measure(
+        run,
+        0,
+        op=f"{op}-tiny",
+        provider=label,
+        mode="fwd+bwd" if backward else "forward",
+        dtype="float32",
+        device=DEVICE,
+    )
     if CALLS > 1:  # measure() reported one run: make it one call
         row = ROWS[-1]
         row.update(median_us=row["median_us"] / CALLS, calls_per_round=row["calls_per_round"] * CALLS)

@@ -27,10 +27,16 @@ def shapes(B, size=256):
 SHAPES = shapes(B)
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
 # Inductor's CPU code generation takes minutes on a small machine: compiled runs are for GPUs.
-PROVIDERS = ["eager"] + (["compiled-eager"] if DEVICE == "cuda" else []) + [
-    b for b in ("cpu", "cuda", "triton") if fnevr.ops.backends(DEVICE)[b] == "available"
-    and not (b == "triton" and DEVICE == "cpu")  # the interpreter is for tests, not timing
-]
+PROVIDERS = (
+    ["eager"]
+    + (["compiled-eager"] if DEVICE == "cuda" else [])
+    + [
+        b
+        for b in ("cpu", "cuda", "triton")
+        if fnevr.ops.backends(DEVICE)[b] == "available"
+        and not (b == "triton" and DEVICE == "cpu")  # the interpreter is for tests, not timing
+    ]
+)
 
 
 def eager(x, gamma, beta):
@@ -58,8 +64,9 @@ def test_copy_bandwidth(measure, dtype):
 def test_spade_norm(measure, layout, shape, provider, dtype, backward):
     torch.manual_seed(0)
     fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
-    x, gamma, beta, grad_y = (torch.randn(shape, device=DEVICE, dtype=dtype).contiguous(memory_format=fmt)
-                              for _ in range(4))
+    x, gamma, beta, grad_y = (
+        torch.randn(shape, device=DEVICE, dtype=dtype).contiguous(memory_format=fmt) for _ in range(4)
+    )
     for t in (x, gamma, beta):
         t.requires_grad_(backward)
     op = _op(provider)
@@ -73,10 +80,17 @@ def test_spade_norm(measure, layout, shape, provider, dtype, backward):
         op(x, gamma, beta).backward(grad_y)
 
     tensor_bytes = x.numel() * x.element_size()
-    measure(forward_backward if backward else forward, tensor_bytes * (11 if backward else 4),
-            op=f"spade-C{shape[1]}" + ("-cl" if layout == "cl" else ""), provider=provider, layout=layout,
-            mode="fwd+bwd" if backward else "forward", dtype=str(dtype)[6:], device=DEVICE,
-            **({"saved_MB": saved_MB(lambda: op(x, gamma, beta))} if backward else {}))
+    measure(
+        forward_backward if backward else forward,
+        tensor_bytes * (11 if backward else 4),
+        op=f"spade-C{shape[1]}" + ("-cl" if layout == "cl" else ""),
+        provider=provider,
+        layout=layout,
+        mode="fwd+bwd" if backward else "forward",
+        dtype=str(dtype)[6:],
+        device=DEVICE,
+        **({"saved_MB": saved_MB(lambda: op(x, gamma, beta))} if backward else {}),
+    )
 
 
 def gpu(s, dtype):
@@ -86,8 +100,9 @@ def gpu(s, dtype):
         for layout in ("nchw", "channels_last"):
             fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
             torch.manual_seed(0)
-            x, gamma, beta, grad_y = (torch.randn(shape, device=s.device, dtype=dtype).contiguous(memory_format=fmt)
-                                      for _ in range(4))
+            x, gamma, beta, grad_y = (
+                torch.randn(shape, device=s.device, dtype=dtype).contiguous(memory_format=fmt) for _ in range(4)
+            )
             inputs = tuple(t.requires_grad_() for t in (x, gamma, beta))
             providers = {"eager": eager}
             if s.compiler and i == 1:  # one shape: Inductor compiles are slow
@@ -98,6 +113,14 @@ def gpu(s, dtype):
                 which = ("fwd+bwd",) if provider.startswith("compiled") else ("forward", "fwd+bwd")
                 for mode, fn in modes(op, inputs, grad_y, which).items():
                     nbytes = x.numel() * x.element_size() * (11 if mode == "fwd+bwd" else 4)
-                    s.run(fn, bench="spade_norm", case=f"{'x'.join(map(str, shape))}-{layout}", provider=provider,
-                          mode=mode, dtype=str(dtype)[6:], bytes=nbytes, layout=layout,
-                          profile=provider in s.fused and mode == "fwd+bwd" and i == 1)
+                    s.run(
+                        fn,
+                        bench="spade_norm",
+                        case=f"{'x'.join(map(str, shape))}-{layout}",
+                        provider=provider,
+                        mode=mode,
+                        dtype=str(dtype)[6:],
+                        bytes=nbytes,
+                        layout=layout,
+                        profile=provider in s.fused and mode == "fwd+bwd" and i == 1,
+                    )

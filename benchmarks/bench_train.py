@@ -35,11 +35,11 @@ if DEVICE == "cpu":  # compiling the whole model takes minutes on this CPU
     PROVIDERS = {k: v for k, v in PROVIDERS.items() if "compile" not in k}
 
 
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return ensure_synthetic_dataset(tmp_path_factory.mktemp("data") / "set", size=SIZE, num_frames=4, num_train=8,
-                                    num_test=1, clips_per_id=1)
+    return ensure_synthetic_dataset(
+        tmp_path_factory.mktemp("data") / "set", size=SIZE, num_frames=4, num_train=8, num_test=1, clips_per_id=1
+    )
 
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
@@ -50,9 +50,28 @@ def test_train_step(measure, data, tmp_path, use_pytorch_grid_sample, provider):
     config = load_config(CONFIG)
     if "fused_head" in opts:
         config["model_params"]["generator_params"]["render_params"]["fused_head"] = opts.pop("fused_head")
-    trainer = Trainer(TrainOptions(config=config, data=str(data), out=str(tmp_path), device=DEVICE, batch_size=8,
-                                   num_workers=0, progress=False, **opts))
+    trainer = Trainer(
+        TrainOptions(
+            config=config,
+            data=str(data),
+            out=str(tmp_path),
+            device=DEVICE,
+            batch_size=8,
+            num_workers=0,
+            progress=False,
+            **opts,
+        )
+    )
     batch = next(iter(trainer._loader(0)))
     saved = train_saved_MB(trainer, batch)
-    measure(lambda: trainer.train_step([batch]), 0, op="train", provider=provider, mode=f"step-b8-{SIZE}",
-            dtype=str(trainer.amp_dtype or torch.float32)[6:], device=DEVICE, frames=8, saved_MB=saved)
+    measure(
+        lambda: trainer.train_step([batch]),
+        0,
+        op="train",
+        provider=provider,
+        mode=f"step-b8-{SIZE}",
+        dtype=str(trainer.amp_dtype or torch.float32)[6:],
+        device=DEVICE,
+        frames=8,
+        saved_MB=saved,
+    )

@@ -65,14 +65,22 @@ def measure_copy(measure, shape, dtype, device):
     """The baseline of the "% copy" column: a device copy of a tensor of ``shape``."""
     src = torch.rand(shape, device=device).to(dtype)
     dst = torch.empty_like(src)
-    measure(lambda: dst.copy_(src), 2 * src.numel() * src.element_size(),
-            op="copy", provider="copy", mode="copy", dtype=str(dtype)[6:], device=device)
+    measure(
+        lambda: dst.copy_(src),
+        2 * src.numel() * src.element_size(),
+        op="copy",
+        provider="copy",
+        mode="copy",
+        dtype=str(dtype)[6:],
+        device=device,
+    )
 
 
 def torch_grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=False, *, backend="auto"):
     """fnevr.ops.grid_sample's signature on PyTorch's own op: the model as the published code runs it."""
-    return torch.nn.functional.grid_sample(input, grid, mode=mode, padding_mode=padding_mode,
-                                           align_corners=align_corners)
+    return torch.nn.functional.grid_sample(
+        input, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners
+    )
 
 
 @pytest.fixture
@@ -85,8 +93,9 @@ def use_pytorch_grid_sample(monkeypatch):
 def saved_MB(fn) -> float:
     """MB that autograd saves for backward while fn() runs (each saved tensor counted whole)."""
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
-                                                  lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t
+    ):
         fn()
     return sum(saved) / 2**20
 
@@ -118,8 +127,10 @@ def pytest_terminal_summary(terminalreporter):
     copy = {(r["device"], r["dtype"]): r.get("kernel_GBps", r["GBps"]) for r in ROWS if r["provider"] == "copy"}
     tr = terminalreporter
     tr.section("fnevr benchmark summary (median per call; kernel = device time alone, from the profiler)")
-    tr.write_line(f"{'op':<10} {'mode':<8} {'provider':<20} {'dtype':<9} {'device':<6} {'time':>11} "
-                  f"{'GB/s':>8} {'kernel':>11} {'GB/s':>8} {'% copy':>7} {'peak MB':>9} {'saved MB':>9}")
+    tr.write_line(
+        f"{'op':<10} {'mode':<8} {'provider':<20} {'dtype':<9} {'device':<6} {'time':>11} "
+        f"{'GB/s':>8} {'kernel':>11} {'GB/s':>8} {'% copy':>7} {'peak MB':>9} {'saved MB':>9}"
+    )
     for r in ROWS:
         bw = r.get("kernel_GBps", r["GBps"])
         share = copy.get((r["device"], r["dtype"]))
@@ -127,14 +138,18 @@ def pytest_terminal_summary(terminalreporter):
         kernel = f"{r['kernel_us']:9.1f}us {r['kernel_GBps']:8.1f}" if "kernel_us" in r else f"{'-':>11} {'-':>8}"
         peak = f"{r['peak_MB']:9.1f}" if "peak_MB" in r else "        -"
         saved = f"{r['saved_MB']:9.1f}" if "saved_MB" in r else "        -"
-        tr.write_line(f"{r['op']:<10} {r['mode']:<8} {r['provider']:<20} {r['dtype']:<9} {r['device']:<6} "
-                      f"{r['median_us']:9.1f}us {r['GBps']:8.1f} {kernel} {share:>7} {peak} {saved}")
+        tr.write_line(
+            f"{r['op']:<10} {r['mode']:<8} {r['provider']:<20} {r['dtype']:<9} {r['device']:<6} "
+            f"{r['median_us']:9.1f}us {r['GBps']:8.1f} {kernel} {share:>7} {peak} {saved}"
+        )
     if any("frames" in r for r in ROWS):
         tr.section("frames (inference) or samples (training) per second")
         for r in ROWS:
             if "frames" in r:
-                tr.write_line(f"{r['provider']:<24} {r['mode']:<10} {r['dtype']:<6} {r['device']:<6} "
-                              f"{r['frames'] / (r['median_us'] * 1e-6):9.1f} frames/s")
+                tr.write_line(
+                    f"{r['provider']:<24} {r['mode']:<10} {r['dtype']:<6} {r['device']:<6} "
+                    f"{r['frames'] / (r['median_us'] * 1e-6):9.1f} frames/s"
+                )
     tr.section("kernels per call (us)")
     for r in ROWS:
         for name, us in r.get("kernels_us", {}).items():
@@ -143,14 +158,17 @@ def pytest_terminal_summary(terminalreporter):
 
 # --- for gpu_bench.py (benchmarks/gpu_check.sh): each bench_<op>.py has a gpu(s, dtype) ------------
 
+
 def modes(op, inputs, grad_out, which=("forward", "backward", "fwd+bwd")):
     """mode -> a call: forward without autograd; backward alone (autograd.grad of a kept graph);
     forward+backward. Gradients by autograd.grad: nothing accumulates between calls."""
     calls = {}
     if "forward" in which:
+
         def forward():
             with torch.no_grad():
                 return op(*inputs)
+
         calls["forward"] = forward
     if "backward" in which:
         out = op(*inputs)
@@ -165,7 +183,14 @@ def gpu_copy(s, what, shape, dtype):
     src = torch.rand(shape, device=s.device).to(dtype)
     dst = torch.empty_like(src)
     nbytes = 2 * src.numel() * src.element_size()
-    row = s.run(lambda: dst.copy_(src), bench="copy", case=what, provider="copy", mode="copy",
-                dtype=str(dtype)[6:], bytes=nbytes)
+    row = s.run(
+        lambda: dst.copy_(src),
+        bench="copy",
+        case=what,
+        provider="copy",
+        mode="copy",
+        dtype=str(dtype)[6:],
+        bytes=nbytes,
+    )
     if row and "error" not in row:
         s.copy_GBps[(what, row["dtype"])] = row["GBps"]

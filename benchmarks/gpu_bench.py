@@ -140,8 +140,14 @@ class Settings:
     def run(self, fn, *, profile=False, **row):
         """Time fn (no arguments), or in --warm mode call it once; print and save the row. An
         error becomes a row too, except a CUDA error, after which the process cannot go on."""
-        row = {"bench": row.pop("bench"), "case": row.pop("case"), "provider": row.pop("provider"),
-               "mode": row.pop("mode"), "dtype": row.pop("dtype"), **row}
+        row = {
+            "bench": row.pop("bench"),
+            "case": row.pop("case"),
+            "provider": row.pop("provider"),
+            "mode": row.pop("mode"),
+            "dtype": row.pop("dtype"),
+            **row,
+        }
         if self.providers and row["provider"] not in self.providers:
             return None
         try:
@@ -198,6 +204,7 @@ def _top_kernels(fn, n=6) -> dict:
 
 # --- what is timed -----------------------------------------------------------------------------
 
+
 def bench_overhead_(s, dtype):
     """Tiny inputs (bench_overhead's), fp32: the time is the cost of getting to the kernel."""
     for op in bench_overhead.OPS:
@@ -245,12 +252,15 @@ def bench_model_(s, dtype):
                     with torch.no_grad(), amp:
                         return model.animate(source.expand(batch, -1, -1, -1), kp_source, model.kp_detector(driving))
 
-                row = s.run(step, bench="model", case=f"{config}-b{batch}", provider=backend, mode="infer",
-                            dtype=str(dtype)[6:])
+                row = s.run(
+                    step, bench="model", case=f"{config}-b{batch}", provider=backend, mode="infer", dtype=str(dtype)[6:]
+                )
                 if row and "error" not in row:
                     row["per_s"] = batch / (row["wall_us"] * 1e-6)
-                    print(f"{'':<13} {config} batch {batch} {backend} {row['dtype']}: {row['per_s']:.1f} frames/s",
-                          flush=True)
+                    print(
+                        f"{'':<13} {config} batch {batch} {backend} {row['dtype']}: {row['per_s']:.1f} frames/s",
+                        flush=True,
+                    )
                     _rewrite_last(s, row)
     del model
 
@@ -290,12 +300,16 @@ def bench_train_(s, dtype):
 
     config_name, size, batch = ("small", 32, 2) if s.dry else ("vox-256", 256, 8)
     # (the dry run skips the bf16 and checkpointing variants: the same code with other options)
-    names = ["fnevr"] if s.quick else (["fnevr", "published"] if s.dry else
-                                       ["fnevr", "fnevr-checkpoint", "published", "published-bf16-cl"])
+    names = (
+        ["fnevr"]
+        if s.quick
+        else (["fnevr", "published"] if s.dry else ["fnevr", "fnevr-checkpoint", "published", "published-bf16-cl"])
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data = ensure_synthetic_dataset(tmp / "set", size=size, num_frames=4, num_train=batch, num_test=1,
-                                        clips_per_id=1)
+        data = ensure_synthetic_dataset(
+            tmp / "set", size=size, num_frames=4, num_train=batch, num_test=1, clips_per_id=1
+        )
         _random_vgg19(tmp / "vgg19.pth")
         for name in names:
             if (s.providers and name not in s.providers) or (s.warm and name in EAGER):
@@ -308,22 +322,39 @@ def bench_train_(s, dtype):
                 config["dataset_params"]["frame_shape"] = [size, size, 3]
                 config["model_params"]["discriminator_params"]["num_blocks"] = 3
             with pytorch_grid_sample() if opts.get("backend") == "reference" else contextlib.nullcontext():
-                trainer = Trainer(TrainOptions(config=config, data=str(data), out=str(tmp / name), device=s.device,
-                                               batch_size=batch, num_workers=0, progress=False,
-                                               vgg_weights=str(tmp / "vgg19.pth"), **opts))
+                trainer = Trainer(
+                    TrainOptions(
+                        config=config,
+                        data=str(data),
+                        out=str(tmp / name),
+                        device=s.device,
+                        batch_size=batch,
+                        num_workers=0,
+                        progress=False,
+                        vgg_weights=str(tmp / "vgg19.pth"),
+                        **opts,
+                    )
+                )
                 step_batch = next(iter(trainer._loader(0)))
                 saved = None if s.warm else train_saved_MB(trainer, step_batch)
                 if s.device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated()
-                row = s.run(lambda trainer=trainer, step_batch=step_batch: trainer.train_step([step_batch]), bench="train", case=f"{config_name}-b{batch}",
-                            provider=name, mode="step", dtype=str(trainer.amp_dtype or torch.float32)[6:],
-                            saved_MB=saved)
+                row = s.run(
+                    lambda trainer=trainer, step_batch=step_batch: trainer.train_step([step_batch]),
+                    bench="train",
+                    case=f"{config_name}-b{batch}",
+                    provider=name,
+                    mode="step",
+                    dtype=str(trainer.amp_dtype or torch.float32)[6:],
+                    saved_MB=saved,
+                )
                 if row and "error" not in row:
                     if s.device == "cuda":
                         row["peak_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-                    row.update(per_s=batch / (row["wall_us"] * 1e-6), per_s_unit="samples/s",
-                               s_per_step=row["wall_us"] * 1e-6)
+                    row.update(
+                        per_s=batch / (row["wall_us"] * 1e-6), per_s_unit="samples/s", s_per_step=row["wall_us"] * 1e-6
+                    )
                     peak = f", peak {row['peak_MB']:.0f} MB" if "peak_MB" in row else ""
                     print(f"{'':<13} train {name}: {row['s_per_step']:.3f} s/step{peak}", flush=True)
                     _rewrite_last(s, row)
@@ -332,8 +363,12 @@ def bench_train_(s, dtype):
                 torch.cuda.empty_cache()  # the next provider's peak starts from the same place
 
 
-BENCHES = {**{op: importlib.import_module(f"bench_{op}").gpu for op in OPS}, "overhead": bench_overhead_,
-           "model": bench_model_, "train": bench_train_}
+BENCHES = {
+    **{op: importlib.import_module(f"bench_{op}").gpu for op in OPS},
+    "overhead": bench_overhead_,
+    "model": bench_model_,
+    "train": bench_train_,
+}
 ONE_DTYPE = ("overhead", "train")  # fp32 tiny calls; the step's precision is the Trainer's own
 
 
@@ -347,9 +382,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, the cpu backend for cuda and triton")
     parser.add_argument("--warm", action="store_true", help="run each case once (compiles), time nothing")
     parser.add_argument("--providers", help="comma-separated: only these providers")
-    parser.add_argument("--list-shards", action="store_true",
-                        help="print the '--groups G --dtypes D' pairs that split --groups for parallel --warm runs "
-                             "(with --dry-run one line, fp32: nothing compiles long on the CPU)")
+    parser.add_argument(
+        "--list-shards",
+        action="store_true",
+        help="print the '--groups G --dtypes D' pairs that split --groups for parallel --warm runs "
+        "(with --dry-run one line, fp32: nothing compiles long on the CPU)",
+    )
     args = parser.parse_args(argv)
     dtypes = args.dtypes.split(",")
     if args.list_shards:
@@ -368,8 +406,15 @@ def main(argv=None) -> int:
         parser.error("no CUDA device: use --dry-run")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-    s = Settings(args.out, args.stamp, args.dry_run, args.quick, args.warm, [DTYPES[d] for d in dtypes],
-                 tuple(args.providers.split(",")) if args.providers else None)
+    s = Settings(
+        args.out,
+        args.stamp,
+        args.dry_run,
+        args.quick,
+        args.warm,
+        [DTYPES[d] for d in dtypes],
+        tuple(args.providers.split(",")) if args.providers else None,
+    )
     for group in args.groups.split(","):
         for dtype in s.dtypes[:1] if group in ONE_DTYPE else s.dtypes:
             start = time.perf_counter()

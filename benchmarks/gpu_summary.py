@@ -32,6 +32,7 @@ TEST = re.compile(r"tests/\S+?\.py::[^\s\[]+")
 
 # --- inputs ------------------------------------------------------------------------------------
 
+
 def load_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -60,14 +61,14 @@ def _nodeid(line: str) -> str | None:
         return None
     start = found.end()
     end = start
-    if line[start:start + 1] == "[":
+    if line[start : start + 1] == "[":
         depth = 0
         for end in range(start, len(line)):
             depth += {"[": 1, "]": -1}.get(line[end], 0)
             if depth == 0:
                 break
         end += 1
-    return line[found.start():end]
+    return line[found.start() : end]
 
 
 def coverage(outcomes: dict[str, str], dtypes) -> dict[tuple, str]:
@@ -80,8 +81,12 @@ def coverage(outcomes: dict[str, str], dtypes) -> dict[tuple, str]:
         for b in FUSED:
             for d in dtypes:
                 key = (op and op.group(1), b, d)
-                if (key in best and f"{b}-cuda" in node and f"torch.{d}" in node
-                        and (best[key] is None or rank.get(outcome, 3) < rank.get(best[key], 3))):
+                if (
+                    key in best
+                    and f"{b}-cuda" in node
+                    and f"torch.{d}" in node
+                    and (best[key] is None or rank.get(outcome, 3) < rank.get(best[key], 3))
+                ):
                     best[key] = outcome
     return best
 
@@ -117,6 +122,7 @@ class Rows:
 
 
 # --- the targets -------------------------------------------------------------------------------
+
 
 @dataclass
 class Line:
@@ -175,44 +181,81 @@ def target_lines(R: Rows, tests: dict[str, str], quick: bool, auto_order: dict) 
         for mode in ("forward", "backward"):
             provider, row = R.best("composite", comp, mode, dt)
             value = row.get("copy_pct") if row else None
-            lines.append(_line(f"composite {mode}, {dt}: % of copy bandwidth (kernel time)", value, 85, _pct,
-                               note=provider))
+            lines.append(
+                _line(f"composite {mode}, {dt}: % of copy bandwidth (kernel time)", value, 85, _pct, note=provider)
+            )
         value, note = _speedup(R, "composite", comp, "fwd+bwd", dt, "compiled-reference")
         lines.append(_line(f"composite fwd+bwd, {dt}: x torch.compile(reference)", value, 1.5, _ratio, note=note))
     for dt in BENCH_DTYPES:
         for case in ("feature", "feature-nchw"):
             for mode, goal in (("backward", 2.0), ("forward", 1.2)):
                 value, note = _speedup(R, "grid_sample", case, mode, dt, "torch")
-                lines.append(_line(f"grid_sample {case} [B,256,64,64] {mode}, {dt}: x F.grid_sample", value, goal,
-                                   _ratio, note=note))
-        value, note = _worst([(v, f"{case} {mode}: {n}") for case in THREE_CHANNEL for mode in ("forward", "fwd+bwd")
-                              for v, n in [_speedup(R, "grid_sample", case, mode, dt, "torch")]])
-        lines.append(_line(f"grid_sample 3-channel warps (worst), {dt}: x F.grid_sample", value, 1.0, _ratio,
-                           note=note))
+                lines.append(
+                    _line(
+                        f"grid_sample {case} [B,256,64,64] {mode}, {dt}: x F.grid_sample",
+                        value,
+                        goal,
+                        _ratio,
+                        note=note,
+                    )
+                )
+        value, note = _worst(
+            [
+                (v, f"{case} {mode}: {n}")
+                for case in THREE_CHANNEL
+                for mode in ("forward", "fwd+bwd")
+                for v, n in [_speedup(R, "grid_sample", case, mode, dt, "torch")]
+            ]
+        )
+        lines.append(
+            _line(f"grid_sample 3-channel warps (worst), {dt}: x F.grid_sample", value, 1.0, _ratio, note=note)
+        )
     for dt in BENCH_DTYPES:
         for layout in ("nchw", "channels_last"):
             cases = [c for c in R.cases("spade_norm") if c.endswith("-" + layout)]
-            value, note = _worst([(v, f"{c.rsplit('-', 1)[0]}: {n}") for c in cases
-                                  for v, n in [_speedup(R, "spade_norm", c, "fwd+bwd", dt, "eager")]])
-            lines.append(_line(f"spade_norm fwd+bwd {layout} (worst shape), {dt}: x eager", value, 2.5, _ratio,
-                               note=note))
+            value, note = _worst(
+                [
+                    (v, f"{c.rsplit('-', 1)[0]}: {n}")
+                    for c in cases
+                    for v, n in [_speedup(R, "spade_norm", c, "fwd+bwd", dt, "eager")]
+                ]
+            )
+            lines.append(
+                _line(f"spade_norm fwd+bwd {layout} (worst shape), {dt}: x eager", value, 2.5, _ratio, note=note)
+            )
             compiled = [c for c in cases if R.get("spade_norm", c, "compiled-eager", "fwd+bwd", dt)]
-            value, note = _speedup(R, "spade_norm", compiled[0], "fwd+bwd", dt, "compiled-eager") if compiled \
-                else (None, "")
-            lines.append(_line(f"spade_norm fwd+bwd {layout}, {dt}: x torch.compile(eager)", value, 1.3, _ratio,
-                               note=(compiled[0].rsplit("-", 1)[0] + ": " + note) if compiled else ""))
+            value, note = (
+                _speedup(R, "spade_norm", compiled[0], "fwd+bwd", dt, "compiled-eager") if compiled else (None, "")
+            )
+            lines.append(
+                _line(
+                    f"spade_norm fwd+bwd {layout}, {dt}: x torch.compile(eager)",
+                    value,
+                    1.3,
+                    _ratio,
+                    note=(compiled[0].rsplit("-", 1)[0] + ": " + note) if compiled else "",
+                )
+            )
     mlp = _case(R, "mlp_composite", r".*-H128", "?")
     fused_mlp = tuple(f"mlp-{b}" for b in FUSED)
     for dt in BENCH_DTYPES:
         for baseline, goal in (("unfused", 2.0), ("compiled-unfused", 1.3)):
             value, note = _speedup(R, "mlp_composite", mlp, "fwd+bwd", dt, baseline, fused_mlp)
-            lines.append(_line(f"mlp_composite vox-256 head fwd+bwd, {dt}: x {baseline}", value, goal, _ratio,
-                               note=note))
+            lines.append(
+                _line(f"mlp_composite vox-256 head fwd+bwd, {dt}: x {baseline}", value, goal, _ratio, note=note)
+            )
         provider, row = R.best("mlp_composite", mlp, "fwd+bwd", dt, fused_mlp)
         unfused = R.get("mlp_composite", mlp, "unfused", "fwd+bwd", dt)
         value = 100 * (1 - row["saved_MB"] / unfused["saved_MB"]) if row and unfused else None
-        lines.append(_line(f"mlp_composite saved for backward, {dt}: less than unfused", value, 90, _pct,
-                           note=f"{row['saved_MB']:.3g} vs {unfused['saved_MB']:.3g} MB" if value is not None else ""))
+        lines.append(
+            _line(
+                f"mlp_composite saved for backward, {dt}: less than unfused",
+                value,
+                90,
+                _pct,
+                note=f"{row['saved_MB']:.3g} vs {unfused['saved_MB']:.3g} MB" if value is not None else "",
+            )
+        )
     for op in OPS:  # host overhead at FNeVR's shapes, with the backend auto picks
         backend = auto_order.get(op, "triton")
         bench, providers = (op, (f"mlp-{backend}",)) if op == "mlp_composite" else (op, (backend,))
@@ -224,8 +267,16 @@ def target_lines(R: Rows, tests: dict[str, str], quick: bool, auto_order: dict) 
                     if row and row.get("kernel_us"):
                         items.append((-row["wall_us"] / row["kernel_us"], f"{case} {mode} {dt}"))
         worst, note = _worst(items)
-        lines.append(_line(f"{op} host overhead ({providers[0]}, auto's): wall / kernel time, worst case",
-                           None if worst is None else -worst, 1.3, _ratio, higher=False, note=note))
+        lines.append(
+            _line(
+                f"{op} host overhead ({providers[0]}, auto's): wall / kernel time, worst case",
+                None if worst is None else -worst,
+                1.3,
+                _ratio,
+                higher=False,
+                note=note,
+            )
+        )
     for op in OPS:
         for b in FUSED:
             items = []
@@ -235,8 +286,16 @@ def target_lines(R: Rows, tests: dict[str, str], quick: bool, auto_order: dict) 
                 if torch_row and row:
                     items.append((-(row["wall_us"] - torch_row["wall_us"]), mode))
             worst, note = _worst(items)
-            lines.append(_line(f"{op} tiny inputs, {b}: wall above PyTorch's op, worst mode",
-                               None if worst is None else -worst, 30, _us, higher=False, note=note))
+            lines.append(
+                _line(
+                    f"{op} tiny inputs, {b}: wall above PyTorch's op, worst mode",
+                    None if worst is None else -worst,
+                    30,
+                    _us,
+                    higher=False,
+                    note=note,
+                )
+            )
     lines += test_lines(tests, quick)
     return lines
 
@@ -244,8 +303,11 @@ def target_lines(R: Rows, tests: dict[str, str], quick: bool, auto_order: dict) 
 def test_lines(tests: dict[str, str], quick: bool) -> list[Line]:
     lines = []
     for dt in TEST_DTYPES:
-        lines.append(_tests_line(f"GPU tests with dtype {dt} (a dtype parameter)",
-                                 {n: o for n, o in tests.items() if f"torch.{dt}" in n}))
+        lines.append(
+            _tests_line(
+                f"GPU tests with dtype {dt} (a dtype parameter)", {n: o for n, o in tests.items() if f"torch.{dt}" in n}
+            )
+        )
     lines.append(_tests_line("every GPU test run (all dtypes, model, training, extension errors)", tests))
     dtypes = TEST_DTYPES + (() if quick else ("float64",))
     cov = coverage(tests, dtypes)
@@ -255,9 +317,15 @@ def test_lines(tests: dict[str, str], quick: bool) -> list[Line]:
     if not tests:
         lines.append(Line(name, "-", f"{len(cov)}/{len(cov)}", "not measured"))
     else:
-        lines.append(Line(name, f"{passed}/{len(cov)}" + (f" (missing {', '.join(missing[:3])}"
-                                                        f"{'...' if len(missing) > 3 else ''})" if missing else ""),
-                          f"{len(cov)}/{len(cov)}", "met" if not missing else "NOT MET"))
+        lines.append(
+            Line(
+                name,
+                f"{passed}/{len(cov)}"
+                + (f" (missing {', '.join(missing[:3])}{'...' if len(missing) > 3 else ''})" if missing else ""),
+                f"{len(cov)}/{len(cov)}",
+                "met" if not missing else "NOT MET",
+            )
+        )
     return lines
 
 
@@ -273,6 +341,7 @@ def _tests_line(name, outcomes):
 
 
 # --- report ------------------------------------------------------------------------------------
+
 
 def backend_lines(R: Rows, auto_order: dict) -> list[str]:
     """Per op and dtype: fwd+bwd wall time summed over the op's benchmarked shapes, per backend."""
@@ -297,13 +366,18 @@ def info_lines(R: Rows) -> list[str]:
     out = []
     for (bench, case, provider, _mode, dtype), r in sorted(R.rows.items()):
         if bench == "model":
-            out.append(f"inference {case:<16} {provider:<10} {dtype:<9} {r['per_s']:9.1f} frames/s "
-                       f"(wall {r['wall_us'] / 1e3:.1f} ms, host {r['host_us'] / 1e3:.1f} ms per call)"
-                       if "per_s" in r else f"inference {case} {provider} {dtype}: no figure")
+            out.append(
+                f"inference {case:<16} {provider:<10} {dtype:<9} {r['per_s']:9.1f} frames/s "
+                f"(wall {r['wall_us'] / 1e3:.1f} ms, host {r['host_us'] / 1e3:.1f} ms per call)"
+                if "per_s" in r
+                else f"inference {case} {provider} {dtype}: no figure"
+            )
         if bench == "train":
             peak = f", peak {r['peak_MB']:.0f} MB" if "peak_MB" in r else ""
-            out.append(f"training  {case:<16} {provider:<10} {dtype:<9} {r.get('s_per_step', float('nan')):9.3f} s/step "
-                       f"({r.get('per_s', float('nan')):.1f} samples/s{peak}, {r.get('saved_MB', 0):.0f} MB saved)")
+            out.append(
+                f"training  {case:<16} {provider:<10} {dtype:<9} {r.get('s_per_step', float('nan')):9.3f} s/step "
+                f"({r.get('per_s', float('nan')):.1f} samples/s{peak}, {r.get('saved_MB', 0):.0f} MB saved)"
+            )
     return out
 
 
@@ -317,8 +391,12 @@ def auto_choices() -> dict:
 
 
 def newest_full_bench(dirs, stamp: str) -> Path | None:
-    runs = [p for d in dirs for p in Path(d).glob("gpu-bench-*.jsonl")
-            if not p.stem.endswith(("-quick", "-dry")) and p.stem != f"gpu-bench-{stamp}"]
+    runs = [
+        p
+        for d in dirs
+        for p in Path(d).glob("gpu-bench-*.jsonl")
+        if not p.stem.endswith(("-quick", "-dry")) and p.stem != f"gpu-bench-{stamp}"
+    ]
     return max(runs, key=lambda p: p.name) if runs else None
 
 
@@ -329,11 +407,15 @@ def summarize(out: Path, stamp: str, quick: bool, dry: bool, baselines=()) -> tu
     auto = auto_choices()
     lines = target_lines(R, tests, quick, auto)
     if dry:  # CPU stand-ins: whether each line was computed is what a dry run shows
-        lines = [Line(x.name, x.measured, x.target, "dry run" if x.status != "not measured" else x.status)
-                 for x in lines]
+        lines = [
+            Line(x.name, x.measured, x.target, "dry run" if x.status != "not measured" else x.status) for x in lines
+        ]
     width = max(len(x.name) for x in lines)
-    kind = "dry run (CPU, tiny shapes, stand-in backends: the figures mean nothing)" if dry else \
-        ("quick" if quick else "full")
+    kind = (
+        "dry run (CPU, tiny shapes, stand-in backends: the figures mean nothing)"
+        if dry
+        else ("quick" if quick else "full")
+    )
     text = [f"fnevr GPU check summary {stamp} ({kind})"]
     stages = out / f"gpu-stages-{stamp}.txt"
     if stages.is_file():
@@ -341,8 +423,10 @@ def summarize(out: Path, stamp: str, quick: bool, dry: bool, baselines=()) -> tu
     text += ["", f"{'target':<{width}}  {'measured':<42} {'target':<10} status"]
     text += [f"{x.name:<{width}}  {x.measured:<42} {x.target:<10} {x.status}" for x in lines]
     met = sum(x.status == "met" for x in lines)
-    text.append(f"{met} of {len(lines)} targets met, {sum(x.status == 'NOT MET' for x in lines)} not met, "
-                f"{sum(x.status == 'not measured' for x in lines)} not measured")
+    text.append(
+        f"{met} of {len(lines)} targets met, {sum(x.status == 'NOT MET' for x in lines)} not met, "
+        f"{sum(x.status == 'not measured' for x in lines)} not measured"
+    )
     if R.used_baseline:
         text.append(f"* baseline (torch.compile, reference) from the full run {baseline_file.name}, not re-timed")
     text += ["", *backend_lines(R, auto), "", *info_lines(R)]
@@ -355,16 +439,23 @@ def main(argv=None) -> int:
     parser.add_argument("--stamp")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--dry-run", action="store_true")
-    parser.add_argument("--baselines", type=Path, action="append", default=[],
-                        help="with --quick: also look here for the full run's rows (a machine's kept cache)")
+    parser.add_argument(
+        "--baselines",
+        type=Path,
+        action="append",
+        default=[],
+        help="with --quick: also look here for the full run's rows (a machine's kept cache)",
+    )
     parser.add_argument("--coverage", type=Path, metavar="TESTS_TXT")
     parser.add_argument("--fp64", action="store_true", help="with --coverage: fp64 too")
     args = parser.parse_args(argv)
     if args.coverage:
         cov = coverage(parse_tests(args.coverage), TEST_DTYPES + (("float64",) if args.fp64 else ()))
         missing = sorted("/".join(k) for k, o in cov.items() if o is None)
-        print(f"op x backend x dtype covered by the selection: {len(cov) - len(missing)}/{len(cov)}"
-              + (f"; missing: {', '.join(missing)}" if missing else ""))
+        print(
+            f"op x backend x dtype covered by the selection: {len(cov) - len(missing)}/{len(cov)}"
+            + (f"; missing: {', '.join(missing)}" if missing else "")
+        )
         return 1 if missing else 0
     text, data = summarize(args.out, args.stamp, args.quick, args.dry_run, args.baselines)
     print(text, end="")

@@ -33,12 +33,17 @@ def environment() -> dict:
     commit = os.environ.get("FNEVR_COMMIT")  # for copies of the tree without .git (device runs)
     if not commit:
         try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                                    text=True).stdout.strip() or "unknown"
+            commit = (
+                subprocess.run(
+                    ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True
+                ).stdout.strip()
+                or "unknown"
+            )
         except OSError:
             commit = "unknown"
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
@@ -58,15 +63,30 @@ def environment() -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ops = list(fnevr.ops.ops())
-    parser.add_argument("benchmarks", nargs="*", default=ops,
-                        help=f"which bench_*.py to run: the ops ({', '.join(ops)}; all by default), or overhead, "
-                             "model, train")
+    parser.add_argument(
+        "benchmarks",
+        nargs="*",
+        default=ops,
+        help=f"which bench_*.py to run: the ops ({', '.join(ops)}; all by default), or overhead, model, train",
+    )
     parser.add_argument("--save", metavar="DIR", help="write <name>-<device>-<date>.json and .txt here")
     args, extra = parser.parse_known_args()
     env = environment()
     files = [os.path.join(HERE, f"bench_{name}.py") for name in args.benchmarks]
-    argv = files + ["-p", "no:cacheprovider", "--benchmark-enable", "--benchmark-columns=median,rounds",
-                    "-o", "python_files=bench_*.py", "--rootdir", HERE] + extra
+    argv = (
+        files
+        + [
+            "-p",
+            "no:cacheprovider",
+            "--benchmark-enable",
+            "--benchmark-columns=median,rounds",
+            "-o",
+            "python_files=bench_*.py",
+            "--rootdir",
+            HERE,
+        ]
+        + extra
+    )
     stem = None
     if args.save:
         os.makedirs(args.save, exist_ok=True)

@@ -20,10 +20,19 @@ def build(tile: int, chunks: int, workdir: str) -> str:
     name = f"fnevr_composite_t{tile}_c{chunks}"
     build_dir = os.path.join(workdir, name)
     os.makedirs(build_dir, exist_ok=True)
-    load(name, [os.path.join(ROOT, "csrc/composite/composite_cuda.cu")], is_python_module=False,
-         extra_include_paths=[os.path.join(ROOT, "csrc")], build_directory=build_dir,
-         extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", f"-DFNEVR_COMPOSITE_TILE={tile}",
-                            f"-DFNEVR_COMPOSITE_CHUNKS={chunks}"])
+    load(
+        name,
+        [os.path.join(ROOT, "csrc/composite/composite_cuda.cu")],
+        is_python_module=False,
+        extra_include_paths=[os.path.join(ROOT, "csrc")],
+        build_directory=build_dir,
+        extra_cuda_cflags=[
+            "-O3",
+            "--expt-relaxed-constexpr",
+            f"-DFNEVR_COMPOSITE_TILE={tile}",
+            f"-DFNEVR_COMPOSITE_CHUNKS={chunks}",
+        ],
+    )
     return glob.glob(os.path.join(build_dir, f"{name}*.so"))[0]
 
 
@@ -77,9 +86,11 @@ def check_and_time(so: str) -> None:
         t_b = time_us(lambda: bwd(g, c, d, True, 0, True))
         bytes_f = (R * D * C + R * D + R * C) * size
         bytes_b = (R * C + 2 * R * D * C + 2 * R * D) * size
-        print(f"{str(dtype)[6:]:<9} copy {copy_bw:7.0f} GB/s | forward {t_f:7.1f} us {bytes_f / t_f / 1e3:7.0f} GB/s "
-              f"{100 * bytes_f / t_f / 1e3 / copy_bw:4.0f}% | backward {t_b:7.1f} us {bytes_b / t_b / 1e3:7.0f} GB/s "
-              f"{100 * bytes_b / t_b / 1e3 / copy_bw:4.0f}%")
+        print(
+            f"{str(dtype)[6:]:<9} copy {copy_bw:7.0f} GB/s | forward {t_f:7.1f} us {bytes_f / t_f / 1e3:7.0f} GB/s "
+            f"{100 * bytes_f / t_f / 1e3 / copy_bw:4.0f}% | backward {t_b:7.1f} us {bytes_b / t_b / 1e3:7.0f} GB/s "
+            f"{100 * bytes_b / t_b / 1e3 / copy_bw:4.0f}%"
+        )
 
 
 def main() -> None:
@@ -89,17 +100,27 @@ def main() -> None:
         return print(build(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]))
     variants = [tuple(int(x) for x in v.split(":")) for v in sys.argv[1:] or ["4:4"]]
     workdir = tempfile.mkdtemp(prefix="fnevr-tune-")
-    builders = {v: subprocess.Popen([sys.executable, __file__, "--build", str(v[0]), str(v[1]), workdir],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-                for v in variants}
+    builders = {
+        v: subprocess.Popen(
+            [sys.executable, __file__, "--build", str(v[0]), str(v[1]), workdir],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for v in variants
+    }
     for (tile, chunks), proc in builders.items():
         out, err = proc.communicate()
         print(f"== TILE={tile} CHUNKS={chunks}", flush=True)
         if proc.returncode != 0:
             print("build failed:", err[-2000:])
             continue
-        subprocess.run([sys.executable, __file__, "--run", out.strip().splitlines()[-1]], cwd=ROOT,
-                       env={**os.environ, "FNEVR_NO_EXTENSION": "1"})
+        subprocess.run(
+            [sys.executable, __file__, "--run", out.strip().splitlines()[-1]],
+            cwd=ROOT,
+            env={**os.environ, "FNEVR_NO_EXTENSION": "1"},
+        )
 
 
 if __name__ == "__main__":

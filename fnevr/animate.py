@@ -37,8 +37,13 @@ def hull_area(points: Tensor) -> float:
     return abs(sum(a[0] * b[1] - b[0] * a[1] for a, b in zip(hull, hull[1:] + hull[:1]))) / 2
 
 
-def relative_keypoints(kp_source: dict, kp_driving: dict, kp_initial: dict, adapt_movement_scale: bool = True,
-                       relative_jacobian: bool = True) -> dict:
+def relative_keypoints(
+    kp_source: dict,
+    kp_driving: dict,
+    kp_initial: dict,
+    adapt_movement_scale: bool = True,
+    relative_jacobian: bool = True,
+) -> dict:
     """Source keypoints moved by the driving keypoints' motion since ``kp_initial`` (batch of
     driving frames ``[T, K, ...]``; source and initial have batch 1)."""
     scale = 1.0
@@ -54,9 +59,18 @@ def relative_keypoints(kp_source: dict, kp_driving: dict, kp_initial: dict, adap
 
 
 @torch.no_grad()
-def animate(model: FNeVR, source: Tensor, driving: Tensor, *, relative: bool = True, adapt_movement_scale: bool = True,
-            initial_frame: int = 0, batch_size: int = 8, autocast_dtype: torch.dtype | None = None,
-            progress: Callable | None = None) -> Tensor:
+def animate(
+    model: FNeVR,
+    source: Tensor,
+    driving: Tensor,
+    *,
+    relative: bool = True,
+    adapt_movement_scale: bool = True,
+    initial_frame: int = 0,
+    batch_size: int = 8,
+    autocast_dtype: torch.dtype | None = None,
+    progress: Callable | None = None,
+) -> Tensor:
     """Animate ``source`` ``[3, H, W]`` with ``driving`` ``[T, 3, H, W]`` (both in [0, 1], on the
     model's device) -> ``[T, 3, H, W]`` predictions.
 
@@ -66,14 +80,13 @@ def animate(model: FNeVR, source: Tensor, driving: Tensor, *, relative: bool = T
     ``progress(n)`` is called after each batch with the frames done.
     """
     device = source.device
-    amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-           else contextlib.nullcontext())
+    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     with amp:
         kp_source = model.kp_detector(source[None])
         kp_initial = model.kp_detector(driving[initial_frame][None])
         frames = []
         for start in range(0, driving.shape[0], batch_size):
-            batch = driving[start:start + batch_size]
+            batch = driving[start : start + batch_size]
             kp_driving = model.kp_detector(batch)
             if relative:
                 kp_driving = relative_keypoints(kp_source, kp_driving, kp_initial, adapt_movement_scale)
@@ -92,8 +105,10 @@ def find_best_frame(source: Tensor, driving: Tensor, device: str = "cpu") -> int
     try:
         import face_alignment
     except ImportError as e:
-        raise RuntimeError("best-frame search needs the optional face-alignment package "
-                           "(pip install face-alignment); run without --find-best-frame to use the first frame") from e
+        raise RuntimeError(
+            "best-frame search needs the optional face-alignment package "
+            "(pip install face-alignment); run without --find-best-frame to use the first frame"
+        ) from e
     kind = getattr(face_alignment.LandmarksType, "TWO_D", None) or face_alignment.LandmarksType._2D
     detector = face_alignment.FaceAlignment(kind, flip_input=True, device=device)
 

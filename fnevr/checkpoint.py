@@ -83,24 +83,35 @@ def _match(model: torch.nn.Module, state: dict, path, prefixes) -> None:
     own = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    misshaped = sorted(f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
-                       for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
+    misshaped = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    )
     if missing or unexpected or misshaped:
+
         def block(title, items):
             shown = "\n".join(f"    {i}" for i in items[:20])
             if len(items) > 20:
                 shown += f"\n    ... {len(items) - 20} more"
             return f"  {title} ({len(items)}):\n{shown}" if items else ""
+
         parts = [block("missing", missing), block("unexpected", unexpected), block("misshaped", misshaped)]
-        raise CheckpointMismatchError(f"checkpoint {path} does not fit the model of this config:\n"
-                                      + "\n".join(p for p in parts if p))
+        raise CheckpointMismatchError(
+            f"checkpoint {path} does not fit the model of this config:\n" + "\n".join(p for p in parts if p)
+        )
     with torch.no_grad():
         for key, value in state.items():
             own[key].copy_(value)
 
 
-def load_checkpoint(path: str | os.PathLike, config: str | dict | None = None, *, map_location="cpu",
-                    training_modules: bool | None = None) -> tuple[FNeVR, dict]:
+def load_checkpoint(
+    path: str | os.PathLike,
+    config: str | dict | None = None,
+    *,
+    map_location="cpu",
+    training_modules: bool | None = None,
+) -> tuple[FNeVR, dict]:
     """Load a published FNeVR checkpoint or one of ours into a new :class:`~fnevr.model.FNeVR`.
 
     Args:
@@ -138,8 +149,10 @@ def load_checkpoint(path: str | os.PathLike, config: str | dict | None = None, *
         state = published_to_fnevr(ckpt)
         extra = {k: v for k, v in ckpt.items() if k not in ("generator", "kp_detector")}
     else:
-        raise ValueError(f"checkpoint {path} is neither fnevr's format nor the published one "
-                         f"(top-level keys: {sorted(map(str, ckpt))[:10]}; expected 'generator' and 'kp_detector')")
+        raise ValueError(
+            f"checkpoint {path} is neither fnevr's format nor the published one "
+            f"(top-level keys: {sorted(map(str, ckpt))[:10]}; expected 'generator' and 'kp_detector')"
+        )
     has_training = any(k.startswith(("discriminator.", "pose_editor.")) for k in state)
     training_modules = has_training if training_modules is None else training_modules
     model = FNeVR(config, training_modules=training_modules)
@@ -151,8 +164,9 @@ def load_checkpoint(path: str | os.PathLike, config: str | dict | None = None, *
 def _check_state(path, ckpt: dict, entry: str):
     state = ckpt[entry]
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise ValueError(f"checkpoint {path}: its {entry!r} entry is a {type(state).__name__}, not a state dict "
-                         f"(names -> tensors)")
+        raise ValueError(
+            f"checkpoint {path}: its {entry!r} entry is a {type(state).__name__}, not a state dict (names -> tensors)"
+        )
 
 
 def save_checkpoint(path: str | os.PathLike, model: FNeVR, **extra) -> Path:

@@ -68,6 +68,7 @@ def _number(kind, low, strict, what):
         if (kind is float and not math.isfinite(value)) or value < low or (strict and value == low):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
+
     parse.__name__ = what  # argparse names the type in some messages
     return parse
 
@@ -185,19 +186,29 @@ def _load_model(args, device):
 
 def _common(p: argparse.ArgumentParser):
     p.add_argument("--checkpoint", required=True, type=Path, help="published or fnevr checkpoint (.pth/.pt)")
-    p.add_argument("--config", default=None,
-                   help="bundled config name (vox-256, small) or YAML path (default: the one stored in fnevr "
-                        "checkpoints; vox-256 for the authors' published ones)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="bundled config name (vox-256, small) or YAML path (default: the one stored in fnevr "
+        "checkpoints; vox-256 for the authors' published ones)",
+    )
     p.add_argument("--out", required=True, type=Path, help="output video (.mp4 or .mov)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="frames per forward pass (default 8)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="bf16 autocast (default on CUDA) or fp32 (default on CPU)")
-    p.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
-                   help="fused-op backend for the whole model (default: the config's, normally auto)")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="bf16 autocast (default on CUDA) or fp32 (default on CPU)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKEND_CHOICES,
+        default=None,
+        help="fused-op backend for the whole model (default: the config's, normally auto)",
+    )
     p.add_argument("--side-by-side", action="store_true", help="write source | driving | result side by side")
-    p.add_argument("--fps", type=positive_float, default=None,
-                   help="output frame rate (default: the driving video's)")
+    p.add_argument("--fps", type=positive_float, default=None, help="output frame rate (default: the driving video's)")
 
 
 def _run(model, source, driving, fps, args, device, relative, initial_frame=0):
@@ -209,9 +220,17 @@ def _run(model, source, driving, fps, args, device, relative, initial_frame=0):
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     autocast = torch.bfloat16 if bf16 else None
     with tqdm(total=driving.shape[0], unit="frame", desc=args.command, disable=not sys.stderr.isatty()) as bar:
-        pred = animate(model, source.to(device), driving.to(device), relative=relative,
-                       adapt_movement_scale=relative, initial_frame=initial_frame, batch_size=args.batch_size,
-                       autocast_dtype=autocast, progress=bar.update)
+        pred = animate(
+            model,
+            source.to(device),
+            driving.to(device),
+            relative=relative,
+            adapt_movement_scale=relative,
+            initial_frame=initial_frame,
+            batch_size=args.batch_size,
+            autocast_dtype=autocast,
+            progress=bar.update,
+        )
     pred = pred.cpu()
     if args.side_by_side:
         pred = torch.cat([source.expand_as(pred), driving, pred], dim=3)
@@ -262,8 +281,18 @@ def cmd_reconstruct(args):
 # 250 steps, no loader worker (a batch loads in ~60 ms, less than a worker process costs to start
 # each 5-step epoch) and channels_last convolutions (~12% faster steps there). At 64x64 memory is
 # no concern, and keeping every activation is ~6% faster there.
-DEMO = {"config": "small", "steps": 250, "batch_size": 8, "checkpoint_every": 100, "sample_every": 50,
-        "log_every": 10, "device": "cpu", "num_workers": 0, "channels_last": "on", "memory_saving": False}
+DEMO = {
+    "config": "small",
+    "steps": 250,
+    "batch_size": 8,
+    "checkpoint_every": 100,
+    "sample_every": 50,
+    "log_every": 10,
+    "device": "cpu",
+    "num_workers": 0,
+    "channels_last": "on",
+    "memory_saving": False,
+}
 
 
 def cmd_train(args):
@@ -278,32 +307,59 @@ def cmd_train(args):
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     if args.checkpoint_activations and (args.compile or args.memory_saving is False):
-        raise UsageError("--checkpoint-activations goes with memory saving and without --compile (torch.compile "
-                         "plans its own recomputation)")
+        raise UsageError(
+            "--checkpoint-activations goes with memory saving and without --compile (torch.compile "
+            "plans its own recomputation)"
+        )
     from .train import Trainer, TrainOptions
 
     if args.demo and args.demo_out and not args.resume:
-        print(f"fnevr train: the demo starts afresh in {args.out}, and replaces any earlier demo run there "
-              f"(--resume continues that one instead, --out DIR writes elsewhere)", file=sys.stderr)
-    opts = TrainOptions(config=config, data=args.data, out=str(args.out), device=args.device, steps=args.steps,
-                        batch_size=args.batch_size, precision=args.precision, compile=args.compile,
-                        memory_saving=args.memory_saving, checkpoint_activations=args.checkpoint_activations,
-                        accumulate=args.accumulate, num_workers=args.num_workers,
-                        checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
-                        log_every=args.log_every, resume=args.resume, overwrite=args.overwrite,
-                        allow_nonfinite=args.allow_nonfinite, seed=args.seed, vgg_weights=args.vgg_weights,
-                        perceptual_fallback=args.perceptual_fallback, backend=args.backend,
-                        channels_last={"auto": None, "on": True, "off": False}[args.channels_last])
+        print(
+            f"fnevr train: the demo starts afresh in {args.out}, and replaces any earlier demo run there "
+            f"(--resume continues that one instead, --out DIR writes elsewhere)",
+            file=sys.stderr,
+        )
+    opts = TrainOptions(
+        config=config,
+        data=args.data,
+        out=str(args.out),
+        device=args.device,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        compile=args.compile,
+        memory_saving=args.memory_saving,
+        checkpoint_activations=args.checkpoint_activations,
+        accumulate=args.accumulate,
+        num_workers=args.num_workers,
+        checkpoint_every=args.checkpoint_every,
+        sample_every=args.sample_every,
+        log_every=args.log_every,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        allow_nonfinite=args.allow_nonfinite,
+        seed=args.seed,
+        vgg_weights=args.vgg_weights,
+        perceptual_fallback=args.perceptual_fallback,
+        backend=args.backend,
+        channels_last={"auto": None, "on": True, "off": False}[args.channels_last],
+    )
     trainer = Trainer(opts)
     if trainer.is_main:
-        print(f"training {'the demo: ' if args.demo else ''}config {args.config} "
-              f"on {trainer.device}, {trainer.world} process(es), global batch {trainer.global_batch}, "
-              f"perceptual loss: {trainer.perceptual_mode}; writing to {args.out}", file=sys.stderr)
+        print(
+            f"training {'the demo: ' if args.demo else ''}config {args.config} "
+            f"on {trainer.device}, {trainer.world} process(es), global batch {trainer.global_batch}, "
+            f"perceptual loss: {trainer.perceptual_mode}; writing to {args.out}",
+            file=sys.stderr,
+        )
     last = trainer.fit()
     if trainer.is_main:
-        print(f"done: step {trainer.step}; last losses "
-              + ", ".join(f"{k} {v:.4g}" for k, v in last.items()) + f"\ncheckpoint: {args.out}/checkpoints/latest.pt, "
-              f"samples: {args.out}/samples/, log: {args.out}/log.csv")
+        print(
+            f"done: step {trainer.step}; last losses "
+            + ", ".join(f"{k} {v:.4g}" for k, v in last.items())
+            + f"\ncheckpoint: {args.out}/checkpoints/latest.pt, "
+            f"samples: {args.out}/samples/, log: {args.out}/log.csv"
+        )
 
 
 def cmd_evaluate(args):
@@ -319,9 +375,17 @@ def cmd_evaluate(args):
     from .train.evaluate import evaluate
 
     with tqdm(unit="video", desc="evaluate", disable=not sys.stderr.isatty()) as bar:
-        result = evaluate(args.checkpoint, args.data, args.config, device=device, batch_size=args.batch_size,
-                          max_videos=args.max_videos, lpips_weights=args.lpips_weights, backend=args.backend,
-                          progress=bar.update)
+        result = evaluate(
+            args.checkpoint,
+            args.data,
+            args.config,
+            device=device,
+            batch_size=args.batch_size,
+            max_videos=args.max_videos,
+            lpips_weights=args.lpips_weights,
+            backend=args.backend,
+            progress=bar.update,
+        )
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
 
 
@@ -330,83 +394,143 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command", parser_class=_Parser)
 
-    p = sub.add_parser("train", help="train FNeVR",
-                       description="Train FNeVR with the paper's losses. Several processes: "
-                                   "torchrun --nproc-per-node N -m fnevr train ... (DDP; the batch is split).")
-    p.add_argument("--demo", action="store_true",
-                   help="the embedded default: the small config on the synthetic talking-head set, on the CPU, "
-                        "250 steps (a few minutes), starting afresh in runs/demo; other options override it")
+    p = sub.add_parser(
+        "train",
+        help="train FNeVR",
+        description="Train FNeVR with the paper's losses. Several processes: "
+        "torchrun --nproc-per-node N -m fnevr train ... (DDP; the batch is split).",
+    )
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="the embedded default: the small config on the synthetic talking-head set, on the CPU, "
+        "250 steps (a few minutes), starting afresh in runs/demo; other options override it",
+    )
     p.add_argument("--config", default=None, help="bundled config (small, vox-256) or YAML path")
-    p.add_argument("--data", default=None, help="dataset folder (FOMM layout: DIR/train, DIR/test); default: the "
-                                                "config's root_dir, or the synthetic set when that is null")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="dataset folder (FOMM layout: DIR/train, DIR/test); default: the "
+        "config's root_dir, or the synthetic set when that is null",
+    )
     p.add_argument("--out", type=Path, default=None, help="run folder: checkpoints/, samples/, log.csv, tb/")
     p.add_argument("--device", default=None, help="cpu, cuda or auto (default auto; the demo: cpu)")
     p.add_argument("--steps", type=positive_int, default=None, help="optimiser steps (default: the config's epochs)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="global batch size (default: the config's)")
     p.add_argument("--accumulate", type=positive_int, default=1, help="micro-batches per optimiser step")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="autocast: auto = bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--channels-last", choices=["auto", "on", "off"], default=None,
-                   help="auto (default): on CUDA; the demo: on")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="autocast: auto = bf16 on CUDA, fp32 on CPU",
+    )
+    p.add_argument(
+        "--channels-last", choices=["auto", "on", "off"], default=None, help="auto (default): on CUDA; the demo: on"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the generator and keypoint detector")
-    p.add_argument("--no-memory-saving", dest="memory_saving", action="store_false", default=None,
-                   help="keep every activation for backward, as the published recipe (default, but for the demo: "
-                        "the fused ray MLP and recomputed cheap activations: same results, about half the memory)")
-    p.add_argument("--checkpoint-activations", action="store_true",
-                   help="also recompute the decoder and hourglass blocks in backward: far less memory, ~10%% "
-                        "slower steps")
-    p.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
-                   help="fused-op backend (default: the config's)")
+    p.add_argument(
+        "--no-memory-saving",
+        dest="memory_saving",
+        action="store_false",
+        default=None,
+        help="keep every activation for backward, as the published recipe (default, but for the demo: "
+        "the fused ray MLP and recomputed cheap activations: same results, about half the memory)",
+    )
+    p.add_argument(
+        "--checkpoint-activations",
+        action="store_true",
+        help="also recompute the decoder and hourglass blocks in backward: far less memory, ~10%% slower steps",
+    )
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help="fused-op backend (default: the config's)")
     p.add_argument("--num-workers", type=count, default=None, help="DataLoader workers (default 2; demo 0)")
-    p.add_argument("--checkpoint-every", type=positive_int, default=None,
-                   help="steps between checkpoints (default 500)")
+    p.add_argument(
+        "--checkpoint-every", type=positive_int, default=None, help="steps between checkpoints (default 500)"
+    )
     p.add_argument("--sample-every", type=positive_int, default=None, help="steps between sample grids (default 500)")
     p.add_argument("--log-every", type=positive_int, default=None, help="steps between log lines (default 10)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its newest readable checkpoint (latest.pt, else the "
-                        "highest step-N.pt)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run in --out (its checkpoints/, samples/, tb/, log.csv); without it or "
-                        "--resume, a folder that holds a run is an error")
-    p.add_argument("--allow-nonfinite", action="store_true",
-                   help="go on after a NaN/inf loss (default: stop at the first one, naming the loss term)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest readable checkpoint (latest.pt, else the highest step-N.pt)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --out (its checkpoints/, samples/, tb/, log.csv); without it or "
+        "--resume, a folder that holds a run is an error",
+    )
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="go on after a NaN/inf loss (default: stop at the first one, naming the loss term)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vgg-weights", default=None,
-                   help="torchvision VGG19 weights (.pth) for the perceptual loss (default: the torch hub cache)")
-    p.add_argument("--perceptual-fallback", choices=["l1", "error"], default="l1",
-                   help="without VGG19 weights: pixel L1 on the pyramid (default) or stop with an error")
+    p.add_argument(
+        "--vgg-weights",
+        default=None,
+        help="torchvision VGG19 weights (.pth) for the perceptual loss (default: the torch hub cache)",
+    )
+    p.add_argument(
+        "--perceptual-fallback",
+        choices=["l1", "error"],
+        default="l1",
+        help="without VGG19 weights: pixel L1 on the pyramid (default) or stop with an error",
+    )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="reconstruction metrics on a test split",
-                       description="Re-create every test video from its first frame and report mean L1, PSNR, SSIM "
-                                   "and, given AlexNet weights, LPIPS.")
+    p = sub.add_parser(
+        "evaluate",
+        help="reconstruction metrics on a test split",
+        description="Re-create every test video from its first frame and report mean L1, PSNR, SSIM "
+        "and, given AlexNet weights, LPIPS.",
+    )
     p.add_argument("--checkpoint", required=True, type=Path)
     p.add_argument("--config", default=None, help="default: stored in fnevr checkpoints; vox-256 for published ones")
     p.add_argument("--data", required=True, help="dataset folder with a test/ split")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=positive_int, default=16, help="frames per forward pass (default 16)")
-    p.add_argument("--max-videos", type=positive_int, default=None,
-                   help="evaluate at most this many (readable) videos; unreadable ones are skipped and named")
-    p.add_argument("--lpips-weights", default=None,
-                   help="torchvision AlexNet weights for LPIPS (default: the torch hub cache; none: LPIPS skipped)")
+    p.add_argument(
+        "--max-videos",
+        type=positive_int,
+        default=None,
+        help="evaluate at most this many (readable) videos; unreadable ones are skipped and named",
+    )
+    p.add_argument(
+        "--lpips-weights",
+        default=None,
+        help="torchvision AlexNet weights for LPIPS (default: the torch hub cache; none: LPIPS skipped)",
+    )
     p.add_argument("--backend", choices=BACKEND_CHOICES, default=None)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("animate", help="drive a source image with a driving video",
-                       description="Animate SOURCE with the motion of DRIVING: relative keypoint motion with "
-                                   "adapted movement scale (the published demo's reenactment mode).")
+    p = sub.add_parser(
+        "animate",
+        help="drive a source image with a driving video",
+        description="Animate SOURCE with the motion of DRIVING: relative keypoint motion with "
+        "adapted movement scale (the published demo's reenactment mode).",
+    )
     p.add_argument("--source", required=True, type=Path, help="source image (png/jpg, any size)")
-    p.add_argument("--driving", required=True, type=Path,
-                   help="driving video: mp4/gif/mov, a folder of frames, or a png strip of frames")
+    p.add_argument(
+        "--driving",
+        required=True,
+        type=Path,
+        help="driving video: mp4/gif/mov, a folder of frames, or a png strip of frames",
+    )
     _common(p)
     p.add_argument("--absolute", action="store_true", help="use the driving keypoints as they are (no relative motion)")
-    p.add_argument("--find-best-frame", action="store_true",
-                   help="start from the driving frame that best matches the source (needs face-alignment)")
+    p.add_argument(
+        "--find-best-frame",
+        action="store_true",
+        help="start from the driving frame that best matches the source (needs face-alignment)",
+    )
     p.set_defaults(func=cmd_animate)
 
-    p = sub.add_parser("reconstruct", help="re-create a video from its first frame",
-                       description="Self-reenactment: the first frame of VIDEO is the source, every frame drives it "
-                                   "with its own (absolute) keypoints; prints the mean L1 error to the video.")
+    p = sub.add_parser(
+        "reconstruct",
+        help="re-create a video from its first frame",
+        description="Self-reenactment: the first frame of VIDEO is the source, every frame drives it "
+        "with its own (absolute) keypoints; prints the mean L1 error to the video.",
+    )
     p.add_argument("--video", required=True, type=Path, help="video: mp4/gif/mov, a folder of frames, or a png strip")
     _common(p)
     p.set_defaults(func=cmd_reconstruct)
@@ -464,10 +588,28 @@ def _train_defaults(args):
     defaults.setdefault("device", "auto")
     if args.checkpoint_activations and args.memory_saving is None:  # checkpointing is part of memory saving
         args.memory_saving = True
-    fallback = {"steps": None, "batch_size": None, "checkpoint_every": 500, "sample_every": 500,
-                "log_every": 10, "num_workers": 2, "channels_last": "auto", "memory_saving": True}
-    for key in ("config", "device", "steps", "batch_size", "checkpoint_every", "sample_every", "log_every",
-                "num_workers", "channels_last", "memory_saving"):
+    fallback = {
+        "steps": None,
+        "batch_size": None,
+        "checkpoint_every": 500,
+        "sample_every": 500,
+        "log_every": 10,
+        "num_workers": 2,
+        "channels_last": "auto",
+        "memory_saving": True,
+    }
+    for key in (
+        "config",
+        "device",
+        "steps",
+        "batch_size",
+        "checkpoint_every",
+        "sample_every",
+        "log_every",
+        "num_workers",
+        "channels_last",
+        "memory_saving",
+    ):
         if getattr(args, key) is None:
             setattr(args, key, defaults.get(key, fallback.get(key)))
     args.demo_out = args.out is None  # the demo's own folder: it starts afresh there

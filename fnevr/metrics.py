@@ -57,9 +57,13 @@ def load_lpips(backbone_weights=None, net: str = "alex", linear_weights=None):
     are found."""
     path = find_lpips_backbone(net, backbone_weights)
     if path is None:
-        logger.warning("LPIPS skipped: no %s backbone weights (no path given and nothing matches %s). Put "
-                       "torchvision's %s weights there or pass their path to compute LPIPS.",
-                       LPIPS_BACKBONES[net], _hub_pattern(net), LPIPS_BACKBONES[net])
+        logger.warning(
+            "LPIPS skipped: no %s backbone weights (no path given and nothing matches %s). Put "
+            "torchvision's %s weights there or pass their path to compute LPIPS.",
+            LPIPS_BACKBONES[net],
+            _hub_pattern(net),
+            LPIPS_BACKBONES[net],
+        )
         return None
     import torchvision
 
@@ -73,11 +77,13 @@ def load_lpips(backbone_weights=None, net: str = "alex", linear_weights=None):
         features = getattr(torchvision.models, LPIPS_BACKBONES[net])(weights=None).features
     features = features.to_empty(device="cpu")
     state = load_state_dict(path, "LPIPS backbone weights", f"torchvision's {LPIPS_BACKBONES[net]} state dict")
-    state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    state = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
     missing = [k for k in features.state_dict() if k not in state]
     if missing:
-        raise ValueError(f"LPIPS backbone weights {path}: missing keys features.{missing[0]}...; expected "
-                         f"torchvision's {LPIPS_BACKBONES[net]} state dict")
+        raise ValueError(
+            f"LPIPS backbone weights {path}: missing keys features.{missing[0]}...; expected "
+            f"torchvision's {LPIPS_BACKBONES[net]} state dict"
+        )
     features.load_state_dict({k: state[k] for k in features.state_dict()})
     for block in model.net.slices if net == "squeeze" else _alex_vgg_slices(model.net):
         for index, layer in block.named_children():  # torchmetrics names each layer by its index in features
@@ -96,8 +102,10 @@ def evaluate_pairs(pred: Tensor, target: Tensor, lpips: nn.Module = None, chunk:
         from :func:`load_lpips` is given); computed in fp32, ``chunk`` images at a time.
     """
     if pred.shape != target.shape or pred.dim() != 4 or pred.shape[1] != 3 or pred.shape[0] == 0:
-        raise ValueError(f"evaluate_pairs: pred and target must both be [N, 3, H, W] with N > 0; got "
-                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"evaluate_pairs: pred and target must both be [N, 3, H, W] with N > 0; got "
+            f"{tuple(pred.shape)} and {tuple(target.shape)}"
+        )
     if min(pred.shape[2:]) < 11:
         raise ValueError(f"evaluate_pairs: images must be at least 11x11 (SSIM window); got {tuple(pred.shape[2:])}")
     sums = {"l1": 0.0, "psnr": 0.0, "ssim": 0.0}
@@ -105,8 +113,8 @@ def evaluate_pairs(pred: Tensor, target: Tensor, lpips: nn.Module = None, chunk:
         sums["lpips"] = 0.0
         lpips = lpips.to(pred.device)
     for start in range(0, pred.shape[0], chunk):
-        p = pred[start:start + chunk].float().clamp(0, 1)
-        t = target[start:start + chunk].float().clamp(0, 1)
+        p = pred[start : start + chunk].float().clamp(0, 1)
+        t = target[start : start + chunk].float().clamp(0, 1)
         sums["l1"] += (p - t).abs().mean(dim=(1, 2, 3)).sum().item()
         sums["psnr"] += peak_signal_noise_ratio(p, t, data_range=1.0, reduction="none", dim=(1, 2, 3)).sum().item()
         sums["ssim"] += structural_similarity_index_measure(p, t, data_range=1.0, reduction="none").sum().item()

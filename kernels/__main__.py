@@ -20,8 +20,9 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m fnevr.kernels", description=__doc__)
     parser.add_argument("ops", nargs="*", metavar="OP", help=f"ops to compile: {', '.join(OPS)} (default: all)")
-    parser.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"],
-                        help="dtypes (default: all three)")
+    parser.add_argument(
+        "--dtype", action="append", choices=["float32", "float16", "bfloat16"], help="dtypes (default: all three)"
+    )
     parser.add_argument("--json", help="also write the report here")
     args = parser.parse_args(argv)
     if requested_arch() is None:
@@ -35,12 +36,14 @@ def main(argv=None) -> int:
     for op in args.ops or OPS:
         start = time.perf_counter()
         kernels = compile_op(op, dtypes)
-        print(f"{op}: {len(kernels)} kernels for sm_{requested_arch()} in {time.perf_counter() - start:.1f} s",
-              flush=True)
+        print(
+            f"{op}: {len(kernels)} kernels for sm_{requested_arch()} in {time.perf_counter() - start:.1f} s", flush=True
+        )
         for k in kernels:
             print("  " + k.row(), flush=True)
-        report[op] = [dataclasses.asdict(k) | {"constants": {a: str(v) for a, v in k.constants.items()}}
-                      for k in kernels]
+        report[op] = [
+            dataclasses.asdict(k) | {"constants": {a: str(v) for a, v in k.constants.items()}} for k in kernels
+        ]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -43,6 +43,7 @@ def multiprocessors(device: torch.device, interpreter: int) -> int:
     interpreter tests' small shapes still take the many-program paths."""
     if device.type != "cuda":
         from .aot import MULTIPROCESSORS, requested_arch
+
         arch = requested_arch()
         return interpreter if arch is None else MULTIPROCESSORS.get(arch, 132)
     if device not in _SMS:

@@ -39,6 +39,7 @@ _REGISTERS_PER_SM, _MAX_THREADS = 65536, 1024
 @dataclasses.dataclass
 class Compiled:
     """One compiled kernel specialisation and what it needs on the target."""
+
     name: str
     constants: dict
     pointers: tuple  # element types of its pointer arguments, as Triton names them ("fp32", "bf16", ...)
@@ -50,12 +51,15 @@ class Compiled:
 
     def row(self) -> str:
         consts = ", ".join(f"{k}={v}" for k, v in sorted(self.constants.items()))
-        return (f"{self.name:<28} {'/'.join(self.pointers):<10} warps={self.num_warps:<2} regs={self.registers:<3} "
-                f"stack={self.stack:<6} local={self.local:<6} shared={self.shared:<7} {consts}")
+        return (
+            f"{self.name:<28} {'/'.join(self.pointers):<10} warps={self.num_warps:<2} regs={self.registers:<3} "
+            f"stack={self.stack:<6} local={self.local:<6} shared={self.shared:<7} {consts}"
+        )
 
 
 def _cuobjdump() -> str:
     from triton import knobs
+
     return knobs.nvidia.cuobjdump.path
 
 
@@ -64,8 +68,9 @@ def resource_usage(cubin: bytes, name: str) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], check=True, capture_output=True,
-                              text=True).stdout
+        text = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", f.name], check=True, capture_output=True, text=True
+        ).stdout
     block = text.split(f"Function {name}:", 1)
     if len(block) < 2:
         raise RuntimeError(f"cuobjdump lists no function {name!r}:\n{text}")
@@ -77,9 +82,12 @@ class _Utils:
         self.arch, self.log = arch, log
 
     def get_device_properties(self, device):
-        return {"max_shared_mem": MAX_SHARED.get(self.arch, 101376),
-                "multiprocessor_count": MULTIPROCESSORS.get(self.arch, 132), "max_num_regs": _REGISTERS_PER_SM,
-                "warpSize": 32}
+        return {
+            "max_shared_mem": MAX_SHARED.get(self.arch, 101376),
+            "multiprocessor_count": MULTIPROCESSORS.get(self.arch, 132),
+            "max_num_regs": _REGISTERS_PER_SM,
+            "warpSize": 32,
+        }
 
     def load_binary(self, name, cubin, shared, device):
         usage = resource_usage(cubin, name)
@@ -106,8 +114,11 @@ class CompileOnlyDriver(DriverBase):
 
         class Launcher:
             def __init__(self, src, metadata):
-                consts = {src.fn.arg_names[k[0]]: v for k, v in getattr(src, "constants", {}).items()
-                          if len(k) == 1 and src.fn.arg_names[k[0]].isupper()}
+                consts = {
+                    src.fn.arg_names[k[0]]: v
+                    for k, v in getattr(src, "constants", {}).items()
+                    if len(k) == 1 and src.fn.arg_names[k[0]].isupper()
+                }
                 pointers = tuple(sorted({t[1:] for t in src.signature.values() if isinstance(t, str) and t[:1] == "*"}))
                 log.append(Compiled(metadata.name, consts, pointers, metadata.num_warps, metadata.shared))
 
@@ -200,4 +211,3 @@ def compile_op(op: str, dtypes=DTYPES) -> list[Compiled]:
     for dtype in dtypes:
         _launches(op)(dtype)
     return d.compiled[start:]
-

@@ -6,7 +6,6 @@ each sample's partial value is kept in a [BLOCK_R, BLOCK_D] register tile until 
 known, so the whole backward is one pass over the colours.
 """
 
-
 import torch
 import triton
 import triton.language as tl
@@ -66,8 +65,22 @@ def _step(p, trans, INCLUSIVE: tl.constexpr):
 
 
 @triton.jit
-def _forward_sample(color, density, rays, chans, rmask, mask, i, D, C, trans, acc,
-                    INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr):
+def _forward_sample(
+    color,
+    density,
+    rays,
+    chans,
+    rmask,
+    mask,
+    i,
+    D,
+    C,
+    trans,
+    acc,
+    INCLUSIVE: tl.constexpr,
+    ACT: tl.constexpr,
+    ACC: tl.constexpr,
+):
     sigma = tl.load(density + rays * D + i, mask=rmask, other=0.0).to(ACC)
     w, _, trans = _step(_activate(sigma, ACT), trans, INCLUSIVE)
     c = tl.load(color + (rays * D + i)[:, None] * C + chans[None, :], mask=mask, other=0.0)
@@ -75,9 +88,19 @@ def _forward_sample(color, density, rays, chans, rmask, mask, i, D, C, trans, ac
 
 
 @triton.jit
-def _forward_kernel(color, density, out, R, D: tl.constexpr, C,
-                    INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _forward_kernel(
+    color,
+    density,
+    out,
+    R,
+    D: tl.constexpr,
+    C,
+    INCLUSIVE: tl.constexpr,
+    ACT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     rays = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     rmask = rays < R
@@ -86,19 +109,41 @@ def _forward_kernel(color, density, out, R, D: tl.constexpr, C,
     acc = tl.zeros([BLOCK_R, BLOCK_C], ACC)
     if D <= _UNROLL_D:  # unrolled: every sample's loads can be in flight at once
         for i in tl.static_range(D):
-            trans, acc = _forward_sample(color, density, rays, chans, rmask, mask, i, D, C, trans, acc,
-                                         INCLUSIVE, ACT, ACC)
+            trans, acc = _forward_sample(
+                color, density, rays, chans, rmask, mask, i, D, C, trans, acc, INCLUSIVE, ACT, ACC
+            )
     else:
         for i in range(D):
-            trans, acc = _forward_sample(color, density, rays, chans, rmask, mask, i, D, C, trans, acc,
-                                         INCLUSIVE, ACT, ACC)
+            trans, acc = _forward_sample(
+                color, density, rays, chans, rmask, mask, i, D, C, trans, acc, INCLUSIVE, ACT, ACC
+            )
     tl.store(out + rays[:, None] * C + chans[None, :], acc.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _backward_sample(grad_out, color, density, grad_color, rays, rmask, samples, i, D, C, trans, prefix,
-                     pushed, g_tile, COLOR_GRAD: tl.constexpr, INCLUSIVE: tl.constexpr, ACT: tl.constexpr,
-                     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ONE_TILE: tl.constexpr):
+def _backward_sample(
+    grad_out,
+    color,
+    density,
+    grad_color,
+    rays,
+    rmask,
+    samples,
+    i,
+    D,
+    C,
+    trans,
+    prefix,
+    pushed,
+    g_tile,
+    COLOR_GRAD: tl.constexpr,
+    INCLUSIVE: tl.constexpr,
+    ACT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ONE_TILE: tl.constexpr,
+):
     sigma = tl.load(density + rays * D + i, mask=rmask, other=0.0).to(ACC)
     w, dw, trans = _step(_activate(sigma, ACT), trans, INCLUSIVE)
     e = tl.zeros([BLOCK_R], ACC)
@@ -134,10 +179,24 @@ def _backward_sample(grad_out, color, density, grad_color, rays, rmask, samples,
 
 
 @triton.jit
-def _backward_kernel(grad_out, color, density, grad_color, grad_density, R, D: tl.constexpr, C,
-                     COLOR_GRAD: tl.constexpr, INCLUSIVE: tl.constexpr, ACT: tl.constexpr,
-                     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr):
+def _backward_kernel(
+    grad_out,
+    color,
+    density,
+    grad_color,
+    grad_density,
+    R,
+    D: tl.constexpr,
+    C,
+    COLOR_GRAD: tl.constexpr,
+    INCLUSIVE: tl.constexpr,
+    ACT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_TILE: tl.constexpr,
+):
     rays = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rays < R
     g_tile = tl.zeros([BLOCK_R, BLOCK_C], ACC)
@@ -152,13 +211,53 @@ def _backward_kernel(grad_out, color, density, grad_color, grad_density, R, D: t
     if D <= _UNROLL_D:
         for i in tl.static_range(D):
             trans, prefix, pushed = _backward_sample(
-                grad_out, color, density, grad_color, rays, rmask, samples, i, D, C, trans, prefix, pushed,
-                g_tile, COLOR_GRAD, INCLUSIVE, ACT, ACC, BLOCK_R, BLOCK_C, ONE_TILE)
+                grad_out,
+                color,
+                density,
+                grad_color,
+                rays,
+                rmask,
+                samples,
+                i,
+                D,
+                C,
+                trans,
+                prefix,
+                pushed,
+                g_tile,
+                COLOR_GRAD,
+                INCLUSIVE,
+                ACT,
+                ACC,
+                BLOCK_R,
+                BLOCK_C,
+                ONE_TILE,
+            )
     else:
         for i in range(D):
             trans, prefix, pushed = _backward_sample(
-                grad_out, color, density, grad_color, rays, rmask, samples, i, D, C, trans, prefix, pushed,
-                g_tile, COLOR_GRAD, INCLUSIVE, ACT, ACC, BLOCK_R, BLOCK_C, ONE_TILE)
+                grad_out,
+                color,
+                density,
+                grad_color,
+                rays,
+                rmask,
+                samples,
+                i,
+                D,
+                C,
+                trans,
+                prefix,
+                pushed,
+                g_tile,
+                COLOR_GRAD,
+                INCLUSIVE,
+                ACT,
+                ACC,
+                BLOCK_R,
+                BLOCK_C,
+                ONE_TILE,
+            )
     dmask = rmask[:, None] & (samples < D)[None, :]
     doffs = rays[:, None] * D + samples[None, :]
     sigma = tl.load(density + doffs, mask=dmask, other=0.0).to(ACC)
@@ -186,16 +285,20 @@ def _within(bytes_per_thread: int):
     """Prune the configs whose one-sample tile takes more than this per thread: sm_90 compiles
     (python -m fnevr.kernels composite) spill registers above 128 B in the forward (its D tiles
     are in flight at once) and above 64 B in the backward, which holds more per sample."""
+
     def prune(configs, named_args, **kwargs):
         tile = kwargs["BLOCK_C"] * named_args["color"].element_size()
         return [c for c in configs if c.kwargs["BLOCK_R"] * tile <= bytes_per_thread * 32 * c.num_warps]
+
     return prune
 
 
-_forward_tuned = triton.autotune(_TUNE_CONFIGS, key=["D", "C"],
-                                 prune_configs_by={"early_config_prune": _within(128)})(_forward_kernel)
-_backward_tuned = triton.autotune(_TUNE_CONFIGS, key=["D", "C", "COLOR_GRAD"],
-                                  prune_configs_by={"early_config_prune": _within(64)})(_backward_kernel)
+_forward_tuned = triton.autotune(_TUNE_CONFIGS, key=["D", "C"], prune_configs_by={"early_config_prune": _within(128)})(
+    _forward_kernel
+)
+_backward_tuned = triton.autotune(
+    _TUNE_CONFIGS, key=["D", "C", "COLOR_GRAD"], prune_configs_by={"early_config_prune": _within(64)}
+)(_backward_kernel)
 _tuned: dict = {}  # (direction, D, C, dtype, color_grad) -> the autotuner's launch options
 
 
@@ -224,18 +327,29 @@ def composite_forward(color: torch.Tensor, density: torch.Tensor, inclusive: boo
         return out.zero_()
     block_c = _blocks(C, color.dtype)[1]
     with launch_ctx(color):
-        _launch(_forward_kernel, _forward_tuned, ("forward", D, C, color.dtype), color,
-                lambda block_r: (cdiv(R, block_r), cdiv(C, block_c)), (color, density, out, R, D, C),
-                dict(INCLUSIVE=inclusive, ACT=activation, ACC=accumulator(color.dtype)))
+        _launch(
+            _forward_kernel,
+            _forward_tuned,
+            ("forward", D, C, color.dtype),
+            color,
+            lambda block_r: (cdiv(R, block_r), cdiv(C, block_c)),
+            (color, density, out, R, D, C),
+            dict(INCLUSIVE=inclusive, ACT=activation, ACC=accumulator(color.dtype)),
+        )
     return out
 
 
-def composite_backward(grad_out: torch.Tensor, color: torch.Tensor, density: torch.Tensor, inclusive: bool,
-                       activation: int, color_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def composite_backward(
+    grad_out: torch.Tensor,
+    color: torch.Tensor,
+    density: torch.Tensor,
+    inclusive: bool,
+    activation: int,
+    color_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (grad_color [R, D, C] or an empty tensor when color_grad is False, grad_density [R, D])."""
     if interpreting() and color.dtype == torch.bfloat16:
-        gc, gd = composite_backward(grad_out.float(), color.float(), density.float(), inclusive, activation,
-                                    color_grad)
+        gc, gd = composite_backward(grad_out.float(), color.float(), density.float(), inclusive, activation, color_grad)
         return gc.to(color.dtype), gd.to(color.dtype)
     R, D, C = color.shape
     grad_color = torch.empty_like(color) if color_grad else color.new_empty((0,))
@@ -244,26 +358,48 @@ def composite_backward(grad_out: torch.Tensor, color: torch.Tensor, density: tor
         return grad_color, grad_density
     block_c = _blocks(C, color.dtype)[1]
     with launch_ctx(color):  # a program spans all of C
-        _launch(_backward_kernel, _backward_tuned, ("backward", D, C, color.dtype, color_grad), color,
-                lambda block_r: (cdiv(R, block_r),), (grad_out, color, density, grad_color, grad_density, R, D, C),
-                dict(COLOR_GRAD=color_grad, INCLUSIVE=inclusive, ACT=activation, ACC=accumulator(color.dtype),
-                     BLOCK_D=next_power_of_2(D), ONE_TILE=C <= block_c))
+        _launch(
+            _backward_kernel,
+            _backward_tuned,
+            ("backward", D, C, color.dtype, color_grad),
+            color,
+            lambda block_r: (cdiv(R, block_r),),
+            (grad_out, color, density, grad_color, grad_density, R, D, C),
+            dict(
+                COLOR_GRAD=color_grad,
+                INCLUSIVE=inclusive,
+                ACT=activation,
+                ACC=accumulator(color.dtype),
+                BLOCK_D=next_power_of_2(D),
+                ONE_TILE=C <= block_c,
+            ),
+        )
     return grad_color, grad_density
 
 
 # --- compile-only launches (kernels/aot.py, FNEVR_TRITON_COMPILE_ONLY) -------------------------------
+
 
 def compile_launches(dtype):
     """The launches that make kernels/aot.py compile every configuration of these kernels in `dtype`."""
     from fnevr.ops import composite
 
     from .aot import fwd_bwd
-    cases = [((4096, 8, 256), {}),  # FNeVR's shape class: >= 2^22 elements, the autotuner's configs
-             ((64, 8, 3), {}), ((64, 8, 64), {}), ((64, 8, 128), {}), ((64, 8, 300), {}),  # tiles by C
-             ((64, 40, 16), {}),  # D above the unrolled limit
-             ((64, 8, 16), {"transmittance": "exclusive", "density_activation": "softplus"}),
-             ((64, 8, 16), {"density_activation": "none"})]
+
+    cases = [
+        ((4096, 8, 256), {}),  # FNeVR's shape class: >= 2^22 elements, the autotuner's configs
+        ((64, 8, 3), {}),
+        ((64, 8, 64), {}),
+        ((64, 8, 128), {}),
+        ((64, 8, 300), {}),  # tiles by C
+        ((64, 40, 16), {}),  # D above the unrolled limit
+        ((64, 8, 16), {"transmittance": "exclusive", "density_activation": "softplus"}),
+        ((64, 8, 16), {"density_activation": "none"}),
+    ]
     for (R, D, C), kw in cases:
         kw = {"transmittance": "inclusive", **kw}
-        fwd_bwd(lambda c, d: composite(c, d, backend="triton", **kw), torch.rand(R, D, C, dtype=dtype),
-                 torch.randn(R, D, dtype=dtype))
+        fwd_bwd(
+            lambda c, d: composite(c, d, backend="triton", **kw),
+            torch.rand(R, D, C, dtype=dtype),
+            torch.randn(R, D, dtype=dtype),
+        )

@@ -13,7 +13,6 @@ Registers per kernel, tile and dtype for sm_90: `FNEVR_TRITON_COMPILE_ONLY=90 py
 grid_sample`.
 """
 
-
 import torch
 import triton
 import triton.language as tl
@@ -103,8 +102,7 @@ def _axis(x0, size, stride):
 
 
 @triton.jit
-def _points(grid, n, p0, P, H, W, PADDING: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr,
-            BLOCK_P: tl.constexpr):
+def _points(grid, n, p0, P, H, W, PADDING: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr):
     """Points p0 + [0, BLOCK_P) of image n: (index in the tile (int32), mask, x, dx, y, dy)."""
     local = tl.arange(0, BLOCK_P)
     pmask = local < tl.minimum(P - p0, BLOCK_P).to(tl.int32)
@@ -135,8 +133,20 @@ def _taps(x, y, H, W, s_h, s_w, pmask, MODE: tl.constexpr):
     wx = x - x0
     ey = y0 + 1.0 - y
     wy = y - y0
-    return (oy0 + ox0, oy0 + ox1, oy1 + ox0, oy1 + ox1, vx0 & vy0 & pmask, vx1 & vy0 & pmask, vx0 & vy1 & pmask,
-            vx1 & vy1 & pmask, ex * ey, wx * ey, ex * wy, wx * wy)
+    return (
+        oy0 + ox0,
+        oy0 + ox1,
+        oy1 + ox0,
+        oy1 + ox1,
+        vx0 & vy0 & pmask,
+        vx1 & vy0 & pmask,
+        vx0 & vy1 & pmask,
+        vx1 & vy1 & pmask,
+        ex * ey,
+        wx * ey,
+        ex * wy,
+        wx * wy,
+    )
 
 
 @triton.jit
@@ -167,9 +177,31 @@ def _point_offsets(p0, local, stride, C, CL: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["s_in_c", "s_out_c", "s_out_p"])
-def _forward_kernel(inp, grid, out, C, H, W, P, c_span, s_in_n, s_in_c, s_in_h, s_in_w, s_out_n, s_out_c, s_out_p,
-                    MODE: tl.constexpr, PADDING: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr,
-                    CL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, UNROLL: tl.constexpr):
+def _forward_kernel(
+    inp,
+    grid,
+    out,
+    C,
+    H,
+    W,
+    P,
+    c_span,
+    s_in_n,
+    s_in_c,
+    s_in_h,
+    s_in_w,
+    s_out_n,
+    s_out_c,
+    s_out_p,
+    MODE: tl.constexpr,
+    PADDING: tl.constexpr,
+    ALIGN: tl.constexpr,
+    ACC: tl.constexpr,
+    CL: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
     """Points [pid0 * BLOCK_P, +BLOCK_P) x channels [pid1 * c_span, +c_span) of image pid2."""
     n = tl.program_id(2).to(tl.int64)
     p0 = tl.program_id(0).to(tl.int64) * BLOCK_P
@@ -197,9 +229,30 @@ def _forward_kernel(inp, grid, out, C, H, W, P, c_span, s_in_n, s_in_c, s_in_h, 
 
 
 @triton.jit(do_not_specialize=["s_in_c", "s_g_c", "s_g_p"])
-def _grid_grad_kernel(grad_out, inp, grid, grad_grid, C, H, W, P, s_in_n, s_in_c, s_in_h, s_in_w,
-                      s_g_n, s_g_c, s_g_p, PADDING: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr,
-                      CL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, UNROLL: tl.constexpr):
+def _grid_grad_kernel(
+    grad_out,
+    inp,
+    grid,
+    grad_grid,
+    C,
+    H,
+    W,
+    P,
+    s_in_n,
+    s_in_c,
+    s_in_h,
+    s_in_w,
+    s_g_n,
+    s_g_c,
+    s_g_p,
+    PADDING: tl.constexpr,
+    ALIGN: tl.constexpr,
+    ACC: tl.constexpr,
+    CL: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
     """Points [pid0 * BLOCK_P, +BLOCK_P) of image pid1, all channels (bilinear only)."""
     n = tl.program_id(1).to(tl.int64)
     p0 = tl.program_id(0).to(tl.int64) * BLOCK_P
@@ -255,10 +308,33 @@ def _scatter(ptrs, mask, val, scale, FIXED: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["s_b_c", "s_g_c", "s_g_p"])
-def _input_grad_kernel(grad_out, grid, buf, scale_ptr, C, H, W, P, c_span, s_b_n, s_b_c, s_b_h, s_b_w,
-                       s_g_n, s_g_c, s_g_p, MODE: tl.constexpr, PADDING: tl.constexpr,
-                       ALIGN: tl.constexpr, ACC: tl.constexpr, FIXED: tl.constexpr, CL: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, UNROLL: tl.constexpr):
+def _input_grad_kernel(
+    grad_out,
+    grid,
+    buf,
+    scale_ptr,
+    C,
+    H,
+    W,
+    P,
+    c_span,
+    s_b_n,
+    s_b_c,
+    s_b_h,
+    s_b_w,
+    s_g_n,
+    s_g_c,
+    s_g_p,
+    MODE: tl.constexpr,
+    PADDING: tl.constexpr,
+    ALIGN: tl.constexpr,
+    ACC: tl.constexpr,
+    FIXED: tl.constexpr,
+    CL: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
     """Points [pid0 * BLOCK_P, +BLOCK_P) x channels [pid1 * c_span, +c_span) of image pid2,
     scattered into buf (input's strides)."""
     n = tl.program_id(2).to(tl.int64)
@@ -309,8 +385,13 @@ def _tiles(C: int, input: torch.Tensor, output_like: torch.Tensor) -> dict:
     threads neighbouring points. Either keeps a thread's registers well below the spill limit
     (see `python -m fnevr.kernels grid_sample`)."""
     Ho, Wo = output_like.shape[2:]
-    if (C >= _LANES_ON_CHANNELS and input.stride(1) == 1 and output_like.stride(1) == 1
-            and (Wo == 1 or output_like.stride(3) == C) and (Ho == 1 or output_like.stride(2) == Wo * C)):
+    if (
+        C >= _LANES_ON_CHANNELS
+        and input.stride(1) == 1
+        and output_like.stride(1) == 1
+        and (Wo == 1 or output_like.stride(3) == C)
+        and (Ho == 1 or output_like.stride(2) == Wo * C)
+    ):
         return dict(BLOCK_P=16, BLOCK_C=64, UNROLL=1, CL=True, num_warps=4)
     return dict(BLOCK_P=128, BLOCK_C=1, UNROLL=1 if C == 1 else 4 if C <= 4 else 8, CL=False, num_warps=4)
 
@@ -337,8 +418,9 @@ def _point_strides(t: torch.Tensor):
         return t, t.view(N, C, Ho * Wo).stride()
 
 
-def grid_sample_forward(input: torch.Tensor, grid: torch.Tensor, mode: int, padding: int,
-                        align_corners: bool) -> torch.Tensor:
+def grid_sample_forward(
+    input: torch.Tensor, grid: torch.Tensor, mode: int, padding: int, align_corners: bool
+) -> torch.Tensor:
     """input [N, C, H, W] (NCHW or channels_last), grid [N, Ho, Wo, 2] contiguous -> [N, C, Ho, Wo]."""
     if interpreting() and input.dtype == torch.bfloat16:  # numpy has no bf16
         return grid_sample_forward(input.float(), grid.float(), mode, padding, align_corners).to(input.dtype)
@@ -352,8 +434,23 @@ def grid_sample_forward(input: torch.Tensor, grid: torch.Tensor, mode: int, padd
     launch, span = _split(C, N, P, tiles)
     _, s_out = _point_strides(out)
     with launch_ctx(input):
-        _forward_kernel[launch](input, grid, out, C, H, W, P, span, *input.stride(), *s_out, MODE=mode,
-                                PADDING=padding, ALIGN=align_corners, ACC=accumulator(input.dtype), **tiles)
+        _forward_kernel[launch](
+            input,
+            grid,
+            out,
+            C,
+            H,
+            W,
+            P,
+            span,
+            *input.stride(),
+            *s_out,
+            MODE=mode,
+            PADDING=padding,
+            ALIGN=align_corners,
+            ACC=accumulator(input.dtype),
+            **tiles,
+        )
     return out
 
 
@@ -366,14 +463,31 @@ def _fixed_point_scale(grad_out: torch.Tensor, points: int) -> torch.Tensor:
     return torch.where(bound.isfinite(), scale, float("nan"))
 
 
-def grid_sample_backward(grad_out: torch.Tensor, input: torch.Tensor, grid: torch.Tensor, mode: int, padding: int,
-                         align_corners: bool, input_grad: bool, grid_grad: bool,
-                         deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_sample_backward(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    grid: torch.Tensor,
+    mode: int,
+    padding: int,
+    align_corners: bool,
+    input_grad: bool,
+    grid_grad: bool,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """grad_out [N, C, Ho, Wo] -> (grad_input like input or an empty tensor, grad_grid like grid
     or an empty tensor)."""
     if interpreting() and input.dtype == torch.bfloat16:
-        gi, gg = grid_sample_backward(grad_out.float(), input.float(), grid.float(), mode, padding, align_corners,
-                                      input_grad, grid_grad, deterministic)
+        gi, gg = grid_sample_backward(
+            grad_out.float(),
+            input.float(),
+            grid.float(),
+            mode,
+            padding,
+            align_corners,
+            input_grad,
+            grid_grad,
+            deterministic,
+        )
         return gi.to(input.dtype), gg.to(input.dtype)
     N, C, H, W = input.shape
     Ho, Wo = grid.shape[1:3]
@@ -382,34 +496,66 @@ def grid_sample_backward(grad_out: torch.Tensor, input: torch.Tensor, grid: torc
     grad_input = input.new_empty((0,))
     empty = grad_out.numel() == 0
     writes_grid_grad = grid_grad and mode == Mode.BILINEAR and not empty  # the kernel writes every element
-    grad_grid = (torch.empty_like(grid) if writes_grid_grad else torch.zeros_like(grid)) if grid_grad \
-        else grid.new_empty((0,))
+    grad_grid = (
+        (torch.empty_like(grid) if writes_grid_grad else torch.zeros_like(grid)) if grid_grad else grid.new_empty((0,))
+    )
     if not empty:
         grad_out, s_g = _point_strides(grad_out)
         tiles = _tiles(C, input, grad_out)
     with launch_ctx(input):
         if input_grad:
-            buf_dtype = torch.int64 if deterministic else (torch.float64 if input.dtype == torch.float64
-                                                           else torch.float32)
+            buf_dtype = (
+                torch.int64 if deterministic else (torch.float64 if input.dtype == torch.float64 else torch.float32)
+            )
             buf = torch.zeros_like(input, dtype=buf_dtype)  # input is NCHW or channels_last: kept
             scale = _fixed_point_scale(grad_out, P) if deterministic and not empty else buf  # read if FIXED only
             if not empty:
                 launch, span = _split(C, N, P, tiles)
-                _input_grad_kernel[launch](grad_out, grid, buf, scale, C, H, W, P, span, *buf.stride(), *s_g,
-                                           MODE=mode, PADDING=padding, ALIGN=align_corners, ACC=acc,
-                                           FIXED=deterministic, **tiles)
+                _input_grad_kernel[launch](
+                    grad_out,
+                    grid,
+                    buf,
+                    scale,
+                    C,
+                    H,
+                    W,
+                    P,
+                    span,
+                    *buf.stride(),
+                    *s_g,
+                    MODE=mode,
+                    PADDING=padding,
+                    ALIGN=align_corners,
+                    ACC=acc,
+                    FIXED=deterministic,
+                    **tiles,
+                )
             if deterministic and not empty:
                 grad_input = (buf.double() / scale).to(input.dtype)  # NaN for a non-finite grad_out
             else:
                 grad_input = buf.to(input.dtype)
         if writes_grid_grad:
             _grid_grad_kernel[(cdiv(P, tiles["BLOCK_P"]), N)](
-                grad_out, input, grid, grad_grid, C, H, W, P, *input.stride(), *s_g, PADDING=padding,
-                ALIGN=align_corners, ACC=acc, **tiles)
+                grad_out,
+                input,
+                grid,
+                grad_grid,
+                C,
+                H,
+                W,
+                P,
+                *input.stride(),
+                *s_g,
+                PADDING=padding,
+                ALIGN=align_corners,
+                ACC=acc,
+                **tiles,
+            )
     return grad_input, grad_grid
 
 
 # --- compile-only launches (kernels/aot.py, FNEVR_TRITON_COMPILE_ONLY) -------------------------------
+
 
 def compile_launches(dtype):
     """Every tile configuration in every dtype; each other (mode, padding, align_corners,
@@ -425,14 +571,20 @@ def compile_launches(dtype):
         x = x.to(memory_format=torch.channels_last) if channels_last else x
         g = torch.rand(1, 4, 4, 2, dtype=dtype) * 2 - 1
         for det in deterministic:  # a second run compiles only the input gradient's FIXED variant
-            fwd_bwd(lambda x, g: grid_sample(x, g, mode, padding, align, backend="triton", deterministic=det),
-                     x.detach().clone(), g.detach().clone())
+            fwd_bwd(
+                lambda x, g: grid_sample(x, g, mode, padding, align, backend="triton", deterministic=det),
+                x.detach().clone(),
+                g.detach().clone(),
+            )
 
     for C in (1, 3, 8):  # NCHW tiles: UNROLL 1 (C = 1), 4, 8
         run(C, deterministic=(False, True) if C == 8 else (False,))
     run(64, channels_last=True, deterministic=(False, True))  # lanes along the channels
-    paths = [p for p in itertools.product(("bilinear", "nearest"), ("zeros", "border", "reflection"), (False, True))
-             if p != ("bilinear", "zeros", False)]
+    paths = [
+        p
+        for p in itertools.product(("bilinear", "nearest"), ("zeros", "border", "reflection"), (False, True))
+        if p != ("bilinear", "zeros", False)
+    ]
     for i, (mode, padding, align) in enumerate(paths):
         if DTYPES[i % len(DTYPES)] == dtype:
             run(3, mode, padding, align, deterministic=(False, True))

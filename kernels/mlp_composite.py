@@ -60,6 +60,7 @@ _G_BLOCK = tl.constexpr(64)
 
 # --- helpers ------------------------------------------------------------------------------------
 
+
 @triton.jit
 def _op(x, OP: tl.constexpr, EMU_BF16: tl.constexpr):
     """x as a dot operand: rounded to OP; EMU_BF16 (interpreter): to bf16, round-to-nearest-even,
@@ -107,8 +108,22 @@ def _fresh(x, PREC: tl.constexpr, z):
 
 
 @triton.jit
-def _xwt(x, w, N, K, ld, col0, acc, ROWS: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, OP: tl.constexpr,
-         ACC: tl.constexpr, PREC: tl.constexpr, z):
+def _xwt(
+    x,
+    w,
+    N,
+    K,
+    ld,
+    col0,
+    acc,
+    ROWS: tl.constexpr,
+    KP: tl.constexpr,
+    NP: tl.constexpr,
+    OP: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    z,
+):
     """acc + x @ W^T [ROWS, NP] (acc None: 0) for x [ROWS, KP] and W^T as _wt reads it, in pieces of
     at most _K_PIECE (fp64: _K_PIECE_FP64) of K (each piece a dot of its own, with its own smaller
     weight operand)."""
@@ -122,8 +137,22 @@ def _xwt(x, w, N, K, ld, col0, acc, ROWS: tl.constexpr, KP: tl.constexpr, NP: tl
 
 
 @triton.jit
-def _dzw(dz, w, N, K, ld, col0, acc, ROWS: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, OP: tl.constexpr,
-         ACC: tl.constexpr, PREC: tl.constexpr, z):
+def _dzw(
+    dz,
+    w,
+    N,
+    K,
+    ld,
+    col0,
+    acc,
+    ROWS: tl.constexpr,
+    NP: tl.constexpr,
+    KP: tl.constexpr,
+    OP: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    z,
+):
     """acc + dz @ W [ROWS, KP] (acc None: 0) for dz [ROWS, NP] and W as _w reads it, in pieces of at
     most _K_PIECE (fp64: _K_PIECE_FP64) of NP."""
     if NP > _K_PIECE or (OP == tl.float64 and NP > _K_PIECE_FP64):
@@ -196,10 +225,41 @@ def _rows(ray0, c, R, D, ROWS: tl.constexpr, DC: tl.constexpr):
 
 
 @triton.jit
-def _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, rows, valid,
-         Ec, Es, H, H4, ACC: tl.constexpr, OP: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr,
-         KS: tl.constexpr, KC: tl.constexpr, HP: tl.constexpr, H4P: tl.constexpr, ROWS: tl.constexpr,
-         PAD_COLS: tl.constexpr, z):
+def _mlp(
+    cc,
+    sc,
+    wsi,
+    bsi,
+    wsh,
+    bsh,
+    wd,
+    bd,
+    wsf,
+    bsf,
+    wci,
+    bci,
+    wf,
+    bf,
+    wfh,
+    bfh,
+    rows,
+    valid,
+    Ec,
+    Es,
+    H,
+    H4,
+    ACC: tl.constexpr,
+    OP: tl.constexpr,
+    EMU: tl.constexpr,
+    PREC: tl.constexpr,
+    KS: tl.constexpr,
+    KC: tl.constexpr,
+    HP: tl.constexpr,
+    H4P: tl.constexpr,
+    ROWS: tl.constexpr,
+    PAD_COLS: tl.constexpr,
+    z,
+):
     """One tile's MLP: the codes s, c, the activations a0..a4 (as dot operands), h (ACC) and the
     densities sigma [ROWS] (ACC). z: an opaque 0 (see _opaque_zero)."""
     keep_h, keep_h4 = _keep(valid, H, HP, PAD_COLS), _keep(valid, H4, H4P, PAD_COLS)
@@ -224,8 +284,17 @@ def _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bf
 
 
 @triton.jit
-def _weights(sigma, trans, c, D, INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
-             BLOCK_R: tl.constexpr, DC: tl.constexpr):
+def _weights(
+    sigma,
+    trans,
+    c,
+    D,
+    INCLUSIVE: tl.constexpr,
+    ACT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DC: tl.constexpr,
+):
     """Compositing weights of chunk c: (sigma [BLOCK_R, DC], w, dw/dp, sample valid, transmittance
     behind the chunk). trans: transmittance in front of it; padded samples get p = 0, weight 0."""
     sigma = tl.reshape(sigma, [BLOCK_R, DC])
@@ -235,8 +304,7 @@ def _weights(sigma, trans, c, D, INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC
     if DC == 1:  # one sample per chunk: no scan
         excl, incl = tl.full([BLOCK_R, DC], 1.0, ACC), tl.exp(-p)
     else:
-        excl, incl = tl.associative_scan((tl.full([BLOCK_R, DC], 1.0, ACC), tl.exp(-p)), axis=1,
-                                         combine_fn=_excl_prod)
+        excl, incl = tl.associative_scan((tl.full([BLOCK_R, DC], 1.0, ACC), tl.exp(-p)), axis=1, combine_fn=_excl_prod)
     w, dw, _ = _step(p, trans[:, None] * excl, INCLUSIVE)
     w = tl.where(inside, w, 0.0)
     trans = trans * tl.sum(tl.where(j == DC - 1, incl, 0.0), axis=1)
@@ -265,16 +333,87 @@ def _scan_totals(ew, j, total, last_nan, last_pinf, last_ninf):
 
 # --- forward --------------------------------------------------------------------------------------
 
+
 @triton.jit
-def _forward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, ray0, c, trans, feat, wsum,
-                   R, D, Ec, Es, H, H4, INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
-                   OP: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr,
-                   HP: tl.constexpr, H4P: tl.constexpr, BLOCK_R: tl.constexpr, DC: tl.constexpr,
-                   PAD_COLS: tl.constexpr, z):
+def _forward_chunk(
+    cc,
+    sc,
+    wsi,
+    bsi,
+    wsh,
+    bsh,
+    wd,
+    bd,
+    wsf,
+    bsf,
+    wci,
+    bci,
+    wf,
+    bf,
+    wfh,
+    bfh,
+    ray0,
+    c,
+    trans,
+    feat,
+    wsum,
+    R,
+    D,
+    Ec,
+    Es,
+    H,
+    H4,
+    INCLUSIVE: tl.constexpr,
+    ACT: tl.constexpr,
+    ACC: tl.constexpr,
+    OP: tl.constexpr,
+    EMU: tl.constexpr,
+    PREC: tl.constexpr,
+    KS: tl.constexpr,
+    KC: tl.constexpr,
+    HP: tl.constexpr,
+    H4P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DC: tl.constexpr,
+    PAD_COLS: tl.constexpr,
+    z,
+):
     rows, valid = _rows(ray0, c, R, D, BLOCK_R * DC, DC)
-    _, _, _, _, _, _, _, h, sigma = _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh,
-                                         rows, valid, Ec, Es, H, H4, ACC, OP, EMU, PREC, KS, KC, HP, H4P,
-                                         BLOCK_R * DC, PAD_COLS, z)
+    _, _, _, _, _, _, _, h, sigma = _mlp(
+        cc,
+        sc,
+        wsi,
+        bsi,
+        wsh,
+        bsh,
+        wd,
+        bd,
+        wsf,
+        bsf,
+        wci,
+        bci,
+        wf,
+        bf,
+        wfh,
+        bfh,
+        rows,
+        valid,
+        Ec,
+        Es,
+        H,
+        H4,
+        ACC,
+        OP,
+        EMU,
+        PREC,
+        KS,
+        KC,
+        HP,
+        H4P,
+        BLOCK_R * DC,
+        PAD_COLS,
+        z,
+    )
     _, w, _, _, trans = _weights(sigma, trans, c, D, INCLUSIVE, ACT, ACC, BLOCK_R, DC)
     feat += tl.sum(w[:, :, None] * tl.reshape(h, [BLOCK_R, DC, HP]), axis=1)
     wsum += tl.sum(w, axis=1)
@@ -282,37 +421,166 @@ def _forward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, b
 
 
 @triton.jit
-def _forward_kernel(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, features, weight_sum,
-                    R, D, Ec, Es, H, H4, INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
-                    OP: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr,
-                    HP: tl.constexpr, H4P: tl.constexpr, BLOCK_R: tl.constexpr, DC: tl.constexpr,
-                    MULTI: tl.constexpr, PAD_COLS: tl.constexpr):
+def _forward_kernel(
+    cc,
+    sc,
+    wsi,
+    bsi,
+    wsh,
+    bsh,
+    wd,
+    bd,
+    wsf,
+    bsf,
+    wci,
+    bci,
+    wf,
+    bf,
+    wfh,
+    bfh,
+    features,
+    weight_sum,
+    R,
+    D,
+    Ec,
+    Es,
+    H,
+    H4,
+    INCLUSIVE: tl.constexpr,
+    ACT: tl.constexpr,
+    ACC: tl.constexpr,
+    OP: tl.constexpr,
+    EMU: tl.constexpr,
+    PREC: tl.constexpr,
+    KS: tl.constexpr,
+    KC: tl.constexpr,
+    HP: tl.constexpr,
+    H4P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DC: tl.constexpr,
+    MULTI: tl.constexpr,
+    PAD_COLS: tl.constexpr,
+):
     ray0 = tl.program_id(0) * BLOCK_R  # < R: int32 is enough; row offsets are int64
     trans = tl.full([BLOCK_R], 1.0, ACC)
     feat = tl.zeros([BLOCK_R, HP], ACC)
     wsum = tl.zeros([BLOCK_R], ACC)
     if MULTI:  # a ray spans several chunks
         for c in range(tl.cdiv(D, DC)):
-            trans, feat, wsum = _forward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh,
-                                               bfh, ray0, c, trans, feat, wsum, R, D, Ec, Es, H, H4, INCLUSIVE,
-                                               ACT, ACC, OP, EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC, PAD_COLS,
-                                               _opaque_zero(c, R))
+            trans, feat, wsum = _forward_chunk(
+                cc,
+                sc,
+                wsi,
+                bsi,
+                wsh,
+                bsh,
+                wd,
+                bd,
+                wsf,
+                bsf,
+                wci,
+                bci,
+                wf,
+                bf,
+                wfh,
+                bfh,
+                ray0,
+                c,
+                trans,
+                feat,
+                wsum,
+                R,
+                D,
+                Ec,
+                Es,
+                H,
+                H4,
+                INCLUSIVE,
+                ACT,
+                ACC,
+                OP,
+                EMU,
+                PREC,
+                KS,
+                KC,
+                HP,
+                H4P,
+                BLOCK_R,
+                DC,
+                PAD_COLS,
+                _opaque_zero(c, R),
+            )
     else:
-        trans, feat, wsum = _forward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh,
-                                           ray0, 0, trans, feat, wsum, R, D, Ec, Es, H, H4, INCLUSIVE, ACT, ACC, OP,
-                                           EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC, PAD_COLS, 0)
+        trans, feat, wsum = _forward_chunk(
+            cc,
+            sc,
+            wsi,
+            bsi,
+            wsh,
+            bsh,
+            wd,
+            bd,
+            wsf,
+            bsf,
+            wci,
+            bci,
+            wf,
+            bf,
+            wfh,
+            bfh,
+            ray0,
+            0,
+            trans,
+            feat,
+            wsum,
+            R,
+            D,
+            Ec,
+            Es,
+            H,
+            H4,
+            INCLUSIVE,
+            ACT,
+            ACC,
+            OP,
+            EMU,
+            PREC,
+            KS,
+            KC,
+            HP,
+            H4P,
+            BLOCK_R,
+            DC,
+            PAD_COLS,
+            0,
+        )
     rays = (ray0 + tl.arange(0, BLOCK_R)).to(tl.int64)
     n = tl.arange(0, HP)
-    tl.store(features + rays[:, None] * H + n[None, :], feat.to(features.dtype.element_ty),
-             mask=(rays < R)[:, None] & (n < H)[None, :])
+    tl.store(
+        features + rays[:, None] * H + n[None, :],
+        feat.to(features.dtype.element_ty),
+        mask=(rays < R)[:, None] & (n < H)[None, :],
+    )
     tl.store(weight_sum + rays, wsum.to(weight_sum.dtype.element_ty), mask=rays < R)
 
 
 # --- backward -------------------------------------------------------------------------------------
 
+
 @triton.jit
-def _wgrad(part, dz, a, keep, ROWS: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, LD: tl.constexpr,
-           ACC: tl.constexpr, PREC: tl.constexpr, z):
+def _wgrad(
+    part,
+    dz,
+    a,
+    keep,
+    ROWS: tl.constexpr,
+    NP: tl.constexpr,
+    KP: tl.constexpr,
+    LD: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    z,
+):
     """part[NP, KP] (row stride LD) += dz^T a (dz [ROWS, NP], a [ROWS, KP]), in blocks of at most
     _G_BLOCK x _G_BLOCK; keep = 0: part is uninitialised, start at 0."""
     if NP > _G_BLOCK:
@@ -338,16 +606,74 @@ def _vgrad(part, v, keep, NP: tl.constexpr, z):
 
 
 @triton.jit
-def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, grad_cc, grad_sc, part,
-                    gF, gS, ray0, c, keep, trans, prefix, total, last_nan, last_pinf, last_ninf, R, D, Ec, Es, H, H4,
-                    INCLUSIVE: tl.constexpr,
-                    ACT: tl.constexpr, ACC: tl.constexpr, OP: tl.constexpr, EMU: tl.constexpr, PREC: tl.constexpr,
-                    KS: tl.constexpr, KC: tl.constexpr, HP: tl.constexpr, H4P: tl.constexpr, BLOCK_R: tl.constexpr,
-                    DC: tl.constexpr, MULTI: tl.constexpr, O_SI: tl.constexpr, O_SH: tl.constexpr,
-                    O_SF: tl.constexpr, O_CI: tl.constexpr, O_FA: tl.constexpr, O_FB: tl.constexpr,
-                    O_FH: tl.constexpr, O_BSI: tl.constexpr, O_BSH: tl.constexpr, O_BSF: tl.constexpr,
-                    O_BCI: tl.constexpr, O_BF: tl.constexpr, O_BFH: tl.constexpr, O_WD: tl.constexpr,
-                    O_BD: tl.constexpr, PAD_COLS: tl.constexpr, z):
+def _backward_chunk(
+    cc,
+    sc,
+    wsi,
+    bsi,
+    wsh,
+    bsh,
+    wd,
+    bd,
+    wsf,
+    bsf,
+    wci,
+    bci,
+    wf,
+    bf,
+    wfh,
+    bfh,
+    grad_cc,
+    grad_sc,
+    part,
+    gF,
+    gS,
+    ray0,
+    c,
+    keep,
+    trans,
+    prefix,
+    total,
+    last_nan,
+    last_pinf,
+    last_ninf,
+    R,
+    D,
+    Ec,
+    Es,
+    H,
+    H4,
+    INCLUSIVE: tl.constexpr,
+    ACT: tl.constexpr,
+    ACC: tl.constexpr,
+    OP: tl.constexpr,
+    EMU: tl.constexpr,
+    PREC: tl.constexpr,
+    KS: tl.constexpr,
+    KC: tl.constexpr,
+    HP: tl.constexpr,
+    H4P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DC: tl.constexpr,
+    MULTI: tl.constexpr,
+    O_SI: tl.constexpr,
+    O_SH: tl.constexpr,
+    O_SF: tl.constexpr,
+    O_CI: tl.constexpr,
+    O_FA: tl.constexpr,
+    O_FB: tl.constexpr,
+    O_FH: tl.constexpr,
+    O_BSI: tl.constexpr,
+    O_BSH: tl.constexpr,
+    O_BSF: tl.constexpr,
+    O_BCI: tl.constexpr,
+    O_BF: tl.constexpr,
+    O_BFH: tl.constexpr,
+    O_WD: tl.constexpr,
+    O_BD: tl.constexpr,
+    PAD_COLS: tl.constexpr,
+    z,
+):
     """Chunk c of a tile: recompute, composite's GradScan, backprop; input gradients stored, weight
     gradients added to this program's partials `part` (keep = 0: they are not initialised yet)."""
     ROWS: tl.constexpr = BLOCK_R * DC
@@ -356,9 +682,41 @@ def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
     # a1 costs one more H x H dot): keeping them live from here costs registers and, as wgmma
     # operands, shared memory. Tensors that two distant dots read go in _fresh.
     keep_h = _keep(valid, H, HP, PAD_COLS)
-    s, cd, _, _, a2, _, a4, h, sigma = _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh,
-                                               bfh, rows, valid, Ec, Es, H, H4, ACC, OP, EMU, PREC, KS, KC, HP, H4P,
-                                               ROWS, PAD_COLS, z)
+    s, cd, _, _, a2, _, a4, h, sigma = _mlp(
+        cc,
+        sc,
+        wsi,
+        bsi,
+        wsh,
+        bsh,
+        wd,
+        bd,
+        wsf,
+        bsf,
+        wci,
+        bci,
+        wf,
+        bf,
+        wfh,
+        bfh,
+        rows,
+        valid,
+        Ec,
+        Es,
+        H,
+        H4,
+        ACC,
+        OP,
+        EMU,
+        PREC,
+        KS,
+        KC,
+        HP,
+        H4P,
+        ROWS,
+        PAD_COLS,
+        z,
+    )
     sigma, w, dw, inside, trans = _weights(sigma, trans, c, D, INCLUSIVE, ACT, ACC, BLOCK_R, DC)
     # Compositing: composite_math.h's GradScan over the chunk's samples.
     e = tl.sum(tl.reshape(h, [BLOCK_R, DC, HP]) * gF[:, None, :], axis=2) + gS[:, None]
@@ -375,8 +733,9 @@ def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
     else:
         pushed = own + (prefix[:, None] + tl.cumsum(ewf, axis=1))
     prefix += tl.sum(ewf, axis=1)
-    g = _scan_finish(pushed - total[:, None], j + (0 if INCLUSIVE else 1), last_nan[:, None], last_pinf[:, None],
-                     last_ninf[:, None])
+    g = _scan_finish(
+        pushed - total[:, None], j + (0 if INCLUSIVE else 1), last_nan[:, None], last_pinf[:, None], last_ninf[:, None]
+    )
     dsigma = tl.where(inside, _activate_backward(g, sigma, ACT), 0.0)
     dsigma = tl.reshape(dsigma, [ROWS])
     dh = tl.reshape(w[:, :, None] * gF[:, None, :], [ROWS, HP])  # 0 * inf gF in padded samples: h is 0 there
@@ -400,8 +759,11 @@ def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
     _vgrad(part + O_BCI, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
     gc = _dzw(dz, wci, H, Ec, Ec, 0, None, ROWS, HP, KC, OP, ACC, PREC, z)
     k = tl.arange(0, KC)
-    tl.store(grad_cc + rows[:, None] * Ec + k[None, :], gc.to(grad_cc.dtype.element_ty),
-             mask=valid[:, None] & (k < Ec)[None, :])
+    tl.store(
+        grad_cc + rows[:, None] * Ec + k[None, :],
+        gc.to(grad_cc.dtype.element_ty),
+        mask=valid[:, None] & (k < Ec)[None, :],
+    )
     # shape_feature
     y = _xwt(_fresh(s, PREC, z), wsi, H, Es, Es, 0, None, ROWS, KS, HP, OP, ACC, PREC, z)
     a0 = _op(_relu(y + _vec(bsi, H, HP, ACC, z)[None, :], keep_h), OP, EMU)
@@ -427,22 +789,75 @@ def _backward_chunk(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, 
     _vgrad(part + O_BSI, tl.sum(dz.to(ACC), axis=0), keep, HP, z)
     gs = _dzw(dz, wsi, H, Es, Es, 0, None, ROWS, HP, KS, OP, ACC, PREC, z)
     k = tl.arange(0, KS)
-    tl.store(grad_sc + rows[:, None] * Es + k[None, :], gs.to(grad_sc.dtype.element_ty),
-             mask=valid[:, None] & (k < Es)[None, :])
+    tl.store(
+        grad_sc + rows[:, None] * Es + k[None, :],
+        gs.to(grad_sc.dtype.element_ty),
+        mask=valid[:, None] & (k < Es)[None, :],
+    )
     return trans, prefix
 
 
 @triton.jit
-def _backward_kernel(grad_features, grad_weight_sum, cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf,
-                     wfh, bfh, grad_cc, grad_sc, partials, R, D, Ec, Es, H, H4, num_tiles,
-                     INCLUSIVE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, OP: tl.constexpr,
-                     EMU: tl.constexpr, PREC: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr, HP: tl.constexpr,
-                     H4P: tl.constexpr, BLOCK_R: tl.constexpr, DC: tl.constexpr, MULTI: tl.constexpr,
-                     O_SI: tl.constexpr, O_SH: tl.constexpr, O_SF: tl.constexpr, O_CI: tl.constexpr,
-                     O_FA: tl.constexpr, O_FB: tl.constexpr, O_FH: tl.constexpr, O_BSI: tl.constexpr,
-                     O_BSH: tl.constexpr, O_BSF: tl.constexpr, O_BCI: tl.constexpr, O_BF: tl.constexpr,
-                     O_BFH: tl.constexpr, O_WD: tl.constexpr, O_BD: tl.constexpr, PT: tl.constexpr,
-                     PAD_COLS: tl.constexpr):
+def _backward_kernel(
+    grad_features,
+    grad_weight_sum,
+    cc,
+    sc,
+    wsi,
+    bsi,
+    wsh,
+    bsh,
+    wd,
+    bd,
+    wsf,
+    bsf,
+    wci,
+    bci,
+    wf,
+    bf,
+    wfh,
+    bfh,
+    grad_cc,
+    grad_sc,
+    partials,
+    R,
+    D,
+    Ec,
+    Es,
+    H,
+    H4,
+    num_tiles,
+    INCLUSIVE: tl.constexpr,
+    ACT: tl.constexpr,
+    ACC: tl.constexpr,
+    OP: tl.constexpr,
+    EMU: tl.constexpr,
+    PREC: tl.constexpr,
+    KS: tl.constexpr,
+    KC: tl.constexpr,
+    HP: tl.constexpr,
+    H4P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DC: tl.constexpr,
+    MULTI: tl.constexpr,
+    O_SI: tl.constexpr,
+    O_SH: tl.constexpr,
+    O_SF: tl.constexpr,
+    O_CI: tl.constexpr,
+    O_FA: tl.constexpr,
+    O_FB: tl.constexpr,
+    O_FH: tl.constexpr,
+    O_BSI: tl.constexpr,
+    O_BSH: tl.constexpr,
+    O_BSF: tl.constexpr,
+    O_BCI: tl.constexpr,
+    O_BF: tl.constexpr,
+    O_BFH: tl.constexpr,
+    O_WD: tl.constexpr,
+    O_BD: tl.constexpr,
+    PT: tl.constexpr,
+    PAD_COLS: tl.constexpr,
+):
     ROWS: tl.constexpr = BLOCK_R * DC
     pid = tl.program_id(0)
     part = partials + pid.to(tl.int64) * PT  # this program's own partial sums
@@ -451,8 +866,9 @@ def _backward_kernel(grad_features, grad_weight_sum, cc, sc, wsi, bsi, wsh, bsh,
         ray0 = t * BLOCK_R  # < R: int32 is enough; row offsets are int64
         rays = (ray0 + tl.arange(0, BLOCK_R)).to(tl.int64)
         rmask = rays < R
-        gF = tl.load(grad_features + rays[:, None] * H + n[None, :], mask=rmask[:, None] & (n < H)[None, :],
-                     other=0.0).to(ACC)
+        gF = tl.load(
+            grad_features + rays[:, None] * H + n[None, :], mask=rmask[:, None] & (n < H)[None, :], other=0.0
+        ).to(ACC)
         gS = tl.load(grad_weight_sum + rays, mask=rmask, other=0.0).to(ACC)
         trans = tl.full([BLOCK_R], 1.0, ACC)
         prefix = tl.zeros([BLOCK_R], ACC)  # sum_{k < chunk} e_k w_k, of the finite ones
@@ -466,32 +882,195 @@ def _backward_kernel(grad_features, grad_weight_sum, cc, sc, wsi, bsi, wsh, bsh,
         if MULTI:  # a ray spans several chunks: a first pass for the total, then one per chunk
             for c in range(tl.cdiv(D, DC)):
                 rows, valid = _rows(ray0, c, R, D, ROWS, DC)
-                _, _, _, _, _, _, _, h, sigma = _mlp(cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf,
-                                                     wfh, bfh, rows, valid, Ec, Es, H, H4, ACC, OP, EMU, PREC, KS,
-                                                     KC, HP, H4P, ROWS, PAD_COLS, _opaque_zero(c, R))
+                _, _, _, _, _, _, _, h, sigma = _mlp(
+                    cc,
+                    sc,
+                    wsi,
+                    bsi,
+                    wsh,
+                    bsh,
+                    wd,
+                    bd,
+                    wsf,
+                    bsf,
+                    wci,
+                    bci,
+                    wf,
+                    bf,
+                    wfh,
+                    bfh,
+                    rows,
+                    valid,
+                    Ec,
+                    Es,
+                    H,
+                    H4,
+                    ACC,
+                    OP,
+                    EMU,
+                    PREC,
+                    KS,
+                    KC,
+                    HP,
+                    H4P,
+                    ROWS,
+                    PAD_COLS,
+                    _opaque_zero(c, R),
+                )
                 _, w, _, inside, trans = _weights(sigma, trans, c, D, INCLUSIVE, ACT, ACC, BLOCK_R, DC)
                 e = tl.sum(tl.reshape(h, [BLOCK_R, DC, HP]) * gF[:, None, :], axis=2) + gS[:, None]
                 total, last_nan, last_pinf, last_ninf = _scan_totals(
-                    tl.where(inside, e * w, 0.0), c * DC + tl.arange(0, DC)[None, :], total, last_nan, last_pinf,
-                    last_ninf)
+                    tl.where(inside, e * w, 0.0),
+                    c * DC + tl.arange(0, DC)[None, :],
+                    total,
+                    last_nan,
+                    last_pinf,
+                    last_ninf,
+                )
             trans = tl.full([BLOCK_R], 1.0, ACC)
             for c in range(tl.cdiv(D, DC)):
                 tl.debug_barrier()
                 trans, prefix = _backward_chunk(
-                    cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, grad_cc, grad_sc, part,
-                    gF, gS, ray0, c, (t != pid) | (c > 0), trans, prefix, total, last_nan, last_pinf, last_ninf, R, D,
-                    Ec, Es, H, H4, INCLUSIVE, ACT, ACC, OP, EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC, MULTI, O_SI, O_SH,
-                    O_SF, O_CI, O_FA, O_FB, O_FH, O_BSI, O_BSH, O_BSF, O_BCI, O_BF, O_BFH, O_WD, O_BD, PAD_COLS,
-                    _opaque_zero(c, R))
+                    cc,
+                    sc,
+                    wsi,
+                    bsi,
+                    wsh,
+                    bsh,
+                    wd,
+                    bd,
+                    wsf,
+                    bsf,
+                    wci,
+                    bci,
+                    wf,
+                    bf,
+                    wfh,
+                    bfh,
+                    grad_cc,
+                    grad_sc,
+                    part,
+                    gF,
+                    gS,
+                    ray0,
+                    c,
+                    (t != pid) | (c > 0),
+                    trans,
+                    prefix,
+                    total,
+                    last_nan,
+                    last_pinf,
+                    last_ninf,
+                    R,
+                    D,
+                    Ec,
+                    Es,
+                    H,
+                    H4,
+                    INCLUSIVE,
+                    ACT,
+                    ACC,
+                    OP,
+                    EMU,
+                    PREC,
+                    KS,
+                    KC,
+                    HP,
+                    H4P,
+                    BLOCK_R,
+                    DC,
+                    MULTI,
+                    O_SI,
+                    O_SH,
+                    O_SF,
+                    O_CI,
+                    O_FA,
+                    O_FB,
+                    O_FH,
+                    O_BSI,
+                    O_BSH,
+                    O_BSF,
+                    O_BCI,
+                    O_BF,
+                    O_BFH,
+                    O_WD,
+                    O_BD,
+                    PAD_COLS,
+                    _opaque_zero(c, R),
+                )
         else:
             trans, prefix = _backward_chunk(
-                cc, sc, wsi, bsi, wsh, bsh, wd, bd, wsf, bsf, wci, bci, wf, bf, wfh, bfh, grad_cc, grad_sc, part,
-                gF, gS, ray0, 0, t != pid, trans, prefix, total, last_nan, last_pinf, last_ninf, R, D, Ec, Es, H, H4,
-                INCLUSIVE, ACT, ACC, OP, EMU, PREC, KS, KC, HP, H4P, BLOCK_R, DC, MULTI, O_SI, O_SH, O_SF, O_CI, O_FA,
-                O_FB, O_FH, O_BSI, O_BSH, O_BSF, O_BCI, O_BF, O_BFH, O_WD, O_BD, PAD_COLS, _opaque_zero(t, R))
+                cc,
+                sc,
+                wsi,
+                bsi,
+                wsh,
+                bsh,
+                wd,
+                bd,
+                wsf,
+                bsf,
+                wci,
+                bci,
+                wf,
+                bf,
+                wfh,
+                bfh,
+                grad_cc,
+                grad_sc,
+                part,
+                gF,
+                gS,
+                ray0,
+                0,
+                t != pid,
+                trans,
+                prefix,
+                total,
+                last_nan,
+                last_pinf,
+                last_ninf,
+                R,
+                D,
+                Ec,
+                Es,
+                H,
+                H4,
+                INCLUSIVE,
+                ACT,
+                ACC,
+                OP,
+                EMU,
+                PREC,
+                KS,
+                KC,
+                HP,
+                H4P,
+                BLOCK_R,
+                DC,
+                MULTI,
+                O_SI,
+                O_SH,
+                O_SF,
+                O_CI,
+                O_FA,
+                O_FB,
+                O_FH,
+                O_BSI,
+                O_BSH,
+                O_BSF,
+                O_BCI,
+                O_BF,
+                O_BFH,
+                O_WD,
+                O_BD,
+                PAD_COLS,
+                _opaque_zero(t, R),
+            )
 
 
 # --- launchers ------------------------------------------------------------------------------------
+
 
 def _pad(n: int) -> int:
     """Padded width of a dot operand: a power of two, at least 16 (the smallest fp16 MMA K)."""
@@ -520,10 +1099,18 @@ def _dims(color_code, shape_code, params):
 #   in backward, its program's weight-gradient partials (read and written, as much again).
 # Every first choice fits an H100's 227 KB of shared memory. A launch that runs out of resources
 # anyway (another GPU) retries with half the rows; what launched is remembered per shape.
-_FORWARD_ROWS = {torch.float16: (128, 128, 128), torch.bfloat16: (128, 128, 128), torch.float32: (128, 128, 128),
-                 torch.float64: (128, 128, 64)}
-_BACKWARD_ROWS = {torch.float16: (128, 128, 128), torch.bfloat16: (128, 128, 128), torch.float32: (32, 64, 64),
-                  torch.float64: (128, 64, 32)}
+_FORWARD_ROWS = {
+    torch.float16: (128, 128, 128),
+    torch.bfloat16: (128, 128, 128),
+    torch.float32: (128, 128, 128),
+    torch.float64: (128, 128, 64),
+}
+_BACKWARD_ROWS = {
+    torch.float16: (128, 128, 128),
+    torch.bfloat16: (128, 128, 128),
+    torch.float32: (32, 64, 64),
+    torch.float64: (128, 64, 32),
+}
 _MIN_ROWS, _MAX_ROWS = 16, 128  # 16: the smallest MMA M
 _launched_rows: dict = {}  # (kernel, device, dtype, dims, options) -> rows of a launch that fitted
 # fp32 dots without allow_tf32: "tf32x3" (three TF32 tensor-core products per dot, split operands:
@@ -564,19 +1151,48 @@ def _constexprs(dtype: torch.dtype, emu: bool, inclusive: bool, activation: int,
     if emu:
         op = tl.float32
     else:
-        op = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-              torch.float64: tl.float64}[dtype]
+        op = {
+            torch.float16: tl.float16,
+            torch.bfloat16: tl.bfloat16,
+            torch.float32: tl.float32,
+            torch.float64: tl.float64,
+        }[dtype]
     # The precision matters to fp32 dots only (fp16/bf16/fp64 products are exact in the accumulator).
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting()
-    return dict(INCLUSIVE=bool(inclusive), ACT=int(activation), ACC=accumulator(dtype), OP=op, EMU=emu,
-                PREC="tf32" if tf32 else (_FP32_DOT if dtype == torch.float32 else "ieee"), KS=_pad(Es),
-                KC=_pad(Ec), HP=_pad(H), H4P=_pad(H4), PAD_COLS=_pad(H) != H or _pad(H4) != H4)
+    return dict(
+        INCLUSIVE=bool(inclusive),
+        ACT=int(activation),
+        ACC=accumulator(dtype),
+        OP=op,
+        EMU=emu,
+        PREC="tf32" if tf32 else (_FP32_DOT if dtype == torch.float32 else "ieee"),
+        KS=_pad(Es),
+        KC=_pad(Ec),
+        HP=_pad(H),
+        H4P=_pad(H4),
+        PAD_COLS=_pad(H) != H or _pad(H4) != H4,
+    )
 
 
 def _grad_layout(KS: int, KC: int, HP: int, H4P: int) -> tuple[dict, int]:
     """Offsets of each gradient in a program's (padded) partial buffer, and its length."""
-    sizes = dict(O_SI=HP * KS, O_SH=HP * HP, O_SF=H4P * HP, O_CI=HP * KC, O_FA=HP * H4P, O_FB=HP * HP,
-                 O_FH=HP * HP, O_BSI=HP, O_BSH=HP, O_BSF=H4P, O_BCI=HP, O_BF=HP, O_BFH=HP, O_WD=HP, O_BD=1)
+    sizes = dict(
+        O_SI=HP * KS,
+        O_SH=HP * HP,
+        O_SF=H4P * HP,
+        O_CI=HP * KC,
+        O_FA=HP * H4P,
+        O_FB=HP * HP,
+        O_FH=HP * HP,
+        O_BSI=HP,
+        O_BSH=HP,
+        O_BSF=H4P,
+        O_BCI=HP,
+        O_BF=HP,
+        O_BFH=HP,
+        O_WD=HP,
+        O_BD=1,
+    )
     offsets, total = {}, 0
     for name, size in sizes.items():
         offsets[name] = total
@@ -594,8 +1210,9 @@ def _emulating_bf16(t: torch.Tensor) -> bool:
     return interpreting() and t.dtype == torch.bfloat16  # numpy has no bf16: fp32 with bf16 rounding
 
 
-def mlp_composite_forward(color_code: torch.Tensor, shape_code: torch.Tensor, params: list, inclusive: bool,
-                          activation: int) -> tuple[torch.Tensor, torch.Tensor]:
+def mlp_composite_forward(
+    color_code: torch.Tensor, shape_code: torch.Tensor, params: list, inclusive: bool, activation: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """color_code [R, D, Ec], shape_code [R, D, Es], the 14 params (contiguous, one dtype)
     -> (features [R, H], weight_sum [R]) in that dtype."""
     dtype = color_code.dtype
@@ -613,17 +1230,43 @@ def mlp_composite_forward(color_code: torch.Tensor, shape_code: torch.Tensor, pa
         def launch(rows):
             block_r, dc, warps = _tile(D, rows)
             _forward_kernel[(cdiv(R, block_r),)](
-                color_code, shape_code, *params, features, weight_sum, R, D, Ec, Es, H, H4, BLOCK_R=block_r, DC=dc,
-                MULTI=D > dc, num_warps=warps, **const)
+                color_code,
+                shape_code,
+                *params,
+                features,
+                weight_sum,
+                R,
+                D,
+                Ec,
+                Es,
+                H,
+                H4,
+                BLOCK_R=block_r,
+                DC=dc,
+                MULTI=D > dc,
+                num_warps=warps,
+                **const,
+            )
 
         with launch_ctx(color_code):
-            _launch("forward", (color_code.device, dtype, D, Ec, Es, H, H4, inclusive, activation, const["PREC"]),
-                    _first_rows(_FORWARD_ROWS, dtype, const["HP"]), launch)
+            _launch(
+                "forward",
+                (color_code.device, dtype, D, Ec, Es, H, H4, inclusive, activation, const["PREC"]),
+                _first_rows(_FORWARD_ROWS, dtype, const["HP"]),
+                launch,
+            )
     return features.to(dtype), weight_sum.to(dtype)
 
 
-def mlp_composite_backward(grad_features: torch.Tensor, grad_weight_sum: torch.Tensor, color_code: torch.Tensor,
-                           shape_code: torch.Tensor, params: list, inclusive: bool, activation: int) -> list:
+def mlp_composite_backward(
+    grad_features: torch.Tensor,
+    grad_weight_sum: torch.Tensor,
+    color_code: torch.Tensor,
+    shape_code: torch.Tensor,
+    params: list,
+    inclusive: bool,
+    activation: int,
+) -> list:
     """-> [grad_color_code, grad_shape_code, one grad per param], each like its input."""
     dtype = color_code.dtype
     emu = _emulating_bf16(color_code)
@@ -649,28 +1292,59 @@ def mlp_composite_backward(grad_features: torch.Tensor, grad_weight_sum: torch.T
         # Each program initialises its own partials (its first tile stores without loading).
         partials = torch.empty((programs, length), dtype=acc, device=color_code.device)
         _backward_kernel[(programs,)](
-            grad_features, grad_weight_sum, color_code, shape_code, *params, grad_cc, grad_sc, partials,
-            R, D, Ec, Es, H, H4, num_tiles, BLOCK_R=block_r, DC=dc, MULTI=D > dc, PT=length,
-            num_warps=warps, **const, **offsets)
+            grad_features,
+            grad_weight_sum,
+            color_code,
+            shape_code,
+            *params,
+            grad_cc,
+            grad_sc,
+            partials,
+            R,
+            D,
+            Ec,
+            Es,
+            H,
+            H4,
+            num_tiles,
+            BLOCK_R=block_r,
+            DC=dc,
+            MULTI=D > dc,
+            PT=length,
+            num_warps=warps,
+            **const,
+            **offsets,
+        )
 
     with launch_ctx(color_code):
-        _launch("backward", (color_code.device, dtype, D, Ec, Es, H, H4, inclusive, activation, const["PREC"]),
-                _first_rows(_BACKWARD_ROWS, dtype, HP), launch)
+        _launch(
+            "backward",
+            (color_code.device, dtype, D, Ec, Es, H, H4, inclusive, activation, const["PREC"]),
+            _first_rows(_BACKWARD_ROWS, dtype, HP),
+            launch,
+        )
     assert partials is not None  # launch() made them
     g = partials.sum(0)  # fixed order: deterministic
 
     def block(name, rows, cols, n, k):
         o = offsets[name]
-        return g[o:o + rows * cols].view(rows, cols)[:n, :k]
+        return g[o : o + rows * cols].view(rows, cols)[:n, :k]
 
     grads = [  # each its own tensor (views of g would alias one another)
-        block("O_SI", HP, KS, H, Es), block("O_BSI", 1, HP, 1, H)[0],
-        block("O_SH", HP, HP, H, H), block("O_BSH", 1, HP, 1, H)[0],
-        block("O_WD", 1, HP, 1, H), g[offsets["O_BD"]:offsets["O_BD"] + 1],
-        block("O_SF", H4P, HP, H4, H), block("O_BSF", 1, H4P, 1, H4)[0],
-        block("O_CI", HP, KC, H, Ec), block("O_BCI", 1, HP, 1, H)[0],
-        torch.cat([block("O_FA", HP, H4P, H, H4), block("O_FB", HP, HP, H, H)], dim=1), block("O_BF", 1, HP, 1, H)[0],
-        block("O_FH", HP, HP, H, H), block("O_BFH", 1, HP, 1, H)[0],
+        block("O_SI", HP, KS, H, Es),
+        block("O_BSI", 1, HP, 1, H)[0],
+        block("O_SH", HP, HP, H, H),
+        block("O_BSH", 1, HP, 1, H)[0],
+        block("O_WD", 1, HP, 1, H),
+        g[offsets["O_BD"] : offsets["O_BD"] + 1],
+        block("O_SF", H4P, HP, H4, H),
+        block("O_BSF", 1, H4P, 1, H4)[0],
+        block("O_CI", HP, KC, H, Ec),
+        block("O_BCI", 1, HP, 1, H)[0],
+        torch.cat([block("O_FA", HP, H4P, H, H4), block("O_FB", HP, HP, H, H)], dim=1),
+        block("O_BF", 1, HP, 1, H)[0],
+        block("O_FH", HP, HP, H, H),
+        block("O_BFH", 1, HP, 1, H)[0],
     ]
     grads = [t.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True) for t in grads]
     return [grad_cc.to(dtype), grad_sc.to(dtype)] + grads
@@ -678,12 +1352,14 @@ def mlp_composite_backward(grad_features: torch.Tensor, grad_weight_sum: torch.T
 
 # --- compile-only launches (kernels/aot.py, FNEVR_TRITON_COMPILE_ONLY) -------------------------------
 
+
 def compile_launches(dtype):
     """The launches that make kernels/aot.py compile every configuration of these kernels in `dtype`."""
     from fnevr.model.render import SampleMLP
     from fnevr.ops import mlp_composite
 
     from .aot import fwd_bwd
+
     # fp32 dots are tf32x3, or plain TF32 where PyTorch's own matmuls may use it: both.
     tf32_flags = (False, True) if dtype == torch.float32 else (False,)
     for e, hidden, D in ((16, 128, 8), (8, 32, 4)):  # vox-256's ray head; the small config's
@@ -693,8 +1369,11 @@ def compile_launches(dtype):
             saved = torch.backends.cuda.matmul.allow_tf32
             torch.backends.cuda.matmul.allow_tf32 = tf32
             try:
-                fwd_bwd(lambda c, s, *p: mlp_composite(c, s, list(p), transmittance="inclusive", backend="triton"),
-                         torch.rand(64, D, e, dtype=dtype), torch.rand(64, D, e, dtype=dtype),
-                         *[p.detach().clone() for p in params])
+                fwd_bwd(
+                    lambda c, s, *p: mlp_composite(c, s, list(p), transmittance="inclusive", backend="triton"),
+                    torch.rand(64, D, e, dtype=dtype),
+                    torch.rand(64, D, e, dtype=dtype),
+                    *[p.detach().clone() for p in params],
+                )
             finally:
                 torch.backends.cuda.matmul.allow_tf32 = saved

@@ -12,7 +12,6 @@ division per row, not per element. eps and the leaky-ReLU slope are compile-time
 would pass them as fp32, too coarse for fp64.
 """
 
-
 import dataclasses
 
 import torch
@@ -57,8 +56,19 @@ def _tile(s0, chans, S, C, CL: tl.constexpr, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def _moments(xn, chans, samples, t_lo, t_hi, C, S, CL: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
-             BLOCK_S: tl.constexpr):
+def _moments(
+    xn,
+    chans,
+    samples,
+    t_lo,
+    t_hi,
+    C,
+    S,
+    CL: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     """Per-channel (mean, biased variance) over tiles t_lo..t_hi of positions of `samples` consecutive
     samples from xn: each tile's moments around its own mean (corrected two-pass), merged by Chan's
     rule. (A loop over tile indices, not positions, lets the compiler see the tiles' alignment.)"""
@@ -98,24 +108,61 @@ def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
-def _stats_kernel(x, mean, var, N, C, S, per_group, chunk_tiles, CL: tl.constexpr, ACC: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def _stats_kernel(
+    x,
+    mean,
+    var,
+    N,
+    C,
+    S,
+    per_group,
+    chunk_tiles,
+    CL: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     """(mean, biased var) of sample group program 0, chunk program 1 (of chunk_tiles tiles) and
     program 2's channels: piece p of _Split at [p, C]."""
     n0 = tl.program_id(0) * per_group
     piece = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     t_lo = tl.program_id(1) * chunk_tiles
     chans = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mu, v = _moments(x + n0.to(tl.int64) * C * S, chans, tl.minimum(per_group, N - n0), t_lo,
-                     tl.minimum(t_lo + chunk_tiles, tl.cdiv(S, BLOCK_S)), C, S, CL, ACC, BLOCK_C, BLOCK_S)
+    mu, v = _moments(
+        x + n0.to(tl.int64) * C * S,
+        chans,
+        tl.minimum(per_group, N - n0),
+        t_lo,
+        tl.minimum(t_lo + chunk_tiles, tl.cdiv(S, BLOCK_S)),
+        C,
+        S,
+        CL,
+        ACC,
+        BLOCK_C,
+        BLOCK_S,
+    )
     cmask = chans < C
     tl.store(mean + piece * C + chans, mu, mask=cmask)
     tl.store(var + piece * C + chans, v, mask=cmask)
 
 
 @triton.jit
-def _merge_moments_kernel(pmean, pvar, mean, var, G, Q, N, S, groups, per_group, chunk, ACC: tl.constexpr,
-                          BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr):
+def _merge_moments_kernel(
+    pmean,
+    pvar,
+    mean,
+    var,
+    G,
+    Q,
+    N,
+    S,
+    groups,
+    per_group,
+    chunk,
+    ACC: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
     """Merges the Q partials (mean, biased var) [Q, G] of each of G groups by Chan's rule: a fixed
     tree within [BLOCK_Q, BLOCK_G] tiles, then tile after tile. Partial q covers sample group
     q % groups (per_group samples, fewer in the last) and chunk q // groups (chunk positions, fewer in
@@ -156,9 +203,23 @@ def _merge_sums_kernel(part, sums, G, Q, BLOCK_Q: tl.constexpr, BLOCK_G: tl.cons
 
 
 @triton.jit
-def _instance_forward_kernel(x, gamma, beta, y, mean, var, S, eps: tl.constexpr, slope: tl.constexpr,
-                             ACT: tl.constexpr, G_FULL: tl.constexpr, B_FULL: tl.constexpr, ACC: tl.constexpr,
-                             BLOCK_S: tl.constexpr, ONE_TILE: tl.constexpr):
+def _instance_forward_kernel(
+    x,
+    gamma,
+    beta,
+    y,
+    mean,
+    var,
+    S,
+    eps: tl.constexpr,
+    slope: tl.constexpr,
+    ACT: tl.constexpr,
+    G_FULL: tl.constexpr,
+    B_FULL: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    ONE_TILE: tl.constexpr,
+):
     """Instance norm, NCHW: statistics and output of one (n, c) row in one program. With ONE_TILE the
     row is read once; else the statistics pass is followed by a second (mostly cached) read."""
     row = tl.program_id(0)
@@ -202,9 +263,24 @@ def _instance_forward_kernel(x, gamma, beta, y, mean, var, S, eps: tl.constexpr,
 
 
 @triton.jit
-def _element_tile(x, gamma, beta, mean, var, eps, N, C, S, G_FULL: tl.constexpr, B_FULL: tl.constexpr,
-                  BATCH: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
-                  BLOCK_C: tl.constexpr):
+def _element_tile(
+    x,
+    gamma,
+    beta,
+    mean,
+    var,
+    eps,
+    N,
+    C,
+    S,
+    G_FULL: tl.constexpr,
+    B_FULL: tl.constexpr,
+    BATCH: tl.constexpr,
+    CL: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """This program's [BLOCK_R, BLOCK_C] tile of the element-wise passes: (offsets, mask, xhat, rstd,
     gamma, beta, statistics index). NCHW: BLOCK_C positions of one (n, c) row (BLOCK_R = 1);
     channels_last: BLOCK_R (n, s) rows x BLOCK_C channels. Divisions are per row, not per element."""
@@ -243,19 +319,57 @@ def _element_tile(x, gamma, beta, mean, var, eps, N, C, S, G_FULL: tl.constexpr,
 
 
 @triton.jit
-def _forward_kernel(x, gamma, beta, mean, var, y, N, C, S, eps: tl.constexpr, slope: tl.constexpr, ACT: tl.constexpr,
-                    G_FULL: tl.constexpr, B_FULL: tl.constexpr, BATCH: tl.constexpr, CL: tl.constexpr,
-                    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    offs, mask, xhat, _, g, b, _ = _element_tile(x, gamma, beta, mean, var, eps, N, C, S, G_FULL, B_FULL, BATCH, CL,
-                                                 ACC, BLOCK_R, BLOCK_C)
+def _forward_kernel(
+    x,
+    gamma,
+    beta,
+    mean,
+    var,
+    y,
+    N,
+    C,
+    S,
+    eps: tl.constexpr,
+    slope: tl.constexpr,
+    ACT: tl.constexpr,
+    G_FULL: tl.constexpr,
+    B_FULL: tl.constexpr,
+    BATCH: tl.constexpr,
+    CL: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    offs, mask, xhat, _, g, b, _ = _element_tile(
+        x, gamma, beta, mean, var, eps, N, C, S, G_FULL, B_FULL, BATCH, CL, ACC, BLOCK_R, BLOCK_C
+    )
     tl.store(y + offs, _act(xhat * (1.0 + g) + b, ACT, slope).to(y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _reduce_kernel(grad_y, x, gamma, beta, mean, var, sums, N, C, S, chunk_tiles, eps: tl.constexpr,
-                   slope: tl.constexpr, ACT: tl.constexpr, G_FULL: tl.constexpr, B_FULL: tl.constexpr,
-                   BATCH: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BLOCK_S: tl.constexpr):
+def _reduce_kernel(
+    grad_y,
+    x,
+    gamma,
+    beta,
+    mean,
+    var,
+    sums,
+    N,
+    C,
+    S,
+    chunk_tiles,
+    eps: tl.constexpr,
+    slope: tl.constexpr,
+    ACT: tl.constexpr,
+    G_FULL: tl.constexpr,
+    B_FULL: tl.constexpr,
+    BATCH: tl.constexpr,
+    CL: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     """Sums of sample n = program 0, chunk j = program 1 (of chunk_tiles tiles) and program 2's
     channels: piece j N + n of [4, pieces, C]."""
     n = tl.program_id(0)
@@ -309,12 +423,37 @@ def _reduce_kernel(grad_y, x, gamma, beta, mean, var, sums, N, C, S, chunk_tiles
 
 
 @triton.jit
-def _backward_kernel(grad_y, x, gamma, beta, mean, var, group_means, dx, dgamma, dbeta, G, N, C, S,
-                     eps: tl.constexpr, slope: tl.constexpr, ACT: tl.constexpr, G_FULL: tl.constexpr,
-                     B_FULL: tl.constexpr, BATCH: tl.constexpr, CL: tl.constexpr, GAMMA_GRAD: tl.constexpr,
-                     BETA_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    offs, mask, xhat, rstd, g, b, grp = _element_tile(x, gamma, beta, mean, var, eps, N, C, S, G_FULL, B_FULL, BATCH,
-                                                      CL, ACC, BLOCK_R, BLOCK_C)
+def _backward_kernel(
+    grad_y,
+    x,
+    gamma,
+    beta,
+    mean,
+    var,
+    group_means,
+    dx,
+    dgamma,
+    dbeta,
+    G,
+    N,
+    C,
+    S,
+    eps: tl.constexpr,
+    slope: tl.constexpr,
+    ACT: tl.constexpr,
+    G_FULL: tl.constexpr,
+    B_FULL: tl.constexpr,
+    BATCH: tl.constexpr,
+    CL: tl.constexpr,
+    GAMMA_GRAD: tl.constexpr,
+    BETA_GRAD: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    offs, mask, xhat, rstd, g, b, grp = _element_tile(
+        x, gamma, beta, mean, var, eps, N, C, S, G_FULL, B_FULL, BATCH, CL, ACC, BLOCK_R, BLOCK_C
+    )
     c1 = tl.load(group_means + grp, mask=mask, other=0.0)
     c2 = tl.load(group_means + G + grp, mask=mask, other=0.0)
     dz = _act_backward(tl.load(grad_y + offs, mask=mask, other=0.0).to(ACC), xhat * (1.0 + g) + b, ACT, slope)
@@ -327,8 +466,23 @@ def _backward_kernel(grad_y, x, gamma, beta, mean, var, group_means, dx, dgamma,
 
 
 @triton.jit
-def _instance_tile(grad_y, x, gamma, beta, offs, mask, g_row, b_row, m, rstd, slope, ACT: tl.constexpr,
-                   G_FULL: tl.constexpr, B_FULL: tl.constexpr, ACC: tl.constexpr):
+def _instance_tile(
+    grad_y,
+    x,
+    gamma,
+    beta,
+    offs,
+    mask,
+    g_row,
+    b_row,
+    m,
+    rstd,
+    slope,
+    ACT: tl.constexpr,
+    G_FULL: tl.constexpr,
+    B_FULL: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """One tile of an (n, c) row: (xhat, dz, dxhat), zero where masked."""
     dy = tl.load(grad_y + offs, mask=mask, other=0.0).to(ACC)
     xv = tl.load(x + offs, mask=mask, other=0.0).to(ACC)
@@ -346,8 +500,23 @@ def _instance_tile(grad_y, x, gamma, beta, offs, mask, g_row, b_row, m, rstd, sl
 
 
 @triton.jit
-def _instance_store(dx, dgamma, dbeta, offs, mask, xhat, dz, dxhat, rstd, c1, c2, G_FULL: tl.constexpr,
-                    B_FULL: tl.constexpr, GAMMA_GRAD: tl.constexpr, BETA_GRAD: tl.constexpr):
+def _instance_store(
+    dx,
+    dgamma,
+    dbeta,
+    offs,
+    mask,
+    xhat,
+    dz,
+    dxhat,
+    rstd,
+    c1,
+    c2,
+    G_FULL: tl.constexpr,
+    B_FULL: tl.constexpr,
+    GAMMA_GRAD: tl.constexpr,
+    BETA_GRAD: tl.constexpr,
+):
     tl.store(dx + offs, (rstd * (dxhat - c1 - xhat * c2)).to(dx.dtype.element_ty), mask=mask)
     if GAMMA_GRAD and G_FULL:
         tl.store(dgamma + offs, (dz * xhat).to(dgamma.dtype.element_ty), mask=mask)
@@ -356,10 +525,28 @@ def _instance_store(dx, dgamma, dbeta, offs, mask, xhat, dz, dxhat, rstd, c1, c2
 
 
 @triton.jit
-def _instance_backward_kernel(grad_y, x, gamma, beta, mean, var, dx, dgamma, dbeta, S, eps: tl.constexpr,
-                              slope: tl.constexpr, ACT: tl.constexpr, G_FULL: tl.constexpr, B_FULL: tl.constexpr,
-                              GAMMA_GRAD: tl.constexpr, BETA_GRAD: tl.constexpr, ACC: tl.constexpr,
-                              BLOCK_S: tl.constexpr, ONE_TILE: tl.constexpr):
+def _instance_backward_kernel(
+    grad_y,
+    x,
+    gamma,
+    beta,
+    mean,
+    var,
+    dx,
+    dgamma,
+    dbeta,
+    S,
+    eps: tl.constexpr,
+    slope: tl.constexpr,
+    ACT: tl.constexpr,
+    G_FULL: tl.constexpr,
+    B_FULL: tl.constexpr,
+    GAMMA_GRAD: tl.constexpr,
+    BETA_GRAD: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    ONE_TILE: tl.constexpr,
+):
     """Instance norm, NCHW: the whole backward of one (n, c) row. With ONE_TILE the row is loaded
     once and stays in registers for both the group sums and the gradients; else a second pass
     re-reads it (from cache, mostly). [N, C] gamma/beta get their gradients as row sums."""
@@ -377,14 +564,16 @@ def _instance_backward_kernel(grad_y, x, gamma, beta, mean, var, dx, dgamma, dbe
     if ONE_TILE:
         mask = pos < S
         offs = base + pos
-        xhat, dz, dxhat = _instance_tile(grad_y, x, gamma, beta, offs, mask, g_row, b_row, m, rstd, slope, ACT,
-                                         G_FULL, B_FULL, ACC)
+        xhat, dz, dxhat = _instance_tile(
+            grad_y, x, gamma, beta, offs, mask, g_row, b_row, m, rstd, slope, ACT, G_FULL, B_FULL, ACC
+        )
         s_dz = tl.sum(dz, axis=0)
         s_dz_xhat = tl.sum(dz * xhat, axis=0)
         c1 = tl.sum(dxhat, axis=0) / S
         c2 = tl.sum(dxhat * xhat, axis=0) / S
-        _instance_store(dx, dgamma, dbeta, offs, mask, xhat, dz, dxhat, rstd, c1, c2, G_FULL, B_FULL, GAMMA_GRAD,
-                        BETA_GRAD)
+        _instance_store(
+            dx, dgamma, dbeta, offs, mask, xhat, dz, dxhat, rstd, c1, c2, G_FULL, B_FULL, GAMMA_GRAD, BETA_GRAD
+        )
     else:
         a_dxhat = tl.zeros([BLOCK_S], ACC)
         a_dxhat_xhat = tl.zeros([BLOCK_S], ACC)
@@ -392,8 +581,9 @@ def _instance_backward_kernel(grad_y, x, gamma, beta, mean, var, dx, dgamma, dbe
         a_dz_xhat = tl.zeros([BLOCK_S], ACC)
         for s0 in range(0, S, BLOCK_S):
             mask = s0 + pos < S
-            xhat, dz, dxhat = _instance_tile(grad_y, x, gamma, beta, base + s0 + pos, mask, g_row, b_row, m, rstd,
-                                             slope, ACT, G_FULL, B_FULL, ACC)
+            xhat, dz, dxhat = _instance_tile(
+                grad_y, x, gamma, beta, base + s0 + pos, mask, g_row, b_row, m, rstd, slope, ACT, G_FULL, B_FULL, ACC
+            )
             a_dxhat += dxhat
             a_dxhat_xhat += dxhat * xhat
             a_dz += dz
@@ -405,10 +595,12 @@ def _instance_backward_kernel(grad_y, x, gamma, beta, mean, var, dx, dgamma, dbe
         for s0 in range(0, S, BLOCK_S):
             mask = s0 + pos < S
             offs = base + s0 + pos
-            xhat, dz, dxhat = _instance_tile(grad_y, x, gamma, beta, offs, mask, g_row, b_row, m, rstd, slope, ACT,
-                                             G_FULL, B_FULL, ACC)
-            _instance_store(dx, dgamma, dbeta, offs, mask, xhat, dz, dxhat, rstd, c1, c2, G_FULL, B_FULL,
-                            GAMMA_GRAD, BETA_GRAD)
+            xhat, dz, dxhat = _instance_tile(
+                grad_y, x, gamma, beta, offs, mask, g_row, b_row, m, rstd, slope, ACT, G_FULL, B_FULL, ACC
+            )
+            _instance_store(
+                dx, dgamma, dbeta, offs, mask, xhat, dz, dxhat, rstd, c1, c2, G_FULL, B_FULL, GAMMA_GRAD, BETA_GRAD
+            )
     if GAMMA_GRAD and not G_FULL:
         tl.store(dgamma + row, s_dz_xhat.to(dgamma.dtype.element_ty))
     if BETA_GRAD and not B_FULL:
@@ -452,6 +644,7 @@ class _Split:
     """How a reduction over N samples x S positions is cut for (channel tiles) x pieces programs: piece
     p covers the per_group samples (fewer in the last group) of group p % groups and the chunk
     positions (fewer in the last chunk, a whole number of tiles in the others) of chunk p // groups."""
+
     groups: int
     per_group: int
     chunk: int
@@ -499,16 +692,40 @@ def spade_norm_stats(x: torch.Tensor, channels_last: bool, batch: bool):
     if Q > 1:
         part = torch.empty((2, sp.pieces, C), dtype=acc, device=x.device).unbind(0)
     with launch_ctx(x):
-        _stats_kernel[(sp.groups, sp.chunks, c_tiles)](x, *part, N, C, S, sp.per_group, sp.chunk // block_s,
-                                                       CL=channels_last, ACC=accumulator(x.dtype), BLOCK_C=block_c,
-                                                       BLOCK_S=block_s, num_warps=8)
+        _stats_kernel[(sp.groups, sp.chunks, c_tiles)](
+            x,
+            *part,
+            N,
+            C,
+            S,
+            sp.per_group,
+            sp.chunk // block_s,
+            CL=channels_last,
+            ACC=accumulator(x.dtype),
+            BLOCK_C=block_c,
+            BLOCK_S=block_s,
+            num_warps=8,
+        )
         if Q > 1:
             G = mean.numel()
             # Instance norm: partial q of group (n, c) is piece q N + n, one sample of chunk q.
             n, groups, per_group = (N, sp.groups, sp.per_group) if batch else (1, 1, 1)
             _merge_moments_kernel[(cdiv(G, _MERGE_G),)](
-                *part, mean, var, G, Q, n, S, groups, per_group, sp.chunk, ACC=accumulator(x.dtype),
-                BLOCK_Q=_MERGE_Q, BLOCK_G=_MERGE_G, num_warps=4)
+                *part,
+                mean,
+                var,
+                G,
+                Q,
+                n,
+                S,
+                groups,
+                per_group,
+                sp.chunk,
+                ACC=accumulator(x.dtype),
+                BLOCK_Q=_MERGE_Q,
+                BLOCK_G=_MERGE_G,
+                num_warps=4,
+            )
     return mean, var
 
 
@@ -516,8 +733,7 @@ def spade_norm_forward(x, gamma, beta, mean, var, eps: float, channels_last: boo
     """-> y = act(xhat (1 + gamma) + beta), like x."""
     if interpreting() and x.dtype == torch.bfloat16:
         x32, g32, b32 = _as_fp32(x, gamma, beta)
-        return spade_norm_forward(x32, g32, b32, mean, var, eps, channels_last, activation,
-                                  slope).to(x.dtype)
+        return spade_norm_forward(x32, g32, b32, mean, var, eps, channels_last, activation, slope).to(x.dtype)
     N, C, S = _dims(x, channels_last)
     y = torch.empty_like(x)
     if x.numel() == 0:
@@ -525,19 +741,36 @@ def spade_norm_forward(x, gamma, beta, mean, var, eps: float, channels_last: boo
     grid, block_r, block_c = _element_blocks(N, C, S, channels_last)
     with launch_ctx(x):
         _forward_kernel[grid](
-            x, gamma, beta, mean, var, y, N, C, S, eps=eps, slope=slope, ACT=activation, G_FULL=gamma.dim() == 3,
-            B_FULL=beta.dim() == 3, BATCH=mean.dim() == 1, CL=channels_last, ACC=accumulator(x.dtype), BLOCK_R=block_r,
-            BLOCK_C=block_c)
+            x,
+            gamma,
+            beta,
+            mean,
+            var,
+            y,
+            N,
+            C,
+            S,
+            eps=eps,
+            slope=slope,
+            ACT=activation,
+            G_FULL=gamma.dim() == 3,
+            B_FULL=beta.dim() == 3,
+            BATCH=mean.dim() == 1,
+            CL=channels_last,
+            ACC=accumulator(x.dtype),
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+        )
     return y
 
 
-def spade_norm_backward_reduce(grad_y, x, gamma, beta, mean, var, eps: float, channels_last: bool, activation: int,
-                               slope: float):
+def spade_norm_backward_reduce(
+    grad_y, x, gamma, beta, mean, var, eps: float, channels_last: bool, activation: int, slope: float
+):
     """-> [4, N, C] per-(n, c) sums of dxhat, dxhat xhat, dz, dz xhat (statistics' dtype)."""
     if interpreting() and x.dtype == torch.bfloat16:
         gy32, x32, g32, b32 = _as_fp32(grad_y, x, gamma, beta)
-        return spade_norm_backward_reduce(gy32, x32, g32, b32, mean, var, eps, channels_last,
-                                          activation, slope)
+        return spade_norm_backward_reduce(gy32, x32, g32, b32, mean, var, eps, channels_last, activation, slope)
     N, C, S = _dims(x, channels_last)
     if x.numel() == 0:
         return torch.zeros((4, N, C), dtype=mean.dtype, device=x.device)
@@ -548,22 +781,71 @@ def spade_norm_backward_reduce(grad_y, x, gamma, beta, mean, var, eps: float, ch
     part = sums if sp.chunks == 1 else torch.empty((4, sp.chunks, N, C), dtype=mean.dtype, device=x.device)
     with launch_ctx(x):
         _reduce_kernel[(N, sp.chunks, c_tiles)](
-            grad_y, x, gamma, beta, mean, var, part, N, C, S, sp.chunk // block_s, eps=eps, slope=slope, ACT=activation,
-            G_FULL=gamma.dim() == 3, B_FULL=beta.dim() == 3, BATCH=mean.dim() == 1, CL=channels_last,
-            ACC=accumulator(x.dtype), BLOCK_C=block_c, BLOCK_S=block_s, num_warps=8)
+            grad_y,
+            x,
+            gamma,
+            beta,
+            mean,
+            var,
+            part,
+            N,
+            C,
+            S,
+            sp.chunk // block_s,
+            eps=eps,
+            slope=slope,
+            ACT=activation,
+            G_FULL=gamma.dim() == 3,
+            B_FULL=beta.dim() == 3,
+            BATCH=mean.dim() == 1,
+            CL=channels_last,
+            ACC=accumulator(x.dtype),
+            BLOCK_C=block_c,
+            BLOCK_S=block_s,
+            num_warps=8,
+        )
         if sp.chunks > 1:
-            _merge_sums_kernel[(cdiv(N * C, _MERGE_G),)](part, sums, N * C, sp.chunks, BLOCK_Q=_MERGE_Q,
-                                                                BLOCK_G=_MERGE_G, num_warps=4)
+            _merge_sums_kernel[(cdiv(N * C, _MERGE_G),)](
+                part, sums, N * C, sp.chunks, BLOCK_Q=_MERGE_Q, BLOCK_G=_MERGE_G, num_warps=4
+            )
     return sums
 
 
-def spade_norm_backward(grad_y, x, gamma, beta, mean, var, group_sums, scale: float, eps: float, channels_last: bool,
-                        activation: int, slope: float, gamma_grad: bool, beta_grad: bool):
+def spade_norm_backward(
+    grad_y,
+    x,
+    gamma,
+    beta,
+    mean,
+    var,
+    group_sums,
+    scale: float,
+    eps: float,
+    channels_last: bool,
+    activation: int,
+    slope: float,
+    gamma_grad: bool,
+    beta_grad: bool,
+):
     """-> (dx like x; dgamma, dbeta like x when asked for (full-size gamma/beta), else empty)."""
     if interpreting() and x.dtype == torch.bfloat16:
         gy32, x32, g32, b32 = _as_fp32(grad_y, x, gamma, beta)
-        grads = spade_norm_backward(gy32, x32, g32, b32, mean, var, group_sums, scale, eps,
-                                    channels_last, activation, slope, gamma_grad, beta_grad)
+        grads = spade_norm_backward(
+            gy32,
+            x32,
+            g32,
+            b32,
+            mean,
+            var,
+            group_sums,
+            scale,
+            eps,
+            channels_last,
+            activation,
+            slope,
+            gamma_grad,
+            beta_grad,
+        )
         return tuple(t.to(x.dtype) for t in grads)
     N, C, S = _dims(x, channels_last)
     dx = torch.empty_like(x)
@@ -574,21 +856,46 @@ def spade_norm_backward(grad_y, x, gamma, beta, mean, var, group_sums, scale: fl
     grid, block_r, block_c = _element_blocks(N, C, S, channels_last)
     with launch_ctx(x):
         _backward_kernel[grid](
-            grad_y, x, gamma, beta, mean, var, group_sums * scale, dx, dg, db, mean.numel(), N, C, S, eps=eps,
-            slope=slope, ACT=activation, G_FULL=gamma.dim() == 3, B_FULL=beta.dim() == 3, BATCH=mean.dim() == 1,
-            CL=channels_last, GAMMA_GRAD=gamma_grad, BETA_GRAD=beta_grad, ACC=accumulator(x.dtype), BLOCK_R=block_r,
-            BLOCK_C=block_c)
+            grad_y,
+            x,
+            gamma,
+            beta,
+            mean,
+            var,
+            group_sums * scale,
+            dx,
+            dg,
+            db,
+            mean.numel(),
+            N,
+            C,
+            S,
+            eps=eps,
+            slope=slope,
+            ACT=activation,
+            G_FULL=gamma.dim() == 3,
+            B_FULL=beta.dim() == 3,
+            BATCH=mean.dim() == 1,
+            CL=channels_last,
+            GAMMA_GRAD=gamma_grad,
+            BETA_GRAD=beta_grad,
+            ACC=accumulator(x.dtype),
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+        )
     return dx, dg, db
 
 
-def spade_norm_instance_backward(grad_y, x, gamma, beta, mean, var, eps: float, activation: int, slope: float,
-                                 gamma_grad: bool, beta_grad: bool):
+def spade_norm_instance_backward(
+    grad_y, x, gamma, beta, mean, var, eps: float, activation: int, slope: float, gamma_grad: bool, beta_grad: bool
+):
     """Instance norm of an NCHW x ([N, C, S]), whole backward in one kernel -> (dx; dgamma, dbeta
     shaped like gamma, beta when asked for, else empty)."""
     if interpreting() and x.dtype == torch.bfloat16:
         gy32, x32, g32, b32 = _as_fp32(grad_y, x, gamma, beta)
-        grads = spade_norm_instance_backward(gy32, x32, g32, b32, mean, var, eps, activation, slope,
-                                             gamma_grad, beta_grad)
+        grads = spade_norm_instance_backward(
+            gy32, x32, g32, b32, mean, var, eps, activation, slope, gamma_grad, beta_grad
+        )
         return tuple(t.to(x.dtype) for t in grads)
     N, C, S = x.shape
     dx = torch.empty_like(x)
@@ -599,9 +906,28 @@ def spade_norm_instance_backward(grad_y, x, gamma, beta, mean, var, eps: float, 
     block_s = min(_ONE_TILE_MAX, next_power_of_2(S))
     with launch_ctx(x):
         _instance_backward_kernel[(N * C,)](
-            grad_y, x, gamma, beta, mean, var, dx, dg, db, S, eps=eps, slope=slope, ACT=activation,
-            G_FULL=gamma.dim() == 3, B_FULL=beta.dim() == 3, GAMMA_GRAD=gamma_grad, BETA_GRAD=beta_grad,
-            ACC=accumulator(x.dtype), BLOCK_S=block_s, ONE_TILE=S <= block_s, num_warps=8 if block_s >= 2048 else 4)
+            grad_y,
+            x,
+            gamma,
+            beta,
+            mean,
+            var,
+            dx,
+            dg,
+            db,
+            S,
+            eps=eps,
+            slope=slope,
+            ACT=activation,
+            G_FULL=gamma.dim() == 3,
+            B_FULL=beta.dim() == 3,
+            GAMMA_GRAD=gamma_grad,
+            BETA_GRAD=beta_grad,
+            ACC=accumulator(x.dtype),
+            BLOCK_S=block_s,
+            ONE_TILE=S <= block_s,
+            num_warps=8 if block_s >= 2048 else 4,
+        )
     return dx, dg, db
 
 
@@ -622,19 +948,35 @@ def spade_norm_instance_forward(x, gamma, beta, eps: float, activation: int, slo
     block_s = min(_ONE_TILE_MAX, next_power_of_2(S))
     with launch_ctx(x):
         _instance_forward_kernel[(N * C,)](
-            x, gamma, beta, y, mean, var, S, eps=eps, slope=slope, ACT=activation, G_FULL=gamma.dim() == 3,
-            B_FULL=beta.dim() == 3, ACC=accumulator(x.dtype), BLOCK_S=block_s, ONE_TILE=S <= block_s,
-            num_warps=8 if block_s >= 2048 else 4)
+            x,
+            gamma,
+            beta,
+            y,
+            mean,
+            var,
+            S,
+            eps=eps,
+            slope=slope,
+            ACT=activation,
+            G_FULL=gamma.dim() == 3,
+            B_FULL=beta.dim() == 3,
+            ACC=accumulator(x.dtype),
+            BLOCK_S=block_s,
+            ONE_TILE=S <= block_s,
+            num_warps=8 if block_s >= 2048 else 4,
+        )
     return y, mean, var
 
 
 # --- compile-only launches (kernels/aot.py, FNEVR_TRITON_COMPILE_ONLY) -------------------------------
+
 
 def compile_launches(dtype):
     """The launches that make kernels/aot.py compile every configuration of these kernels in `dtype`."""
     from fnevr.ops import spade_norm
 
     from .aot import fwd_bwd
+
     # One tile, several tiles (reductions cut into pieces and merged, for sm_90's 132 SMs), wide C; a
     # batch of 2, so that merges span sample groups and no size is the constant 1. No activation: its
     # code differs from relu's in one select, so on one shape only.
@@ -645,6 +987,9 @@ def compile_launches(dtype):
             for full in (True, False):  # gamma/beta per element, or per channel
                 fmt = torch.channels_last if cl else torch.contiguous_format
                 mshape = shape if full else (1, shape[1], 1, 1)
-                fwd_bwd(lambda x, g, b: spade_norm(x, g, b, norm=norm, activation=act, backend="triton"),
-                         torch.randn(shape, dtype=dtype).to(memory_format=fmt), torch.randn(mshape, dtype=dtype),
-                         torch.randn(mshape, dtype=dtype))
+                fwd_bwd(
+                    lambda x, g, b: spade_norm(x, g, b, norm=norm, activation=act, backend="triton"),
+                    torch.randn(shape, dtype=dtype).to(memory_format=fmt),
+                    torch.randn(mshape, dtype=dtype),
+                    torch.randn(mshape, dtype=dtype),
+                )

@@ -45,8 +45,10 @@ def _heavy(item) -> bool:
     params = item.callspec.params if hasattr(item, "callspec") else {}
     if any(v is torch.float64 for v in params.values()):
         return True
-    return any(mark.kwargs.get("backend", params.get("backend")) == params.get("backend")
-               for mark in item.iter_markers("gpu_heavy"))
+    return any(
+        mark.kwargs.get("backend", params.get("backend")) == params.get("backend")
+        for mark in item.iter_markers("gpu_heavy")
+    )
 
 
 def _each_choice(items, chosen):

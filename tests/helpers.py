@@ -27,13 +27,15 @@ def target_params(pairs=FUSED):
         else:
             status = fnevr.ops.backends(device)[backend]
             why = "" if status == "available" else status
-        params.append(pytest.param(backend, device, id=f"{backend}-{device}",
-                                   marks=pytest.mark.skipif(bool(why), reason=why)))
+        params.append(
+            pytest.param(backend, device, id=f"{backend}-{device}", marks=pytest.mark.skipif(bool(why), reason=why))
+        )
     return params
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "",
-                 tol: dict | None = None):
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "", tol: dict | None = None
+):
     """`actual` (any dtype) against an fp64 `expected`: same shape, finite where it is, and
     max |actual - expected| <= tol[dtype] * max |expected| (tol defaults to TOL)."""
     tol = tol or TOL
@@ -53,15 +55,27 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 def compile_params():
     """target_params() x the torch.compile backends (aot_eager, inductor): (backend, device, compiler)."""
     # Inductor compiles are slow cold: left out of the device check's --quick run.
-    return [pytest.param(*p.values[:2], compiler, id=f"{p.id}-{compiler}",
-                         marks=list(p.marks) + ([pytest.mark.gpu_heavy] if compiler == "inductor" else []))
-            for p in target_params() for compiler in ("aot_eager", "inductor")
-            if not (compiler == "inductor" and p.id == "triton-cpu")]  # inductor cannot target the interpreter
+    return [
+        pytest.param(
+            *p.values[:2],
+            compiler,
+            id=f"{p.id}-{compiler}",
+            marks=list(p.marks) + ([pytest.mark.gpu_heavy] if compiler == "inductor" else []),
+        )
+        for p in target_params()
+        for compiler in ("aot_eager", "inductor")
+        if not (compiler == "inductor" and p.id == "triton-cpu")
+    ]  # inductor cannot target the interpreter
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
     """Run `code` in a fresh Python (without TRITON_INTERPRET unless given): for what must be seen at
     import time, and for what could crash the process."""
     environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env={**environ, **env},
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

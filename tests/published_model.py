@@ -15,8 +15,15 @@ def _conv(sd, name, x, padding=0):
 
 
 def _bn(sd, name, x):
-    return F.batch_norm(x, sd[f"{name}.running_mean"], sd[f"{name}.running_var"], sd[f"{name}.weight"],
-                        sd[f"{name}.bias"], training=False, eps=1e-5)
+    return F.batch_norm(
+        x,
+        sd[f"{name}.running_mean"],
+        sd[f"{name}.running_var"],
+        sd[f"{name}.weight"],
+        sd[f"{name}.bias"],
+        training=False,
+        eps=1e-5,
+    )
 
 
 def _block(sd, name, x, kind):  # conv-bn-relu, with a 2x nearest upsample before or avg pool after
@@ -74,9 +81,12 @@ def _dense_motion(sd, source, kp_d, kp_s, variance=0.01):
     rel = grid[None, None] - kp_d["value"][:, :, None, None]
     motion = torch.einsum("bkij,bkhwj->bkhwi", jac, rel) + kp_s["value"][:, :, None, None]
     motions = torch.cat([grid[None, None].expand(B, 1, h, w, 2), motion], 1)
-    warped = F.grid_sample(src.repeat_interleave(K + 1, 0), motions.reshape(B * (K + 1), h, w, 2),
-                           align_corners=False).view(B, K + 1, C, h, w)
-    feat = _hourglass(sd, "dense_motion_network.hourglass", torch.cat([heat[:, :, None], warped], 2).view(B, -1, h, w), 5)
+    warped = F.grid_sample(
+        src.repeat_interleave(K + 1, 0), motions.reshape(B * (K + 1), h, w, 2), align_corners=False
+    ).view(B, K + 1, C, h, w)
+    feat = _hourglass(
+        sd, "dense_motion_network.hourglass", torch.cat([heat[:, :, None], warped], 2).view(B, -1, h, w), 5
+    )
     mask = F.softmax(_conv(sd, "dense_motion_network.mask", feat, 3), 1)
     deformation = (motions * mask[..., None]).sum(1)
     occlusion = torch.sigmoid(_conv(sd, "dense_motion_network.occlusion", feat, 3))
@@ -85,8 +95,9 @@ def _dense_motion(sd, source, kp_d, kp_s, variance=0.01):
 
 def _warp(x, deformation):
     if deformation.shape[1:3] != x.shape[2:]:
-        deformation = F.interpolate(deformation.permute(0, 3, 1, 2), size=x.shape[2:], mode="bilinear",
-                                    align_corners=False).permute(0, 2, 3, 1)
+        deformation = F.interpolate(
+            deformation.permute(0, 3, 1, 2), size=x.shape[2:], mode="bilinear", align_corners=False
+        ).permute(0, 2, 3, 1)
     return F.grid_sample(x, deformation, align_corners=False)
 
 
@@ -102,7 +113,9 @@ def _render(sd, feat, floors=8):
     for i in (0, 2, 4):
         r = f"{p}sigma_predict.res_conv3d.{i}"
         y = F.conv3d(F.relu(_bn(sd, f"{r}.norm1", vol)), sd[f"{r}.conv1.weight"], sd[f"{r}.conv1.bias"], padding=1)
-        vol = vol + F.conv3d(F.relu(_bn(sd, f"{r}.norm2", y)), sd[f"{r}.conv2.weight"], sd[f"{r}.conv2.bias"], padding=1)
+        vol = vol + F.conv3d(
+            F.relu(_bn(sd, f"{r}.norm2", y)), sd[f"{r}.conv2.weight"], sd[f"{r}.conv2.bias"], padding=1
+        )
         vol = _bn(sd, f"{p}sigma_predict.res_conv3d.{i + 1}", vol)
     shape = vol.permute(0, 3, 4, 2, 1)
     s = F.relu(lin("layer2", F.relu(lin("layer1", shape))))
@@ -120,7 +133,9 @@ def _render(sd, feat, floors=8):
 def _spade(sd, name, x, seg):
     seg = F.interpolate(seg, size=x.shape[2:], mode="nearest")
     act = F.relu(_conv(sd, f"{name}.mlp_shared.0", seg, 1))
-    return F.instance_norm(x, eps=1e-5) * (1 + _conv(sd, f"{name}.mlp_gamma", act, 1)) + _conv(sd, f"{name}.mlp_beta", act, 1)
+    return F.instance_norm(x, eps=1e-5) * (1 + _conv(sd, f"{name}.mlp_gamma", act, 1)) + _conv(
+        sd, f"{name}.mlp_beta", act, 1
+    )
 
 
 def _decoder(sd, x):
@@ -140,6 +155,13 @@ def generator(sd, source, kp_driving, kp_source):
     deformation, occlusion, mask, warped = _dense_motion(sd, source, kp_driving, kp_source)
     x = _warp(x, deformation) * occlusion
     render, mini = _render(sd, x)
-    return {"prediction": _decoder(sd, torch.cat([x, render], 1)), "render": render, "mini_render": mini,
-            "deformation": deformation, "occlusion_map": occlusion, "mask": mask, "sparse_deformed": warped,
-            "deformed": _warp(source, deformation)}
+    return {
+        "prediction": _decoder(sd, torch.cat([x, render], 1)),
+        "render": render,
+        "mini_render": mini,
+        "deformation": deformation,
+        "occlusion_map": occlusion,
+        "mask": mask,
+        "sparse_deformed": warped,
+        "deformed": _warp(source, deformation),
+    }

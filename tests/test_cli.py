@@ -31,9 +31,26 @@ def files(tmp_path_factory):
 
 def test_animate_writes_a_playable_video(files, tmp_path, capsys):
     out = tmp_path / "out.mp4"
-    assert main(["animate", "--source", str(files / "source.png"), "--driving", str(files / "driving.mp4"),
-                 "--checkpoint", str(files / "small.pt"), "--out", str(out), "--device", "cpu",
-                 "--batch-size", "4"]) == 0
+    assert (
+        main(
+            [
+                "animate",
+                "--source",
+                str(files / "source.png"),
+                "--driving",
+                str(files / "driving.mp4"),
+                "--checkpoint",
+                str(files / "small.pt"),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     video = read_video(out)
     assert video.shape == (6, 64, 64, 3)  # resized to the config's frame shape
     assert "wrote" in capsys.readouterr().out
@@ -41,13 +58,27 @@ def test_animate_writes_a_playable_video(files, tmp_path, capsys):
 
 def test_reconstruct_side_by_side(files, tmp_path, capsys):
     out = tmp_path / "rec.mp4"
-    main(["reconstruct", "--video", str(files / "driving.mp4"), "--checkpoint", str(files / "small.pt"),
-          "--out", str(out), "--side-by-side", "--backend", "reference"])
+    main(
+        [
+            "reconstruct",
+            "--video",
+            str(files / "driving.mp4"),
+            "--checkpoint",
+            str(files / "small.pt"),
+            "--out",
+            str(out),
+            "--side-by-side",
+            "--backend",
+            "reference",
+        ]
+    )
     assert read_video(out).shape == (6, 64, 3 * 64, 3)
 
 
-@pytest.mark.parametrize("command", [["--help"], ["animate", "--help"], ["reconstruct", "--help"], ["train", "--help"],
-                                     ["evaluate", "--help"]])
+@pytest.mark.parametrize(
+    "command",
+    [["--help"], ["animate", "--help"], ["reconstruct", "--help"], ["train", "--help"], ["evaluate", "--help"]],
+)
 def test_help(command):
     result = subprocess.run([sys.executable, "-m", "fnevr", *command], capture_output=True, text=True)
     assert result.returncode == 0 and "usage: fnevr" in result.stdout

@@ -43,8 +43,9 @@ def test_triton_constants_equal_the_python_ones():
 
 
 def test_each_op_maps_its_names_to_the_shared_codes():
-    composite, grid_sample, spade_norm = (sys.modules[f"fnevr.ops.{op}"] for op in ("composite", "grid_sample",
-                                                                                   "spade_norm"))
+    composite, grid_sample, spade_norm = (
+        sys.modules[f"fnevr.ops.{op}"] for op in ("composite", "grid_sample", "spade_norm")
+    )
     for mapping in (composite.ACTIVATIONS, spade_norm.ACTIVATIONS):
         for name, code in mapping.items():
             assert code == _codes.Activation[(name or "none").upper()]

@@ -13,8 +13,16 @@ from helpers import assert_close, run_python, target_params
 
 MODES = list(itertools.product(("exclusive", "inclusive"), ("relu", "softplus", "none")))
 # (leading ray dims, D, C): D in {1, 2, 8, 13}, C in {1, 3, 256}, 0-3 leading dims, empty.
-SHAPES = [((), 8, 3), ((5,), 1, 256), ((2, 3), 13, 1), ((2, 2, 3), 2, 3), ((4,), 8, 256),
-          ((3,), 13, 256), ((0,), 8, 3), ((2, 0, 3), 8, 256)]
+SHAPES = [
+    ((), 8, 3),
+    ((5,), 1, 256),
+    ((2, 3), 13, 1),
+    ((2, 2, 3), 2, 3),
+    ((4,), 8, 256),
+    ((3,), 13, 256),
+    ((0,), 8, 3),
+    ((2, 0, 3), 8, 256),
+]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
@@ -86,8 +94,9 @@ def test_gradcheck_fp64(backend, transmittance, activation):
 @pytest.mark.parametrize("lead,D,C", SHAPES, ids=str)
 def test_matches_reference(backend, device, transmittance, activation, lead, D, C):
     color, density = make_inputs(lead, D, C, torch.float32, device, activation)
-    check_against_reference(color, density, torch.float32, backend=backend, transmittance=transmittance,
-                            density_activation=activation)
+    check_against_reference(
+        color, density, torch.float32, backend=backend, transmittance=transmittance, density_activation=activation
+    )
 
 
 @pytest.mark.parametrize("backend,device", target_params())
@@ -139,8 +148,9 @@ def test_density_with_trailing_one(backend, device):
 def test_huge_and_zero_densities_are_safe(backend, device, dtype, transmittance):
     huge = torch.finfo(dtype).max / 4
     color, _ = make_inputs((3,), 6, 5, dtype, device)
-    density = torch.tensor([[huge] * 6, [0.0, huge, 1.0, huge, 0.5, huge], [0.0] * 6],
-                           dtype=dtype, device=device).requires_grad_()
+    density = torch.tensor(
+        [[huge] * 6, [0.0, huge, 1.0, huge, 0.5, huge], [0.0] * 6], dtype=dtype, device=device
+    ).requires_grad_()
     color.requires_grad_()
     out = composite(color, density, transmittance=transmittance, backend=backend)
     out.backward(torch.ones_like(out))
@@ -169,12 +179,15 @@ def test_bad_tensors(make, error, match):
         composite(*make(color, density))
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(transmittance="cumulative"), ValueError, "transmittance must be one of"),
-    (dict(density_activation="tanh"), ValueError, "density_activation must be one of"),
-    (dict(backend="fastest"), ValueError, "backend must be 'auto' or one of"),
-    (dict(backend="cuda"), RuntimeError, "backend='cuda' cannot run on cpu tensors"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(transmittance="cumulative"), ValueError, "transmittance must be one of"),
+        (dict(density_activation="tanh"), ValueError, "density_activation must be one of"),
+        (dict(backend="fastest"), ValueError, "backend must be 'auto' or one of"),
+        (dict(backend="cuda"), RuntimeError, "backend='cuda' cannot run on cpu tensors"),
+    ],
+)
 def test_bad_options(kwargs, error, match):
     color, density = make_inputs((2, 3), 8, 4)
     with pytest.raises(error, match=match):
@@ -182,7 +195,8 @@ def test_bad_options(kwargs, error, match):
 
 
 def test_import_without_extension_falls_back_with_one_warning():
-    proc = run_python("""
+    proc = run_python(
+        """
         import warnings
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -198,7 +212,9 @@ def test_import_without_extension_falls_back_with_one_warning():
         else:
             raise AssertionError("backend='cpu' should have failed")
         print("ok")
-    """, FNEVR_NO_EXTENSION="1")
+    """,
+        FNEVR_NO_EXTENSION="1",
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 

@@ -65,8 +65,12 @@ def test_read_video_layouts(tmp_path, layout, tol):
     err = (video.float() - frames.float()).abs().mean().item()
     assert err <= tol, f"{layout}: mean abs error {err}"
     # Frames differ from each other, so a wrong order or a repeated frame would show.
-    assert all((video[i].float() - frames[j].float()).abs().mean() > (video[i].float() - frames[i].float()).abs().mean()
-               for i in range(T) for j in range(T) if i != j)
+    assert all(
+        (video[i].float() - frames[j].float()).abs().mean() > (video[i].float() - frames[i].float()).abs().mean()
+        for i in range(T)
+        for j in range(T)
+        if i != j
+    )
 
 
 def test_read_video_resizes_antialiased(tmp_path):
@@ -103,15 +107,18 @@ def test_write_video_odd_size_is_playable(tmp_path):
         write_video(tmp_path / "bad.mp4", torch.zeros(3, 8, 8), fps=5)
 
 
-@pytest.mark.parametrize("name,content,reason", [
-    ("corrupt.mp4", b"this is not a movie" * 10, None),
-    ("corrupt.png", b"\x89PNG garbage", None),
-    ("empty.gif", b"", None),
-    ("emptydir", None, "no frame images"),
-    ("missing.mp4", "missing", "no such file"),
-    ("ragged.png", "ragged", "multiple of its height"),
-    ("clip.avi", b"data", "unsupported suffix"),
-])
+@pytest.mark.parametrize(
+    "name,content,reason",
+    [
+        ("corrupt.mp4", b"this is not a movie" * 10, None),
+        ("corrupt.png", b"\x89PNG garbage", None),
+        ("empty.gif", b"", None),
+        ("emptydir", None, "no frame images"),
+        ("missing.mp4", "missing", "no such file"),
+        ("ragged.png", "ragged", "multiple of its height"),
+        ("clip.avi", b"data", "unsupported suffix"),
+    ],
+)
 def test_read_video_errors_name_the_path(tmp_path, name, content, reason):
     path = tmp_path / name
     if content is None:
@@ -208,8 +215,9 @@ def test_dataset_skips_unreadable_video(tmp_path):
     (lone / "train" / "z#0.gif").write_bytes(b"")
     write_layout(lone / "train" / "z#1", make_frames(), "strip")
     with pytest.warns(RuntimeWarning, match="z#0.gif"):
-        assert {FramesDataset(lone, (H, W), id_sampling=True, seed=0).sample(0, key)["name"]
-                for key in range(8)} == {"z#1.png"}
+        assert {FramesDataset(lone, (H, W), id_sampling=True, seed=0).sample(0, key)["name"] for key in range(8)} == {
+            "z#1.png"
+        }
     # Nothing readable at all: a clear error.
     bad = tmp_path / "bad"
     (bad / "train").mkdir(parents=True)
@@ -229,8 +237,7 @@ def test_dataset_poses(tmp_path):
     video = write_layout(root / "train" / "p#1", frames, "folder")
     write_pose_csv(pose_path(video), [[i, 2 * i, 3 * i] for i in range(6)])
     assert torch.equal(read_pose_csv(pose_path(video))[5], torch.tensor([5.0, 10.0, 15.0]))
-    ds = FramesDataset(root, (H, W), augmentation={"flip_param": {"horizontal_flip": True, "time_flip": True}},
-                       seed=1)
+    ds = FramesDataset(root, (H, W), augmentation={"flip_param": {"horizontal_flip": True, "time_flip": True}}, seed=1)
     flips = set()
     for key in range(30):
         item = ds.sample(0, key)
@@ -246,8 +253,9 @@ def test_dataset_poses(tmp_path):
 def test_augmentation_is_consistent_across_frames():
     image = torch.rand(3, 12, 12)
     clip = torch.stack([image, image])
-    aug = Augmentation(horizontal_flip=True, time_flip=True,
-                       jitter={"brightness": 0.1, "contrast": 0.1, "saturation": 0.1, "hue": 0.1})
+    aug = Augmentation(
+        horizontal_flip=True, time_flip=True, jitter={"brightness": 0.1, "contrast": 0.1, "saturation": 0.1, "hue": 0.1}
+    )
     seen = set()
     for seed in range(12):
         out, info = aug(clip, torch.Generator().manual_seed(seed))
@@ -277,8 +285,13 @@ def test_synthetic_dataset_is_deterministic_and_moves(tmp_path):
     c = ensure_synthetic_dataset(tmp_path / "c", seed=4, **SMALL)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert [str(f) for f in files if f.suffix == ".png"] == [
-        "test/id0002#clip00.png", "test/id0002#clip01.png", "train/id0000#clip00.png", "train/id0000#clip01.png",
-        "train/id0001#clip00.png", "train/id0001#clip01.png"]
+        "test/id0002#clip00.png",
+        "test/id0002#clip01.png",
+        "train/id0000#clip00.png",
+        "train/id0000#clip01.png",
+        "train/id0001#clip00.png",
+        "train/id0001#clip01.png",
+    ]
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files if f.suffix == ".png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]  # no temporary folders left
@@ -290,8 +303,9 @@ def test_synthetic_dataset_is_deterministic_and_moves(tmp_path):
     other = read_video(a / "train" / "id0001#clip00.png")
     assert (video[0].float() - other[0].float()).abs().mean() > 10  # another face
     same_person = read_video(a / "train" / "id0000#clip01.png")
-    assert (video.float().mean((0, 1, 2)) - same_person.float().mean((0, 1, 2))).abs().max() < \
-        (video.float().mean((0, 1, 2)) - other.float().mean((0, 1, 2))).abs().max() + 20
+    assert (video.float().mean((0, 1, 2)) - same_person.float().mean((0, 1, 2))).abs().max() < (
+        video.float().mean((0, 1, 2)) - other.float().mean((0, 1, 2))
+    ).abs().max() + 20
 
     item = FramesDataset(a, (32, 32), id_sampling=True, seed=0)[0]
     assert item["pose"].shape == (3,) and item["pose"].abs().max() < 60
@@ -310,8 +324,14 @@ def test_synthetic_dataset_reuse_and_conflicts(tmp_path):
 
 
 def test_synthetic_faces_vary_and_blink():
-    faces = [render_video(random_identity(np.random.default_rng([0, 0, i])),
-                          random_motion(np.random.default_rng([0, 1, i, 0]), 16), 48) for i in range(4)]
+    faces = [
+        render_video(
+            random_identity(np.random.default_rng([0, 0, i])),
+            random_motion(np.random.default_rng([0, 1, i, 0]), 16),
+            48,
+        )
+        for i in range(4)
+    ]
     means = torch.stack([f.float().mean((0, 1, 2)) for f in faces])
     assert torch.cdist(means, means).fill_diagonal_(1e9).min() > 3  # colours differ between people
     motion = random_motion(np.random.default_rng(0), 64)

@@ -67,8 +67,9 @@ def test_cuda_kernel_errors_reach_python_whole():
 
 
 @pytest.mark.parametrize("name", ["_C", "_C_cuda"])
-@pytest.mark.skipif(shutil.which("nm") is None or shutil.which("readelf") is None,
-                    reason="needs binutils (nm, readelf)")
+@pytest.mark.skipif(
+    shutil.which("nm") is None or shutil.which("readelf") is None, reason="needs binutils (nm, readelf)"
+)
 def test_extension_links_the_shared_cxx_runtime(name):
     path = _module_file(name)
     if path is None:
@@ -77,7 +78,7 @@ def test_extension_links_the_shared_cxx_runtime(name):
     assert "[libstdc++.so.6]" in needed, f"{path} does not load libstdc++.so.6:\n{needed}"
     defined = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True, check=True).stdout
     # Symbols only a copy of libstdc++ itself defines: locales, and the extern-template ostream inserters.
-    private = [line for line in defined.splitlines()
-               if line.split()[-1].startswith(("_ZNSt6locale", "_ZNSo9_M_insert"))]
+    private = [
+        line for line in defined.splitlines() if line.split()[-1].startswith(("_ZNSt6locale", "_ZNSo9_M_insert"))
+    ]
     assert not private, f"{path} carries its own libstdc++ ({len(private)} symbols, e.g. {private[:3]})"
-

@@ -75,8 +75,9 @@ RUNNER = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    data = ensure_synthetic_dataset(root / "data", size=32, num_frames=6, num_train=4, num_test=2, clips_per_id=2,
-                                    seed=2)
+    data = ensure_synthetic_dataset(
+        root / "data", size=32, num_frames=6, num_train=4, num_test=2, clips_per_id=2, seed=2
+    )
     config = load_config("small")
     config["dataset_params"]["frame_shape"] = [32, 32, 3]
     config["train_params"]["batch_size"] = 2
@@ -88,9 +89,30 @@ def setup(tmp_path_factory):
 
 def train(setup, out, *extra, steps=STEPS, env=None, wait=True):
     root, data = setup
-    argv = [sys.executable, str(root / "runner.py"), "train", "--config", str(root / "tiny.yaml"), "--data", str(data),
-            "--out", str(out), "--device", "cpu", "--num-workers", "0", "--steps", str(steps),
-            "--checkpoint-every", str(EVERY), "--sample-every", "1000", "--log-every", "1", *extra]
+    argv = [
+        sys.executable,
+        str(root / "runner.py"),
+        "train",
+        "--config",
+        str(root / "tiny.yaml"),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--steps",
+        str(steps),
+        "--checkpoint-every",
+        str(EVERY),
+        "--sample-every",
+        "1000",
+        "--log-every",
+        "1",
+        *extra,
+    ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.Popen(argv, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait:
@@ -238,8 +260,17 @@ def test_nonfinite_loss_stops_training_naming_the_term(setup, tmp_path, monkeypa
     from fnevr.train.trainer import NonFiniteLossError
 
     root, data = setup
-    opts = dict(config=str(root / "tiny.yaml"), data=str(data), device="cpu", num_workers=0, progress=False,
-                steps=3, checkpoint_every=1, sample_every=100, log_every=1)
+    opts = dict(
+        config=str(root / "tiny.yaml"),
+        data=str(data),
+        device="cpu",
+        num_workers=0,
+        progress=False,
+        steps=3,
+        checkpoint_every=1,
+        sample_every=100,
+        log_every=1,
+    )
     real = Trainer.train_step
 
     def poisoned(self, batches):
@@ -252,8 +283,9 @@ def test_nonfinite_loss_stops_training_naming_the_term(setup, tmp_path, monkeypa
     trainer = Trainer(TrainOptions(out=str(tmp_path / "a"), **opts))
     with pytest.raises(NonFiniteLossError, match=r"step 2: the loss term 'equivariance_value' is not finite"):
         trainer.fit()
-    assert [p.name for p in (tmp_path / "a" / "checkpoints").iterdir() if p.name.startswith("step")] == \
-        ["step-0000001.pt"]  # nothing of the bad step saved
+    assert [p.name for p in (tmp_path / "a" / "checkpoints").iterdir() if p.name.startswith("step")] == [
+        "step-0000001.pt"
+    ]  # nothing of the bad step saved
     assert not (tmp_path / "a" / ".lock").exists()
     Trainer(TrainOptions(out=str(tmp_path / "b"), allow_nonfinite=True, **opts)).fit()
     assert "going on (--allow-nonfinite)" in capsys.readouterr().err
@@ -268,8 +300,10 @@ def test_evaluate_skips_and_names_unreadable_videos(tmp_path, capsys):
     g = torch.Generator().manual_seed(0)
     (tmp_path / "d" / "train").mkdir(parents=True)
     for name in ("a", "b"):
-        write_video(tmp_path / "d" / "test" / f"{name}.mp4", torch.randint(0, 256, (3, 64, 64, 3), generator=g,
-                                                                           dtype=torch.uint8))
+        write_video(
+            tmp_path / "d" / "test" / f"{name}.mp4",
+            torch.randint(0, 256, (3, 64, 64, 3), generator=g, dtype=torch.uint8),
+        )
     alone = {n: evaluate(tmp_path / "m.pt", _only(tmp_path, n)) for n in ("a", "b")}
     data = (tmp_path / "d" / "test" / "a.mp4").read_bytes()
     (tmp_path / "d" / "test" / "0-cut.mp4").write_bytes(data[: len(data) // 2])
@@ -320,8 +354,17 @@ def cli_files(tmp_path_factory):
 
 
 def _cases(r):
-    an = ["animate", "--source", str(r / "source.png"), "--driving", str(r / "driving.mp4"), "--checkpoint",
-          str(r / "small.pt"), "--device", "cpu"]
+    an = [
+        "animate",
+        "--source",
+        str(r / "source.png"),
+        "--driving",
+        str(r / "driving.mp4"),
+        "--checkpoint",
+        str(r / "small.pt"),
+        "--device",
+        "cpu",
+    ]
     out = ["--out", str(r / "new" / "o.mp4")]
     tr = ["train", "--out", str(r / "new"), "--data", str(r / "data"), "--steps", "1", "--device", "cpu"]
     ev = ["evaluate", "--checkpoint", str(r / "small.pt"), "--data", str(r / "empty"), "--device", "cpu"]
@@ -381,12 +424,22 @@ def test_every_cli_mistake_is_one_line_with_its_exit_code_and_writes_nothing(cli
 
 
 def test_debug_shows_the_traceback_and_the_command_line_is_one_line(cli_files):
-    argv = [sys.executable, "-m", "fnevr", "evaluate", "--checkpoint", str(cli_files / "listgen.pt"), "--data",
-            str(cli_files / "empty")]
+    argv = [
+        sys.executable,
+        "-m",
+        "fnevr",
+        "evaluate",
+        "--checkpoint",
+        str(cli_files / "listgen.pt"),
+        "--data",
+        str(cli_files / "empty"),
+    ]
     plain = subprocess.run(argv, capture_output=True, text=True)
     assert plain.returncode == 1 and plain.stderr.count("\n") == 1 and "Traceback" not in plain.stderr
     debug = subprocess.run(argv + ["--debug"], capture_output=True, text=True)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "not a state dict" in debug.stderr
     usage = subprocess.run([sys.executable, "-m", "fnevr", "train", "--steps", "0"], capture_output=True, text=True)
-    assert usage.returncode == 2 and usage.stderr == "fnevr train: error: argument --steps: expected a positive " \
-                                                      "integer, got '0'\n"
+    assert (
+        usage.returncode == 2
+        and usage.stderr == "fnevr train: error: argument --steps: expected a positive integer, got '0'\n"
+    )

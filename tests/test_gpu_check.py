@@ -21,13 +21,19 @@ BENCHES = {"copy", *fnevr.ops.ops(), "overhead", "model", "train"}
 
 def test_dry_run_walks_every_stage(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "FNEVR_GPU_CACHE": str(tmp_path / "cache"), "PYTHON": sys.executable,
-           "FNEVR_COMMIT": "test"}
-    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "FNEVR_GPU_CACHE": str(tmp_path / "cache"),
+        "PYTHON": sys.executable,
+        "FNEVR_COMMIT": "test",
+    }
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-2000:])
     (stages_file,) = out.glob("gpu-stages-*-test-dry.txt")
-    stamp = stages_file.name[len("gpu-stages-"):-len(".txt")]
+    stamp = stages_file.name[len("gpu-stages-") : -len(".txt")]
     statuses = dict(line.split(" ", 1) for line in stages_file.read_text().splitlines())
     assert set(statuses) == STAGES and all(s.startswith("ok ") for s in statuses.values()), statuses
     assert len(list(out.iterdir())) <= 8  # the device machine returns at most 8 files
@@ -51,16 +57,27 @@ def test_dry_run_walks_every_stage(tmp_path):
 
 
 def _row(bench, case, provider, mode, dtype, wall, **more):
-    return dict(bench=bench, case=case, provider=provider, mode=mode, dtype=dtype, wall_us=wall, host_us=wall,
-                kernel_us=wall, **more)
+    return dict(
+        bench=bench,
+        case=case,
+        provider=provider,
+        mode=mode,
+        dtype=dtype,
+        wall_us=wall,
+        host_us=wall,
+        kernel_us=wall,
+        **more,
+    )
 
 
 @pytest.mark.parametrize("pct, fast_wall, status", [(90, 50, "met"), (60, 90, "NOT MET")])
 def test_summary_judges_targets(pct, fast_wall, status):
-    rows = [_row("composite", "4x64x64x8x256", "triton", "forward", "float32", 10, copy_pct=pct),
-            _row("composite", "4x64x64x8x256", "cuda", "forward", "float32", 12, copy_pct=pct - 5),
-            _row("composite", "4x64x64x8x256", "triton", "fwd+bwd", "float32", fast_wall),
-            _row("composite", "4x64x64x8x256", "compiled-reference", "fwd+bwd", "float32", 100)]
+    rows = [
+        _row("composite", "4x64x64x8x256", "triton", "forward", "float32", 10, copy_pct=pct),
+        _row("composite", "4x64x64x8x256", "cuda", "forward", "float32", 12, copy_pct=pct - 5),
+        _row("composite", "4x64x64x8x256", "triton", "fwd+bwd", "float32", fast_wall),
+        _row("composite", "4x64x64x8x256", "compiled-reference", "fwd+bwd", "float32", 100),
+    ]
     lines = {x.name: x for x in gpu_summary.target_lines(gpu_summary.Rows(rows), {}, quick=False, auto_order={})}
     forward = lines["composite forward, float32: % of copy bandwidth (kernel time)"]
     assert (forward.status, forward.measured) == (status, f"{pct}% (triton)")
@@ -75,7 +92,8 @@ def test_test_log_parsing_and_coverage(tmp_path):
         "[gw0] [ 10%] PASSED tests/test_composite.py::test_dtypes[(2, 3, 5)-8-256-exclusive-torch.float16-cuda-cuda]\n"
         "[gw1] [ 20%] FAILED tests/test_composite.py::test_dtypes[(7,)-13-3-inclusive-torch.float16-triton-cuda]\n"
         "tests/test_grid_sample.py::test_dtypes[contiguous-torch.bfloat16-cuda-cuda] SKIPPED (no CUDA) [ 30%]\n"
-        "FAILED tests/test_composite.py::test_dtypes[(7,)-13-3-inclusive-torch.float16-triton-cuda] - assert 1 == 2\n")
+        "FAILED tests/test_composite.py::test_dtypes[(7,)-13-3-inclusive-torch.float16-triton-cuda] - assert 1 == 2\n"
+    )
     outcomes = gpu_summary.parse_tests(log)
     assert sorted(outcomes.values()) == ["FAILED", "PASSED", "SKIPPED"]
     cov = gpu_summary.coverage(outcomes, ("float16",))

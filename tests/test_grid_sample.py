@@ -15,8 +15,14 @@ from helpers import assert_close, run_python, target_params
 OPTIONS = list(itertools.product(("bilinear", "nearest"), ("zeros", "border", "reflection"), (False, True)))
 OPTION_IDS = [f"{m}-{p}-{'ac' if a else 'noac'}" for m, p, a in OPTIONS]
 # (N, C, H, W, Ho, Wo): C in {1, 3, 256}, output larger/smaller than the input, 1-pixel axes, N = 0.
-SHAPES = [(2, 3, 5, 7, 4, 6), (1, 1, 4, 4, 9, 3), (2, 256, 6, 5, 3, 4), (0, 3, 4, 4, 2, 2), (2, 4, 1, 1, 3, 3),
-          (1, 2, 1, 5, 3, 2)]
+SHAPES = [
+    (2, 3, 5, 7, 4, 6),
+    (1, 1, 4, 4, 9, 3),
+    (2, 256, 6, 5, 3, 4),
+    (0, 3, 4, 4, 2, 2),
+    (2, 4, 1, 1, 3, 3),
+    (1, 2, 1, 5, 3, 2),
+]
 TRITON_SHAPES = [(2, 3, 5, 7, 4, 6), (1, 65, 4, 3, 2, 5)]  # the interpreter is slow: few, small (65: both tilings)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 WITH_REFERENCE = target_params() + [pytest.param("reference", "cpu", id="reference-cpu")]
@@ -144,24 +150,41 @@ def test_non_finite_and_huge_grids(backend, device, mode, padding, align_corners
 # align_corners, x = (g + 1) / 2 * (size - 1) is exact for these grid values (in fp32 and fp64, but
 # 1/2 - 2^-54: fp64's 1/2 - 2^-25, a tie in fp32): along an axis of 2 pixels x = (g + 1) / 2, along
 # one of 5, x = 2 (g + 1).
-NEAR_HALF = [-2.0**-24, -2.0**-53, 0.0, 2.0**-23, -2.0, -1.0, 1.0, 2.0]  # x = 1/2 - 2^-25, 1/2 - 2^-54, 1/2, ...
-TIES = [-1.25, -0.75, -0.25, 0.25, 0.75, 1.25, 0.25 - 2.0**-23, -0.25 + 2.0**-23]  # x = -1/2, ..., 9/2, 5/2 - 2^-22, ...
+NEAR_HALF = [-(2.0**-24), -(2.0**-53), 0.0, 2.0**-23, -2.0, -1.0, 1.0, 2.0]  # x = 1/2 - 2^-25, 1/2 - 2^-54, 1/2, ...
+TIES = [
+    -1.25,
+    -0.75,
+    -0.25,
+    0.25,
+    0.75,
+    1.25,
+    0.25 - 2.0**-23,
+    -0.25 + 2.0**-23,
+]  # x = -1/2, ..., 9/2, 5/2 - 2^-22, ...
 
 
 @pytest.mark.parametrize("backend,device", WITH_REFERENCE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_nearest_rounds_half_to_even_exactly(backend, device, dtype):
     for transpose in (False, True):  # the near-halves along x, then along y
-        g_small, g_ties = torch.meshgrid(torch.tensor(NEAR_HALF, dtype=torch.float64),
-                                         torch.tensor(TIES, dtype=torch.float64), indexing="ij")
+        g_small, g_ties = torch.meshgrid(
+            torch.tensor(NEAR_HALF, dtype=torch.float64), torch.tensor(TIES, dtype=torch.float64), indexing="ij"
+        )
         grid = torch.stack((g_ties, g_small) if transpose else (g_small, g_ties), -1)[None]
         H, W = (2, 5) if transpose else (5, 2)
         x = torch.arange(1.0, 1 + 3 * H * W, dtype=torch.float64).reshape(1, 3, H, W)  # 0 means "outside"
         grad_out = torch.arange(1.0, 1 + 3 * grid.shape[1] * grid.shape[2], dtype=torch.float64)
         grad_out = grad_out.reshape(1, 3, *grid.shape[1:3])
         want = torch_reference(x, grid, grad_out, "nearest", "zeros", True)
-        got = run_op(x.to(device, dtype), grid.to(device, dtype), grad_out.to(device, dtype), "nearest", "zeros",
-                     True, backend=backend)
+        got = run_op(
+            x.to(device, dtype),
+            grid.to(device, dtype),
+            grad_out.to(device, dtype),
+            "nearest",
+            "zeros",
+            True,
+            backend=backend,
+        )
         for name, a, b in zip(("output", "grad input"), got, want):
             assert torch.equal(a.cpu().double(), b), f"{name} (transpose={transpose}): {a.cpu().double() - b}"
 
@@ -175,8 +198,9 @@ def test_nearest_rounds_large_coordinates_exactly(backend, device):
     gx = torch.tensor([2.0**-23, 3 * 2.0**-23, 1 - 2.0**-23, -0.5 + 2.0**-24], dtype=torch.float64)  # 2^23 + 1, ...
     grid = torch.stack((gx, torch.zeros_like(gx)), -1).reshape(1, 1, -1, 2)
     want = F.grid_sample(x, grid, "nearest", "zeros", align_corners=True)
-    got = grid_sample(x.to(device, torch.float32), grid.to(device, torch.float32), "nearest", "zeros", True,
-                      backend=backend)
+    got = grid_sample(
+        x.to(device, torch.float32), grid.to(device, torch.float32), "nearest", "zeros", True, backend=backend
+    )
     assert torch.equal(got.cpu().double(), want), (got, want)
 
 
@@ -213,8 +237,18 @@ def test_gradgradcheck_fp64(backend, wrt, padding):
 def test_deterministic_backward_is_bit_identical(backend, device, layout, how):
     interp = backend == "triton" and device == "cpu"
     # Many output points per input pixel (a zoom-in), so the scatter has many colliding terms.
-    x, grid = make_inputs(2, 8 if interp else 64, 4, 4, 8 if interp else 32, 8 if interp else 32,
-                          torch.float32, device, layout, spread=1.0)
+    x, grid = make_inputs(
+        2,
+        8 if interp else 64,
+        4,
+        4,
+        8 if interp else 32,
+        8 if interp else 32,
+        torch.float32,
+        device,
+        layout,
+        spread=1.0,
+    )
     grad_out = torch.randn(x.shape[:2] + grid.shape[1:3], device=device)
 
     def grads():
@@ -256,8 +290,9 @@ def test_triton_programs_that_loop_over_channels(backend, device, layout, monkey
     monkeypatch.setattr(kernels, "_PROGRAMS", 1)
     x, grid = make_inputs(2, 70, 3, 4, 3, 5, device=device, layout=layout)  # 70: a partial last step
     for deterministic in (False, True):
-        check_against_torch(x, grid, torch.float64, "bilinear", "zeros", False, backend=backend,
-                            deterministic=deterministic)
+        check_against_torch(
+            x, grid, torch.float64, "bilinear", "zeros", False, backend=backend, deterministic=deterministic
+        )
 
 
 @pytest.mark.parametrize("backend,device", target_params())
@@ -289,8 +324,9 @@ def test_bad_tensors(make, error, match):
         grid_sample(*make(x, grid))
 
 
-@pytest.mark.parametrize("backend, device", target_params([("reference", "cpu"), ("cpu", "cpu"), ("cuda", "cuda"),
-                                                           ("triton", "cuda")]))
+@pytest.mark.parametrize(
+    "backend, device", target_params([("reference", "cpu"), ("cpu", "cpu"), ("cuda", "cuda"), ("triton", "cuda")])
+)
 def test_autocast_promotes_mixed_dtypes_like_pytorch(backend, device):
     """Under autocast, bf16 features sampled by an fp32 flow run in fp32, as F.grid_sample does;
     outside autocast the same call is an error (test_bad_tensors)."""
@@ -303,12 +339,15 @@ def test_autocast_promotes_mixed_dtypes_like_pytorch(backend, device):
     assert_close(got, want.double(), torch.float32, "autocast output")
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(mode="bicubic"), ValueError, r"mode must be one of \('bilinear', 'nearest'\), got 'bicubic'"),
-    (dict(padding_mode="wrap"), ValueError, "padding_mode must be one of"),
-    (dict(backend="fastest"), ValueError, "backend must be 'auto' or one of"),
-    (dict(backend="cuda"), RuntimeError, "backend='cuda' cannot run on cpu tensors"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(mode="bicubic"), ValueError, r"mode must be one of \('bilinear', 'nearest'\), got 'bicubic'"),
+        (dict(padding_mode="wrap"), ValueError, "padding_mode must be one of"),
+        (dict(backend="fastest"), ValueError, "backend must be 'auto' or one of"),
+        (dict(backend="cuda"), RuntimeError, "backend='cuda' cannot run on cpu tensors"),
+    ],
+)
 def test_bad_options(kwargs, error, match):
     x, grid = make_inputs(2, 3, 4, 5, 3, 3, torch.float32)
     with pytest.raises(error, match=match):

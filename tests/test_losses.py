@@ -40,7 +40,9 @@ def test_pyramid_shapes_and_blur():
         sigma = (1 / scale - 1) / 2
         k = gaussian_kernel(scale)
         assert k.numel() == 2 * round(4 * sigma) + 1 and abs(k.sum().item() - 1) < 1e-6
-        assert torch.allclose(k[0] / k[k.numel() // 2], torch.tensor(math.exp(-(k.numel() // 2) ** 2 / (2 * sigma**2))))
+        assert torch.allclose(
+            k[0] / k[k.numel() // 2], torch.tensor(math.exp(-((k.numel() // 2) ** 2) / (2 * sigma**2)))
+        )
     # A constant image stays constant away from the zero-padded border; a checkerboard is averaged out.
     const = pyramid(torch.full((1, 1, 64, 64), 0.7))["prediction_0.25"]
     assert torch.allclose(const[..., 3:-3, 3:-3], torch.tensor(0.7), atol=1e-6)
@@ -84,8 +86,13 @@ def test_vgg19_features_are_fomm_layers(vgg_file, vgg_state):
     vgg = VGG19Features(vgg_file)
     x = torch.rand(1, 3, 32, 32)
     out = vgg(x)
-    assert [tuple(o.shape) for o in out] == [(1, 64, 32, 32), (1, 128, 16, 16), (1, 256, 8, 8), (1, 512, 4, 4),
-                                             (1, 512, 2, 2)]
+    assert [tuple(o.shape) for o in out] == [
+        (1, 64, 32, 32),
+        (1, 128, 16, 16),
+        (1, 256, 8, 8),
+        (1, 512, 4, 4),
+        (1, 512, 2, 2),
+    ]
     # relu1_1 and relu2_1 by hand from the saved weights.
     w = {k: v.float() for k, v in vgg_state.items()}
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
@@ -208,8 +215,14 @@ def test_tps_with_zero_sigmas_is_identity():
 
 
 def test_tps_jacobian_matches_finite_differences():
-    tps = RandomTPS(2, sigma_affine=0.1, sigma_tps=0.05, points_tps=4, generator=torch.Generator().manual_seed(0),
-                    dtype=torch.float64)
+    tps = RandomTPS(
+        2,
+        sigma_affine=0.1,
+        sigma_tps=0.05,
+        points_tps=4,
+        generator=torch.Generator().manual_seed(0),
+        dtype=torch.float64,
+    )
     coords = torch.rand(2, 5, 2, dtype=torch.float64) * 1.6 - 0.8
     jac = tps.jacobian(coords)
     eps = 1e-6
@@ -222,8 +235,14 @@ def test_tps_jacobian_matches_finite_differences():
     assert tps.jacobian(coords.clone().requires_grad_(True)).requires_grad  # differentiable for the loss
     # Affine part is I + noise: not the identity, and a draw is reproducible from its generator.
     assert (jac - torch.eye(2, dtype=torch.float64)).abs().max() > 1e-3
-    again = RandomTPS(2, sigma_affine=0.1, sigma_tps=0.05, points_tps=4, generator=torch.Generator().manual_seed(0),
-                      dtype=torch.float64)
+    again = RandomTPS(
+        2,
+        sigma_affine=0.1,
+        sigma_tps=0.05,
+        points_tps=4,
+        generator=torch.Generator().manual_seed(0),
+        dtype=torch.float64,
+    )
     assert torch.equal(again.theta, tps.theta) and torch.equal(again.control_params, tps.control_params)
 
 
@@ -233,8 +252,14 @@ def coordinate_image(batch, size, dtype=torch.float64):
 
 
 def test_transform_frame_samples_at_warped_coordinates():
-    tps = RandomTPS(2, sigma_affine=0.05, sigma_tps=0.005, points_tps=5, generator=torch.Generator().manual_seed(1),
-                    dtype=torch.float64)
+    tps = RandomTPS(
+        2,
+        sigma_affine=0.05,
+        sigma_tps=0.005,
+        points_tps=5,
+        generator=torch.Generator().manual_seed(1),
+        dtype=torch.float64,
+    )
     size = 33
     out = tps.transform_frame(coordinate_image(2, size))
     grid = coordinate_grid(size, size, dtype=torch.float64)
@@ -264,8 +289,9 @@ def affine_coordinate_detector(frame, anchors):
 
 
 def test_equivariance_losses_vanish_for_an_equivariant_detector():
-    tps = RandomTPS(2, sigma_affine=0.05, sigma_tps=0, points_tps=5, generator=torch.Generator().manual_seed(2),
-                    dtype=torch.float64)
+    tps = RandomTPS(
+        2, sigma_affine=0.05, sigma_tps=0, points_tps=5, generator=torch.Generator().manual_seed(2), dtype=torch.float64
+    )
     frame = coordinate_image(2, 41)
     anchors = torch.tensor([[0.1, -0.2], [-0.3, 0.25], [0.0, 0.0]], dtype=torch.float64)
     kp_driving = affine_coordinate_detector(frame, anchors)
@@ -281,8 +307,9 @@ def test_equivariance_losses_vanish_for_an_equivariant_detector():
     warped = tps.warp_coordinates(fixed["value"])
     assert torch.isclose(equivariance_value_loss(kp_driving, fixed, tps), (anchors - warped).abs().mean())
     product = torch.linalg.inv(kp_driving["jacobian"]) @ tps.jacobian(fixed["value"])
-    assert torch.isclose(equivariance_jacobian_loss(kp_driving, fixed, tps),
-                         (torch.eye(2, dtype=torch.float64) - product).abs().mean())
+    assert torch.isclose(
+        equivariance_jacobian_loss(kp_driving, fixed, tps), (torch.eye(2, dtype=torch.float64) - product).abs().mean()
+    )
 
 
 def test_equivariance_losses_backpropagate_to_keypoints():

@@ -18,8 +18,15 @@ from fnevr.train.memory import SavedTensorLedger
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return ensure_synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic", size=64, num_frames=4,
-                                    num_train=4, num_test=1, clips_per_id=1, seed=2)
+    return ensure_synthetic_dataset(
+        tmp_path_factory.mktemp("data") / "synthetic",
+        size=64,
+        num_frames=4,
+        num_train=4,
+        num_test=1,
+        clips_per_id=1,
+        seed=2,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +44,17 @@ def vgg_file(tmp_path_factory):
 def trainer(data, vgg_file, out, **kw):
     config = load_config("small")
     config["model_params"]["generator_params"]["render_params"]["fused_head"] = "mlp"  # in both: same model
-    opts = dict(config=config, data=str(data), out=str(out), device="cpu", batch_size=2, num_workers=0,
-                progress=False, vgg_weights=vgg_file, seed=5)
+    opts = dict(
+        config=config,
+        data=str(data),
+        out=str(out),
+        device="cpu",
+        batch_size=2,
+        num_workers=0,
+        progress=False,
+        vgg_weights=vgg_file,
+        seed=5,
+    )
     opts.update(kw)
     t = Trainer(TrainOptions(**opts))
     for part in t.optimizers:  # SGD: parameter changes are the gradients, scaled
@@ -83,8 +99,9 @@ def test_the_default_keeps_far_less_for_backward_than_the_published_recipe(data,
     bf16 = trainer(data, vgg_file, tmp_path / "bf16", precision="bf16")
     checkpointed = trainer(data, vgg_file, tmp_path / "ckpt", checkpoint_activations=True)
     batch = next(iter(default._loader(0)))
-    sizes = {name: ledger_total(t, batch) for name, t in
-             (("fnevr", default), ("bf16", bf16), ("checkpoint", checkpointed))}
+    sizes = {
+        name: ledger_total(t, batch) for name, t in (("fnevr", default), ("bf16", bf16), ("checkpoint", checkpointed))
+    }
     monkeypatch.setattr(fnevr.ops, "grid_sample", torch_grid_sample)
     published = trainer(data, vgg_file, tmp_path / "published", backend="reference", memory_saving=False)
     published.model.generator.renderer.fused_head = "none"  # the published per-sample MLP
@@ -103,6 +120,7 @@ def test_recomputed_saves_only_inputs_and_rebuilds_cheap_tensors():
         x.grad = w.grad = None
         with recompute.saving_memory(memory), SavedTensorLedger(bn) as ledger:
             from fnevr.model.blocks import norm_act, upsample2x
+
             y = norm_act(bn, F.conv2d(x, w, padding=1), pool=True)
             loss = F.conv2d(upsample2x(y), w, padding=1).square().sum()
         loss.backward()
@@ -119,6 +137,7 @@ def test_batchnorm_running_statistics_are_updated_once():
     bn = torch.nn.BatchNorm2d(3).double()
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     from fnevr.model.blocks import norm_act
+
     with recompute.saving_memory(checkpoint=True):
         y = recompute.checkpoint_module(torch.nn.Sequential(torch.nn.Identity()), x)  # a module with no parameters
         out = norm_act(bn, y)

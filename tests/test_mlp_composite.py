@@ -14,8 +14,12 @@ from helpers import TOL, assert_close, target_params
 MODES = [("exclusive", "relu"), ("inclusive", "relu"), ("exclusive", "softplus"), ("inclusive", "none")]
 # (leading ray dims, D, Ec, Es, H, H4): odd widths, D=1, FNeVR's per-sample widths (16/16/128/32) on few rays.
 # FNeVR's H = 128: its Triton backward takes a minute or more to compile cold, so not in gpu_check --quick.
-SHAPES = [((5,), 3, 3, 5, 8, 2), ((2, 3), 8, 16, 16, 32, 8), ((4,), 1, 4, 4, 16, 4),
-          pytest.param(((3,), 8, 16, 16, 128, 32), marks=pytest.mark.gpu_heavy(backend="triton"))]
+SHAPES = [
+    ((5,), 3, 3, 5, 8, 2),
+    ((2, 3), 8, 16, 16, 32, 8),
+    ((4,), 1, 4, 4, 16, 4),
+    pytest.param(((3,), 8, 16, 16, 128, 32), marks=pytest.mark.gpu_heavy(backend="triton")),
+]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # Seven layers and a compositing sum round more than one op: fp16/bf16 get twice helpers.TOL. fp32
 # keeps TOL's 2e-5 on CUDA too, where Triton's fp32 dots are tf32x3: an emulation of them (TF32 parts
@@ -51,7 +55,10 @@ def run(fn, cc, sc, params, grads, **kw):
 def check_against_reference(cc, sc, params, dtype, seed=1, **kw):
     g = torch.Generator().manual_seed(seed)
     lead, H = cc.shape[:-2], params[0].shape[0]
-    grads = [torch.randn(*lead, H, generator=g, dtype=torch.float64), torch.randn(*lead, 1, generator=g, dtype=torch.float64)]
+    grads = [
+        torch.randn(*lead, H, generator=g, dtype=torch.float64),
+        torch.randn(*lead, 1, generator=g, dtype=torch.float64),
+    ]
     got = run(mlp_composite, cc, sc, params, [t.to(cc.device, dtype) for t in grads], **kw)
     ref_kw = {k: v for k, v in kw.items() if k != "backend"}
     want = run(mlp_composite_reference, *(t.double() for t in (cc, sc)), [p.double() for p in params], grads, **ref_kw)
@@ -87,8 +94,9 @@ def test_gradcheck_fp64(backend, transmittance, activation):
     # Densities clear of zero and pre-activations clear of ReLU's kink, where finite differences disagree.
     params[PARAMETERS.index("density.bias")] += 0.7
     inputs = [t.requires_grad_() for t in (cc, sc, *params)]
-    fn = lambda c, s, *p: mlp_composite(c, s, p, transmittance=transmittance, density_activation=activation,
-                                        backend=backend)
+    fn = lambda c, s, *p: mlp_composite(
+        c, s, p, transmittance=transmittance, density_activation=activation, backend=backend
+    )
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-7, atol=1e-6)
 
 
@@ -97,8 +105,9 @@ def test_gradcheck_fp64(backend, transmittance, activation):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_reference(backend, device, transmittance, activation, shape):
     cc, sc, params = make_inputs(*shape, device=device)
-    check_against_reference(cc, sc, params, torch.float32, backend=backend, transmittance=transmittance,
-                            density_activation=activation)
+    check_against_reference(
+        cc, sc, params, torch.float32, backend=backend, transmittance=transmittance, density_activation=activation
+    )
 
 
 @pytest.mark.parametrize("backend,device", target_params())
@@ -148,8 +157,14 @@ def test_one_output_in_the_loss(backend, device, used):
 @pytest.mark.parametrize("backend,device", target_params())
 def test_empty_batch(backend, device):
     cc, sc, params = make_inputs((0, 3), 8, 4, 4, 16, 4, device=device)
-    out = run(mlp_composite, cc, sc, params, [torch.zeros(0, 3, 16, device=device), torch.zeros(0, 3, 1, device=device)],
-              backend=backend)
+    out = run(
+        mlp_composite,
+        cc,
+        sc,
+        params,
+        [torch.zeros(0, 3, 16, device=device), torch.zeros(0, 3, 1, device=device)],
+        backend=backend,
+    )
     assert out[0].shape == (0, 3, 16) and out[1].shape == (0, 3, 1)
     assert all(g.abs().sum() == 0 for g in out[4:]), "no rays: every parameter gradient is zero"
 
@@ -162,8 +177,9 @@ def test_params_by_name_and_strided_codes(backend, device):
     volume = torch.rand(2, 4, 8, 3, 5, device=device)  # [B, e, D, h, w], as the ray sampler makes it
     cc = sc = volume.permute(0, 3, 4, 2, 1)  # [B, h, w, D, e], not contiguous
     got = mlp_composite(cc, sc, dict(mlp.named_parameters()), backend=backend)
-    want = mlp_composite(cc.contiguous(), sc.contiguous(), [dict(mlp.named_parameters())[n] for n in PARAMETERS],
-                         backend="reference")
+    want = mlp_composite(
+        cc.contiguous(), sc.contiguous(), [dict(mlp.named_parameters())[n] for n in PARAMETERS], backend="reference"
+    )
     for a, b in zip(got, want):
         assert_close(a, b.double(), torch.float32)
 
@@ -174,8 +190,9 @@ def test_autocast_runs_in_the_autocast_dtype(backend, device):
     with torch.autocast(device, dtype=torch.bfloat16):
         features, weight_sum = mlp_composite(cc, sc, params, backend=backend)
     assert features.dtype == weight_sum.dtype == torch.bfloat16
-    want = mlp_composite_reference(*(t.to(torch.bfloat16).double() for t in (cc, sc)),
-                                   [p.to(torch.bfloat16).double() for p in params])
+    want = mlp_composite_reference(
+        *(t.to(torch.bfloat16).double() for t in (cc, sc)), [p.to(torch.bfloat16).double() for p in params]
+    )
     assert_close(features, want[0], torch.bfloat16, "features", OP_TOL)
 
 
@@ -200,11 +217,14 @@ def test_bad_input(make, error, match):
         mlp_composite(*make(cc, sc, params))
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(transmittance="cumulative"), ValueError, "transmittance must be one of"),
-    (dict(density_activation="tanh"), ValueError, "density_activation must be one of"),
-    (dict(backend="fastest"), ValueError, "backend must be 'auto' or one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(transmittance="cumulative"), ValueError, "transmittance must be one of"),
+        (dict(density_activation="tanh"), ValueError, "density_activation must be one of"),
+        (dict(backend="fastest"), ValueError, "backend must be 'auto' or one of"),
+    ],
+)
 def test_bad_options(kwargs, error, match):
     cc, sc, params = make_inputs((2, 3), 8, 4, 4, 16, 4)
     with pytest.raises(error, match=match):

@@ -43,8 +43,11 @@ def random_published_checkpoint(seed=0):
                 fan_in = torch.tensor(shape[1:]).prod().item()
                 sd[key] = torch.randn(shape, generator=g) / fan_in**0.5
             elif "norm" in key or ".res_conv3d.1." in key or ".res_conv3d.3." in key or ".res_conv3d.5." in key:
-                sd[key] = (1.0 + 0.1 * torch.randn(shape, generator=g)) if key.endswith("weight") else \
-                    0.1 * torch.randn(shape, generator=g)
+                sd[key] = (
+                    (1.0 + 0.1 * torch.randn(shape, generator=g))
+                    if key.endswith("weight")
+                    else 0.1 * torch.randn(shape, generator=g)
+                )
             else:  # biases
                 sd[key] = 0.1 * torch.randn(shape, generator=g)
         ckpt[net] = sd
@@ -79,8 +82,16 @@ def test_published_checkpoint_matches_published_forward(published, backend, dtyp
         want = published_generator(sd["generator"], source, kp_d, kp_s)
     assert rel_err(out["kp_source"]["value"], kp_s["value"]) <= tol
     assert rel_err(out["kp_driving"]["jacobian"], kp_d["jacobian"]) <= tol
-    for key in ("prediction", "render", "mini_render", "deformation", "occlusion_map", "mask", "sparse_deformed",
-                "deformed"):
+    for key in (
+        "prediction",
+        "render",
+        "mini_render",
+        "deformation",
+        "occlusion_map",
+        "mask",
+        "sparse_deformed",
+        "deformed",
+    ):
         assert out[key].shape == want[key].shape, key
         assert out[key].dtype == dtype, key
         assert rel_err(out[key], want[key]) <= tol, f"{key}: {rel_err(out[key], want[key]):.3g}"
@@ -108,7 +119,10 @@ def test_mismatched_checkpoint_lists_missing_unexpected_and_misshaped(published,
     msg = str(e.value)
     assert "missing (1)" in msg and "generator.decoder.to_rgb.bias" in msg
     assert "unexpected (1)" in msg and "generator.decoder.extra.weight" in msg
-    assert "misshaped (1)" in msg and "kp_detector.heatmap_head.weight: checkpoint (5, 35, 7, 7), model (10, 35, 7, 7)" in msg
+    assert (
+        "misshaped (1)" in msg
+        and "kp_detector.heatmap_head.weight: checkpoint (5, 35, 7, 7), model (10, 35, 7, 7)" in msg
+    )
 
 
 def test_checkpoint_errors_name_the_file(tmp_path):
@@ -175,8 +189,10 @@ def test_shapes_through_every_module():
 def _forward_backward(model, source, driving):
     model.zero_grad(set_to_none=True)
     out = model(source, driving)
-    loss = sum((out[k] * torch.linspace(0.5, 1.5, out[k].numel(), dtype=out[k].dtype).view_as(out[k])).sum()
-               for k in ("prediction", "mini_render", "deformed"))
+    loss = sum(
+        (out[k] * torch.linspace(0.5, 1.5, out[k].numel(), dtype=out[k].dtype).view_as(out[k])).sum()
+        for k in ("prediction", "mini_render", "deformed")
+    )
     loss.backward()
     return out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
@@ -188,15 +204,18 @@ def _errors(model, ref_grads, ref_out, source, driving):
     out, grads = _forward_backward(model, source, driving)
     assert grads.keys() == ref_grads.keys()
     floor = 1e-3 * max(g.abs().max().item() for g in ref_grads.values())
-    errs = {k: rel_err(out[k], ref_out[k]) for k in ("prediction", "render", "mini_render", "deformed", "occlusion_map")}
+    errs = {
+        k: rel_err(out[k], ref_out[k]) for k in ("prediction", "render", "mini_render", "deformed", "occlusion_map")
+    }
     for name, g in grads.items():
         errs[name] = (g.double() - ref_grads[name]).abs().max().item() / max(ref_grads[name].abs().max().item(), floor)
     return errs
 
 
 @pytest.mark.gpu_heavy  # fp64: every Triton kernel compiled once more
-@pytest.mark.parametrize("backend, device", target_params([("cpu", "cpu"), ("triton", "cpu"), ("cuda", "cuda"),
-                                                           ("triton", "cuda")]))
+@pytest.mark.parametrize(
+    "backend, device", target_params([("cpu", "cpu"), ("triton", "cpu"), ("cuda", "cuda"), ("triton", "cuda")])
+)
 def test_fused_backends_match_reference(backend, device):
     """Training-mode forward and every parameter gradient of the small model, in fp64, against
     the same model on the reference ops."""
@@ -210,6 +229,7 @@ def test_fused_backends_match_reference(backend, device):
     errs = _errors(model.set_backend(backend).to(device, torch.float64), ref_grads, ref_out, source, driving)
     bad = {k: f"{v:.3g}" for k, v in errs.items() if not v <= 1e-9}
     assert not bad, bad
+
 
 def test_set_backend_reaches_every_fused_op_and_rejects_unknown():
     model = FNeVR("small")
@@ -238,8 +258,10 @@ def test_pose_editor_rejects_bad_angles():
 
 @pytest.mark.gpu_heavy  # fp64
 @pytest.mark.parametrize("head", ["hidden", "mlp"])
-@pytest.mark.parametrize("backend, device", target_params([("reference", "cpu"), ("cpu", "cpu"), ("triton", "cpu"),
-                                                           ("cuda", "cuda"), ("triton", "cuda")]))
+@pytest.mark.parametrize(
+    "backend, device",
+    target_params([("reference", "cpu"), ("cpu", "cpu"), ("triton", "cpu"), ("cuda", "cuda"), ("triton", "cuda")]),
+)
 def test_fused_head_equals_the_unfused_model(backend, device, head):
     """Compositing the hidden features and applying the last layer per ray (render fused_head: hidden),
     or the whole MLP and compositing as one op (fused_head: mlp), gives the unfused model's outputs
@@ -260,8 +282,9 @@ def test_fused_head_equals_the_unfused_model(backend, device, head):
     assert want["render"].std() > 1e-3
 
 
-@pytest.mark.parametrize("backend, device", target_params([("reference", "cpu"), ("cpu", "cpu"), ("cuda", "cuda"),
-                                                           ("triton", "cuda")]))
+@pytest.mark.parametrize(
+    "backend, device", target_params([("reference", "cpu"), ("cpu", "cpu"), ("cuda", "cuda"), ("triton", "cuda")])
+)
 def test_bf16_autocast(backend, device):
     """Under bf16 autocast the features are bf16 while motion fields may stay fp32: the warps
     promote as PyTorch's grid_sample does, and the result stays close to the fp32 model's."""

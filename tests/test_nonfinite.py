@@ -29,14 +29,19 @@ def compare(run, inputs, grad_out, backend, device, what):
         out = run(*xs, backend=name)
         outs = out if isinstance(out, tuple) else (out,)
         grads = torch.autograd.grad(outs, xs, [g.to(dev, dtype) for g in grad_out], allow_unused=True)
-        results.append([o.detach().cpu().double() for o in outs]
-                       + [g.detach().cpu().double() if g is not None else torch.zeros_like(x.cpu().double())
-                          for g, x in zip(grads, xs)])
+        results.append(
+            [o.detach().cpu().double() for o in outs]
+            + [
+                g.detach().cpu().double() if g is not None else torch.zeros_like(x.cpu().double())
+                for g, x in zip(grads, xs)
+            ]
+        )
     n_out = len(results[0]) - len(inputs)
     for i, (ref, got) in enumerate(zip(*results)):
         where = f"{what}: " + (f"output {i}" if i < n_out else f"gradient of input {i - n_out}")
-        assert torch.equal(ref.isnan(), got.isnan()), \
+        assert torch.equal(ref.isnan(), got.isnan()), (
             f"{where}: NaN differs at {(ref.isnan() ^ got.isnan()).nonzero()[:4].tolist()}"
+        )
         for sign in (1, -1):
             r, g = ref == sign * torch.inf, got == sign * torch.inf
             assert torch.equal(r, g), f"{where}: {sign * torch.inf} differs at {(r ^ g).nonzero()[:4].tolist()}"
@@ -73,9 +78,16 @@ def test_composite(backend, device, value, where, activation, D):
     else:
         grad = poison(grad, C + 1, v)  # ray 1
     for transmittance in ("exclusive", "inclusive"):
-        compare(lambda c, d, backend: composite(c, d, transmittance=transmittance, density_activation=activation,
-                                                backend=backend),
-                [color, density], grad, backend, device, f"{where}={value} {transmittance}")
+        compare(
+            lambda c, d, backend: composite(
+                c, d, transmittance=transmittance, density_activation=activation, backend=backend
+            ),
+            [color, density],
+            grad,
+            backend,
+            device,
+            f"{where}={value} {transmittance}",
+        )
 
 
 @pytest.mark.parametrize("backend, device", target_params())
@@ -91,9 +103,16 @@ def test_composite_several_in_one_ray(backend, device, transmittance):
     color[2, 3, 1] = float("inf")
     grad = torch.randn(3, 2, generator=g, dtype=torch.float64)
     for activation in ("relu", "none"):
-        compare(lambda c, d, backend: composite(c, d, transmittance=transmittance, density_activation=activation,
-                                                backend=backend),
-                [color, density], grad, backend, device, activation)
+        compare(
+            lambda c, d, backend: composite(
+                c, d, transmittance=transmittance, density_activation=activation, backend=backend
+            ),
+            [color, density],
+            grad,
+            backend,
+            device,
+            activation,
+        )
 
 
 @pytest.mark.parametrize("backend, device", target_params())
@@ -113,19 +132,34 @@ def test_grid_sample(backend, device, value, where, padding, mode, align_corners
         grid = poison(grid, 5, v)
     else:
         grad = poison(grad, 9, v)
-    compare(lambda a, b, backend: grid_sample(a, b, mode=mode, padding_mode=padding, align_corners=align_corners,
-                                              backend=backend),
-            [x, grid], grad, backend, device, f"{where}={value}")
+    compare(
+        lambda a, b, backend: grid_sample(
+            a, b, mode=mode, padding_mode=padding, align_corners=align_corners, backend=backend
+        ),
+        [x, grid],
+        grad,
+        backend,
+        device,
+        f"{where}={value}",
+    )
 
 
-_FIXED_POINT = pytest.mark.xfail(strict=True, reason=(
-    "deterministic grid_sample backward on CUDA/Triton sums grad_input in 64-bit fixed point, which has no "
-    "NaN or inf: a non-finite grad_out makes all of grad_input NaN (see fnevr.ops.grid_sample)"))
+_FIXED_POINT = pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "deterministic grid_sample backward on CUDA/Triton sums grad_input in 64-bit fixed point, which has no "
+        "NaN or inf: a non-finite grad_out makes all of grad_input NaN (see fnevr.ops.grid_sample)"
+    ),
+)
 
 
-@pytest.mark.parametrize("backend, device", [
-    pytest.param(*p.values, id=p.id, marks=list(p.marks) + ([] if p.values[0] == "cpu" else [_FIXED_POINT]))
-    for p in target_params()])
+@pytest.mark.parametrize(
+    "backend, device",
+    [
+        pytest.param(*p.values, id=p.id, marks=list(p.marks) + ([] if p.values[0] == "cpu" else [_FIXED_POINT]))
+        for p in target_params()
+    ],
+)
 @pytest.mark.parametrize("value", ["nan", "+inf"])
 def test_grid_sample_deterministic_grad(backend, device, value):
     """deterministic=True with a non-finite grad_out (the CPU kernel is deterministic without fixed point)."""
@@ -133,9 +167,16 @@ def test_grid_sample_deterministic_grad(backend, device, value):
     x = torch.randn(1, 2, 5, 6, generator=g, dtype=torch.float64)
     grid = torch.rand(1, 4, 3, 2, generator=g, dtype=torch.float64) * 1.8 - 0.9
     grad = poison(torch.randn(1, 2, 4, 3, generator=g, dtype=torch.float64), 4, VALUES[value])
-    compare(lambda a, b, backend: grid_sample(a, b, backend=backend, **({} if backend == "reference" else
-                                                                        {"deterministic": True})),
-            [x, grid], grad, backend, device, f"grad={value}")
+    compare(
+        lambda a, b, backend: grid_sample(
+            a, b, backend=backend, **({} if backend == "reference" else {"deterministic": True})
+        ),
+        [x, grid],
+        grad,
+        backend,
+        device,
+        f"grad={value}",
+    )
 
 
 @pytest.mark.parametrize("backend, device", target_params())
@@ -143,8 +184,10 @@ def test_grid_sample_deterministic_grad(backend, device, value):
 @pytest.mark.parametrize("where", ["x", "gamma", "beta", "grad"])
 # instance NCHW: the one-pass kernels; the others: the statistics, forward and backward passes
 # (batch norm's are slow through the interpreter: once)
-@pytest.mark.parametrize("norm, activation, channels_last", [
-    ("instance", "relu", False), ("instance", "leaky_relu", True), ("batch", "relu", True)])
+@pytest.mark.parametrize(
+    "norm, activation, channels_last",
+    [("instance", "relu", False), ("instance", "leaky_relu", True), ("batch", "relu", True)],
+)
 def test_spade_norm(backend, device, value, where, norm, activation, channels_last):
     g = torch.Generator().manual_seed(2)
     x, gamma, beta, grad = (torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64) for _ in range(4))
@@ -165,38 +208,67 @@ def test_spade_norm(backend, device, value, where, norm, activation, channels_la
     compare(run, [x, gamma, beta], grad, backend, device, f"{where}={value}")
 
 
-MLP_POSITIONS = ["color_code", "shape_code", "shape_in.weight", "shape_hidden.bias", "density.weight", "density.bias",
-                 "color_in.bias", "fuse.weight", "fuse_hidden.bias", "grad_features", "grad_weight_sum"]
+MLP_POSITIONS = [
+    "color_code",
+    "shape_code",
+    "shape_in.weight",
+    "shape_hidden.bias",
+    "density.weight",
+    "density.bias",
+    "color_in.bias",
+    "fuse.weight",
+    "fuse_hidden.bias",
+    "grad_features",
+    "grad_weight_sum",
+]
 # (R, D, transmittance, activation, where, widths Ec, Es, H, H4): every position with D=3 (padded
 # samples in Triton's tile) and widths that are no power of two (padded channels); some with D=4
 # (exclusive), with widths Triton pads nowhere (no channel masks), and with D=40 (a ray in two
 # chunks of Triton's backward, whose first pass finds the totals: slow through the interpreter).
 ODD, EVEN = (5, 7, 12, 6), (16, 16, 16, 16)
-MLP_CASES = ([(3, 3, "inclusive", "relu", w, ODD) for w in MLP_POSITIONS]
-             + [(3, 4, "exclusive", "relu", w, ODD) for w in ("color_code", "shape_code", "density.bias",
-                                                               "grad_features", "grad_weight_sum")]
-             + [(3, 3, "inclusive", "relu", w, EVEN) for w in ("fuse_hidden.bias", "grad_features")]
-             + [(2, 40, "inclusive", "softplus", w, ODD) for w in ("color_code", "density.bias", "grad_weight_sum")])
+MLP_CASES = (
+    [(3, 3, "inclusive", "relu", w, ODD) for w in MLP_POSITIONS]
+    + [
+        (3, 4, "exclusive", "relu", w, ODD)
+        for w in ("color_code", "shape_code", "density.bias", "grad_features", "grad_weight_sum")
+    ]
+    + [(3, 3, "inclusive", "relu", w, EVEN) for w in ("fuse_hidden.bias", "grad_features")]
+    + [(2, 40, "inclusive", "softplus", w, ODD) for w in ("color_code", "density.bias", "grad_weight_sum")]
+)
 
 
 @pytest.mark.parametrize("backend, device", target_params())
 @pytest.mark.parametrize("value", list(VALUES))
-@pytest.mark.parametrize("R, D, transmittance, activation, where, widths", [
-    pytest.param(*case, id=f"R{case[0]}-D{case[1]}-{case[2]}-{case[3]}-{case[4]}-{'odd' if case[5] == ODD else 'pow2'}")
-    for case in MLP_CASES])
+@pytest.mark.parametrize(
+    "R, D, transmittance, activation, where, widths",
+    [
+        pytest.param(
+            *case, id=f"R{case[0]}-D{case[1]}-{case[2]}-{case[3]}-{case[4]}-{'odd' if case[5] == ODD else 'pow2'}"
+        )
+        for case in MLP_CASES
+    ],
+)
 def test_mlp_composite(backend, device, value, R, D, transmittance, activation, where, widths):
     g = torch.Generator().manual_seed(3)
     Ec, Es, H, H4 = widths
     color = torch.randn(R, D, Ec, generator=g, dtype=torch.float64)
     shape = torch.randn(R, D, Es, generator=g, dtype=torch.float64)
-    sizes = {"shape_in": (H, Es), "shape_hidden": (H, H), "density": (1, H), "shape_feature": (H4, H),
-             "color_in": (H, Ec), "fuse": (H, H4 + H), "fuse_hidden": (H, H)}
+    sizes = {
+        "shape_in": (H, Es),
+        "shape_hidden": (H, H),
+        "density": (1, H),
+        "shape_feature": (H4, H),
+        "color_in": (H, Ec),
+        "fuse": (H, H4 + H),
+        "fuse_hidden": (H, H),
+    }
     params = {}
     for name in PARAMETERS:
         layer, kind = name.split(".")
         out, inp = sizes[layer]
-        params[name] = (torch.randn((out, inp) if kind == "weight" else (out,), generator=g, dtype=torch.float64)
-                        / inp ** 0.5)
+        params[name] = (
+            torch.randn((out, inp) if kind == "weight" else (out,), generator=g, dtype=torch.float64) / inp**0.5
+        )
     params["density.bias"] += 0.5
     gf = torch.randn(R, H, generator=g, dtype=torch.float64)
     gs = torch.randn(R, 1, generator=g, dtype=torch.float64)
@@ -214,8 +286,9 @@ def test_mlp_composite(backend, device, value, R, D, transmittance, activation, 
     names = list(PARAMETERS)
 
     def run(c, s, *ps, backend):
-        return mlp_composite(c, s, dict(zip(names, ps)), transmittance=transmittance, density_activation=activation,
-                             backend=backend)
+        return mlp_composite(
+            c, s, dict(zip(names, ps)), transmittance=transmittance, density_activation=activation, backend=backend
+        )
 
     compare(run, [color, shape, *params.values()], (gf, gs), backend, device, f"{where}={value}")
 

@@ -20,8 +20,11 @@ from fnevr.ops import _fused, _registry
 from helpers import assert_close, compile_params, target_params
 
 OPS = _registry.ops()
-CASES = [pytest.param(op, i, id=f"{op}-{s.label}") for op in OPS
-         for i, s in enumerate(OPS[op].samples("cpu", torch.float64, torch.Generator().manual_seed(0)))]
+CASES = [
+    pytest.param(op, i, id=f"{op}-{s.label}")
+    for op in OPS
+    for i, s in enumerate(OPS[op].samples("cpu", torch.float64, torch.Generator().manual_seed(0)))
+]
 FIRST = [pytest.param(op, 0, id=op) for op in OPS]
 
 
@@ -35,13 +38,15 @@ def _sample(op, i, device, dtype=torch.float64, channels_last=False) -> _registr
 
 def _in_fp64(sample) -> _registry.Sample:
     """`sample` with every tensor in fp64 on the CPU: the reference's input, rounded as the op's was."""
+
     def up(a):
         if isinstance(a, list):
             return [up(t) for t in a]
         return a.detach().to("cpu", torch.float64) if isinstance(a, torch.Tensor) else a
 
-    return dataclasses.replace(sample, args=tuple(up(a) for a in sample.args),
-                               kwargs={k: up(v) for k, v in sample.kwargs.items()})
+    return dataclasses.replace(
+        sample, args=tuple(up(a) for a in sample.args), kwargs={k: up(v) for k, v in sample.kwargs.items()}
+    )
 
 
 def _leaves(sample, positions):
@@ -89,6 +94,7 @@ def _layouts(op):
 
 
 # --- numerics --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend,device", target_params())
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
@@ -155,14 +161,17 @@ def _deterministic():
 
 # --- torch.library integration -----------------------------------------------------------------------
 
+
 def _record_custom_op_calls(monkeypatch):
     """[(custom op, args)] of every FusedOp call, each made through its custom op."""
     calls = []
     monkeypatch.setattr(_fused, "_plain_eager", lambda tensors: False)
     for fused in _fused_ops():
+
         def spy(*args, _op=fused.op):
             calls.append((_op, args))
             return _op(*args)
+
         monkeypatch.setattr(fused, "op", spy)
     return calls
 
@@ -174,8 +183,7 @@ def _detached(a):
 
 
 def _fused_ops():
-    return [v for op in OPS for v in vars(sys.modules[OPS[op].fn.__module__]).values()
-            if isinstance(v, _fused.FusedOp)]
+    return [v for op in OPS for v in vars(sys.modules[OPS[op].fn.__module__]).values() if isinstance(v, _fused.FusedOp)]
 
 
 @pytest.mark.parametrize("backend,device", target_params())
@@ -195,8 +203,12 @@ def test_opcheck(op, i, dtype, backend, device, monkeypatch):
 
 
 # Inductor compiles each op's first sample only: the others take the same ops, and its compiles are slow.
-COMPILE_CASES = [pytest.param(*c.values, *p.values, id=f"{c.id}-{p.id}", marks=p.marks)
-                 for c in CASES for p in compile_params() if p.values[2] != "inductor" or c.values[1] == 0]
+COMPILE_CASES = [
+    pytest.param(*c.values, *p.values, id=f"{c.id}-{p.id}", marks=p.marks)
+    for c in CASES
+    for p in compile_params()
+    if p.values[2] != "inductor" or c.values[1] == 0
+]
 
 
 @pytest.mark.parametrize("op,i,backend,device,compiler", COMPILE_CASES)
@@ -225,8 +237,9 @@ def test_fast_path_matches_the_custom_ops_bit_for_bit(op, i, grad, backend, devi
         fast = _run(op, _sample(op, i, device, channels_last=channels_last), backend, _sample(op, i, "cpu").wrt, grad)
         with monkeypatch.context() as m:
             m.setattr(_fused, "_plain_eager", lambda tensors: False)  # every call through the custom ops
-            slow = _run(op, _sample(op, i, device, channels_last=channels_last), backend,
-                        _sample(op, i, "cpu").wrt, grad)
+            slow = _run(
+                op, _sample(op, i, device, channels_last=channels_last), backend, _sample(op, i, "cpu").wrt, grad
+            )
         _assert_identical(fast, slow)
 
 
@@ -234,9 +247,11 @@ def _spy_on_custom_ops(monkeypatch):
     """Counts calls of every op's custom ops (FusedOp.op) by name."""
     calls = {}
     for fused in _fused_ops():
+
         def spy(*args, _op=fused.op, _name=fused.name):
             calls[_name] = calls.get(_name, 0) + 1
             return _op(*args)
+
         monkeypatch.setattr(fused, "op", spy)
     return calls
 
@@ -278,8 +293,11 @@ def test_torch_compile_traces_the_custom_ops(op, i, backend, device):
 
     torch._dynamo.reset()
     sample = _sample(op, i, device, torch.float32)
-    fn = torch.compile(lambda *a: _call(op, dataclasses.replace(sample, args=a), backend)[0].square().sum(),
-                       fullgraph=True, backend=aot_autograd(fw_compiler=capture, bw_compiler=capture))
+    fn = torch.compile(
+        lambda *a: _call(op, dataclasses.replace(sample, args=a), backend)[0].square().sum(),
+        fullgraph=True,
+        backend=aot_autograd(fw_compiler=capture, bw_compiler=capture),
+    )
     for t in _leaves(sample, sample.wrt):
         t.requires_grad_()
     fn(*sample.args).backward()
@@ -291,6 +309,7 @@ def test_torch_compile_traces_the_custom_ops(op, i, backend, device):
 
 
 # --- the registry and bad input ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("op", OPS)
 def test_every_kernel_entry_point_has_one_schema_for_all_backends(op):
@@ -312,8 +331,10 @@ def test_bad_input_names_the_argument(op, i):
         if not isinstance(arg, torch.Tensor):
             continue
         name = params[k]
-        for bad, error, what in ((arg.tolist(), TypeError, "must be a torch.Tensor"),
-                                 (arg.long(), ValueError, "float16, bfloat16, float32 or float64")):
+        for bad, error, what in (
+            (arg.tolist(), TypeError, "must be a torch.Tensor"),
+            (arg.long(), ValueError, "float16, bfloat16, float32 or float64"),
+        ):
             args = list(sample.args)
             args[k] = bad
             with pytest.raises(error, match=f"{name}.*{what}|{what}.*{name}"):

@@ -21,8 +21,11 @@ class PlainSPADE(nn.Module):
 
     def __init__(self, norm_channels, label_channels, hidden, norm):
         super().__init__()
-        self.param_free_norm = (nn.InstanceNorm2d(norm_channels, affine=False) if norm == "instance"
-                                else nn.BatchNorm2d(norm_channels, affine=False))
+        self.param_free_norm = (
+            nn.InstanceNorm2d(norm_channels, affine=False)
+            if norm == "instance"
+            else nn.BatchNorm2d(norm_channels, affine=False)
+        )
         self.mlp_shared = nn.Sequential(nn.Conv2d(label_channels, hidden, 3, padding=1), nn.ReLU())
         self.mlp_gamma = nn.Conv2d(hidden, norm_channels, 3, padding=1)
         self.mlp_beta = nn.Conv2d(hidden, norm_channels, 3, padding=1)
@@ -37,12 +40,22 @@ class PlainSPADE(nn.Module):
 def random_state_dict(C, L, hidden, norm, seed=0):
     g = torch.Generator().manual_seed(seed)
     rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64) * 0.2
-    sd = {"mlp_shared.0.weight": rand(hidden, L, 3, 3), "mlp_shared.0.bias": rand(hidden),
-          "mlp_gamma.weight": rand(C, hidden, 3, 3), "mlp_gamma.bias": rand(C),
-          "mlp_beta.weight": rand(C, hidden, 3, 3), "mlp_beta.bias": rand(C)}
+    sd = {
+        "mlp_shared.0.weight": rand(hidden, L, 3, 3),
+        "mlp_shared.0.bias": rand(hidden),
+        "mlp_gamma.weight": rand(C, hidden, 3, 3),
+        "mlp_gamma.bias": rand(C),
+        "mlp_beta.weight": rand(C, hidden, 3, 3),
+        "mlp_beta.bias": rand(C),
+    }
     if norm == "batch":
-        sd.update({"param_free_norm.running_mean": rand(C), "param_free_norm.running_var": rand(C).abs() + 0.5,
-                   "param_free_norm.num_batches_tracked": torch.tensor(7)})
+        sd.update(
+            {
+                "param_free_norm.running_mean": rand(C),
+                "param_free_norm.running_var": rand(C).abs() + 0.5,
+                "param_free_norm.num_batches_tracked": torch.tensor(7),
+            }
+        )
     return sd
 
 
@@ -52,7 +65,7 @@ def test_state_dict_keys_and_shapes_match_the_published_spade_layers():
     prefixes = sorted({k.rsplit(".mlp_", 1)[0] for k in published if ".mlp_shared." in k})
     assert len(prefixes) == 8, prefixes  # the decoder's eight SPADE layers
     for prefix in prefixes:
-        want = {k[len(prefix) + 1:]: v for k, v in published.items() if k.startswith(prefix + ".")}
+        want = {k[len(prefix) + 1 :]: v for k, v in published.items() if k.startswith(prefix + ".")}
         C, hidden = want["mlp_gamma.weight"][:2]
         layer = fnevr.nn.SPADE(C, want["mlp_shared.0.weight"][1], hidden)
         got = {k: list(v.shape) for k, v in layer.state_dict().items()}
@@ -81,10 +94,19 @@ def test_matches_plain_spade_fp64(backend, norm, training):
         xi, si = x.clone().requires_grad_(), segmap.clone().requires_grad_()
         y = layer(xi, si)
         y.backward(grad_y)
-        outs.append((y, xi.grad, si.grad, layer.mlp_gamma.weight.grad, layer.mlp_beta.bias.grad,
-                     layer.mlp_shared[0].weight.grad))
-    for name, a, b in zip(("y", "grad x", "grad segmap", "grad mlp_gamma.weight", "grad mlp_beta.bias",
-                           "grad mlp_shared.0.weight"), *outs):
+        outs.append(
+            (
+                y,
+                xi.grad,
+                si.grad,
+                layer.mlp_gamma.weight.grad,
+                layer.mlp_beta.bias.grad,
+                layer.mlp_shared[0].weight.grad,
+            )
+        )
+    for name, a, b in zip(
+        ("y", "grad x", "grad segmap", "grad mlp_gamma.weight", "grad mlp_beta.bias", "grad mlp_shared.0.weight"), *outs
+    ):
         assert_close(a, b, torch.float64, name)
     for key, value in plain.state_dict().items():  # running statistics, and their count
         assert_close(ours.state_dict()[key].double(), value.double(), torch.float64, key)

@@ -24,8 +24,7 @@ MODULATIONS = ["full", "per-sample-channel", "per-channel"]  # gamma/beta [N,C,H
 ALL = target_params() + [pytest.param("reference", "cpu", id="reference-cpu")]
 
 
-def make_inputs(shape, dtype=torch.float32, device="cpu", modulation="full", channels_last=False, seed=0,
-                offset=0.0):
+def make_inputs(shape, dtype=torch.float32, device="cpu", modulation="full", channels_last=False, seed=0, offset=0.0):
     g = torch.Generator().manual_seed(seed)
     N, C, _, _ = shape
     mshape = {"full": shape, "per-sample-channel": (N, C, 1, 1), "per-channel": (1, C, 1, 1)}[modulation]
@@ -42,8 +41,19 @@ def make_inputs(shape, dtype=torch.float32, device="cpu", modulation="full", cha
     return x, gamma, beta, grad_y
 
 
-def expected(x, gamma, beta, grad_y, norm="instance", activation=None, slope=0.2, training=True, stats=None,
-             momentum=0.1, eps=1e-5):
+def expected(
+    x,
+    gamma,
+    beta,
+    grad_y,
+    norm="instance",
+    activation=None,
+    slope=0.2,
+    training=True,
+    stats=None,
+    momentum=0.1,
+    eps=1e-5,
+):
     """PyTorch's modules and arithmetic in fp64 -> (y, dx, dgamma, dbeta, running mean, running var)."""
     x, gamma, beta = (t.detach().cpu().double().requires_grad_() for t in (x, gamma, beta))
     C = x.shape[1]
@@ -85,8 +95,9 @@ def check(x, gamma, beta, grad_y, dtype, stats=None, **kw):
         if name[0] in "yg":
             assert a.dtype == x.dtype, f"{name}: dtype {a.dtype}"
         assert_close(a, b, dtype, name)
-    assert got[0].is_contiguous(memory_format=torch.channels_last if x.dim() == 4 and not x.is_contiguous()
-                                else torch.contiguous_format)
+    assert got[0].is_contiguous(
+        memory_format=torch.channels_last if x.dim() == 4 and not x.is_contiguous() else torch.contiguous_format
+    )
     return got
 
 
@@ -108,8 +119,18 @@ def test_matches_torch_fp64(backend, device, norm, activation, shape):
         pytest.skip("kept short in the slow interpreter: the other shapes cover the same paths")
     x, gamma, beta, grad_y = make_inputs(shape, torch.float64, device)
     stats = batch_stats(shape[1]) if norm == "batch" else None
-    check(x, gamma, beta, grad_y, torch.float64, stats=stats, norm=norm, activation=activation,
-          negative_slope=0.1, backend=backend)
+    check(
+        x,
+        gamma,
+        beta,
+        grad_y,
+        torch.float64,
+        stats=stats,
+        norm=norm,
+        activation=activation,
+        negative_slope=0.1,
+        backend=backend,
+    )
 
 
 @pytest.mark.parametrize("backend,device", target_params())
@@ -205,8 +226,7 @@ def test_empty_batch(backend, device, norm):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_large_mean_does_not_cancel(backend, device, norm, channels_last):
     # fp64 around 1e8 with unit spread: E[x^2] - E[x]^2 would lose every digit (1e16 vs 1).
-    x, gamma, beta, grad_y = make_inputs((2, 3, 40, 40), torch.float64, device, channels_last=channels_last,
-                                         offset=1e8)
+    x, gamma, beta, grad_y = make_inputs((2, 3, 40, 40), torch.float64, device, channels_last=channels_last, offset=1e8)
     y, dx, *_ = run_op(x, gamma, beta, grad_y, norm=norm, backend=backend)
     want = expected(x, gamma, beta, grad_y, norm=norm)
     torch.testing.assert_close(y.cpu(), want[0], rtol=0, atol=1e-6)
@@ -241,6 +261,7 @@ def small_cuts(monkeypatch):
     """-> fn(backend, shape, channels_last, norm, sms): make Triton cut its reductions of `shape` as on
     a GPU of `sms` multiprocessors, with tiles of 64 elements -> (statistics' _Split, sums' _Split),
     or None for other backends."""
+
     def setup(backend, shape, channels_last, norm, sms=4):
         if backend != "triton":
             return None
@@ -251,8 +272,11 @@ def small_cuts(monkeypatch):
         N, C, H, W = shape
         block_c, block_s = k._reduce_blocks(C, H * W, channels_last)
         c_tiles = -(-C // block_c)
-        return (k._split(N, H * W, block_s, c_tiles, torch.device("cpu"), norm == "batch"),
-                k._split(N, H * W, block_s, c_tiles, torch.device("cpu"), False))
+        return (
+            k._split(N, H * W, block_s, c_tiles, torch.device("cpu"), norm == "batch"),
+            k._split(N, H * W, block_s, c_tiles, torch.device("cpu"), False),
+        )
+
     return setup
 
 
@@ -282,8 +306,7 @@ def test_cut_batch_norm_into_uneven_sample_groups(backend, device, channels_last
     if cuts is not None:
         assert 1 < cuts[0].per_group < 5 and 5 % cuts[0].per_group != 0, cuts[0]
     x, gamma, beta, grad_y = make_inputs(shape, torch.float64, device, "per-sample-channel", channels_last)
-    check(x, gamma, beta, grad_y, torch.float64, stats=batch_stats(4), norm="batch", activation="relu",
-          backend=backend)
+    check(x, gamma, beta, grad_y, torch.float64, stats=batch_stats(4), norm="batch", activation="relu", backend=backend)
 
 
 @pytest.mark.parametrize("backend,device", target_params())
@@ -314,8 +337,7 @@ def test_non_finite_input_spoils_its_group_only(backend, device, norm, channels_
     x, gamma, beta, grad_y = make_inputs(shape, torch.float64, device, channels_last=channels_last)
     x[1, 2, 5, 7] = bad
     stats = batch_stats(shape[1]) if norm == "batch" else None
-    y, dx, *_ = check(x, gamma, beta, grad_y, torch.float64, stats=stats, norm=norm, activation="relu",
-                      backend=backend)
+    y, dx, *_ = check(x, gamma, beta, grad_y, torch.float64, stats=stats, norm=norm, activation="relu", backend=backend)
     spoilt = torch.zeros(shape, dtype=torch.bool)
     spoilt[(slice(None) if norm == "batch" else 1), 2] = True
     assert torch.equal(y.isnan().cpu(), spoilt) and torch.equal(dx.isnan().cpu(), spoilt)
@@ -332,12 +354,18 @@ def test_cut_reductions_are_deterministic(backend, device, norm, channels_last):
         assert torch.equal(a, b)
 
 
-GRADCHECK_MODES = [("instance", "full"), ("instance", "per-channel"), ("batch", "full"),
-                   ("batch", "per-sample-channel")]
+GRADCHECK_MODES = [
+    ("instance", "full"),
+    ("instance", "per-channel"),
+    ("batch", "full"),
+    ("batch", "per-sample-channel"),
+]
 
 
-@pytest.mark.parametrize("backend,norm,modulation", [(b, *m) for b in ("reference", "cpu") for m in GRADCHECK_MODES]
-                         + [("triton", *m) for m in GRADCHECK_MODES[::3]])  # the interpreter is slow
+@pytest.mark.parametrize(
+    "backend,norm,modulation",
+    [(b, *m) for b in ("reference", "cpu") for m in GRADCHECK_MODES] + [("triton", *m) for m in GRADCHECK_MODES[::3]],
+)  # the interpreter is slow
 def test_gradcheck_fp64(backend, norm, modulation):
     if fnevr.ops.backends("cpu")[backend] != "available":
         pytest.skip(fnevr.ops.backends("cpu")[backend])
@@ -364,8 +392,17 @@ def _sync_worker(rank, world, port, backends, results):
         for backend in backends:
             stats = [t.clone() for t in batch_stats(3)]
             xs, gs, bs = (t[rows].clone().requires_grad_() for t in (x, gamma, beta))
-            y = spade_norm(xs, gs, bs, norm="batch", activation="leaky_relu", running_mean=stats[0],
-                           running_var=stats[1], process_group=dist.group.WORLD, backend=backend)
+            y = spade_norm(
+                xs,
+                gs,
+                bs,
+                norm="batch",
+                activation="leaky_relu",
+                running_mean=stats[0],
+                running_var=stats[1],
+                process_group=dist.group.WORLD,
+                backend=backend,
+            )
             y.backward(grad_y[rows])
             out[backend] = [t.detach() for t in (y, xs.grad, gs.grad, bs.grad, *stats)]
         results[rank] = out
@@ -410,19 +447,25 @@ def test_bad_tensors(make, error, match):
         spade_norm(*make(x, gamma, beta))
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(norm="group"), ValueError, "norm must be one of"),
-    (dict(activation="gelu"), ValueError, "activation must be one of"),
-    (dict(backend="fastest"), ValueError, "backend must be 'auto' or one of"),
-    (dict(backend="cuda"), RuntimeError, "backend='cuda' cannot run on cpu tensors"),
-    (dict(norm="batch", training=False), ValueError, "training=False needs running_mean and running_var"),
-    (dict(norm="batch", running_mean=torch.zeros(3)), ValueError, "must be given together"),
-    (dict(norm="batch", running_mean=torch.zeros(4), running_var=torch.ones(4)), ValueError,
-     r"running_mean must be a floating \[C\] = \[3\]"),
-    (dict(running_mean=torch.zeros(3), running_var=torch.ones(3)), ValueError, "norm='batch' only"),
-    (dict(norm="batch", momentum=2.0), ValueError, "momentum must be"),
-    (dict(process_group=object()), ValueError, "process_group applies to norm='batch' only"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(norm="group"), ValueError, "norm must be one of"),
+        (dict(activation="gelu"), ValueError, "activation must be one of"),
+        (dict(backend="fastest"), ValueError, "backend must be 'auto' or one of"),
+        (dict(backend="cuda"), RuntimeError, "backend='cuda' cannot run on cpu tensors"),
+        (dict(norm="batch", training=False), ValueError, "training=False needs running_mean and running_var"),
+        (dict(norm="batch", running_mean=torch.zeros(3)), ValueError, "must be given together"),
+        (
+            dict(norm="batch", running_mean=torch.zeros(4), running_var=torch.ones(4)),
+            ValueError,
+            r"running_mean must be a floating \[C\] = \[3\]",
+        ),
+        (dict(running_mean=torch.zeros(3), running_var=torch.ones(3)), ValueError, "norm='batch' only"),
+        (dict(norm="batch", momentum=2.0), ValueError, "momentum must be"),
+        (dict(process_group=object()), ValueError, "process_group applies to norm='batch' only"),
+    ],
+)
 def test_bad_options(kwargs, error, match):
     x, gamma, beta, _ = make_inputs((2, 3, 4, 5))
     with pytest.raises(error, match=match):
@@ -454,6 +497,7 @@ def test_kernel_entry_points_check_their_input():
         print("ok")
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])

@@ -27,13 +27,29 @@ def tiny_config():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return ensure_synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic", size=32, num_frames=8,
-                                    num_train=8, num_test=2, clips_per_id=2, seed=1)
+    return ensure_synthetic_dataset(
+        tmp_path_factory.mktemp("data") / "synthetic",
+        size=32,
+        num_frames=8,
+        num_train=8,
+        num_test=2,
+        clips_per_id=2,
+        seed=1,
+    )
 
 
 def options(data, out, **kw):
-    base = dict(config=tiny_config(), data=str(data), out=str(out), device="cpu", num_workers=0, progress=False,
-                checkpoint_every=1000, sample_every=1000, log_every=1)
+    base = dict(
+        config=tiny_config(),
+        data=str(data),
+        out=str(out),
+        device="cpu",
+        num_workers=0,
+        progress=False,
+        checkpoint_every=1000,
+        sample_every=1000,
+        log_every=1,
+    )
     base.update(kw)
     return TrainOptions(**base)
 
@@ -43,8 +59,10 @@ def read_log(out):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("backend, device", target_params([("reference", "cpu"), ("cpu", "cpu"), ("triton", "cpu"),
-                                                           ("cuda", "cuda"), ("triton", "cuda")]))
+@pytest.mark.parametrize(
+    "backend, device",
+    target_params([("reference", "cpu"), ("cpu", "cpu"), ("triton", "cpu"), ("cuda", "cuda"), ("triton", "cuda")]),
+)
 def test_a_training_step_on_every_backend(data, tmp_path, backend, device):
     """On CUDA as training runs there: bf16 autocast and channels_last (the defaults)."""
     trainer = Trainer(options(data, tmp_path, backend=backend, device=device))
@@ -52,8 +70,16 @@ def test_a_training_step_on_every_backend(data, tmp_path, backend, device):
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     batch = next(iter(trainer._loader(0)))
     losses = trainer.train_step([batch])
-    assert {"perceptual", "perceptual_l1", "generator_gan", "feature_matching", "equivariance_value",
-            "equivariance_jacobian", "pose_edit", "discriminator_gan"} <= set(losses)
+    assert {
+        "perceptual",
+        "perceptual_l1",
+        "generator_gan",
+        "feature_matching",
+        "equivariance_value",
+        "equivariance_jacobian",
+        "pose_edit",
+        "discriminator_gan",
+    } <= set(losses)
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     after = trainer.model.state_dict()
     for part in ("generator.", "kp_detector.", "discriminator.", "pose_editor."):
@@ -74,7 +100,11 @@ def test_channels_last_training_step_matches_the_default_layout(data, tmp_path):
     for layout in (False, True):
         trainer = Trainer(options(data, tmp_path / str(layout), channels_last=layout))
         weights = [p for p in trainer.model.parameters() if p.dim() == 4]
-        assert all(p.is_contiguous(memory_format=torch.channels_last) == layout for p in weights if p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1)
+        assert all(
+            p.is_contiguous(memory_format=torch.channels_last) == layout
+            for p in weights
+            if p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1
+        )
         steps.append(trainer.train_step([next(iter(trainer._loader(0)))]))
     for k in steps[0]:
         assert steps[1][k] == pytest.approx(steps[0][k], rel=1e-4, abs=1e-6), k
@@ -88,7 +118,9 @@ def test_loss_falls_and_outputs_are_written(data, tmp_path):
     first = sum(float(r["perceptual"]) for r in rows[:5]) / 5
     last = sum(float(r["perceptual"]) for r in rows[-5:]) / 5
     assert last < 0.9 * first, f"reconstruction loss did not fall: {first:.3f} -> {last:.3f}"
-    assert (tmp_path / "checkpoints" / "latest.pt").is_file() and (tmp_path / "checkpoints" / "step-0000030.pt").is_file()
+    assert (tmp_path / "checkpoints" / "latest.pt").is_file() and (
+        tmp_path / "checkpoints" / "step-0000030.pt"
+    ).is_file()
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-0000015.png", "step-0000030.png"]
     assert any((tmp_path / "tb").iterdir())
 
@@ -118,9 +150,19 @@ def test_resume_without_checkpoint_says_where_it_looked(data, tmp_path):
     assert not (tmp_path / "run").exists()  # nothing left behind
 
 
-@pytest.mark.parametrize("field, value", [("steps", 0), ("steps", -5), ("batch_size", 0), ("accumulate", 0),
-                                          ("log_every", 0), ("num_workers", -1), ("device", "tpu"),
-                                          ("precision", "fp8")])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("steps", 0),
+        ("steps", -5),
+        ("batch_size", 0),
+        ("accumulate", 0),
+        ("log_every", 0),
+        ("num_workers", -1),
+        ("device", "tpu"),
+        ("precision", "fp8"),
+    ],
+)
 def test_options_out_of_range_are_refused_before_any_work(data, tmp_path, field, value):
     with pytest.raises(ValueError, match=field if field != "precision" else "precision"):
         Trainer(options(data, tmp_path / "run", **{field: value}))
@@ -142,12 +184,13 @@ def _sgd(trainer):
 
 
 def _ddp_worker(rank, world, port, data, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     trainer = _sgd(Trainer(options(data, out, seed=3, precision="fp64")))
     batch = torch.load(out / "batch.pt")
-    local = {k: v[rank * 2:(rank + 1) * 2] for k, v in batch.items()}
+    local = {k: v[rank * 2 : (rank + 1) * 2] for k, v in batch.items()}
     trainer.train_step([local])
     if rank == 0:
         torch.save(trainer.model.state_dict(), out / "state.pt")
@@ -169,7 +212,9 @@ def test_ddp_two_processes_equal_one_process_on_the_combined_batch(data, tmp_pat
     mp.start_processes(_ddp_worker, args=(2, _free_port(), data, tmp_path / "ddp"), nprocs=2, start_method="spawn")
     state, want = torch.load(tmp_path / "ddp" / "state.pt"), single.model.state_dict()
     assert state.keys() == want.keys()
-    diffs = {k: (state[k].double() - want[k].double()).abs().max().item() for k in state if state[k].is_floating_point()}
+    diffs = {
+        k: (state[k].double() - want[k].double()).abs().max().item() for k in state if state[k].is_floating_point()
+    }
     worst = max(diffs, key=diffs.get)
     assert diffs[worst] < 1e-9, f"{worst} differs by {diffs[worst]:.3g}"
     changed = [k for k in want if want[k].is_floating_point() and not torch.equal(want[k], before[k])]
@@ -212,8 +257,11 @@ def test_sync_batchnorm_is_batchnorm_in_one_process(bn):
         plain.bias.normal_()
     synced = SyncBatchNorm.convert(torch.nn.Sequential(copy.deepcopy(plain)))[0]
     assert isinstance(synced, SyncBatchNorm)
-    x = torch.randn(3, 5, 4, 6, 7, dtype=torch.float64)[:, :, 0] if bn is torch.nn.BatchNorm2d else \
-        torch.randn(3, 5, 4, 6, 7, dtype=torch.float64)
+    x = (
+        torch.randn(3, 5, 4, 6, 7, dtype=torch.float64)[:, :, 0]
+        if bn is torch.nn.BatchNorm2d
+        else torch.randn(3, 5, 4, 6, 7, dtype=torch.float64)
+    )
     plain.double(), synced.double()
     for train in (True, True, False):
         outs = []

@@ -4,9 +4,10 @@ The interpreter that runs the Triton tests on the CPU never runs Triton's code g
 can pass all of them and still fail to compile for a GPU. Here each op's launch code runs in
 compile-only mode (``FNEVR_TRITON_COMPILE_ONLY=90``, :mod:`fnevr.kernels.aot`) on the shapes of
 each op's ``compile_launches`` (kernels/<op>.py), which select every tile, warp count and autotuner
-config the launch code can pick, in fp32, fp16 and bf16, forward and backward. A kernel that does not compile, or that needs more
-shared memory than an H100 gives a block (227 KB), fails the test; registers and spills (the stack
-frame) are printed (``pytest -rP``; ``.ci/run`` prints the whole report).
+config the launch code can pick, in fp32, fp16 and bf16, forward and backward. A kernel that does
+not compile, or that needs more shared memory than an H100 gives a block (227 KB), fails the test;
+registers and spills (the stack frame) are printed (``pytest -rP``; ``.ci/run`` prints the whole
+report).
 """
 
 import importlib.util
@@ -35,9 +36,19 @@ def compiles(tmp_path_factory):
     out = tmp_path_factory.mktemp("sm90")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["FNEVR_TRITON_COMPILE_ONLY"] = "90"
-    procs = {op: (subprocess.Popen([sys.executable, "-m", "fnevr.kernels", op, "--json", str(out / f"{op}.json")],
-                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-                  out / f"{op}.json") for op in OPS}
+    procs = {
+        op: (
+            subprocess.Popen(
+                [sys.executable, "-m", "fnevr.kernels", op, "--json", str(out / f"{op}.json")],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+            out / f"{op}.json",
+        )
+        for op in OPS
+    }
     yield procs
     for proc, _ in procs.values():
         proc.kill()
@@ -61,7 +72,9 @@ def test_every_kernel_compiles_for_sm90(compiles, op):
         if all(set(k["pointers"]) == {"fp32"} for k in variants):
             continue  # fp32 workspaces only (merges of partial results): the same kernel for every dtype
         for dtype in DTYPES:
-            assert any(dtype in k["pointers"] for k in variants), \
-                f"{op}: {name} was never compiled with {dtype} tensors: add a case to compile_launches in kernels/{op}.py"
+            assert any(dtype in k["pointers"] for k in variants), (
+                f"{op}: {name} was never compiled with {dtype} tensors: "
+                f"add a case to compile_launches in kernels/{op}.py"
+            )
     too_big = [(k["name"], k["shared"], k["constants"]) for k in report if k["shared"] > MAX_SHARED]
     assert not too_big, f"{op}: kernels need more than {MAX_SHARED} B of shared memory on sm_90: {too_big}"

@@ -1,8 +1,8 @@
 // Compositing on the CPU: rays are split across threads; each ray is one front-to-back pass.
-#include "composite.h"
-#include "composite_math.h"
 #include "common/cpu.h"
 #include "common/cpu_memory.h"
+#include "composite.h"
+#include "composite_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -25,8 +25,8 @@ using composite::RayMarcher;
 constexpr int64_t kTaskWork = 32768;  // samples x channels per task
 
 template <typename scalar_t>
-void forward_rays(const scalar_t* color, const scalar_t* density, scalar_t* out, int64_t R,
-                  int64_t D, int64_t C, bool inclusive, int act) {
+void forward_rays(const scalar_t* color, const scalar_t* density, scalar_t* out, int64_t R, int64_t D, int64_t C,
+                  bool inclusive, int act) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, R, grain_size(D * C, kTaskWork), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(C);
@@ -45,9 +45,8 @@ void forward_rays(const scalar_t* color, const scalar_t* density, scalar_t* out,
 }
 
 template <typename scalar_t>
-void backward_rays(const scalar_t* grad_out, const scalar_t* color, const scalar_t* density,
-                   scalar_t* grad_color, scalar_t* grad_density, int64_t R, int64_t D, int64_t C,
-                   bool inclusive, int act) {
+void backward_rays(const scalar_t* grad_out, const scalar_t* color, const scalar_t* density, scalar_t* grad_color,
+                   scalar_t* grad_density, int64_t R, int64_t D, int64_t C, bool inclusive, int act) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, R, grain_size(D * C, kTaskWork), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> g(C);
@@ -86,16 +85,13 @@ at::Tensor composite_forward_cpu(const at::Tensor& color, const at::Tensor& dens
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, color.scalar_type(), "composite_forward_cpu", [&] {
     forward_rays<scalar_t>(color.const_data_ptr<scalar_t>(), density.const_data_ptr<scalar_t>(),
-                           out.mutable_data_ptr<scalar_t>(), R, D, C, inclusive,
-                           static_cast<int>(activation));
+                           out.mutable_data_ptr<scalar_t>(), R, D, C, inclusive, static_cast<int>(activation));
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> composite_backward_cpu(const at::Tensor& grad_out,
-                                                          const at::Tensor& color,
-                                                          const at::Tensor& density,
-                                                          bool inclusive, int64_t activation,
+std::tuple<at::Tensor, at::Tensor> composite_backward_cpu(const at::Tensor& grad_out, const at::Tensor& color,
+                                                          const at::Tensor& density, bool inclusive, int64_t activation,
                                                           bool color_grad) {
   check_composite_backward_inputs(grad_out, color, density, activation);
   const int64_t R = color.size(0), D = color.size(1), C = color.size(2);
@@ -103,11 +99,10 @@ std::tuple<at::Tensor, at::Tensor> composite_backward_cpu(const at::Tensor& grad
   at::Tensor grad_density = at::zeros_like(density);
   if (R == 0 || D == 0) return {grad_color, grad_density};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, color.scalar_type(), "composite_backward_cpu", [&] {
-    backward_rays<scalar_t>(grad_out.const_data_ptr<scalar_t>(), color.const_data_ptr<scalar_t>(),
-                            density.const_data_ptr<scalar_t>(),
-                            color_grad ? grad_color.mutable_data_ptr<scalar_t>() : nullptr,
-                            grad_density.mutable_data_ptr<scalar_t>(), R, D, C, inclusive,
-                            static_cast<int>(activation));
+    backward_rays<scalar_t>(
+        grad_out.const_data_ptr<scalar_t>(), color.const_data_ptr<scalar_t>(), density.const_data_ptr<scalar_t>(),
+        color_grad ? grad_color.mutable_data_ptr<scalar_t>() : nullptr, grad_density.mutable_data_ptr<scalar_t>(), R, D,
+        C, inclusive, static_cast<int>(activation));
   });
   return {grad_color, grad_density};
 }

@@ -11,11 +11,11 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -58,8 +58,8 @@ struct Plan {
 
 // The tile's sample weights, from its densities (loaded first: everything else waits on them).
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void tile_weights(const scalar_t* d_ray, int i0, int D, int act,
-                                             RayMarcher<acc_t>& march, SampleWeight<acc_t> (&s)[kTile]) {
+__device__ __forceinline__ void tile_weights(const scalar_t* d_ray, int i0, int D, int act, RayMarcher<acc_t>& march,
+                                             SampleWeight<acc_t> (&s)[kTile]) {
   acc_t sigma[kTile];
 #pragma unroll
   for (int u = 0; u < kTile; ++u) sigma[u] = i0 + u < D ? static_cast<acc_t>(d_ray[i0 + u]) : acc_t(0);
@@ -124,8 +124,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, typename acc_t, int VEC, int CHUNKS>
 __global__ void __launch_bounds__(kThreads)
     composite_backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ color,
-                              const scalar_t* __restrict__ density, scalar_t* __restrict__ grad_color,
-                              acc_t* pushed, scalar_t* grad_density,  // may alias: see the launch
+                              const scalar_t* __restrict__ density, scalar_t* __restrict__ grad_color, acc_t* pushed,
+                              scalar_t* grad_density,  // pushed and grad_density may alias: see the launch
                               Plan L, bool inclusive, int act) {
   using P = Pack<scalar_t, VEC>;
   const int G = 1 << L.group_log2;
@@ -171,8 +171,7 @@ __global__ void __launch_bounds__(kThreads)
             e[u] += gj * static_cast<acc_t>(c[u][k].v[j]);
             gc.v[j] = static_cast<scalar_t>(s[u].w * gj);
           }
-          if (valid && grad_color != nullptr)
-            *reinterpret_cast<P*>(grad_color + (ray * L.D + i0 + u) * L.C + ch) = gc;
+          if (valid && grad_color != nullptr) *reinterpret_cast<P*>(grad_color + (ray * L.D + i0 + u) * L.C + ch) = gc;
         }
     }
 #pragma unroll
@@ -208,9 +207,7 @@ Config make_config(const at::Tensor& color, std::initializer_list<const at::Tens
   const int64_t R = color.size(0);
   const int D = static_cast<int>(color.size(1)), C = static_cast<int>(color.size(2));
   int vec = 16 / static_cast<int>(sizeof(scalar_t));
-  auto aligned = [](const at::Tensor& t) {
-    return reinterpret_cast<std::uintptr_t>(t.const_data_ptr()) % 16 == 0;
-  };
+  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<std::uintptr_t>(t.const_data_ptr()) % 16 == 0; };
   bool all_aligned = aligned(color);
   for (const at::Tensor* t : others) all_aligned = all_aligned && (t == nullptr || aligned(*t));
   if (C % vec != 0 || !all_aligned) vec = 1;
@@ -229,15 +226,22 @@ void with_shape(const Config& cfg, F&& f) {
   constexpr int kVec = 16 / sizeof(scalar_t);
   auto pick_chunks = [&](auto vec) {
     switch (cfg.chunks) {
-      case 1: f(vec, std::integral_constant<int, 1>{}); break;
-      case 2: f(vec, std::integral_constant<int, 2>{}); break;
-      default: f(vec, std::integral_constant<int, 4>{}); break;
+      case 1:
+        f(vec, std::integral_constant<int, 1>{});
+        break;
+      case 2:
+        f(vec, std::integral_constant<int, 2>{});
+        break;
+      default:
+        f(vec, std::integral_constant<int, 4>{});
+        break;
     }
   };
-  if (cfg.vec == kVec) pick_chunks(std::integral_constant<int, kVec>{});
-  else pick_chunks(std::integral_constant<int, 1>{});
+  if (cfg.vec == kVec)
+    pick_chunks(std::integral_constant<int, kVec>{});
+  else
+    pick_chunks(std::integral_constant<int, 1>{});
 }
-
 
 }  // namespace
 
@@ -255,21 +259,18 @@ at::Tensor composite_forward_cuda(const at::Tensor& color, const at::Tensor& den
     const Config cfg = make_config<scalar_t>(color, {&out});
     with_shape<scalar_t>(cfg, [&](auto vec, auto chunks) {
       composite_forward_kernel<scalar_t, acc_t, decltype(vec)::value, decltype(chunks)::value>
-          <<<cfg.blocks, kThreads, 0, stream>>>(color.const_data_ptr<scalar_t>(),
-                                                density.const_data_ptr<scalar_t>(),
-                                                out.mutable_data_ptr<scalar_t>(), cfg.plan,
-                                                inclusive, static_cast<int>(activation));
+          <<<cfg.blocks, kThreads, 0, stream>>>(color.const_data_ptr<scalar_t>(), density.const_data_ptr<scalar_t>(),
+                                                out.mutable_data_ptr<scalar_t>(), cfg.plan, inclusive,
+                                                static_cast<int>(activation));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> composite_backward_cuda(const at::Tensor& grad_out,
-                                                           const at::Tensor& color,
-                                                           const at::Tensor& density,
-                                                           bool inclusive, int64_t activation,
-                                                           bool color_grad) {
+std::tuple<at::Tensor, at::Tensor> composite_backward_cuda(const at::Tensor& grad_out, const at::Tensor& color,
+                                                           const at::Tensor& density, bool inclusive,
+                                                           int64_t activation, bool color_grad) {
   check_composite_backward_inputs(grad_out, color, density, activation);
   check_cuda(color, "composite", "color");
   const c10::cuda::CUDAGuard guard(color.device());
@@ -280,18 +281,17 @@ std::tuple<at::Tensor, at::Tensor> composite_backward_cuda(const at::Tensor& gra
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, color.scalar_type(), "composite_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // Where grad_density already holds acc_t (fp32, fp64) it doubles as the scratch.
-    at::Tensor pushed = std::is_same<scalar_t, acc_t>::value
-                            ? grad_density
-                            : at::empty(density.sizes(), density.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    at::Tensor pushed =
+        std::is_same<scalar_t, acc_t>::value
+            ? grad_density
+            : at::empty(density.sizes(), density.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     const Config c = make_config<scalar_t>(color, {&grad_out, color_grad ? &grad_color : nullptr});
     with_shape<scalar_t>(c, [&](auto vec, auto chunks) {
       composite_backward_kernel<scalar_t, acc_t, decltype(vec)::value, decltype(chunks)::value>
           <<<c.blocks, kThreads, 0, stream>>>(
-              grad_out.const_data_ptr<scalar_t>(), color.const_data_ptr<scalar_t>(),
-              density.const_data_ptr<scalar_t>(),
-              color_grad ? grad_color.mutable_data_ptr<scalar_t>() : nullptr,
-              pushed.mutable_data_ptr<acc_t>(), grad_density.mutable_data_ptr<scalar_t>(), c.plan,
-              inclusive, static_cast<int>(activation));
+              grad_out.const_data_ptr<scalar_t>(), color.const_data_ptr<scalar_t>(), density.const_data_ptr<scalar_t>(),
+              color_grad ? grad_color.mutable_data_ptr<scalar_t>() : nullptr, pushed.mutable_data_ptr<acc_t>(),
+              grad_density.mutable_data_ptr<scalar_t>(), c.plan, inclusive, static_cast<int>(activation));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -13,10 +13,10 @@ namespace fnevr {
 // input [N, C, H, W] (any strides; NCHW and channels_last are the fast ones), grid [N, Ho, Wo, 2]
 // contiguous, one dtype and device -> out [N, C, Ho, Wo], channels_last where input is (and is not
 // also contiguous), else contiguous.
-at::Tensor grid_sample_forward_cpu(const at::Tensor& input, const at::Tensor& grid, int64_t mode,
-                                   int64_t padding, bool align_corners);
-at::Tensor grid_sample_forward_cuda(const at::Tensor& input, const at::Tensor& grid, int64_t mode,
-                                    int64_t padding, bool align_corners);
+at::Tensor grid_sample_forward_cpu(const at::Tensor& input, const at::Tensor& grid, int64_t mode, int64_t padding,
+                                   bool align_corners);
+at::Tensor grid_sample_forward_cuda(const at::Tensor& input, const at::Tensor& grid, int64_t mode, int64_t padding,
+                                    bool align_corners);
 
 // -> (grad_input like input, or an empty tensor when input_grad is false;
 //     grad_grid like grid, or an empty tensor when grid_grad is false).
@@ -33,18 +33,16 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cuda(const at::Tensor& g
 // The layout outputs and input gradients get: input's, where it is channels_last and not also
 // plain contiguous (as fnevr/ops/grid_sample.py decides).
 inline at::MemoryFormat grid_sample_memory_format(const at::Tensor& input) {
-  return !input.is_contiguous() && input.is_contiguous(at::MemoryFormat::ChannelsLast)
-             ? at::MemoryFormat::ChannelsLast
-             : at::MemoryFormat::Contiguous;
+  return !input.is_contiguous() && input.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
+                                                                                       : at::MemoryFormat::Contiguous;
 }
 
 // The Python layer validates user input with friendlier messages; these checks guard the kernels
 // against direct calls of the torch.ops entry points.
-inline void check_grid_sample_inputs(const at::Tensor& input, const at::Tensor& grid, int64_t mode,
-                                     int64_t padding) {
+inline void check_grid_sample_inputs(const at::Tensor& input, const at::Tensor& grid, int64_t mode, int64_t padding) {
   TORCH_CHECK(input.dim() == 4, "fnevr grid_sample: input must be [N, C, H, W], got ", input.sizes());
-  TORCH_CHECK(input.size(2) > 0 && input.size(3) > 0,
-              "fnevr grid_sample: input must have non-empty H and W, got ", input.sizes());
+  TORCH_CHECK(input.size(2) > 0 && input.size(3) > 0, "fnevr grid_sample: input must have non-empty H and W, got ",
+              input.sizes());
   TORCH_CHECK(grid.dim() == 4 && grid.size(0) == input.size(0) && grid.size(3) == 2,
               "fnevr grid_sample: grid must be [N, Ho, Wo, 2] with N = ", input.size(0), ", got ", grid.sizes());
   TORCH_CHECK(grid.is_contiguous(), "fnevr grid_sample: grid must be contiguous");

@@ -37,21 +37,21 @@ struct Dims {
 };
 
 Dims dims_of(const at::Tensor& input, const at::Tensor& grid, int64_t mode, int64_t padding, bool align_corners) {
-  return {input.size(0), input.size(1), input.size(2), input.size(3), grid.size(1), grid.size(2),
-          static_cast<int>(mode), static_cast<int>(padding), align_corners};
+  return {input.size(0), input.size(1), input.size(2),          input.size(3),
+          grid.size(1),  grid.size(2),  static_cast<int>(mode), static_cast<int>(padding),
+          align_corners};
 }
 
 // Points x channels per task: enough that a task amortises its scheduling.
 constexpr int64_t kTaskWork = 16384;
-
 
 // The taps of a block of output points, computed once and then read for every channel, in
 // structure-of-arrays form so the per-point loops vectorise. "Full" points (nearly all of a warp)
 // have every tap inside the image and take branch-free paths.
 template <typename acc_t>
 struct Block {
-  int64_t count;  // points in the block
-  int taps;       // 4 (bilinear) or 1 (nearest)
+  int64_t count;          // points in the block
+  int taps;               // 4 (bilinear) or 1 (nearest)
   int64_t point[kBlock];  // each point's offset in a [N, C, Ho, Wo] tensor with strides `o`
   acc_t x[kBlock], y[kBlock], dx[kBlock], dy[kBlock];  // pixel coordinates, d coordinate / d grid
   acc_t fx[kBlock], fy[kBlock];                        // bilinear: fractions past the first tap
@@ -184,8 +184,8 @@ void write_grid_grad(const Block<acc_t>& b, const acc_t (*dots)[4], scalar_t* gr
 
 // Adds <g, in_k> over channels [c0, c1) to dots, for one block (NCHW: channel planes outside).
 template <typename acc_t, typename scalar_t>
-void add_dots(const Block<acc_t>& b, const scalar_t* in_n, const scalar_t* go_n, const Strides& si,
-              const Strides& sg, int64_t c0, int64_t c1, bool channels_inner, acc_t (*dots)[4]) {
+void add_dots(const Block<acc_t>& b, const scalar_t* in_n, const scalar_t* go_n, const Strides& si, const Strides& sg,
+              int64_t c0, int64_t c1, bool channels_inner, acc_t (*dots)[4]) {
   if (channels_inner) {
     for (int64_t i = 0; i < b.count; ++i)
       for (int k = 0; k < 4; ++k)
@@ -236,8 +236,8 @@ void grid_grad_points(const at::Tensor& grad_out, const at::Tensor& input, const
 // owns channels [c0, c1) of one image and walks the points in order: deterministic. Where a task
 // owns all channels and grad_grid is wanted (not null), it computes that too, from the same taps.
 template <typename scalar_t, typename acc_t>
-void input_grad_points(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& grid,
-                       at::Tensor& buf, scalar_t* grad_grid, int64_t ranges, const Dims& d) {
+void input_grad_points(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& grid, at::Tensor& buf,
+                       scalar_t* grad_grid, int64_t ranges, const Dims& d) {
   const Strides sb = strides_of(buf), sg = strides_of(grad_out), si = strides_of(input);
   const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
   const scalar_t* in = input.const_data_ptr<scalar_t>();
@@ -299,9 +299,8 @@ at::Tensor grid_sample_forward_cpu(const at::Tensor& input, const at::Tensor& gr
   const Dims d = dims_of(input, grid, mode, padding, align_corners);
   at::Tensor out = at::empty({d.N, d.C, d.Ho, d.Wo}, input.options().memory_format(grid_sample_memory_format(input)));
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "grid_sample_forward_cpu", [&] {
-    forward_points<scalar_t>(input, grid, out, d);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "grid_sample_forward_cpu",
+                                  [&] { forward_points<scalar_t>(input, grid, out, d); });
   return out;
 }
 
@@ -343,8 +342,7 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cpu(const at::Tensor& gr
 // The schemas of this op's kernel entry points (fnevr/ops/grid_sample.py calls them; the CUDA kernels
 // implement the same ones). Defined here, in fnevr._C, which fnevr._C_cuda needs loaded first.
 TORCH_LIBRARY_FRAGMENT(fnevr, m) {
-  m.def(
-      "_grid_sample_forward(Tensor input, Tensor grid, int mode, int padding, bool align_corners) -> Tensor");
+  m.def("_grid_sample_forward(Tensor input, Tensor grid, int mode, int padding, bool align_corners) -> Tensor");
   m.def(
       "_grid_sample_backward(Tensor grad_out, Tensor input, Tensor grid, int mode, int padding, "
       "bool align_corners, bool input_grad, bool grid_grad, bool deterministic) -> (Tensor, Tensor)");

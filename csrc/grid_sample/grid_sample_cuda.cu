@@ -86,8 +86,8 @@ template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ Taps<acc_t> point_taps(const scalar_t* grid, const Plan& L, int64_t n, int64_t p,
                                                   const Strides& s) {
   const scalar_t* g = grid + (n * L.P + p) * 2;
-  return grid_sample::make_taps<acc_t>(static_cast<acc_t>(g[0]), static_cast<acc_t>(g[1]), L.H, L.W, s.h, s.w,
-                                       L.mode, L.padding, L.align_corners);
+  return grid_sample::make_taps<acc_t>(static_cast<acc_t>(g[0]), static_cast<acc_t>(g[1]), L.H, L.W, s.h, s.w, L.mode,
+                                       L.padding, L.align_corners);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -188,16 +188,26 @@ __global__ void __launch_bounds__(kThreads)
   if (i >= numel) return;
   const double bound = *max_abs;
   // A non-finite grad_out has no fixed-point form: its gradient is NaN, not garbage.
-  const double v = grid_sample::finite_(bound) ? static_cast<double>(static_cast<long long>(buf[i])) /
-                                                     fixed_point_scale(bound, points)
-                                               : nan("");
+  const double v = grid_sample::finite_(bound)
+                       ? static_cast<double>(static_cast<long long>(buf[i])) / fixed_point_scale(bound, points)
+                       : nan("");
   out[i] = static_cast<scalar_t>(v);
 }
 
 Plan make_plan(const at::Tensor& input, const at::Tensor& grid, int64_t mode, int64_t padding, bool align_corners,
                bool lanes_on_channels) {
-  Plan L{input.size(0), input.size(1), input.size(2), input.size(3), grid.size(1) * grid.size(2),
-         static_cast<int>(mode), static_cast<int>(padding), align_corners, lanes_on_channels, 0, kChunk, 1};
+  Plan L{input.size(0),
+         input.size(1),
+         input.size(2),
+         input.size(3),
+         grid.size(1) * grid.size(2),
+         static_cast<int>(mode),
+         static_cast<int>(padding),
+         align_corners,
+         lanes_on_channels,
+         0,
+         kChunk,
+         1};
   if (lanes_on_channels)
     while ((int64_t(1) << L.group_log2) < L.C && L.group_log2 < 5) ++L.group_log2;
   L.chunk = std::max(kChunk, (L.C + kMaxGridYZ - 1) / kMaxGridYZ);
@@ -218,7 +228,6 @@ void for_image_slices(const Plan& L, bool one_chunk, F launch) {
   }
 }
 
-
 }  // namespace
 
 at::Tensor grid_sample_forward_cuda(const at::Tensor& input, const at::Tensor& grid, int64_t mode, int64_t padding,
@@ -236,9 +245,9 @@ at::Tensor grid_sample_forward_cuda(const at::Tensor& input, const at::Tensor& g
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "grid_sample_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     for_image_slices(L, false, [&](dim3 blocks, int64_t n0) {
-      forward_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
-          input.const_data_ptr<scalar_t>(), grid.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), L,
-          si, so, n0);
+      forward_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(input.const_data_ptr<scalar_t>(),
+                                                                       grid.const_data_ptr<scalar_t>(),
+                                                                       out.mutable_data_ptr<scalar_t>(), L, si, so, n0);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -273,9 +282,9 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cuda(const at::Tensor& g
         const at::Tensor max_abs = at::amax(at::abs(grad_out)).to(at::kDouble);
         auto* b = reinterpret_cast<unsigned long long*>(buf.mutable_data_ptr<int64_t>());
         for_image_slices(L, false, [&](dim3 blocks, int64_t n0) {
-          input_grad_kernel<scalar_t, acc_t, unsigned long long><<<blocks, kThreads, 0, stream>>>(
-              grad_out.const_data_ptr<scalar_t>(), grid.const_data_ptr<scalar_t>(), b,
-              max_abs.const_data_ptr<double>(), L, strides_of(buf), sg, n0);
+          input_grad_kernel<scalar_t, acc_t, unsigned long long>
+              <<<blocks, kThreads, 0, stream>>>(grad_out.const_data_ptr<scalar_t>(), grid.const_data_ptr<scalar_t>(), b,
+                                                max_abs.const_data_ptr<double>(), L, strides_of(buf), sg, n0);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
         // buf and grad_input have the same dense strides: element i is element i in both.
@@ -285,9 +294,9 @@ std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cuda(const at::Tensor& g
       } else {
         at::Tensor buf = at::zeros_like(input, input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
         for_image_slices(L, false, [&](dim3 blocks, int64_t n0) {
-          input_grad_kernel<scalar_t, acc_t, acc_t><<<blocks, kThreads, 0, stream>>>(
-              grad_out.const_data_ptr<scalar_t>(), grid.const_data_ptr<scalar_t>(), buf.mutable_data_ptr<acc_t>(),
-              nullptr, L, strides_of(buf), sg, n0);
+          input_grad_kernel<scalar_t, acc_t, acc_t>
+              <<<blocks, kThreads, 0, stream>>>(grad_out.const_data_ptr<scalar_t>(), grid.const_data_ptr<scalar_t>(),
+                                                buf.mutable_data_ptr<acc_t>(), nullptr, L, strides_of(buf), sg, n0);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
         grad_input = std::is_same_v<scalar_t, acc_t> ? buf : buf.to(input.scalar_type());

@@ -29,7 +29,7 @@ using fnevr::kZeros;
 using fnevr::Mode;
 using fnevr::Padding;
 
-constexpr double kFar = -100.0;       // where a non-finite coordinate goes
+constexpr double kFar = -100.0;             // where a non-finite coordinate goes
 constexpr double kMaxCoord = 1073741824.0;  // 2^30: beyond it a floor might not fit an int
 
 FNEVR_HD float floor_(float x) { return floorf(x); }
@@ -42,7 +42,9 @@ FNEVR_HD float rint_(float x) { return rintf(x); }  // ties to even in the defau
 FNEVR_HD double rint_(double x) { return rint(x); }
 // Finite: x - x is 0 for finite x and NaN for inf and NaN (no fast-math here).
 template <typename T>
-FNEVR_HD bool finite_(T x) { return x - x == T(0); }
+FNEVR_HD bool finite_(T x) {
+  return x - x == T(0);
+}
 
 // floor for |x| < 2^30 (source_index guarantees it) by truncation: no library call, vectorisable.
 template <typename T>
@@ -128,8 +130,8 @@ struct Taps {
 };
 
 template <typename T>
-FNEVR_HD Taps<T> make_taps(T gx, T gy, int64_t H, int64_t W, int64_t stride_h, int64_t stride_w, int mode,
-                           int padding, bool align_corners) {
+FNEVR_HD Taps<T> make_taps(T gx, T gy, int64_t H, int64_t W, int64_t stride_h, int64_t stride_w, int mode, int padding,
+                           bool align_corners) {
   const Coord<T> cx = source_index(gx, W, padding, align_corners);
   const Coord<T> cy = source_index(gy, H, padding, align_corners);
   Taps<T> t;

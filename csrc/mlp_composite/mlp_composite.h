@@ -19,35 +19,28 @@
 
 namespace fnevr {
 
-std::tuple<at::Tensor, at::Tensor> mlp_composite_forward_cpu(const at::Tensor& color_code,
-                                                             const at::Tensor& shape_code,
-                                                             at::TensorList params, bool inclusive,
-                                                             int64_t activation);
-std::vector<at::Tensor> mlp_composite_backward_cpu(const at::Tensor& grad_features,
-                                                   const at::Tensor& grad_weight_sum,
-                                                   const at::Tensor& color_code,
-                                                   const at::Tensor& shape_code, at::TensorList params,
-                                                   bool inclusive, int64_t activation);
+std::tuple<at::Tensor, at::Tensor> mlp_composite_forward_cpu(const at::Tensor& color_code, const at::Tensor& shape_code,
+                                                             at::TensorList params, bool inclusive, int64_t activation);
+std::vector<at::Tensor> mlp_composite_backward_cpu(const at::Tensor& grad_features, const at::Tensor& grad_weight_sum,
+                                                   const at::Tensor& color_code, const at::Tensor& shape_code,
+                                                   at::TensorList params, bool inclusive, int64_t activation);
 std::tuple<at::Tensor, at::Tensor> mlp_composite_forward_cuda(const at::Tensor& color_code,
-                                                              const at::Tensor& shape_code,
-                                                              at::TensorList params, bool inclusive,
-                                                              int64_t activation);
-std::vector<at::Tensor> mlp_composite_backward_cuda(const at::Tensor& grad_features,
-                                                    const at::Tensor& grad_weight_sum,
-                                                    const at::Tensor& color_code,
-                                                    const at::Tensor& shape_code, at::TensorList params,
-                                                    bool inclusive, int64_t activation);
+                                                              const at::Tensor& shape_code, at::TensorList params,
+                                                              bool inclusive, int64_t activation);
+std::vector<at::Tensor> mlp_composite_backward_cuda(const at::Tensor& grad_features, const at::Tensor& grad_weight_sum,
+                                                    const at::Tensor& color_code, const at::Tensor& shape_code,
+                                                    at::TensorList params, bool inclusive, int64_t activation);
 
 // The Python layer validates user input with friendlier messages; these checks guard the kernels
 // against direct calls of the torch.ops entry points. Returns the MLP's widths.
 inline mlp::Dims check_mlp_composite_inputs(const at::Tensor& color_code, const at::Tensor& shape_code,
                                             at::TensorList params, int64_t activation) {
-  TORCH_CHECK(color_code.dim() == 3 && shape_code.dim() == 3 &&
-                  color_code.size(0) == shape_code.size(0) && color_code.size(1) == shape_code.size(1),
+  TORCH_CHECK(color_code.dim() == 3 && shape_code.dim() == 3 && color_code.size(0) == shape_code.size(0) &&
+                  color_code.size(1) == shape_code.size(1),
               "fnevr mlp_composite: color_code and shape_code must be [R, D, Ec] and [R, D, Es], got ",
               color_code.sizes(), " and ", shape_code.sizes());
-  TORCH_CHECK(params.size() == mlp::kNumParams, "fnevr mlp_composite: expected ", int(mlp::kNumParams),
-              " params, got ", params.size());
+  TORCH_CHECK(params.size() == mlp::kNumParams, "fnevr mlp_composite: expected ", int(mlp::kNumParams), " params, got ",
+              params.size());
   const mlp::Dims dims{color_code.size(2), shape_code.size(2), params[mlp::kShapeInW].size(0),
                        params[mlp::kShapeFeatureW].size(0)};
   TORCH_CHECK(dims.Ec > 0 && dims.Es > 0 && dims.H > 0 && dims.H4 > 0,
@@ -59,8 +52,7 @@ inline mlp::Dims check_mlp_composite_inputs(const at::Tensor& color_code, const 
     TORCH_CHECK(t.sizes().equals(want), "fnevr mlp_composite: param ", p, " must be ", at::IntArrayRef(want),
                 " (Linear layout, H=", dims.H, ", H4=", dims.H4, ", Ec=", dims.Ec, ", Es=", dims.Es, "), got ",
                 t.sizes());
-    TORCH_CHECK(t.scalar_type() == color_code.scalar_type() && t.device() == color_code.device() &&
-                    t.is_contiguous(),
+    TORCH_CHECK(t.scalar_type() == color_code.scalar_type() && t.device() == color_code.device() && t.is_contiguous(),
                 "fnevr mlp_composite: param ", p, " must be contiguous with color_code's dtype and device");
   }
   TORCH_CHECK(shape_code.scalar_type() == color_code.scalar_type() && shape_code.device() == color_code.device(),
@@ -82,9 +74,9 @@ inline void check_mlp_composite_grads(const at::Tensor& grad_features, const at:
   TORCH_CHECK(grad_weight_sum.dim() == 1 && grad_weight_sum.size(0) == R,
               "fnevr mlp_composite: grad_weight_sum must be [R] = [", R, "], got ", grad_weight_sum.sizes());
   for (const at::Tensor* t : {&grad_features, &grad_weight_sum})
-    TORCH_CHECK(t->scalar_type() == color_code.scalar_type() && t->device() == color_code.device() &&
-                    t->is_contiguous(),
-                "fnevr mlp_composite: the output grads must be contiguous with color_code's dtype and device");
+    TORCH_CHECK(
+        t->scalar_type() == color_code.scalar_type() && t->device() == color_code.device() && t->is_contiguous(),
+        "fnevr mlp_composite: the output grads must be contiguous with color_code's dtype and device");
 }
 
 // The gradients of an empty batch (R = 0 or D = 0): all zeros, in the inputs' shapes.

@@ -160,12 +160,12 @@ inline __attribute__((always_inline)) void micro_tile(std::initializer_list<Term
 // C (M x N) from the sum of the terms' products, by micro-tiles; column blocks outermost, so the
 // block of B they read (K x kNR) stays in L1 while the rows go by.
 template <typename T>
-FNEVR_CPU_CLONES void gemm(int64_t M, int64_t N, std::initializer_list<Term<T>> terms, Mode mode, const T* bias,
-                           T* c, int64_t ldc) {
+FNEVR_CPU_CLONES void gemm(int64_t M, int64_t N, std::initializer_list<Term<T>> terms, Mode mode, const T* bias, T* c,
+                           int64_t ldc) {
   for (int64_t n0 = 0; n0 < N; n0 += kNR<T>)
     for (int64_t m0 = 0; m0 < M; m0 += kMR)
-      micro_tile(terms, m0, static_cast<int>(std::min<int64_t>(kMR, M - m0)), n0, std::min(kNR<T>, N - n0), mode,
-                 bias, c, ldc);
+      micro_tile(terms, m0, static_cast<int>(std::min<int64_t>(kMR, M - m0)), n0, std::min(kNR<T>, N - n0), mode, bias,
+                 c, ldc);
 }
 
 // out[k] += sum over rows of z[r, k], row by row (fixed order): bias gradients.
@@ -259,7 +259,9 @@ struct Workspace : mlp::TileBuffers<T> {
   T* g;
 
   Workspace(const Dims& d, int64_t rows)
-      : ld_s(round_up(d.Es, kNR<T>)), ld_c(round_up(d.Ec, kNR<T>)), ld_h(round_up(d.H, kNR<T>)),
+      : ld_s(round_up(d.Es, kNR<T>)),
+        ld_c(round_up(d.Ec, kNR<T>)),
+        ld_h(round_up(d.H, kNR<T>)),
         ld_h4(round_up(d.H4, kNR<T>)),
         mem(rows * (ld_s + ld_c + 5 * ld_h + ld_h4 + 3) + ld_h, T(0)) {
     g = this->carve(mem.data(), rows, ld_s, ld_c, ld_h, ld_h4);
@@ -296,8 +298,8 @@ void tile_forward(const Problem<T, scalar_t>& p, Workspace<T>& ws, int64_t first
   const Dims& d = m.d;
   load_rows(p.shape + first * d.Es, rows, d.Es, ws.s, ws.ld_s);
   load_rows(p.color + first * d.Ec, rows, d.Ec, ws.c, ws.ld_c);
-  auto layer = [&](const T* x, int64_t ldx, int64_t in, const Weight<T>& w, const std::vector<T>& b, int64_t out,
-                   T* y, int64_t ldy) {
+  auto layer = [&](const T* x, int64_t ldx, int64_t in, const Weight<T>& w, const std::vector<T>& b, int64_t out, T* y,
+                   int64_t ldy) {
     gemm<T>(rows, out, {{x, ldx, 1, w.fwd.data(), w.ld_fwd, in}}, Mode::kBiasRelu, b.data(), y, ldy);
   };
   layer(ws.s, ws.ld_s, d.Es, m.shape_in, m.b_shape_in, d.H, ws.a0, ws.ld_h);
@@ -468,8 +470,7 @@ Mlp<at::opmath_type<scalar_t>> prepare(const Dims& d, at::TensorList params) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> mlp_composite_forward_cpu(const at::Tensor& color_code,
-                                                             const at::Tensor& shape_code,
+std::tuple<at::Tensor, at::Tensor> mlp_composite_forward_cpu(const at::Tensor& color_code, const at::Tensor& shape_code,
                                                              at::TensorList params, bool inclusive,
                                                              int64_t activation) {
   const Dims d = check_mlp_composite_inputs(color_code, shape_code, params, activation);
@@ -477,46 +478,38 @@ std::tuple<at::Tensor, at::Tensor> mlp_composite_forward_cpu(const at::Tensor& c
   if (R == 0 || D == 0) return {at::zeros({R, d.H}, color_code.options()), at::zeros({R}, color_code.options())};
   at::Tensor features = at::empty({R, d.H}, color_code.options());
   at::Tensor weight_sum = at::empty({R}, color_code.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, color_code.scalar_type(), "mlp_composite_forward_cpu",
-                                  [&] {
-                                    const auto mlp = prepare<scalar_t>(d, params);
-                                    forward<scalar_t>({mlp, R, D, color_code.const_data_ptr<scalar_t>(),
-                                                       shape_code.const_data_ptr<scalar_t>(), inclusive,
-                                                       static_cast<int>(activation)},
-                                                      features.mutable_data_ptr<scalar_t>(),
-                                                      weight_sum.mutable_data_ptr<scalar_t>());
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, color_code.scalar_type(), "mlp_composite_forward_cpu", [&] {
+    const auto mlp = prepare<scalar_t>(d, params);
+    forward<scalar_t>({mlp, R, D, color_code.const_data_ptr<scalar_t>(), shape_code.const_data_ptr<scalar_t>(),
+                       inclusive, static_cast<int>(activation)},
+                      features.mutable_data_ptr<scalar_t>(), weight_sum.mutable_data_ptr<scalar_t>());
+  });
   return {features, weight_sum};
 }
 
-std::vector<at::Tensor> mlp_composite_backward_cpu(const at::Tensor& grad_features,
-                                                   const at::Tensor& grad_weight_sum,
-                                                   const at::Tensor& color_code,
-                                                   const at::Tensor& shape_code, at::TensorList params,
-                                                   bool inclusive, int64_t activation) {
+std::vector<at::Tensor> mlp_composite_backward_cpu(const at::Tensor& grad_features, const at::Tensor& grad_weight_sum,
+                                                   const at::Tensor& color_code, const at::Tensor& shape_code,
+                                                   at::TensorList params, bool inclusive, int64_t activation) {
   const Dims d = check_mlp_composite_inputs(color_code, shape_code, params, activation);
   check_mlp_composite_grads(grad_features, grad_weight_sum, color_code, d);
   const int64_t R = color_code.size(0), D = color_code.size(1);
   if (R == 0 || D == 0) return zero_mlp_composite_grads(color_code, shape_code, params);
   std::vector<at::Tensor> grads = {empty_for_writing(color_code), empty_for_writing(shape_code)};
   for (const at::Tensor& t : params) grads.push_back(at::empty_like(t));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, color_code.scalar_type(), "mlp_composite_backward_cpu",
-                                  [&] {
-                                    const auto mlp = prepare<scalar_t>(d, params);
-                                    const auto flat = backward<scalar_t>(
-                                        {mlp, R, D, color_code.const_data_ptr<scalar_t>(),
-                                         shape_code.const_data_ptr<scalar_t>(), inclusive,
-                                         static_cast<int>(activation)},
-                                        grad_features.const_data_ptr<scalar_t>(),
-                                        grad_weight_sum.const_data_ptr<scalar_t>(),
-                                        grads[0].mutable_data_ptr<scalar_t>(), grads[1].mutable_data_ptr<scalar_t>());
-                                    for (int q = 0; q < mlp::kNumParams; ++q) {
-                                      scalar_t* dst = grads[2 + q].mutable_data_ptr<scalar_t>();
-                                      const int64_t offset = mlp::param_offset(d, q);
-                                      for (int64_t i = 0; i < mlp::param_numel(d, q); ++i)
-                                        dst[i] = static_cast<scalar_t>(flat[offset + i]);
-                                    }
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, color_code.scalar_type(), "mlp_composite_backward_cpu", [&] {
+        const auto mlp = prepare<scalar_t>(d, params);
+        const auto flat =
+            backward<scalar_t>({mlp, R, D, color_code.const_data_ptr<scalar_t>(), shape_code.const_data_ptr<scalar_t>(),
+                                inclusive, static_cast<int>(activation)},
+                               grad_features.const_data_ptr<scalar_t>(), grad_weight_sum.const_data_ptr<scalar_t>(),
+                               grads[0].mutable_data_ptr<scalar_t>(), grads[1].mutable_data_ptr<scalar_t>());
+        for (int q = 0; q < mlp::kNumParams; ++q) {
+          scalar_t* dst = grads[2 + q].mutable_data_ptr<scalar_t>();
+          const int64_t offset = mlp::param_offset(d, q);
+          for (int64_t i = 0; i < mlp::param_numel(d, q); ++i) dst[i] = static_cast<scalar_t>(flat[offset + i]);
+        }
+      });
   return grads;
 }
 

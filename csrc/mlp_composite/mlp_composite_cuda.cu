@@ -141,8 +141,7 @@ __device__ void row_dots(const T* x, int ldx, int K, int rows, V&& v, F&& f) {
 
 // y = relu(x W^T + b) for layer l, x [rows, in] (pitch ldx), y [rows, out] (pitch ldy).
 template <typename T>
-__device__ void layer_forward(const Net<T>& net, int l, const T* x, int ldx, int in, int out, T* y, int ldy,
-                              int rows) {
+__device__ void layer_forward(const Net<T>& net, int l, const T* x, int ldx, int in, int out, T* y, int ldy, int rows) {
   const T* b = net.b[l];
   const Term<T> terms[1] = {{x, ldx, 1, net.wt[l], out, in}};
   block_gemm(rows, out, terms, [&](int m, int n, T v) { y[m * ldy + n] = mlp::relu(v + b[n]); });
@@ -446,8 +445,8 @@ size_t fit_tile(Net<T>& net, const Dims& d, Kernel kernel) {
   int64_t rays = std::max<int64_t>(1, kTileRows / net.D);
   while (rays > 1 && tile_values(d, rays * net.D) * int64_t(sizeof(T)) > limit) rays /= 2;
   const int64_t bytes = tile_values(d, rays * net.D) * sizeof(T);
-  TORCH_CHECK(bytes <= limit, "fnevr mlp_composite (cuda): one ray's activations (D=", net.D, ", H=", d.H,
-              ") need ", bytes, " bytes of shared memory, more than the GPU's ", limit);
+  TORCH_CHECK(bytes <= limit, "fnevr mlp_composite (cuda): one ray's activations (D=", net.D, ", H=", d.H, ") need ",
+              bytes, " bytes of shared memory, more than the GPU's ", limit);
   net.rays_per_tile = static_cast<int>(rays);
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   return static_cast<size_t>(bytes);
@@ -459,13 +458,11 @@ int64_t num_tiles(int64_t R, int rays_per_tile) {
   return tiles;
 }
 
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> mlp_composite_forward_cuda(const at::Tensor& color_code,
-                                                              const at::Tensor& shape_code,
-                                                              at::TensorList params, bool inclusive,
-                                                              int64_t activation) {
+                                                              const at::Tensor& shape_code, at::TensorList params,
+                                                              bool inclusive, int64_t activation) {
   const Dims d = check_mlp_composite_inputs(color_code, shape_code, params, activation);
   check_cuda(color_code, "mlp_composite", "color_code");
   const c10::cuda::CUDAGuard guard(color_code.device());
@@ -490,11 +487,9 @@ std::tuple<at::Tensor, at::Tensor> mlp_composite_forward_cuda(const at::Tensor& 
   return {features, weight_sum};
 }
 
-std::vector<at::Tensor> mlp_composite_backward_cuda(const at::Tensor& grad_features,
-                                                    const at::Tensor& grad_weight_sum,
-                                                    const at::Tensor& color_code,
-                                                    const at::Tensor& shape_code, at::TensorList params,
-                                                    bool inclusive, int64_t activation) {
+std::vector<at::Tensor> mlp_composite_backward_cuda(const at::Tensor& grad_features, const at::Tensor& grad_weight_sum,
+                                                    const at::Tensor& color_code, const at::Tensor& shape_code,
+                                                    at::TensorList params, bool inclusive, int64_t activation) {
   const Dims d = check_mlp_composite_inputs(color_code, shape_code, params, activation);
   check_mlp_composite_grads(grad_features, grad_weight_sum, color_code, d);
   check_cuda(color_code, "mlp_composite", "color_code");
@@ -518,17 +513,16 @@ std::vector<at::Tensor> mlp_composite_backward_cuda(const at::Tensor& grad_featu
     const int64_t P = mlp::num_param_elements(d);
     const auto acc_options = color_code.options().dtype(c10::CppTypeToScalarType<T>::value);
     at::Tensor partials = at::zeros({G, P}, acc_options);
-    kernel<<<G, kThreads, smem, stream>>>(net, off, color_code.const_data_ptr<scalar_t>(),
-                                         shape_code.const_data_ptr<scalar_t>(),
-                                         grad_features.const_data_ptr<scalar_t>(),
-                                         grad_weight_sum.const_data_ptr<scalar_t>(),
-                                         grads[0].mutable_data_ptr<scalar_t>(), grads[1].mutable_data_ptr<scalar_t>(),
-                                         partials.mutable_data_ptr<T>(), P, tiles);
+    kernel<<<G, kThreads, smem, stream>>>(
+        net, off, color_code.const_data_ptr<scalar_t>(), shape_code.const_data_ptr<scalar_t>(),
+        grad_features.const_data_ptr<scalar_t>(), grad_weight_sum.const_data_ptr<scalar_t>(),
+        grads[0].mutable_data_ptr<scalar_t>(), grads[1].mutable_data_ptr<scalar_t>(), partials.mutable_data_ptr<T>(), P,
+        tiles);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     at::Tensor flat = at::empty({P}, acc_options);
     const int blocks = static_cast<int>(std::min<int64_t>((P + kThreads - 1) / kThreads, int64_t(4) * sms));
-    sum_partials_kernel<T><<<blocks, kThreads, 0, stream>>>(partials.const_data_ptr<T>(), P, G,
-                                                            flat.mutable_data_ptr<T>());
+    sum_partials_kernel<T>
+        <<<blocks, kThreads, 0, stream>>>(partials.const_data_ptr<T>(), P, G, flat.mutable_data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     for (int q = 0; q < mlp::kNumParams; ++q)  // copies: the outputs own their memory
       grads.push_back(flat.narrow(0, off.of[q], mlp::param_numel(d, q))

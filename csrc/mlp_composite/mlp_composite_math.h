@@ -19,9 +19,9 @@
 
 #include <cstdint>
 
-#include "composite/composite_math.h"
 #include "common/codes.h"
 #include "common/hd.h"
+#include "composite/composite_math.h"
 
 namespace fnevr {
 namespace mlp {
@@ -29,13 +29,20 @@ namespace mlp {
 // The 14 parameters in the order of fnevr.ops.mlp_composite.PARAMETERS: seven Linear layers
 // (weight [out, in], bias [out]), weight then bias.
 enum Param : int {
-  kShapeInW, kShapeInB,            // Es -> H
-  kShapeHiddenW, kShapeHiddenB,    // H -> H
-  kDensityW, kDensityB,            // H -> 1
-  kShapeFeatureW, kShapeFeatureB,  // H -> H4
-  kColorInW, kColorInB,            // Ec -> H
-  kFuseW, kFuseB,                  // H4 + H -> H
-  kFuseHiddenW, kFuseHiddenB,      // H -> H
+  kShapeInW,
+  kShapeInB,  // Es -> H
+  kShapeHiddenW,
+  kShapeHiddenB,  // H -> H
+  kDensityW,
+  kDensityB,  // H -> 1
+  kShapeFeatureW,
+  kShapeFeatureB,  // H -> H4
+  kColorInW,
+  kColorInB,  // Ec -> H
+  kFuseW,
+  kFuseB,  // H4 + H -> H
+  kFuseHiddenW,
+  kFuseHiddenB,  // H -> H
   kNumParams
 };
 
@@ -76,17 +83,24 @@ struct Dims {
 // Output and input width of the Linear layer that parameter p belongs to.
 FNEVR_HD int64_t layer_out(const Dims& d, int p) {
   switch (p / 2) {
-    case kDensityW / 2: return 1;
-    case kShapeFeatureW / 2: return d.H4;
-    default: return d.H;
+    case kDensityW / 2:
+      return 1;
+    case kShapeFeatureW / 2:
+      return d.H4;
+    default:
+      return d.H;
   }
 }
 FNEVR_HD int64_t layer_in(const Dims& d, int p) {
   switch (p / 2) {
-    case kShapeInW / 2: return d.Es;
-    case kColorInW / 2: return d.Ec;
-    case kFuseW / 2: return d.H4 + d.H;
-    default: return d.H;
+    case kShapeInW / 2:
+      return d.Es;
+    case kColorInW / 2:
+      return d.Ec;
+    case kFuseW / 2:
+      return d.H4 + d.H;
+    default:
+      return d.H;
   }
 }
 FNEVR_HD bool is_weight(int p) { return p % 2 == 0; }
@@ -130,8 +144,7 @@ FNEVR_HD T ray_weights(const T* sigma, int64_t D, bool inclusive, int act, T* w)
 // Backward compositing of one ray: from the densities sigma[0..D) and e[0..D) (e_i = dL/dw_i,
 // i.e. <gF, h_i> + gS), the weights w[0..D) and dL/dsigma[0..D). dsigma may alias e.
 template <typename T>
-FNEVR_HD void ray_backward(const T* sigma, const T* e, int64_t D, bool inclusive, int act, T* w,
-                           T* dsigma) {
+FNEVR_HD void ray_backward(const T* sigma, const T* e, int64_t D, bool inclusive, int act, T* w, T* dsigma) {
   composite::RayMarcher<T> march(inclusive);
   composite::GradScan<T> scan(inclusive);
   for (int64_t i = 0; i < D; ++i) {

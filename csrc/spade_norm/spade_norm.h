@@ -50,9 +50,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spade_norm_backward_cuda(
 
 // Instance norm of an NCHW x, fused one (n, c) row at a time (CPU only; Triton has its own):
 // -> (y, mean, var), and backward -> (dx; dgamma, dbeta shaped like gamma, beta when asked for, else empty).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> spade_norm_instance_forward_cpu(
-    const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta, double eps, int64_t activation,
-    double slope);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spade_norm_instance_forward_cpu(const at::Tensor& x,
+                                                                               const at::Tensor& gamma,
+                                                                               const at::Tensor& beta, double eps,
+                                                                               int64_t activation, double slope);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> spade_norm_instance_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
     const at::Tensor& mean, const at::Tensor& var, double eps, int64_t activation, double slope, bool gamma_grad,
@@ -66,10 +67,11 @@ struct SpadeShape {
 };
 
 inline SpadeShape check_spade_x(const at::Tensor& x, bool channels_last) {
-  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "fnevr spade_norm: x must be a contiguous [N, C, S] or [N, S, C] "
-              "tensor, got sizes ", x.sizes(), (x.is_contiguous() ? "" : " (not contiguous)"));
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "fnevr spade_norm: x must be floating point, got ",
-              x.scalar_type());
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(),
+              "fnevr spade_norm: x must be a contiguous [N, C, S] or [N, S, C] "
+              "tensor, got sizes ",
+              x.sizes(), (x.is_contiguous() ? "" : " (not contiguous)"));
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "fnevr spade_norm: x must be floating point, got ", x.scalar_type());
   const int64_t C = channels_last ? x.size(2) : x.size(1), S = channels_last ? x.size(1) : x.size(2);
   return {x.size(0), C, S, channels_last, false};
 }
@@ -92,8 +94,8 @@ inline SpadeShape check_spade_inputs(const at::Tensor& x, const at::Tensor& gamm
   }
   s.batch = mean.dim() == 1;
   const bool shape_ok = s.batch ? mean.size(0) == s.C : (mean.dim() == 2 && mean.size(0) == s.N && mean.size(1) == s.C);
-  TORCH_CHECK(shape_ok && var.sizes() == mean.sizes(), "fnevr spade_norm: mean and var must be [", s.C, "] or [",
-              s.N, ", ", s.C, "], got ", mean.sizes(), " and ", var.sizes());
+  TORCH_CHECK(shape_ok && var.sizes() == mean.sizes(), "fnevr spade_norm: mean and var must be [", s.C, "] or [", s.N,
+              ", ", s.C, "], got ", mean.sizes(), " and ", var.sizes());
   for (const auto* t : {&mean, &var})
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == spade_stats_type(x) && t->device() == x.device(),
                 "fnevr spade_norm: mean and var must be contiguous ", spade_stats_type(x), " on x's device");

@@ -34,9 +34,15 @@ int64_t rows_per_task(int64_t row_len) { return grain_size(row_len, kGrainElemen
 template <typename F>
 void with_activation(int64_t act, F&& f) {
   switch (act) {
-    case spade::kRelu: f(std::integral_constant<int, spade::kRelu>{}); break;
-    case spade::kLeakyRelu: f(std::integral_constant<int, spade::kLeakyRelu>{}); break;
-    default: f(std::integral_constant<int, spade::kNone>{}); break;
+    case spade::kRelu:
+      f(std::integral_constant<int, spade::kRelu>{});
+      break;
+    case spade::kLeakyRelu:
+      f(std::integral_constant<int, spade::kLeakyRelu>{});
+      break;
+    default:
+      f(std::integral_constant<int, spade::kNone>{});
+      break;
   }
 }
 
@@ -44,8 +50,7 @@ void with_activation(int64_t act, F&& f) {
 // deviations from it, whose own (small) mean is folded back in (the corrected two-pass formula), so a
 // large common offset never cancels. Chunks merge by Chan's rule.
 template <typename acc_t, typename scalar_t>
-FNEVR_CPU_CLONES
-Moments<acc_t> run_moments(const scalar_t* p, int64_t len) {
+FNEVR_CPU_CLONES Moments<acc_t> run_moments(const scalar_t* p, int64_t len) {
   Moments<acc_t> total;
   for (int64_t s0 = 0; s0 < len; s0 += kChunk) {
     const int64_t L = std::min(kChunk, len - s0);
@@ -76,8 +81,7 @@ Moments<acc_t> run_moments(const scalar_t* p, int64_t len) {
 
 // Per-channel moments of `rows` consecutive rows of C channels, the same two-pass way.
 template <typename acc_t, typename scalar_t>
-FNEVR_CPU_CLONES
-void block_moments(const scalar_t* p, int64_t rows, int64_t C, Moments<acc_t>* out) {
+FNEVR_CPU_CLONES void block_moments(const scalar_t* p, int64_t rows, int64_t C, Moments<acc_t>* out) {
   std::vector<acc_t> shift(C, acc_t(0)), d1(C, acc_t(0)), d2(C, acc_t(0));
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < C; ++c) shift[c] += static_cast<acc_t>(p[r * C + c]);
@@ -96,7 +100,9 @@ void block_moments(const scalar_t* p, int64_t rows, int64_t C, Moments<acc_t>* o
 struct RowBlocks {
   int64_t sets, R, RB, blocks;
   RowBlocks(const SpadeShape& s, bool batch)
-      : sets(batch ? 1 : s.N), R(batch ? s.N * s.S : s.S), RB(rows_per_task(s.C)),
+      : sets(batch ? 1 : s.N),
+        R(batch ? s.N * s.S : s.S),
+        RB(rows_per_task(s.C)),
         blocks(R == 0 ? 0 : (R + RB - 1) / RB) {}
   template <typename F>
   void parallel(F&& f) const {
@@ -131,9 +137,8 @@ void stats_impl(const scalar_t* x, at::opmath_type<scalar_t>* mean, at::opmath_t
   }
   const RowBlocks rb(s, s.batch);
   std::vector<Moments<acc_t>> part(rb.sets * rb.blocks * C);
-  rb.parallel([&](int64_t, int64_t row, int64_t rows, int64_t t) {
-    block_moments(x + row * C, rows, C, &part[t * C]);
-  });
+  rb.parallel(
+      [&](int64_t, int64_t row, int64_t rows, int64_t t) { block_moments(x + row * C, rows, C, &part[t * C]); });
   at::parallel_for(0, rb.sets * C, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t set = i / C, c = i % C;
@@ -177,26 +182,24 @@ struct RowStats {
 };
 
 template <typename scalar_t, int kAct, bool kRowStats>
-FNEVR_CPU_CLONES
-void forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, const scalar_t* __restrict__ b,
-                 scalar_t* __restrict__ y, RowStats<at::opmath_type<scalar_t>> st, int64_t L,
-                 at::opmath_type<scalar_t> slope) {
+FNEVR_CPU_CLONES void forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
+                                  const scalar_t* __restrict__ b, scalar_t* __restrict__ y,
+                                  RowStats<at::opmath_type<scalar_t>> st, int64_t L, at::opmath_type<scalar_t> slope) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t m0 = st.mean[0], r0 = st.rstd[0];
   for (int64_t j = 0; j < L; ++j) {
     const acc_t xhat =
         spade::normalise(static_cast<acc_t>(x[j]), kRowStats ? m0 : st.mean[j], kRowStats ? r0 : st.rstd[j]);
-    y[j] = static_cast<scalar_t>(
-        spade::modulate(xhat, static_cast<acc_t>(g[j]), static_cast<acc_t>(b[j]), kAct, slope));
+    y[j] =
+        static_cast<scalar_t>(spade::modulate(xhat, static_cast<acc_t>(g[j]), static_cast<acc_t>(b[j]), kAct, slope));
   }
 }
 
 template <typename scalar_t, int kAct, bool kRowStats>
-FNEVR_CPU_CLONES
-void backward_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
-                  const scalar_t* __restrict__ b, scalar_t* __restrict__ dx, scalar_t* __restrict__ dg,
-                  scalar_t* __restrict__ db, RowStats<at::opmath_type<scalar_t>> st, int64_t L,
-                  at::opmath_type<scalar_t> slope) {
+FNEVR_CPU_CLONES void backward_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                   const scalar_t* __restrict__ g, const scalar_t* __restrict__ b,
+                                   scalar_t* __restrict__ dx, scalar_t* __restrict__ dg, scalar_t* __restrict__ db,
+                                   RowStats<at::opmath_type<scalar_t>> st, int64_t L, at::opmath_type<scalar_t> slope) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t m0 = st.mean[0], r0 = st.rstd[0], c10 = st.c1[0], c20 = st.c2[0];
   for (int64_t j = 0; j < L; ++j) {
@@ -213,10 +216,10 @@ void backward_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ 
 
 // NCHW: the row's four sums (dxhat, dxhat xhat, dz, dz xhat), in eight lanes so they vectorise.
 template <typename scalar_t, int kAct>
-FNEVR_CPU_CLONES
-void reduce_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
-                const scalar_t* __restrict__ b, at::opmath_type<scalar_t> m, at::opmath_type<scalar_t> r, int64_t L,
-                at::opmath_type<scalar_t> slope, at::opmath_type<scalar_t> (&out)[4]) {
+FNEVR_CPU_CLONES void reduce_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                 const scalar_t* __restrict__ g, const scalar_t* __restrict__ b,
+                                 at::opmath_type<scalar_t> m, at::opmath_type<scalar_t> r, int64_t L,
+                                 at::opmath_type<scalar_t> slope, at::opmath_type<scalar_t> (&out)[4]) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t s[4][8] = {};
   auto add = [&](int64_t j, int lane) {
@@ -238,12 +241,12 @@ void reduce_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
 
 // channels_last: adds one row's per-channel contributions to acc [4][C].
 template <typename scalar_t, int kAct>
-FNEVR_CPU_CLONES
-void reduce_row_channels(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                         const scalar_t* __restrict__ g, const scalar_t* __restrict__ b,
-                         const at::opmath_type<scalar_t>* __restrict__ mean,
-                         const at::opmath_type<scalar_t>* __restrict__ rstd, int64_t C,
-                         at::opmath_type<scalar_t> slope, at::opmath_type<scalar_t>* __restrict__ acc) {
+FNEVR_CPU_CLONES void reduce_row_channels(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                          const scalar_t* __restrict__ g, const scalar_t* __restrict__ b,
+                                          const at::opmath_type<scalar_t>* __restrict__ mean,
+                                          const at::opmath_type<scalar_t>* __restrict__ rstd, int64_t C,
+                                          at::opmath_type<scalar_t> slope,
+                                          at::opmath_type<scalar_t>* __restrict__ acc) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t c = 0; c < C; ++c) {
     const acc_t xhat = spade::normalise(static_cast<acc_t>(x[c]), mean[c], rstd[c]);
@@ -325,8 +328,8 @@ void reduce_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor
       for_rows<scalar_t>(s, [&](int64_t i, int64_t off, int64_t n, int64_t grp, int64_t L, scalar_t* scratch) {
         acc_t row[4];
         reduce_row<scalar_t, kAct>(dyp + off, xp + off, modulation_row(gp, g_full, s, i, off, n, scratch),
-                                   modulation_row(bp, b_full, s, i, off, n, scratch + L), k.mean[grp], k.rstd[grp],
-                                   L, slope, row);
+                                   modulation_row(bp, b_full, s, i, off, n, scratch + L), k.mean[grp], k.rstd[grp], L,
+                                   slope, row);
         for (int q = 0; q < 4; ++q) out[q * NC + i] = row[q];
       });
       return;
@@ -337,8 +340,8 @@ void reduce_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor
       const int64_t grp = s.batch ? 0 : n * C;
       for (int64_t r = row; r < row + rows; ++r)
         reduce_row_channels<scalar_t, kAct>(dyp + r * C, xp + r * C, g_full ? gp + r * C : gp + n * C,
-                                            b_full ? bp + r * C : bp + n * C, k.mean.data() + grp,
-                                            k.rstd.data() + grp, C, slope, &part[t * C * 4]);
+                                            b_full ? bp + r * C : bp + n * C, k.mean.data() + grp, k.rstd.data() + grp,
+                                            C, slope, &part[t * C * 4]);
     });
     at::parallel_for(0, NC, 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
@@ -506,9 +509,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spade_norm_backward_cpu(
   return {dx, dg, db};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> spade_norm_instance_forward_cpu(
-    const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta, double eps, int64_t activation,
-    double slope) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spade_norm_instance_forward_cpu(const at::Tensor& x,
+                                                                               const at::Tensor& gamma,
+                                                                               const at::Tensor& beta, double eps,
+                                                                               int64_t activation, double slope) {
   const SpadeShape s = check_spade_x(x, false);
   const auto stats_opts = x.options().dtype(spade_stats_type(x));
   at::Tensor mean = at::zeros({s.N, s.C}, stats_opts), var = at::zeros({s.N, s.C}, stats_opts);

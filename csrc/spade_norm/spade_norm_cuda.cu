@@ -35,8 +35,8 @@ namespace {
 using spade::Moments;
 using spade::Split;
 
-constexpr int kLanesC = 32;    // channels_last reductions: channels per block
-constexpr int kLanesR = 8;     // ... and row lanes per block
+constexpr int kLanesC = 32;  // channels_last reductions: channels per block
+constexpr int kLanesR = 8;   // ... and row lanes per block
 constexpr int kWarps = kThreads / 32;
 constexpr int kMergeLanes = 32;     // merges of partials: lanes per group (blocks of kLanesC groups)
 constexpr int kBlocksPerSM = 8;     // reductions are cut until about this many blocks per multiprocessor
@@ -45,9 +45,15 @@ constexpr int64_t kPerThread = 16;  // ... but not below this many elements per 
 template <typename F>
 void with_activation(int64_t act, F&& f) {
   switch (act) {
-    case spade::kRelu: f(std::integral_constant<int, spade::kRelu>{}); break;
-    case spade::kLeakyRelu: f(std::integral_constant<int, spade::kLeakyRelu>{}); break;
-    default: f(std::integral_constant<int, spade::kNone>{}); break;
+    case spade::kRelu:
+      f(std::integral_constant<int, spade::kRelu>{});
+      break;
+    case spade::kLeakyRelu:
+      f(std::integral_constant<int, spade::kLeakyRelu>{});
+      break;
+    default:
+      f(std::integral_constant<int, spade::kNone>{});
+      break;
   }
 }
 
@@ -66,9 +72,13 @@ __device__ __forceinline__ T shfl_down(T v, int offset) {
 }
 
 template <typename T>
-__device__ __forceinline__ void combine(Moments<T>& a, const Moments<T>& b) { a.merge(b); }
+__device__ __forceinline__ void combine(Moments<T>& a, const Moments<T>& b) {
+  a.merge(b);
+}
 template <typename T>
-__device__ __forceinline__ void combine(T& a, const T& b) { a += b; }
+__device__ __forceinline__ void combine(T& a, const T& b) {
+  a += b;
+}
 
 // Reduces V (Moments or a plain sum) over a 1-D block of kThreads; thread 0 gets the result.
 // Shared memory for n values of V: raw bytes, since V's default member initialisers would count as
@@ -232,10 +242,9 @@ template <typename scalar_t, typename acc_t, int kAct, typename index_t>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ x,
                     const scalar_t* __restrict__ gamma, const scalar_t* __restrict__ beta,
-                    const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
-                    const acc_t* __restrict__ group_sums, scalar_t* __restrict__ dx, scalar_t* __restrict__ dgamma,
-                    scalar_t* __restrict__ dbeta, index_t total, int64_t G, Dims d, Flags f, acc_t scale, acc_t eps,
-                    acc_t slope) {
+                    const acc_t* __restrict__ mean, const acc_t* __restrict__ var, const acc_t* __restrict__ group_sums,
+                    scalar_t* __restrict__ dx, scalar_t* __restrict__ dgamma, scalar_t* __restrict__ dbeta,
+                    index_t total, int64_t G, Dims d, Flags f, acc_t scale, acc_t eps, acc_t slope) {
   for (index_t i = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
        i += static_cast<index_t>(gridDim.x) * kThreads) {
     const Index ix = index_of<index_t>(i, d, f.channels_last, f.batch);
@@ -287,8 +296,8 @@ template <typename scalar_t, typename acc_t, int kAct>
 __global__ void __launch_bounds__(kThreads)
     reduce_nchw_kernel(const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ x,
                        const scalar_t* __restrict__ gamma, const scalar_t* __restrict__ beta,
-                       const acc_t* __restrict__ mean, const acc_t* __restrict__ var, acc_t* __restrict__ sums,
-                       Dims d, Flags f, Split sp, acc_t eps, acc_t slope) {
+                       const acc_t* __restrict__ mean, const acc_t* __restrict__ var, acc_t* __restrict__ sums, Dims d,
+                       Flags f, Split sp, acc_t eps, acc_t slope) {
   const int64_t i = blockIdx.x, c = i % d.C, p = i / d.C;  // (piece, channel)
   const int64_t nc = sp.sample_begin(p) * d.C + c, grp = f.batch ? c : nc;
   const acc_t m = mean[grp], rstd = spade::rsqrt_(var[grp] + eps);
@@ -362,10 +371,11 @@ int64_t elementwise_blocks(int64_t total) {
 // Calls f with int32_t or int64_t: 32-bit when no index, nor index plus the grid's stride, overflows.
 template <typename F>
 void with_index_type(int64_t total, F&& f) {
-  if (total + kMaxBlocks * kThreads <= INT32_MAX) f(int32_t{});
-  else f(int64_t{});
+  if (total + kMaxBlocks * kThreads <= INT32_MAX)
+    f(int32_t{});
+  else
+    f(int64_t{});
 }
-
 
 Dims dims(const SpadeShape& s) { return {s.N, s.C, s.S}; }
 
@@ -402,17 +412,17 @@ std::tuple<at::Tensor, at::Tensor> spade_norm_stats_cuda(const at::Tensor& x, bo
       out.part = reinterpret_cast<Moments<acc_t>*>(part.mutable_data_ptr<acc_t>());
     }
     if (!channels_last) {
-      stats_nchw_kernel<scalar_t, acc_t><<<sp.pieces() * s.C, kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(),
-                                                                                      out, dims(s), sp);
+      stats_nchw_kernel<scalar_t, acc_t>
+          <<<sp.pieces() * s.C, kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), out, dims(s), sp);
     } else {
       const dim3 grid(sp.pieces(), (s.C + kLanesC - 1) / kLanesC);
-      stats_cl_kernel<scalar_t, acc_t><<<grid, dim3(kLanesC, kLanesR), 0, stream>>>(x.const_data_ptr<scalar_t>(), out,
-                                                                                   dims(s), sp);
+      stats_cl_kernel<scalar_t, acc_t>
+          <<<grid, dim3(kLanesC, kLanesR), 0, stream>>>(x.const_data_ptr<scalar_t>(), out, dims(s), sp);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (Q > 1) {
-      merge_moments_kernel<acc_t><<<(G + kLanesC - 1) / kLanesC, dim3(kLanesC, kMergeLanes), 0, stream>>>(
-          out.part, out.mean, out.var, G, Q);
+      merge_moments_kernel<acc_t>
+          <<<(G + kLanesC - 1) / kLanesC, dim3(kLanesC, kMergeLanes), 0, stream>>>(out.part, out.mean, out.var, G, Q);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

@@ -64,8 +64,10 @@ class Augmentation:
         def uniform(low, high):
             return low + (high - low) * torch.rand((), generator=generator).item()
 
-        info = {"time_flip": self.time_flip and uniform(0, 1) < 0.5,
-                "horizontal_flip": self.horizontal_flip and uniform(0, 1) < 0.5}
+        info = {
+            "time_flip": self.time_flip and uniform(0, 1) < 0.5,
+            "horizontal_flip": self.horizontal_flip and uniform(0, 1) < 0.5,
+        }
         if info["time_flip"]:
             clip = clip.flip(0)
         if info["horizontal_flip"]:

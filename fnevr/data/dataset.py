@@ -73,13 +73,22 @@ class FramesDataset(Dataset):
     test ``{"video": [3, T, H, W], "name": str[, "pose": [T, 3]]}``; images float32 in ``[0, 1]``.
     """
 
-    def __init__(self, root, frame_shape=(256, 256, 3), is_train: bool = True, id_sampling: bool = False,
-                 augmentation=None, pairs_list=None, seed=None):
+    def __init__(
+        self,
+        root,
+        frame_shape=(256, 256, 3),
+        is_train: bool = True,
+        id_sampling: bool = False,
+        augmentation=None,
+        pairs_list=None,
+        seed=None,
+    ):
         split = "train" if is_train else "test"
         self.root = Path(root) / split
         if not self.root.is_dir():
-            raise FileNotFoundError(f"FramesDataset: expected the FOMM layout {root}/train and {root}/test; "
-                                    f"{self.root} is not a folder")
+            raise FileNotFoundError(
+                f"FramesDataset: expected the FOMM layout {root}/train and {root}/test; {self.root} is not a folder"
+            )
         if frame_shape is None or len(frame_shape) not in (2, 3) or tuple(frame_shape[2:]) not in ((), (3,)):
             raise ValueError(f"FramesDataset: frame_shape must be (H, W) or (H, W, 3); got {frame_shape!r}")
         if seed is not None and not isinstance(seed, (int, np.integer)):
@@ -92,8 +101,9 @@ class FramesDataset(Dataset):
         self.epoch = 0
         self.videos = sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".") and is_video(p))
         if not self.videos:
-            raise ValueError(f"FramesDataset: no videos in {self.root} (frame folders, "
-                             f".mp4/.mov/.gif or .png/.jpg strips)")
+            raise ValueError(
+                f"FramesDataset: no videos in {self.root} (frame folders, .mp4/.mov/.gif or .png/.jpg strips)"
+            )
         self.ids = sorted({name.split("#")[0] for name in self.videos})
         self.by_id = {i: [v for v in range(len(self.videos)) if self.videos[v].split("#")[0] == i] for i in self.ids}
         self.poses = self._load_poses()
@@ -194,8 +204,11 @@ class FramesDataset(Dataset):
             return None
         if not all(present):
             missing = [v for v, p in zip(self.videos, present) if not p]
-            warnings.warn(f"{self.root}: poses ignored, {len(missing)} video(s) lack a {POSE_SUFFIX} file "
-                          f"(e.g. {missing[0]})", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"{self.root}: poses ignored, {len(missing)} video(s) lack a {POSE_SUFFIX} file (e.g. {missing[0]})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return None
         return [read_pose_csv(f) for f in files]
 

@@ -45,8 +45,16 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FNEVR_CACHE", Path.home() / ".cache" / "fnevr"))
 
 
-def ensure_synthetic_dataset(root=None, *, size: int = 64, num_frames: int = 32, num_train: int = 40,
-                             num_test: int = 8, clips_per_id: int = 2, seed: int = 0) -> Path:
+def ensure_synthetic_dataset(
+    root=None,
+    *,
+    size: int = 64,
+    num_frames: int = 32,
+    num_train: int = 40,
+    num_test: int = 8,
+    clips_per_id: int = 2,
+    seed: int = 0,
+) -> Path:
     """Build the synthetic dataset unless already built, and return its folder.
 
     Args:
@@ -60,9 +68,15 @@ def ensure_synthetic_dataset(root=None, *, size: int = 64, num_frames: int = 32,
     Returns:
         ``root``, holding ``train/``, ``test/`` and ``meta.json`` (the parameters).
     """
-    params = {"format": FORMAT_VERSION, "size": int(size), "num_frames": int(num_frames),
-              "num_train": int(num_train), "num_test": int(num_test), "clips_per_id": int(clips_per_id),
-              "seed": int(seed)}
+    params = {
+        "format": FORMAT_VERSION,
+        "size": int(size),
+        "num_frames": int(num_frames),
+        "num_train": int(num_train),
+        "num_test": int(num_test),
+        "clips_per_id": int(clips_per_id),
+        "seed": int(seed),
+    }
     for key, low in (("size", 16), ("num_frames", 2), ("num_train", 1), ("num_test", 1), ("clips_per_id", 1)):
         if params[key] < low:
             raise ValueError(f"ensure_synthetic_dataset: {key} must be >= {low}; got {params[key]}")
@@ -73,8 +87,10 @@ def ensure_synthetic_dataset(root=None, *, size: int = 64, num_frames: int = 32,
     if _complete(root, params):
         return root
     if root.exists():
-        raise FileExistsError(f"ensure_synthetic_dataset: {root} exists but is not a synthetic dataset with "
-                              f"parameters {params}; remove it or choose another root")
+        raise FileExistsError(
+            f"ensure_synthetic_dataset: {root} exists but is not a synthetic dataset with "
+            f"parameters {params}; remove it or choose another root"
+        )
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -165,12 +181,14 @@ def render_video(identity: dict, motion: dict, size: int) -> Tensor:
 def random_identity(rng: np.random.Generator) -> dict:
     """Shape and colour parameters of one synthetic person."""
     skin = np.array([0.98, 0.84, 0.72]) * (1 - rng.uniform(0, 0.6)) + rng.normal(0, 0.02, 3)
-    hair_palette = np.array([[0.08, 0.06, 0.05], [0.35, 0.2, 0.1], [0.85, 0.7, 0.4], [0.65, 0.25, 0.1],
-                             [0.7, 0.7, 0.7], [0.2, 0.25, 0.5]])
+    hair_palette = np.array(
+        [[0.08, 0.06, 0.05], [0.35, 0.2, 0.1], [0.85, 0.7, 0.4], [0.65, 0.25, 0.1], [0.7, 0.7, 0.7], [0.2, 0.25, 0.5]]
+    )
     iris_palette = np.array([[0.25, 0.45, 0.8], [0.35, 0.2, 0.1], [0.25, 0.55, 0.3], [0.4, 0.4, 0.45]])
     head_rx = rng.uniform(0.36, 0.48)
     return {
-        "bg_colour": rng.uniform(0.1, 0.9, 3), "bg2_colour": rng.uniform(0.1, 0.9, 3),
+        "bg_colour": rng.uniform(0.1, 0.9, 3),
+        "bg2_colour": rng.uniform(0.1, 0.9, 3),
         "bg_angle": rng.uniform(0, 2 * math.pi),
         "skin_colour": np.clip(skin, 0, 1),
         "hair_colour": np.clip(hair_palette[rng.integers(len(hair_palette))] + rng.normal(0, 0.04, 3), 0, 1),
@@ -179,12 +197,20 @@ def random_identity(rng: np.random.Generator) -> dict:
         "lip_colour": np.clip(np.array([0.75, 0.35, 0.35]) * rng.uniform(0.7, 1.1) + rng.normal(0, 0.03, 3), 0, 1),
         "mouth_colour": np.array([0.25, 0.05, 0.08]),
         "cloth_colour": rng.uniform(0.05, 0.95, 3),
-        "head_rx": head_rx, "head_ry": head_rx * rng.uniform(1.15, 1.45), "head_y": rng.uniform(-0.1, 0.05),
-        "hair_volume": rng.uniform(1.05, 1.3), "hair_drop": rng.uniform(-0.1, 0.35),
+        "head_rx": head_rx,
+        "head_ry": head_rx * rng.uniform(1.15, 1.45),
+        "head_y": rng.uniform(-0.1, 0.05),
+        "hair_volume": rng.uniform(1.05, 1.3),
+        "hair_drop": rng.uniform(-0.1, 0.35),
         "hairline": rng.uniform(-0.45, -0.25),
-        "eye_dx": head_rx * rng.uniform(0.35, 0.5), "eye_y": rng.uniform(-0.15, -0.05),
-        "eye_rx": rng.uniform(0.07, 0.1), "eye_ry": rng.uniform(0.04, 0.06), "brow_raise": rng.uniform(0, 0.04),
-        "nose_y": rng.uniform(0.07, 0.14), "mouth_y": rng.uniform(0.27, 0.36), "mouth_rx": rng.uniform(0.1, 0.17),
+        "eye_dx": head_rx * rng.uniform(0.35, 0.5),
+        "eye_y": rng.uniform(-0.15, -0.05),
+        "eye_rx": rng.uniform(0.07, 0.1),
+        "eye_ry": rng.uniform(0.04, 0.06),
+        "brow_raise": rng.uniform(0, 0.04),
+        "nose_y": rng.uniform(0.07, 0.14),
+        "mouth_y": rng.uniform(0.27, 0.36),
+        "mouth_rx": rng.uniform(0.1, 0.17),
     }
 
 
@@ -200,9 +226,15 @@ def random_motion(rng: np.random.Generator, num_frames: int) -> dict:
     for centre in rng.uniform(0, num_frames, rng.integers(1, 3)):
         eyes = np.minimum(eyes, np.clip(np.abs(np.arange(num_frames) - centre) / 1.5, 0, 1))
     speech = np.clip(np.sin(2 * math.pi * rng.uniform(1, 3) * t + rng.uniform(0, 2 * math.pi)), 0, 1)
-    return {"yaw": wave(rng.uniform(10, 30)), "pitch": wave(rng.uniform(5, 15)), "roll": wave(rng.uniform(4, 12)),
-            "shift_x": wave(rng.uniform(0, 0.06)), "shift_y": wave(rng.uniform(0, 0.04)),
-            "eyes_open": eyes, "mouth_open": speech * rng.uniform(0.4, 1.0)}
+    return {
+        "yaw": wave(rng.uniform(10, 30)),
+        "pitch": wave(rng.uniform(5, 15)),
+        "roll": wave(rng.uniform(4, 12)),
+        "shift_x": wave(rng.uniform(0, 0.06)),
+        "shift_y": wave(rng.uniform(0, 0.04)),
+        "eyes_open": eyes,
+        "mouth_open": speech * rng.uniform(0.4, 1.0),
+    }
 
 
 def _ellipse(x, y, cx, cy, rx, ry, px) -> Tensor:
@@ -253,8 +285,9 @@ def _build_splits(folder, params, T, S, per_id):
             frames = render_video(identity, motion, S)
             name = f"id{person:04d}#clip{clip:02d}"
             iio.imwrite(folder / split / f"{name}.png", frames.permute(1, 0, 2, 3).reshape(S, T * S, 3).numpy())
-            write_pose_csv(folder / split / f"{name}.pose.csv",
-                           np.stack([motion["yaw"], motion["pitch"], motion["roll"]], axis=1))
+            write_pose_csv(
+                folder / split / f"{name}.pose.csv", np.stack([motion["yaw"], motion["pitch"], motion["roll"]], axis=1)
+            )
         first_id += -(-count // per_id)  # test identities follow the training ones
 
 

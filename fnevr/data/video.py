@@ -80,8 +80,9 @@ def read_video(path, frame_shape=None) -> Tensor:
         elif suffix in MOVIE_SUFFIXES:
             video = resize_frames(_read_movie(path), size)
         else:
-            raise VideoReadError(path, f"unsupported suffix {suffix!r}; expected a folder or one of "
-                                       f"{IMAGE_SUFFIXES + MOVIE_SUFFIXES}")
+            raise VideoReadError(
+                path, f"unsupported suffix {suffix!r}; expected a folder or one of {IMAGE_SUFFIXES + MOVIE_SUFFIXES}"
+            )
     except VideoReadError:
         raise
     except Exception as error:  # decoders raise many types (OSError, ValueError, RuntimeError...)
@@ -153,8 +154,9 @@ def write_video(path, frames, fps: float = 25.0) -> None:
         frames = F.pad(frames.permute(0, 3, 1, 2).float(), (0, pad_w, 0, pad_h), mode="replicate")
         frames = frames.to(torch.uint8).permute(0, 2, 3, 1)
     with atomic_path(path) as tmp:
-        writer = imageio.get_writer(str(tmp), fps=fps, codec="libx264", pixelformat="yuv420p",
-                                    macro_block_size=2, ffmpeg_log_level="error")
+        writer = imageio.get_writer(
+            str(tmp), fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=2, ffmpeg_log_level="error"
+        )
         try:
             for frame in frames.numpy():
                 writer.append_data(frame)

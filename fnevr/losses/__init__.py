@@ -7,6 +7,17 @@ from .perceptual import PerceptualPyramidLoss, VGG19Features, find_vgg19_weights
 from .pyramid import ImagePyramid
 from .tps import RandomTPS
 
-__all__ = ["ImagePyramid", "PerceptualPyramidLoss", "RandomTPS", "VGG19Features", "equivariance_jacobian_loss",
-           "equivariance_value_loss", "feature_matching_loss", "find_vgg19_weights", "lsgan_discriminator_loss",
-           "lsgan_generator_loss", "perceptual_l1", "pose_edit_loss"]
+__all__ = [
+    "ImagePyramid",
+    "PerceptualPyramidLoss",
+    "RandomTPS",
+    "VGG19Features",
+    "equivariance_jacobian_loss",
+    "equivariance_value_loss",
+    "feature_matching_loss",
+    "find_vgg19_weights",
+    "lsgan_discriminator_loss",
+    "lsgan_generator_loss",
+    "perceptual_l1",
+    "pose_edit_loss",
+]

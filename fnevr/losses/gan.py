@@ -33,9 +33,11 @@ def _scales(outputs: dict, prefix: str, scales):
     keys = [k for k in outputs if k.startswith(prefix)] if scales is None else [f"{prefix}{s}" for s in scales]
     missing = [k for k in keys if k not in outputs]
     if not keys or missing:
-        raise KeyError(f"discriminator outputs: expected keys '{prefix}<scale>' "
-                       f"{'for scales ' + str(list(scales)) if scales is not None else ''}; "
-                       f"missing {missing or prefix + '*'} in {sorted(outputs)}")
+        raise KeyError(
+            f"discriminator outputs: expected keys '{prefix}<scale>' "
+            f"{'for scales ' + str(list(scales)) if scales is not None else ''}; "
+            f"missing {missing or prefix + '*'} in {sorted(outputs)}"
+        )
     return keys
 
 
@@ -49,7 +51,7 @@ def lsgan_discriminator_loss(real: dict, fake: dict, scales=None) -> Tensor:
     """:math:`\\sum_s \\mathrm{mean}[(1 - D_s)^2 + \\hat D_s^2]`; pass ``fake`` computed on detached
     generated images."""
     keys = _scales(real, MAP, scales)
-    _scales(fake, MAP, [k[len(MAP):] for k in keys])
+    _scales(fake, MAP, [k[len(MAP) :] for k in keys])
     return sum(((1 - to_loss_dtype(real[k])) ** 2 + to_loss_dtype(fake[k]) ** 2).mean() for k in keys)
 
 
@@ -58,12 +60,14 @@ def feature_matching_loss(real: dict, fake: dict, weights, scales=None) -> Tenso
     ``feature_maps_<s>`` lists; layers with weight 0 are skipped and the real features are
     treated as constants (detached)."""
     keys = _scales(real, FEATURES, scales)
-    _scales(fake, FEATURES, [k[len(FEATURES):] for k in keys])
+    _scales(fake, FEATURES, [k[len(FEATURES) :] for k in keys])
     total = torch.zeros((), dtype=loss_dtype(real[keys[0]][0]), device=real[keys[0]][0].device)
     for key in keys:
         if len(real[key]) != len(fake[key]) or len(weights) < len(real[key]):
-            raise ValueError(f"feature_matching_loss: {key} has {len(real[key])} real and {len(fake[key])} fake "
-                             f"feature maps and {len(weights)} weights; expected equal counts and a weight each")
+            raise ValueError(
+                f"feature_matching_loss: {key} has {len(real[key])} real and {len(fake[key])} fake "
+                f"feature maps and {len(weights)} weights; expected equal counts and a weight each"
+            )
         for weight, a, b in zip(weights, real[key], fake[key]):
             if weight != 0:
                 # |b - a| = |a - b| bit for bit; lean.l1_mean keeps only the sign for backward

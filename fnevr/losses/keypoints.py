@@ -36,8 +36,9 @@ def _check_kp(kp, name, jacobian=False):
     if kp["value"].dim() != 3 or kp["value"].shape[-1] != 2:
         raise ValueError(f"{name}['value']: expected [B, K, 2]; got {tuple(kp['value'].shape)}")
     if jacobian and tuple(kp["jacobian"].shape) != tuple(kp["value"].shape) + (2,):
-        raise ValueError(f"{name}['jacobian']: expected {tuple(kp['value'].shape) + (2,)}; "
-                         f"got {tuple(kp['jacobian'].shape)}")
+        raise ValueError(
+            f"{name}['jacobian']: expected {tuple(kp['value'].shape) + (2,)}; got {tuple(kp['jacobian'].shape)}"
+        )
 
 
 def equivariance_value_loss(kp_driving: dict, kp_transformed: dict, transform: RandomTPS) -> Tensor:
@@ -69,6 +70,8 @@ def pose_edit_loss(predicted_change, target_change) -> Tensor:
     if isinstance(target_change, dict):
         target_change = target_change["value"]
     if predicted_change.shape != target_change.shape:
-        raise ValueError(f"pose_edit_loss: predicted_change {tuple(predicted_change.shape)} and target_change "
-                         f"{tuple(target_change.shape)} differ in shape")
+        raise ValueError(
+            f"pose_edit_loss: predicted_change {tuple(predicted_change.shape)} and target_change "
+            f"{tuple(target_change.shape)} differ in shape"
+        )
     return (to_loss_dtype(predicted_change) - to_loss_dtype(target_change.detach())).abs().mean()

@@ -69,8 +69,9 @@ def find_vgg19_weights(path=None):
     :func:`hub_vgg19_pattern` in the torch hub cache, else ``None``."""
     if path is not None:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"vgg_weights: no file at {path!r} (expected torchvision's vgg19 state dict, "
-                                    f"e.g. vgg19-dcbb9e9d.pth)")
+            raise FileNotFoundError(
+                f"vgg_weights: no file at {path!r} (expected torchvision's vgg19 state dict, e.g. vgg19-dcbb9e9d.pth)"
+            )
         return Path(path)
     found = sorted(glob.glob(hub_vgg19_pattern()))
     return Path(found[0]) if found else None
@@ -94,12 +95,14 @@ class VGG19Features(nn.Module):
             trunk = vgg19(weights=None).features[: VGG19_SLICES[-1][1]]
         trunk = trunk.to_empty(device="cpu")
         state = load_state_dict(weights, "VGG19 weights", "torchvision's vgg19 state dict")
-        state = {k[len("features."):] if k.startswith("features.") else k: v for k, v in state.items()}
+        state = {k[len("features.") :] if k.startswith("features.") else k: v for k, v in state.items()}
         wanted = trunk.state_dict().keys()
         missing = [k for k in wanted if k not in state]
         if missing:
-            raise ValueError(f"VGG19 weights {weights}: missing keys {missing[:4]}{'...' if len(missing) > 4 else ''}; "
-                             f"expected torchvision's vgg19 state dict")
+            raise ValueError(
+                f"VGG19 weights {weights}: missing keys {missing[:4]}{'...' if len(missing) > 4 else ''}; "
+                f"expected torchvision's vgg19 state dict"
+            )
         trunk.load_state_dict({k: state[k] for k in wanted})
         self.slices = nn.ModuleList(trunk[a:b] for a, b in VGG19_SLICES)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -129,8 +132,13 @@ def _lean_layer(layer: nn.Module, h: Tensor) -> Tensor:
         return lean.frozen_conv2d(h, layer)
     if isinstance(layer, nn.ReLU):
         return lean.relu(h) if recompute.active() else layer(h)
-    if isinstance(layer, nn.MaxPool2d) and layer.kernel_size == layer.stride == 2 and not layer.ceil_mode \
-            and layer.padding == 0 and layer.dilation == 1:
+    if (
+        isinstance(layer, nn.MaxPool2d)
+        and layer.kernel_size == layer.stride == 2
+        and not layer.ceil_mode
+        and layer.padding == 0
+        and layer.dilation == 1
+    ):
         return lean.max_pool2x2(h)
     return layer(h)
 
@@ -155,33 +163,45 @@ class PerceptualPyramidLoss(nn.Module):
         mode: ``"vgg"`` or ``"l1"`` (the fallback in use).
     """
 
-    def __init__(self, scales=(1, 0.5, 0.25, 0.125), weights=(10, 10, 10, 10, 10), vgg_weights=None,
-                 fallback: str = "l1"):
+    def __init__(
+        self, scales=(1, 0.5, 0.25, 0.125), weights=(10, 10, 10, 10, 10), vgg_weights=None, fallback: str = "l1"
+    ):
         super().__init__()
         self.weights = [float(w) for w in weights]
         if len(self.weights) != len(VGG19_SLICES):
-            raise ValueError(f"PerceptualPyramidLoss: weights must have {len(VGG19_SLICES)} entries "
-                             f"(relu1_1 ... relu5_1); got {list(weights)}")
+            raise ValueError(
+                f"PerceptualPyramidLoss: weights must have {len(VGG19_SLICES)} entries "
+                f"(relu1_1 ... relu5_1); got {list(weights)}"
+            )
         if fallback not in FALLBACKS:
             raise ValueError(f"PerceptualPyramidLoss: fallback must be one of {FALLBACKS}; got {fallback!r}")
         self.pyramid = ImagePyramid(scales)
         path = find_vgg19_weights(vgg_weights)
         if path is None:
-            message = (f"VGG19 weights not found: no vgg_weights path given and nothing matches "
-                       f"{hub_vgg19_pattern()}. To use the VGG19 perceptual loss, put torchvision's "
-                       f"vgg19-dcbb9e9d.pth there or pass its path as vgg_weights.")
+            message = (
+                f"VGG19 weights not found: no vgg_weights path given and nothing matches "
+                f"{hub_vgg19_pattern()}. To use the VGG19 perceptual loss, put torchvision's "
+                f"vgg19-dcbb9e9d.pth there or pass its path as vgg_weights."
+            )
             if fallback == "error":
                 raise FileNotFoundError(message)
-            logger.warning("%s Using the fallback %r instead: pixel L1 on each pyramid level, weighted by "
-                           "the sum of the layer weights (%g).", message, fallback, sum(self.weights))
+            logger.warning(
+                "%s Using the fallback %r instead: pixel L1 on each pyramid level, weighted by "
+                "the sum of the layer weights (%g).",
+                message,
+                fallback,
+                sum(self.weights),
+            )
             self.vgg, self.mode = None, fallback
         else:
             self.vgg, self.mode = VGG19Features(path), "vgg"
 
     def forward(self, prediction: Tensor, target: Tensor) -> Tensor:
         if prediction.shape != target.shape:
-            raise ValueError(f"PerceptualPyramidLoss: prediction {tuple(prediction.shape)} and target "
-                             f"{tuple(target.shape)} differ in shape")
+            raise ValueError(
+                f"PerceptualPyramidLoss: prediction {tuple(prediction.shape)} and target "
+                f"{tuple(target.shape)} differ in shape"
+            )
         predicted, real = self.pyramid(prediction), self.pyramid(target.detach())
         total = prediction.new_zeros((), dtype=loss_dtype(prediction))
         for key, level in predicted.items():
@@ -206,8 +226,10 @@ def perceptual_l1(render: Tensor, target: Tensor) -> Tensor:
         torch.Size([])
     """
     if render.dim() != 4 or target.dim() != 4 or render.shape[:2] != target.shape[:2]:
-        raise ValueError(f"perceptual_l1: render and target must be [B, C, h, w] and [B, C, H, W] with the same "
-                         f"B and C; got {tuple(render.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"perceptual_l1: render and target must be [B, C, h, w] and [B, C, H, W] with the same "
+            f"B and C; got {tuple(render.shape)} and {tuple(target.shape)}"
+        )
     target = target.detach()
     if target.shape[2:] != render.shape[2:]:
         target = F.interpolate(target, size=render.shape[2:], mode="bilinear", antialias=True, align_corners=False)

@@ -50,11 +50,21 @@ class RandomTPS:
         generator: optional ``torch.Generator`` for the draws (CPU); device/dtype of the parameters.
     """
 
-    def __init__(self, batch: int, sigma_affine: float = 0.05, sigma_tps: float = 0.005, points_tps: int = 5,
-                 generator: torch.Generator = None, device=None, dtype=torch.float32):
+    def __init__(
+        self,
+        batch: int,
+        sigma_affine: float = 0.05,
+        sigma_tps: float = 0.005,
+        points_tps: int = 5,
+        generator: torch.Generator = None,
+        device=None,
+        dtype=torch.float32,
+    ):
         if batch < 1 or sigma_affine < 0 or sigma_tps < 0 or points_tps < 0:
-            raise ValueError(f"RandomTPS: need batch >= 1 and non-negative sigmas/points; got batch={batch}, "
-                             f"sigma_affine={sigma_affine}, sigma_tps={sigma_tps}, points_tps={points_tps}")
+            raise ValueError(
+                f"RandomTPS: need batch >= 1 and non-negative sigmas/points; got batch={batch}, "
+                f"sigma_affine={sigma_affine}, sigma_tps={sigma_tps}, points_tps={points_tps}"
+            )
         self.batch = int(batch)
         noise = torch.randn(batch, 2, 3, generator=generator, dtype=torch.float64) * sigma_affine
         self.theta = (torch.eye(2, 3, dtype=torch.float64) + noise).to(device=device, dtype=dtype)
@@ -85,8 +95,10 @@ class RandomTPS:
             if not differentiable:
                 coords = coords.detach().requires_grad_(True)
             warped = self.warp_coordinates(coords)
-            rows = [torch.autograd.grad(warped[..., i].sum(), coords, retain_graph=True,
-                                        create_graph=differentiable)[0] for i in range(2)]
+            rows = [
+                torch.autograd.grad(warped[..., i].sum(), coords, retain_graph=True, create_graph=differentiable)[0]
+                for i in range(2)
+            ]
         return torch.stack(rows, dim=-2)
 
     def transform_frame(self, frame: Tensor, backend: str = "auto") -> Tensor:
@@ -98,5 +110,6 @@ class RandomTPS:
         dtype = frame.dtype if frame.dtype in (torch.float32, torch.float64) else torch.float32
         grid = coordinate_grid(height, width, frame.device, dtype).view(1, -1, 2).expand(self.batch, -1, -1)
         grid = self.warp_coordinates(grid).view(self.batch, height, width, 2)
-        return ops.grid_sample(frame, grid.to(frame.dtype), "bilinear", "reflection", align_corners=True,
-                               backend=backend)
+        return ops.grid_sample(
+            frame, grid.to(frame.dtype), "bilinear", "reflection", align_corners=True, backend=backend
+        )

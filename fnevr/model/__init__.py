@@ -25,10 +25,16 @@ from .render import RaySampler, SampleMLP, VolumeRenderer
 def build_keypoint_detector(config: dict) -> KeypointDetector:
     m = config["model_params"]
     common, p = m["common_params"], m["kp_detector_params"]
-    return KeypointDetector(num_kp=common["num_kp"], num_channels=common["num_channels"],
-                            block_expansion=p["block_expansion"], max_features=p["max_features"],
-                            num_blocks=p["num_blocks"], temperature=p["temperature"],
-                            scale_factor=p.get("scale_factor", 1), estimate_jacobian=common.get("estimate_jacobian", False))
+    return KeypointDetector(
+        num_kp=common["num_kp"],
+        num_channels=common["num_channels"],
+        block_expansion=p["block_expansion"],
+        max_features=p["max_features"],
+        num_blocks=p["num_blocks"],
+        temperature=p["temperature"],
+        scale_factor=p.get("scale_factor", 1),
+        estimate_jacobian=common.get("estimate_jacobian", False),
+    )
 
 
 def build_generator(config: dict) -> Generator:
@@ -36,15 +42,28 @@ def build_generator(config: dict) -> Generator:
     common, p = m["common_params"], m["generator_params"]
     dm, r = p["dense_motion_params"], p["render_params"]
     return Generator(
-        num_kp=common["num_kp"], num_channels=common["num_channels"], block_expansion=p["block_expansion"],
-        max_features=p["max_features"], num_down_blocks=p["num_down_blocks"],
+        num_kp=common["num_kp"],
+        num_channels=common["num_channels"],
+        block_expansion=p["block_expansion"],
+        max_features=p["max_features"],
+        num_down_blocks=p["num_down_blocks"],
         estimate_occlusion_map=p.get("estimate_occlusion_map", True),
-        dense_motion={"block_expansion": dm["block_expansion"], "max_features": dm["max_features"],
-                      "num_blocks": dm["num_blocks"], "scale_factor": dm.get("scale_factor", 1)},
-        render={"color_channels": r["simpled_channel_rgb"], "shape_channels": r["simpled_channel_sigma"],
-                "samples": r["floor_num"], "hidden": r["hidden_size"],
-                "transmittance": r.get("transmittance", "inclusive"), "fused_head": r.get("fused_head", "none")},
-        modulation_channels=p.get("modulation_channels", 128))
+        dense_motion={
+            "block_expansion": dm["block_expansion"],
+            "max_features": dm["max_features"],
+            "num_blocks": dm["num_blocks"],
+            "scale_factor": dm.get("scale_factor", 1),
+        },
+        render={
+            "color_channels": r["simpled_channel_rgb"],
+            "shape_channels": r["simpled_channel_sigma"],
+            "samples": r["floor_num"],
+            "hidden": r["hidden_size"],
+            "transmittance": r.get("transmittance", "inclusive"),
+            "fused_head": r.get("fused_head", "none"),
+        },
+        modulation_channels=p.get("modulation_channels", 128),
+    )
 
 
 class FNeVR(nn.Module):
@@ -66,9 +85,13 @@ class FNeVR(nn.Module):
         if training_modules:
             d = m["discriminator_params"]
             self.discriminator = MultiScaleDiscriminator(
-                scales=d.get("scales", [1]), num_channels=m["common_params"]["num_channels"],
-                block_expansion=d["block_expansion"], num_blocks=d["num_blocks"],
-                max_features=d["max_features"], sn=d.get("sn", False))
+                scales=d.get("scales", [1]),
+                num_channels=m["common_params"]["num_channels"],
+                block_expansion=d["block_expansion"],
+                num_blocks=d["num_blocks"],
+                max_features=d["max_features"],
+                sn=d.get("sn", False),
+            )
             self.pose_editor = PoseEditor(m["common_params"]["num_kp"], **m.get("pose_editor_params", {}))
         self.set_backend(m.get("ops_backend", "auto"))
 

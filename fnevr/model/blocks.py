@@ -120,10 +120,12 @@ class Hourglass(nn.Module):
             return min(max_features, block_expansion * 2**i)
 
         self.down = nn.ModuleList(
-            ConvBlock(in_channels if i == 0 else width(i), width(i + 1), "down") for i in range(num_blocks))
+            ConvBlock(in_channels if i == 0 else width(i), width(i + 1), "down") for i in range(num_blocks)
+        )
         self.up = nn.ModuleList(
             ConvBlock((1 if i == num_blocks - 1 else 2) * width(i + 1), width(i), "up")
-            for i in reversed(range(num_blocks)))
+            for i in reversed(range(num_blocks))
+        )
         self.out_channels = block_expansion + in_channels
 
     def forward(self, x: Tensor) -> Tensor:
@@ -134,8 +136,9 @@ class Hourglass(nn.Module):
             skips.append(recompute.checkpoint_module(block, skips[-1]) if plain else block(skips[-1]))
         out = skips.pop()
         for block in self.up:
-            out = recompute.cheap_call(cat_channels, recompute.checkpoint_module(block, out) if plain else block(out),
-                                       skips.pop())
+            out = recompute.cheap_call(
+                cat_channels, recompute.checkpoint_module(block, out) if plain else block(out), skips.pop()
+            )
         return out
 
 
@@ -172,4 +175,3 @@ class AntiAliasDownsample(nn.Module):
             return x
         x = F.conv2d(F.pad(x, (self.pad,) * 4), self.weight.to(x.dtype), groups=x.shape[1])
         return x[:, :, :: self.stride, :: self.stride]
-

@@ -38,16 +38,21 @@ class SPADEDecoder(nn.Module):
         super().__init__()
         c = in_channels
         self.modulation_conv = nn.Conv2d(c, modulation_channels, 3, padding=1)
-        self.blocks = nn.ModuleList([SPADEBlock(c, c // 4, modulation_channels),
-                                     SPADEBlock(c // 4, c // 16, modulation_channels),
-                                     SPADEBlock(c // 16, c // 16, modulation_channels),
-                                     SPADEBlock(c // 16, c // 16, modulation_channels)])
+        self.blocks = nn.ModuleList(
+            [
+                SPADEBlock(c, c // 4, modulation_channels),
+                SPADEBlock(c // 4, c // 16, modulation_channels),
+                SPADEBlock(c // 16, c // 16, modulation_channels),
+                SPADEBlock(c // 16, c // 16, modulation_channels),
+            ]
+        )
         self.to_rgb = nn.Conv2d(c // 16, 3, 7, padding=3)
 
     def forward(self, x: Tensor) -> Tensor:
         modulation = torch.relu(self.modulation_conv(x))
-        checkpoint = recompute.checkpointing() and all(m.norm == "instance" for m in self.modules()
-                                                       if isinstance(m, SPADE))  # stateless: safe to rerun
+        checkpoint = recompute.checkpointing() and all(
+            m.norm == "instance" for m in self.modules() if isinstance(m, SPADE)
+        )  # stateless: safe to rerun
         for i, block in enumerate(self.blocks):
             x = recompute.checkpoint_module(block, x, modulation) if checkpoint else block(x, modulation)
             if i < 2:

@@ -21,17 +21,26 @@ class DenseMotion(nn.Module):
     ``[B, K+1, C, h, w]`` and, with ``estimate_occlusion_map``, ``occlusion_map`` ``[B, 1, h, w]``.
     """
 
-    def __init__(self, num_kp: int = 10, num_channels: int = 3, block_expansion: int = 64,
-                 max_features: int = 1024, num_blocks: int = 5, scale_factor: float = 0.25,
-                 kp_variance: float = 0.01, estimate_occlusion_map: bool = True):
+    def __init__(
+        self,
+        num_kp: int = 10,
+        num_channels: int = 3,
+        block_expansion: int = 64,
+        max_features: int = 1024,
+        num_blocks: int = 5,
+        scale_factor: float = 0.25,
+        kp_variance: float = 0.01,
+        estimate_occlusion_map: bool = True,
+    ):
         super().__init__()
         self.num_kp, self.kp_variance = num_kp, kp_variance
         self.ops_backend = "auto"
         self.downsample = AntiAliasDownsample(num_channels, scale_factor)
         self.hourglass = Hourglass((num_kp + 1) * (num_channels + 1), block_expansion, num_blocks, max_features)
         self.mask_head = nn.Conv2d(self.hourglass.out_channels, num_kp + 1, 7, padding=3)
-        self.occlusion_head = (nn.Conv2d(self.hourglass.out_channels, 1, 7, padding=3)
-                               if estimate_occlusion_map else None)
+        self.occlusion_head = (
+            nn.Conv2d(self.hourglass.out_channels, 1, 7, padding=3) if estimate_occlusion_map else None
+        )
 
     def sparse_motions(self, source: Tensor, kp_driving: dict, kp_source: dict) -> Tensor:
         """``[B, K+1, h, w, 2]``: the identity, then one local affine motion per keypoint."""
@@ -48,8 +57,9 @@ class DenseMotion(nn.Module):
         source = self.downsample(source)
         B, C, h, w = source.shape
         K1 = self.num_kp + 1
-        heat = (gaussian_heatmaps(kp_driving["value"], h, w, self.kp_variance)
-                - gaussian_heatmaps(kp_source["value"], h, w, self.kp_variance))
+        heat = gaussian_heatmaps(kp_driving["value"], h, w, self.kp_variance) - gaussian_heatmaps(
+            kp_source["value"], h, w, self.kp_variance
+        )
         heat = torch.cat([heat.new_zeros(B, 1, h, w), heat], dim=1).unsqueeze(2)  # [B, K+1, 1, h, w]
         motions = self.sparse_motions(source, kp_driving, kp_source)
         repeated = source.unsqueeze(1).expand(B, K1, C, h, w).reshape(B * K1, C, h, w)

@@ -28,14 +28,21 @@ class PatchDiscriminator(nn.Module):
     first) -> LeakyReLU(0.2) -> 2x average pool (all but the last); a 1x1 conv gives the scores.
     """
 
-    def __init__(self, num_channels: int = 3, block_expansion: int = 64, num_blocks: int = 4,
-                 max_features: int = 512, sn: bool = False):
+    def __init__(
+        self,
+        num_channels: int = 3,
+        block_expansion: int = 64,
+        num_blocks: int = 4,
+        max_features: int = 512,
+        sn: bool = False,
+    ):
         super().__init__()
         wrap = spectral_norm if sn else (lambda m: m)
         widths = [num_channels] + [min(max_features, block_expansion * 2 ** (i + 1)) for i in range(num_blocks)]
         self.convs = nn.ModuleList(wrap(nn.Conv2d(widths[i], widths[i + 1], 4)) for i in range(num_blocks))
-        self.norms = nn.ModuleList(nn.InstanceNorm2d(widths[i + 1], affine=True) if i else nn.Identity()
-                                   for i in range(num_blocks))
+        self.norms = nn.ModuleList(
+            nn.InstanceNorm2d(widths[i + 1], affine=True) if i else nn.Identity() for i in range(num_blocks)
+        )
         self.score = wrap(nn.Conv2d(widths[-1], 1, 1))
 
     def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:

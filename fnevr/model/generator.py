@@ -27,13 +27,26 @@ class Generator(nn.Module):
     ``occlusion_map`` and ``deformed`` (the source warped at full size, for visualisation).
     """
 
-    def __init__(self, num_kp: int = 10, num_channels: int = 3, block_expansion: int = 64,
-                 max_features: int = 512, num_down_blocks: int = 2, estimate_occlusion_map: bool = True,
-                 dense_motion: dict | None = None, render: dict | None = None, modulation_channels: int = 128):
+    def __init__(
+        self,
+        num_kp: int = 10,
+        num_channels: int = 3,
+        block_expansion: int = 64,
+        max_features: int = 512,
+        num_down_blocks: int = 2,
+        estimate_occlusion_map: bool = True,
+        dense_motion: dict | None = None,
+        render: dict | None = None,
+        modulation_channels: int = 128,
+    ):
         super().__init__()
         self.ops_backend = "auto"
-        self.dense_motion = DenseMotion(num_kp=num_kp, num_channels=num_channels,
-                                        estimate_occlusion_map=estimate_occlusion_map, **(dense_motion or {}))
+        self.dense_motion = DenseMotion(
+            num_kp=num_kp,
+            num_channels=num_channels,
+            estimate_occlusion_map=estimate_occlusion_map,
+            **(dense_motion or {}),
+        )
         widths = [min(max_features, block_expansion * 2**i) for i in range(num_down_blocks + 1)]
         self.stem = ConvBlock(num_channels, block_expansion, kernel_size=7)
         self.down = nn.ModuleList(ConvBlock(widths[i], widths[i + 1], "down") for i in range(num_down_blocks))
@@ -50,8 +63,9 @@ class Generator(nn.Module):
         """Sample ``x`` ``[B, C, H, W]`` at ``deformation`` ``[B, h, w, 2]``, resized (bilinearly)
         to H x W first if needed."""
         if deformation.shape[1:3] != x.shape[2:]:
-            deformation = F.interpolate(deformation.permute(0, 3, 1, 2), size=x.shape[2:], mode="bilinear",
-                                        align_corners=False).permute(0, 2, 3, 1)
+            deformation = F.interpolate(
+                deformation.permute(0, 3, 1, 2), size=x.shape[2:], mode="bilinear", align_corners=False
+            ).permute(0, 2, 3, 1)
         return ops.grid_sample(x, deformation, backend=self.ops_backend)
 
     def forward(self, source: Tensor, kp_driving: dict, kp_source: dict) -> dict[str, Tensor]:

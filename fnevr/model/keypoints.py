@@ -16,9 +16,17 @@ class KeypointDetector(nn.Module):
     Jacobian (initialised to the identity).
     """
 
-    def __init__(self, num_kp: int = 10, num_channels: int = 3, block_expansion: int = 32,
-                 max_features: int = 1024, num_blocks: int = 5, temperature: float = 0.1,
-                 scale_factor: float = 0.25, estimate_jacobian: bool = True):
+    def __init__(
+        self,
+        num_kp: int = 10,
+        num_channels: int = 3,
+        block_expansion: int = 32,
+        max_features: int = 1024,
+        num_blocks: int = 5,
+        temperature: float = 0.1,
+        scale_factor: float = 0.25,
+        estimate_jacobian: bool = True,
+    ):
         super().__init__()
         self.num_kp, self.temperature = num_kp, temperature
         self.downsample = AntiAliasDownsample(num_channels, scale_factor)

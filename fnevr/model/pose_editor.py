@@ -31,7 +31,7 @@ class PoseEditor(nn.Module):
             raise ValueError(f"angles must be [B, 3] (yaw, pitch, roll deltas) with B={B}, got {tuple(angles.shape)}")
         jac = kp.get("jacobian", torch.eye(2, dtype=kp["value"].dtype, device=kp["value"].device).expand(B, K, 2, 2))
         delta = self.mlp(torch.cat([angles, kp["value"].flatten(1), jac.flatten(1)], dim=1))
-        d_value, d_jac = delta[:, : 2 * K].view(B, K, 2), delta[:, 2 * K:].view(B, K, 2, 2)
+        d_value, d_jac = delta[:, : 2 * K].view(B, K, 2), delta[:, 2 * K :].view(B, K, 2, 2)
         out = {"value": kp["value"] + d_value}
         if "jacobian" in kp:
             out["jacobian"] = (torch.eye(2, dtype=jac.dtype, device=jac.device) + d_jac) @ jac

@@ -32,8 +32,10 @@ class RaySampler(nn.Module):
     def __init__(self, in_channels: int, color_channels: int = 128, shape_channels: int = 128, samples: int = 8):
         super().__init__()
         if color_channels % samples or shape_channels % samples:
-            raise ValueError(f"color_channels ({color_channels}) and shape_channels ({shape_channels}) must be "
-                             f"multiples of samples ({samples})")
+            raise ValueError(
+                f"color_channels ({color_channels}) and shape_channels ({shape_channels}) must be "
+                f"multiples of samples ({samples})"
+            )
         self.samples = samples
         self.color_conv = nn.Conv2d(in_channels, color_channels, 3, padding=1)
         self.shape_conv = nn.Conv2d(in_channels, shape_channels, 3, padding=1)
@@ -91,8 +93,9 @@ def fused_head_choice(value: str | bool) -> str:
     if value is False or value is True:
         return "hidden" if value else "none"
     if value not in FUSED_HEADS:
-        raise ValueError(f"fused_head must be one of {FUSED_HEADS} (or, from older configs, false or true), "
-                         f"got {value!r}")
+        raise ValueError(
+            f"fused_head must be one of {FUSED_HEADS} (or, from older configs, false or true), got {value!r}"
+        )
     return value
 
 
@@ -114,24 +117,33 @@ class VolumeRenderer(nn.Module):
     Configs written before these names may say ``false`` (``"none"``) or ``true`` (``"hidden"``).
     """
 
-    def __init__(self, in_channels: int = 256, color_channels: int = 128, shape_channels: int = 128,
-                 samples: int = 8, hidden: int = 128, transmittance: str = "inclusive",
-                 fused_head: str | bool = "none"):
+    def __init__(
+        self,
+        in_channels: int = 256,
+        color_channels: int = 128,
+        shape_channels: int = 128,
+        samples: int = 8,
+        hidden: int = 128,
+        transmittance: str = "inclusive",
+        fused_head: str | bool = "none",
+    ):
         super().__init__()
         self.transmittance, self.fused_head = transmittance, fused_head_choice(fused_head)
         self.ops_backend = "auto"
         self.ray_sampler = RaySampler(in_channels, color_channels, shape_channels, samples)
         self.sample_mlp = SampleMLP(color_channels // samples, shape_channels // samples, hidden, in_channels)
-        self.mini_decoder = nn.Sequential(ConvBlock(in_channels, in_channels // 4, "up"),
-                                          ConvBlock(in_channels // 4, 3, "up"))
+        self.mini_decoder = nn.Sequential(
+            ConvBlock(in_channels, in_channels // 4, "up"), ConvBlock(in_channels // 4, 3, "up")
+        )
 
     def forward(self, features: Tensor) -> dict[str, Tensor]:
         color_code, shape_code, volume = self.ray_sampler(features)
         kw = dict(transmittance=self.transmittance, density_activation="relu", backend=self.ops_backend)
         head = self.sample_mlp.color_out
         if self.fused_head == "mlp":
-            hidden, weight_sum = ops.mlp_composite(color_code, shape_code, dict(self.sample_mlp.named_parameters()),
-                                                   **kw)  # composited: [B, h, w, hidden], [B, h, w, 1]
+            hidden, weight_sum = ops.mlp_composite(
+                color_code, shape_code, dict(self.sample_mlp.named_parameters()), **kw
+            )  # composited: [B, h, w, hidden], [B, h, w, 1]
             rays = F.linear(hidden, head.weight) + weight_sum * head.bias
         elif self.fused_head == "hidden":
             hidden, density = self.sample_mlp.hidden_features(color_code, shape_code)  # [B, h, w, D, hidden]

@@ -20,15 +20,25 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     is one ``spade_norm`` with ``gamma = weight - 1`` and ``beta = bias``, broadcast per channel.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group=None, backend: str = "auto"):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        backend: str = "auto",
+    ):
         check_eps(eps, "SyncBatchNorm")  # here, not at the first forward (which checks it too)
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
         self.process_group, self.ops_backend = process_group, backend
 
     def _check_input_dim(self, input: Tensor):
         if input.dim() < 3:
-            raise ValueError(f"SyncBatchNorm: expected [N, C, ...] input with at least 3 dims, got {tuple(input.shape)}")
+            raise ValueError(
+                f"SyncBatchNorm: expected [N, C, ...] input with at least 3 dims, got {tuple(input.shape)}"
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
@@ -46,10 +56,19 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         # (under autocast x may be bf16 while the parameters stay fp32)
         gamma = (self.weight - 1).view(1, C, 1, 1).to(x.dtype) if self.affine else x4.new_zeros(1, C, 1, 1)
         beta = self.bias.view(1, C, 1, 1).to(x.dtype) if self.affine else x4.new_zeros(1, C, 1, 1)
-        y = spade_norm(x4, gamma, beta, norm="batch", eps=self.eps, running_mean=self.running_mean,
-                       running_var=self.running_var, training=training,
-                       momentum=momentum if momentum is not None else 0.0,
-                       process_group=group if training else None, backend=self.ops_backend)
+        y = spade_norm(
+            x4,
+            gamma,
+            beta,
+            norm="batch",
+            eps=self.eps,
+            running_mean=self.running_mean,
+            running_var=self.running_var,
+            training=training,
+            momentum=momentum if momentum is not None else 0.0,
+            process_group=group if training else None,
+            backend=self.ops_backend,
+        )
         return y.view(x.shape)
 
     @classmethod
@@ -57,8 +76,14 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         """``module`` with every BatchNorm layer replaced by this class (parameters, buffers and
         mode kept), like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``."""
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
-            new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                      process_group)
+            new = cls(
+                module.num_features,
+                module.eps,
+                module.momentum,
+                module.affine,
+                module.track_running_stats,
+                process_group,
+            )
             new.load_state_dict(module.state_dict())
             new.train(module.training)
             return new

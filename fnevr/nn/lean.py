@@ -37,8 +37,15 @@ class _FrozenConv2d(torch.autograd.Function):
 def frozen_conv2d(x: Tensor, conv: torch.nn.Conv2d) -> Tensor:
     """``conv(x)`` for a stride-1 ``Conv2d`` whose parameters need no gradient."""
     frozen = not (conv.weight.requires_grad or (conv.bias is not None and conv.bias.requires_grad))
-    if not (recompute.active() and frozen and x.requires_grad and conv.stride == (1, 1) and conv.dilation == (1, 1)
-            and conv.groups == 1 and isinstance(conv.padding, tuple)):
+    if not (
+        recompute.active()
+        and frozen
+        and x.requires_grad
+        and conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and isinstance(conv.padding, tuple)
+    ):
         return conv(x)
     dtype = recompute.autocast_dtype(x) or x.dtype  # autocast runs convolutions in its dtype
     with torch.autocast(x.device.type, enabled=False):

@@ -70,8 +70,10 @@ class _Recipe:
 
     def build(self) -> Tensor:
         if not self.intact():
-            raise RuntimeError("fnevr.nn.recompute: a tensor needed to recompute a saved activation was modified "
-                               "in place after the forward pass")
+            raise RuntimeError(
+                "fnevr.nn.recompute: a tensor needed to recompute a saved activation was modified "
+                "in place after the forward pass"
+            )
         args = [a.build() if isinstance(a, _Recipe) else a for a in self.args]
         with torch.no_grad(), _autocast(self.autocast):
             return self.fn(*args)
@@ -195,8 +197,11 @@ def _weight_cast(t):
 
 
 def _format(t):
-    return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
-        and not t.is_contiguous() else torch.contiguous_format
+    return (
+        torch.channels_last
+        if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+        else torch.contiguous_format
+    )
 
 
 def _cast_like(source, dtype, memory_format):

@@ -51,8 +51,15 @@ class SPADE(nn.Module):
         torch.Size([2, 32, 256, 256])
     """
 
-    def __init__(self, norm_channels: int, label_channels: int, hidden_channels: int = 128, norm: str = "instance",
-                 activation: str | None = None, backend: str = "auto"):
+    def __init__(
+        self,
+        norm_channels: int,
+        label_channels: int,
+        hidden_channels: int = 128,
+        norm: str = "instance",
+        activation: str | None = None,
+        backend: str = "auto",
+    ):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -85,8 +92,12 @@ class SPADE(nn.Module):
                 pfn.num_batches_tracked.add_(1)
                 if momentum is None:  # BatchNorm2d's cumulative moving average
                     momentum = 1.0 / float(pfn.num_batches_tracked)
-            kw = dict(running_mean=pfn.running_mean, running_var=pfn.running_var, training=training,
-                      momentum=momentum if momentum is not None else 0.0)
+            kw = dict(
+                running_mean=pfn.running_mean,
+                running_var=pfn.running_var,
+                training=training,
+                momentum=momentum if momentum is not None else 0.0,
+            )
         kw.update(norm=self.norm, eps=pfn.eps, activation=self.activation, backend=self.ops_backend)
         out = spade_norm(x, gamma, beta, **kw)
         # The output is a pure function of x, gamma and beta, which the op keeps as they are when

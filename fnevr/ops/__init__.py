@@ -13,6 +13,17 @@ from .mlp_composite import PARAMETERS as MLP_PARAMETERS
 from .mlp_composite import mlp_composite, mlp_composite_reference
 from .spade_norm import spade_norm, spade_norm_reference
 
-__all__ = ["BACKENDS", "MLP_PARAMETERS", "backends", "composite", "composite_reference", "grid_sample",
-           "grid_sample_reference", "mlp_composite", "mlp_composite_reference", "ops", "spade_norm",
-           "spade_norm_reference"]
+__all__ = [
+    "BACKENDS",
+    "MLP_PARAMETERS",
+    "backends",
+    "composite",
+    "composite_reference",
+    "grid_sample",
+    "grid_sample_reference",
+    "mlp_composite",
+    "mlp_composite_reference",
+    "ops",
+    "spade_norm",
+    "spade_norm_reference",
+]

@@ -1,7 +1,7 @@
 """The registry from the shell (for scripts that cannot import it, e.g. benchmarks/gpu_check.sh):
 
-    python -m fnevr.ops list [--sep ,]    # the registered ops' names
-    python -m fnevr.ops backends          # every backend's status, per device type, and auto's order
+python -m fnevr.ops list [--sep ,]    # the registered ops' names
+python -m fnevr.ops backends          # every backend's status, per device type, and auto's order
 """
 
 import argparse
@@ -10,8 +10,9 @@ from . import _registry
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m fnevr.ops", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fnevr.ops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("what", choices=["list", "backends"])
     parser.add_argument("--sep", default="\n", help="separator for `list` (default: one name a line)")
     args = parser.parse_args()

@@ -22,8 +22,12 @@ def _plain_eager(tensors) -> bool:
     """Whether calling an op's implementation directly is indistinguishable from calling its custom
     op: not traced (torch.compile, export), no torch.func transform, no torch function or dispatch
     mode (FakeTensorMode, profilers of ops), no tensor subclass (FakeTensor, DTensor)."""
-    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-            or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()):
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+    ):
         return False
     return all(type(t) in _PLAIN for t in tensors)
 
@@ -39,24 +43,25 @@ class FusedOp:
         self.name, self._impl, self._function = name, fn, None
         kinds = [p.annotation for p in inspect.signature(fn).parameters.values()]
         self._tensors = next((i for i, k in enumerate(kinds) if k not in (Tensor, list[Tensor])), len(kinds))
-        self._lists = list[Tensor] in kinds[:self._tensors]
+        self._lists = list[Tensor] in kinds[: self._tensors]
 
     def register_autograd(self, backward, *, setup_context):
         self.op.register_autograd(backward, setup_context=setup_context)
         impl = self._impl
 
         def forward(ctx, *args):  # ctx first: with a separate setup_context, each apply() would
-            out = impl(*args)     # bind its arguments with inspect.signature (~15 us)
+            out = impl(*args)  # bind its arguments with inspect.signature (~15 us)
             setup_context(ctx, args, out)
             return out
 
         # The custom op's own autograd Function has this name: grad_fn reads the same either way.
         name = "GeneratedBackwardFor_" + self.name.replace("::", "_") + "_default"
-        self._function = type(name, (torch.autograd.Function,),
-                              {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+        self._function = type(
+            name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+        )
 
     def __call__(self, *args):
-        tensors = args[:self._tensors]
+        tensors = args[: self._tensors]
         if self._lists:
             tensors = [t for a in tensors for t in (a if isinstance(a, (list, tuple)) else (a,))]
         if not _plain_eager(tensors):

@@ -29,6 +29,7 @@ DEVICE_TYPES = ("cpu", "cuda")
 
 # --- backends ------------------------------------------------------------------------------------
 
+
 class _CompiledKernels:
     """An op's entry points in the compiled extension: ``k.composite_forward`` is
     ``torch.ops.fnevr._composite_forward`` (torch dispatches on the tensors' device, so the cpu and
@@ -93,17 +94,38 @@ class Backend:
         return self.devices[device_type]
 
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (
-    Backend("reference", "pure PyTorch, differentiated by autograd: the spec", "fnevr/ops/<op>.py",
-            {"cpu": "", "cuda": ""}),
-    Backend("cpu", "C++ kernels (fnevr._C)", "csrc/<op>/<op>_cpu.cpp",
-            {"cpu": "" if _extension.cpu else _extension.cpu_reason}, _compiled),
-    Backend("cuda", "CUDA C++ kernels (fnevr._C_cuda)", "csrc/<op>/<op>_cuda.cu",
-            {"cuda": "" if _cuda_ok else _cuda_reason}, _compiled),
-    Backend("triton", "Triton kernels (fnevr.kernels); CPU tensors through TRITON_INTERPRET=1", "kernels/<op>.py",
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend(
+            "reference",
+            "pure PyTorch, differentiated by autograd: the spec",
+            "fnevr/ops/<op>.py",
+            {"cpu": "", "cuda": ""},
+        ),
+        Backend(
+            "cpu",
+            "C++ kernels (fnevr._C)",
+            "csrc/<op>/<op>_cpu.cpp",
+            {"cpu": "" if _extension.cpu else _extension.cpu_reason},
+            _compiled,
+        ),
+        Backend(
+            "cuda",
+            "CUDA C++ kernels (fnevr._C_cuda)",
+            "csrc/<op>/<op>_cuda.cu",
+            {"cuda": "" if _cuda_ok else _cuda_reason},
+            _compiled,
+        ),
+        Backend(
+            "triton",
+            "Triton kernels (fnevr.kernels); CPU tensors through TRITON_INTERPRET=1",
+            "kernels/<op>.py",
             {"cpu": "" if _triton_cpu else _triton_reason, "cuda": "" if _triton_cuda else _triton_reason},
-            _triton),
-)}
+            _triton,
+        ),
+    )
+}
 FUSED_BACKENDS = tuple(name for name, b in BACKENDS.items() if b.kernels is not None)
 
 
@@ -116,8 +138,9 @@ def backends(device: str | torch.device = "cpu") -> dict[str, str]:
     kind = torch.device(device).type
     if kind not in DEVICE_TYPES:
         raise ValueError(f"device must be a cpu or cuda device, got {device!r}")
-    status = {name: f"unavailable: {why}" if (why := b.unavailable(kind)) else "available"
-              for name, b in BACKENDS.items()}
+    status = {
+        name: f"unavailable: {why}" if (why := b.unavailable(kind)) else "available" for name, b in BACKENDS.items()
+    }
     if _triton_cpu and not _triton_cuda and kind == "cpu":  # compile-only: runs, but computes nothing
         status["triton"] = f"available, outputs unwritten: {_triton_reason}"
     return status

@@ -45,8 +45,9 @@ ACTIVATIONS = {"relu": int(Activation.RELU), "softplus": int(Activation.SOFTPLUS
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def composite_reference(color: Tensor, density: Tensor, *, transmittance: str = "exclusive",
-                        density_activation: str = "relu") -> Tensor:
+def composite_reference(
+    color: Tensor, density: Tensor, *, transmittance: str = "exclusive", density_activation: str = "relu"
+) -> Tensor:
     """The spec: compositing in plain PyTorch ops, differentiated by autograd. Same arguments as
     :func:`composite` (unchecked); it keeps ``[..., D, C]`` temporaries for backward."""
     if density.dim() == color.dim():
@@ -64,8 +65,14 @@ def composite_reference(color: Tensor, density: Tensor, *, transmittance: str = 
     return (weights.unsqueeze(-1) * color).sum(dim=-2)
 
 
-def composite(color: Tensor, density: Tensor, *, transmittance: str = "exclusive",
-              density_activation: str = "relu", backend: str = "auto") -> Tensor:
+def composite(
+    color: Tensor,
+    density: Tensor,
+    *,
+    transmittance: str = "exclusive",
+    density_activation: str = "relu",
+    backend: str = "auto",
+) -> Tensor:
     """Composite ``color`` ``[..., D, C]`` along D with weights from ``density`` ``[..., D(, 1)]``.
 
     Args:
@@ -81,11 +88,15 @@ def composite(color: Tensor, density: Tensor, *, transmittance: str = "exclusive
     lead, D, C = _check(color, density, transmittance, density_activation)
     name = _registry.resolve(backend, color.device, "composite")
     if name == "reference":
-        return composite_reference(color, density, transmittance=transmittance,
-                                   density_activation=density_activation)
+        return composite_reference(color, density, transmittance=transmittance, density_activation=density_activation)
     R = math.prod(lead)
-    out = _composite_op(color.reshape(R, D, C).contiguous(), density.reshape(R, D).contiguous(),
-                        transmittance == "inclusive", ACTIVATIONS[density_activation], name)
+    out = _composite_op(
+        color.reshape(R, D, C).contiguous(),
+        density.reshape(R, D).contiguous(),
+        transmittance == "inclusive",
+        ACTIVATIONS[density_activation],
+        name,
+    )
     return out.reshape(*lead, C)
 
 
@@ -104,8 +115,10 @@ def _check(color, density, transmittance, density_activation):
     elif len(d_shape) == len(shape) - 1:
         d_lead, d_samples = d_shape[:-1], d_shape[-1]
     else:
-        raise ValueError(f"density must be [..., D] or [..., D, 1] for color [..., D, C] of shape "
-                         f"{tuple(shape)}, got shape {tuple(d_shape)}")
+        raise ValueError(
+            f"density must be [..., D] or [..., D, 1] for color [..., D, C] of shape "
+            f"{tuple(shape)}, got shape {tuple(d_shape)}"
+        )
     if d_lead != lead:
         raise ValueError(f"density's leading (ray) dims {tuple(d_lead)} differ from color's {tuple(lead)}")
     if d_samples != D:
@@ -123,6 +136,7 @@ def _check(color, density, transmittance, density_activation):
 
 # --- torch.library registration: one op over flat [R, D, C] / [R, D] tensors --------------------
 
+
 @custom_op("fnevr::composite")
 def _composite_op(color: Tensor, density: Tensor, inclusive: bool, activation: int, backend: str) -> Tensor:
     return _registry.kernels(backend, "composite").composite_forward(color, density, inclusive, activation)
@@ -134,8 +148,9 @@ def _(color, density, inclusive, activation, backend):
 
 
 @custom_op("fnevr::composite_grad")
-def _composite_grad_op(grad_out: Tensor, color: Tensor, density: Tensor, inclusive: bool, activation: int,
-                       backend: str, color_grad: bool) -> tuple[Tensor, Tensor]:
+def _composite_grad_op(
+    grad_out: Tensor, color: Tensor, density: Tensor, inclusive: bool, activation: int, backend: str, color_grad: bool
+) -> tuple[Tensor, Tensor]:
     k = _registry.kernels(backend, "composite")
     return k.composite_backward(grad_out, color, density, inclusive, activation, color_grad)
 
@@ -168,13 +183,24 @@ def _samples(device, dtype, generator) -> list[_registry.Sample]:
     saved = color.numel() + density.numel()
     return [
         _registry.Sample("inclusive", (color, density), dict(transmittance="inclusive"), (0, 1), saved),
-        _registry.Sample("exclusive-softplus", (color, density),
-                         dict(transmittance="exclusive", density_activation="softplus"), (1,), saved),
+        _registry.Sample(
+            "exclusive-softplus",
+            (color, density),
+            dict(transmittance="exclusive", density_activation="softplus"),
+            (1,),
+            saved,
+        ),
     ]
 
 
-OP = _registry.register(_registry.Op(
-    name="composite", fn=composite, reference=composite_reference, samples=_samples,
-    auto={"cpu": _registry.CPU_ORDER, "cuda": ("triton", "cuda")},
-    why_auto="CUDA: Triton (H100, 2026-11-24, benchmarks/results/composite-cuda-*-4325dc8.txt: fwd+bwd 163 us "
-             "against CUDA's 202 in fp32, 82 against 132 in bf16; the forwards tie)"))
+OP = _registry.register(
+    _registry.Op(
+        name="composite",
+        fn=composite,
+        reference=composite_reference,
+        samples=_samples,
+        auto={"cpu": _registry.CPU_ORDER, "cuda": ("triton", "cuda")},
+        why_auto="CUDA: Triton (H100, 2026-11-24, benchmarks/results/composite-cuda-*-4325dc8.txt: fwd+bwd 163 us "
+        "against CUDA's 202 in fp32, 82 against 132 in bf16; the forwards tie)",
+    )
+)

@@ -46,7 +46,6 @@ double-differentiable by autograd), ``cpu`` (csrc/grid_sample/grid_sample_cpu.cp
 (csrc/grid_sample/grid_sample_cuda.cu), ``triton`` (kernels/grid_sample.py).
 """
 
-
 import torch
 from torch import Tensor
 
@@ -63,6 +62,7 @@ _MAX_COORD = 2.0**30  # larger source coordinates count as non-finite: their flo
 
 
 # --- the reference: the spec, in plain PyTorch ops ----------------------------------------------
+
 
 def _clip(x: Tensor, size: int) -> Tensor:
     """Clamp to [0, size - 1], NaN -> 0; derivative 1 strictly inside, 0 elsewhere (as PyTorch)."""
@@ -102,8 +102,9 @@ def _gather(flat: Tensor, xs: Tensor, ys: Tensor, H: int, W: int) -> Tensor:
     return torch.where(valid.unsqueeze(1), vals, 0.0)
 
 
-def grid_sample_reference(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
-                          align_corners: bool = False) -> Tensor:
+def grid_sample_reference(
+    input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mode: str = "zeros", align_corners: bool = False
+) -> Tensor:
     """The spec: grid sampling from gathers and elementwise ops, differentiated (twice) by
     autograd; deterministic wherever gather's backward is. Same arguments as :func:`grid_sample`
     (unchecked); fp16/bf16 are computed in fp32. Returns a contiguous ``[N, C, Ho, Wo]``."""
@@ -133,9 +134,17 @@ def grid_sample_reference(input: Tensor, grid: Tensor, mode: str = "bilinear", p
 
 # --- the public op ------------------------------------------------------------------------------
 
-def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
-                align_corners: bool | None = False, *, backend: str = "auto",
-                deterministic: bool | None = None) -> Tensor:
+
+def grid_sample(
+    input: Tensor,
+    grid: Tensor,
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+    align_corners: bool | None = False,
+    *,
+    backend: str = "auto",
+    deterministic: bool | None = None,
+) -> Tensor:
     """Sample ``input`` ``[N, C, H, W]`` at ``grid`` ``[N, Ho, Wo, 2]`` -> ``[N, C, Ho, Wo]``.
 
     Args:
@@ -152,8 +161,12 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
     Returns:
         ``[N, C, Ho, Wo]`` in ``input``'s dtype (fused backends accumulate in fp32, fp64 for fp64).
     """
-    if (isinstance(input, Tensor) and isinstance(grid, Tensor) and input.dtype != grid.dtype
-            and torch.is_autocast_enabled(input.device.type)):
+    if (
+        isinstance(input, Tensor)
+        and isinstance(grid, Tensor)
+        and input.dtype != grid.dtype
+        and torch.is_autocast_enabled(input.device.type)
+    ):
         # As PyTorch's op under autocast: both run in the wider dtype (bf16 features, fp32 flow).
         dtype = torch.promote_types(input.dtype, grid.dtype)
         input, grid = input.to(dtype), grid.to(dtype)
@@ -166,8 +179,9 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
         deterministic = torch.are_deterministic_algorithms_enabled()
     if not is_channels_last(input):
         input = input.contiguous()
-    return _grid_sample_op(input, grid.contiguous(), MODES[mode], PADDINGS[padding_mode], align_corners,
-                           bool(deterministic), name)
+    return _grid_sample_op(
+        input, grid.contiguous(), MODES[mode], PADDINGS[padding_mode], align_corners, bool(deterministic), name
+    )
 
 
 def _check(input, grid, mode, padding_mode):
@@ -197,13 +211,15 @@ def _check(input, grid, mode, padding_mode):
 
 # --- torch.library registration -----------------------------------------------------------------
 
+
 def _memory_format(t: Tensor):
     return torch.channels_last if is_channels_last(t) else torch.contiguous_format
 
 
 @custom_op("fnevr::grid_sample")
-def _grid_sample_op(input: Tensor, grid: Tensor, mode: int, padding: int, align_corners: bool,
-                    deterministic: bool, backend: str) -> Tensor:
+def _grid_sample_op(
+    input: Tensor, grid: Tensor, mode: int, padding: int, align_corners: bool, deterministic: bool, backend: str
+) -> Tensor:
     return _registry.kernels(backend, "grid_sample").grid_sample_forward(input, grid, mode, padding, align_corners)
 
 
@@ -214,17 +230,29 @@ def _(input, grid, mode, padding, align_corners, deterministic, backend):
 
 
 @custom_op("fnevr::grid_sample_grad")
-def _grid_sample_grad_op(grad_out: Tensor, input: Tensor, grid: Tensor, mode: int, padding: int,
-                         align_corners: bool, deterministic: bool, backend: str, input_grad: bool,
-                         grid_grad: bool) -> tuple[Tensor, Tensor]:
+def _grid_sample_grad_op(
+    grad_out: Tensor,
+    input: Tensor,
+    grid: Tensor,
+    mode: int,
+    padding: int,
+    align_corners: bool,
+    deterministic: bool,
+    backend: str,
+    input_grad: bool,
+    grid_grad: bool,
+) -> tuple[Tensor, Tensor]:
     return _registry.kernels(backend, "grid_sample").grid_sample_backward(
-        grad_out, input, grid, mode, padding, align_corners, input_grad, grid_grad, deterministic)
+        grad_out, input, grid, mode, padding, align_corners, input_grad, grid_grad, deterministic
+    )
 
 
 @_grid_sample_grad_op.register_fake
 def _(grad_out, input, grid, mode, padding, align_corners, deterministic, backend, input_grad, grid_grad):
-    return (torch.empty_like(input) if input_grad else input.new_empty((0,)),
-            torch.empty_like(grid) if grid_grad else grid.new_empty((0,)))
+    return (
+        torch.empty_like(input) if input_grad else input.new_empty((0,)),
+        torch.empty_like(grid) if grid_grad else grid.new_empty((0,)),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -246,8 +274,9 @@ def _backward(ctx, grad_out):
         grads = iter(torch.autograd.grad(out, wrt, grad_out, create_graph=True))
         return (next(grads) if input_grad else None), next(grads), None, None, None, None, None
     grad_out = grad_out.contiguous(memory_format=_memory_format(input))
-    grad_input, grad_grid = _grid_sample_grad_op(grad_out, input, grid, mode, padding, align_corners,
-                                                 deterministic, backend, input_grad, grid_grad)
+    grad_input, grad_grid = _grid_sample_grad_op(
+        grad_out, input, grid, mode, padding, align_corners, deterministic, backend, input_grad, grid_grad
+    )
     return (grad_input if input_grad else None), (grad_grid if grid_grad else None), None, None, None, None, None
 
 
@@ -295,13 +324,20 @@ def _samples(device, dtype, generator) -> list[_registry.Sample]:
     return [
         _registry.Sample("zeros", (tiny, tiny_grid * 2 - 1), {}, (0, 1), tiny.numel() + tiny_grid.numel()),
         _registry.Sample("border-aligned", (x, grid), dict(padding_mode="border", align_corners=True), (0, 1), saved),
-        _registry.Sample("nearest-reflection", (x, grid), dict(mode="nearest", padding_mode="reflection"), (0,),
-                         saved),
+        _registry.Sample("nearest-reflection", (x, grid), dict(mode="nearest", padding_mode="reflection"), (0,), saved),
         _registry.Sample("deterministic", (x, grid), dict(deterministic=True), (0, 1), saved),
     ]
 
 
-OP = _registry.register(_registry.Op(
-    name="grid_sample", fn=grid_sample, reference=grid_sample_reference, samples=_samples,
-    auto={"cpu": _registry.CPU_ORDER, "cuda": ("triton", "cuda")},
-    why_auto="CUDA: not yet timed on a GPU; Triton until it is", layouts=True, pytorch=_pytorch))
+OP = _registry.register(
+    _registry.Op(
+        name="grid_sample",
+        fn=grid_sample,
+        reference=grid_sample_reference,
+        samples=_samples,
+        auto={"cpu": _registry.CPU_ORDER, "cuda": ("triton", "cuda")},
+        why_auto="CUDA: not yet timed on a GPU; Triton until it is",
+        layouts=True,
+        pytorch=_pytorch,
+    )
+)

@@ -19,8 +19,9 @@ Because the MLP's last layer :math:`(W, b)` is linear, the colour the unfused mo
 chip and recompute them in backward: nothing of size ``[..., D, H]`` is stored, only the inputs.
 
 Shapes: ``color_code`` ``[..., D, Ec]``, ``shape_code`` ``[..., D, Es]``; ``params`` the 14
-tensors named in :data:`PARAMETERS` (``fnevr.ops.MLP_PARAMETERS``; Linear layout, ``weight`` ``[out, in]``), as a mapping (e.g.
-``dict(sample_mlp.named_parameters())``; extra names are ignored) or a sequence in that order.
+tensors named in :data:`PARAMETERS` (``fnevr.ops.MLP_PARAMETERS``; Linear layout, ``weight``
+``[out, in]``), as a mapping (e.g. ``dict(sample_mlp.named_parameters())``; extra names are
+ignored) or a sequence in that order.
 Result: ``features`` ``[..., H]`` and ``weight_sum`` ``[..., 1]``. Gradients flow to the codes and
 every parameter. Under autocast the codes and parameters run in the autocast dtype, as
 ``nn.Linear`` would; otherwise all must share one dtype. Example::
@@ -56,8 +57,14 @@ PARAMETERS = tuple(f"{layer}.{kind}" for layer in LAYERS for kind in ("weight", 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def mlp_composite_reference(color_code: Tensor, shape_code: Tensor, params, *, transmittance: str = "exclusive",
-                            density_activation: str = "relu") -> tuple[Tensor, Tensor]:
+def mlp_composite_reference(
+    color_code: Tensor,
+    shape_code: Tensor,
+    params,
+    *,
+    transmittance: str = "exclusive",
+    density_activation: str = "relu",
+) -> tuple[Tensor, Tensor]:
     """The spec: the MLP layer by layer and :func:`fnevr.ops.composite_reference`, differentiated
     by autograd. Same arguments as :func:`mlp_composite` (unchecked)."""
     p = dict(zip(PARAMETERS, _as_list(params)))
@@ -73,8 +80,15 @@ def mlp_composite_reference(color_code: Tensor, shape_code: Tensor, params, *, t
     return composite_reference(hidden, density, **kw), composite_reference(torch.ones_like(density), density, **kw)
 
 
-def mlp_composite(color_code: Tensor, shape_code: Tensor, params, *, transmittance: str = "exclusive",
-                  density_activation: str = "relu", backend: str = "auto") -> tuple[Tensor, Tensor]:
+def mlp_composite(
+    color_code: Tensor,
+    shape_code: Tensor,
+    params,
+    *,
+    transmittance: str = "exclusive",
+    density_activation: str = "relu",
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
     """Run the per-sample MLP on ``[..., D, E]`` codes and composite along D (see the module doc).
 
     Args:
@@ -94,13 +108,18 @@ def mlp_composite(color_code: Tensor, shape_code: Tensor, params, *, transmittan
     lead, D, H = _check(color_code, shape_code, params, transmittance, density_activation)
     name = _registry.resolve(backend, color_code.device, "mlp_composite")
     if name == "reference":
-        return mlp_composite_reference(color_code, shape_code, params, transmittance=transmittance,
-                                       density_activation=density_activation)
+        return mlp_composite_reference(
+            color_code, shape_code, params, transmittance=transmittance, density_activation=density_activation
+        )
     R = math.prod(lead)
     features, weight_sum = _mlp_composite_op(
         color_code.reshape(R, D, color_code.shape[-1]).contiguous(),
         shape_code.reshape(R, D, shape_code.shape[-1]).contiguous(),
-        [t.contiguous() for t in params], transmittance == "inclusive", ACTIVATIONS[density_activation], name)
+        [t.contiguous() for t in params],
+        transmittance == "inclusive",
+        ACTIVATIONS[density_activation],
+        name,
+    )
     return features.reshape(*lead, H), weight_sum.reshape(*lead, 1)
 
 
@@ -111,9 +130,11 @@ def _as_list(params) -> list[Tensor]:
             raise ValueError(f"params is missing {missing}; it needs {list(PARAMETERS)}")
         return [params[n] for n in PARAMETERS]
     if not isinstance(params, Sequence) or len(params) != len(PARAMETERS):
-        raise ValueError(f"params must be a mapping or a sequence of {len(PARAMETERS)} tensors "
-                         f"({list(PARAMETERS)}), got {type(params).__name__}"
-                         + (f" of length {len(params)}" if isinstance(params, Sequence) else ""))
+        raise ValueError(
+            f"params must be a mapping or a sequence of {len(PARAMETERS)} tensors "
+            f"({list(PARAMETERS)}), got {type(params).__name__}"
+            + (f" of length {len(params)}" if isinstance(params, Sequence) else "")
+        )
     return list(params)
 
 
@@ -132,26 +153,39 @@ def _check(color_code, shape_code, params, transmittance, density_activation):
         if t.dtype not in _DTYPES:
             raise ValueError(f"{arg} must be float16, bfloat16, float32 or float64, got {t.dtype}")
         if t.dtype != color_code.dtype:
-            raise ValueError(f"{arg} must have color_code's dtype {color_code.dtype}, got {t.dtype} "
-                             "(outside autocast every input shares one dtype)")
+            raise ValueError(
+                f"{arg} must have color_code's dtype {color_code.dtype}, got {t.dtype} "
+                "(outside autocast every input shares one dtype)"
+            )
         if t.device != color_code.device:
             raise ValueError(f"{arg} must be on color_code's device {color_code.device}, got {t.device}")
     for arg, t in (("color_code", color_code), ("shape_code", shape_code)):
         if t.dim() < 2:
             raise ValueError(f"{arg} must be [..., D, E] (at least 2-D), got shape {tuple(t.shape)}")
     if color_code.shape[:-1] != shape_code.shape[:-1]:
-        raise ValueError(f"shape_code's leading dims [..., D] {tuple(shape_code.shape[:-1])} differ from "
-                         f"color_code's {tuple(color_code.shape[:-1])}")
+        raise ValueError(
+            f"shape_code's leading dims [..., D] {tuple(shape_code.shape[:-1])} differ from "
+            f"color_code's {tuple(color_code.shape[:-1])}"
+        )
     p = dict(zip(PARAMETERS, params))
     H, H4 = p["shape_in.weight"].shape[0], p["shape_feature.weight"].shape[0]
     Ec, Es = color_code.shape[-1], shape_code.shape[-1]
-    want = {"shape_in": (H, Es), "shape_hidden": (H, H), "density": (1, H), "shape_feature": (H4, H),
-            "color_in": (H, Ec), "fuse": (H, H4 + H), "fuse_hidden": (H, H)}
+    want = {
+        "shape_in": (H, Es),
+        "shape_hidden": (H, H),
+        "density": (1, H),
+        "shape_feature": (H4, H),
+        "color_in": (H, Ec),
+        "fuse": (H, H4 + H),
+        "fuse_hidden": (H, H),
+    }
     for layer, (out, inp) in want.items():
         w, b = p[f"{layer}.weight"], p[f"{layer}.bias"]
         if tuple(w.shape) != (out, inp) or tuple(b.shape) != (out,):
-            raise ValueError(f"params {layer}.weight/.bias must be [{out}, {inp}] and [{out}] (H={H}, H/4 "
-                             f"part={H4}, Ec={Ec}, Es={Es}), got {tuple(w.shape)} and {tuple(b.shape)}")
+            raise ValueError(
+                f"params {layer}.weight/.bias must be [{out}, {inp}] and [{out}] (H={H}, H/4 "
+                f"part={H4}, Ec={Ec}, Es={Es}), got {tuple(w.shape)} and {tuple(b.shape)}"
+            )
     if min(H, H4, Ec, Es) == 0:
         raise ValueError(f"the MLP's widths must be positive, got H={H}, H4={H4}, Ec={Ec}, Es={Es}")
     if transmittance not in TRANSMITTANCES:
@@ -163,11 +197,14 @@ def _check(color_code, shape_code, params, transmittance, density_activation):
 
 # --- torch.library registration: one op over flat [R, D, E] codes --------------------------------
 
+
 @custom_op("fnevr::mlp_composite")
-def _mlp_composite_op(color_code: Tensor, shape_code: Tensor, params: list[Tensor], inclusive: bool,
-                      activation: int, backend: str) -> tuple[Tensor, Tensor]:
-    return _registry.kernels(backend, "mlp_composite").mlp_composite_forward(color_code, shape_code, params, inclusive,
-                                                                          activation)
+def _mlp_composite_op(
+    color_code: Tensor, shape_code: Tensor, params: list[Tensor], inclusive: bool, activation: int, backend: str
+) -> tuple[Tensor, Tensor]:
+    return _registry.kernels(backend, "mlp_composite").mlp_composite_forward(
+        color_code, shape_code, params, inclusive, activation
+    )
 
 
 @_mlp_composite_op.register_fake
@@ -177,10 +214,19 @@ def _(color_code, shape_code, params, inclusive, activation, backend):
 
 
 @custom_op("fnevr::mlp_composite_grad")
-def _mlp_composite_grad_op(grad_features: Tensor, grad_weight_sum: Tensor, color_code: Tensor, shape_code: Tensor,
-                           params: list[Tensor], inclusive: bool, activation: int, backend: str) -> list[Tensor]:
+def _mlp_composite_grad_op(
+    grad_features: Tensor,
+    grad_weight_sum: Tensor,
+    color_code: Tensor,
+    shape_code: Tensor,
+    params: list[Tensor],
+    inclusive: bool,
+    activation: int,
+    backend: str,
+) -> list[Tensor]:
     return _registry.kernels(backend, "mlp_composite").mlp_composite_backward(
-        grad_features, grad_weight_sum, color_code, shape_code, params, inclusive, activation)
+        grad_features, grad_weight_sum, color_code, shape_code, params, inclusive, activation
+    )
 
 
 @_mlp_composite_grad_op.register_fake
@@ -202,7 +248,8 @@ def _backward(ctx, grad_features, grad_weight_sum):
     if grad_weight_sum is None:
         grad_weight_sum = color_code.new_zeros((color_code.shape[0],))
     grad_color, grad_shape, *grad_params = _mlp_composite_grad_op(
-        grad_features.contiguous(), grad_weight_sum.contiguous(), color_code, shape_code, params, *ctx.options)
+        grad_features.contiguous(), grad_weight_sum.contiguous(), color_code, shape_code, params, *ctx.options
+    )
     return grad_color, grad_shape, grad_params, None, None, None
 
 
@@ -213,8 +260,15 @@ def _samples(device, dtype, generator) -> list[_registry.Sample]:
     """Codes and parameters scaled so that the ReLUs cut about half the units and densities spread
     around zero (Ec = Es = 4, H = 16, H4 = 4, on 16 rays of 8 samples: bench_overhead's tiny call)."""
     Ec, Es, H, H4 = 4, 4, 16, 4
-    widths = {"shape_in": (H, Es), "shape_hidden": (H, H), "density": (1, H), "shape_feature": (H4, H),
-              "color_in": (H, Ec), "fuse": (H, H + H4), "fuse_hidden": (H, H)}
+    widths = {
+        "shape_in": (H, Es),
+        "shape_hidden": (H, H),
+        "density": (1, H),
+        "shape_feature": (H4, H),
+        "color_in": (H, Ec),
+        "fuse": (H, H + H4),
+        "fuse_hidden": (H, H),
+    }
     cc, sc = (t * 2 - 1 for t in _registry.tensors([(1, 4, 4, 8, Ec), (1, 4, 4, 8, Es)], device, dtype, generator))
     params = []
     for name in PARAMETERS:
@@ -224,15 +278,29 @@ def _samples(device, dtype, generator) -> list[_registry.Sample]:
     saved = cc.numel() + sc.numel() + sum(p.numel() for p in params)
     return [
         _registry.Sample("inclusive", (cc, sc, params), dict(transmittance="inclusive"), (0, 1, 2), saved),
-        _registry.Sample("exclusive-softplus", (cc, sc, params),
-                         dict(transmittance="exclusive", density_activation="softplus"), (1,), saved),
+        _registry.Sample(
+            "exclusive-softplus",
+            (cc, sc, params),
+            dict(transmittance="exclusive", density_activation="softplus"),
+            (1,),
+            saved,
+        ),
     ]
 
 
-OP = _registry.register(_registry.Op(
-    name="mlp_composite", fn=mlp_composite, reference=mlp_composite_reference, samples=_samples,
-    auto={"cpu": _registry.CPU_ORDER, "cuda": ("triton", "cuda")},
-    why_auto="CUDA: not yet timed on a GPU; Triton until it is",
-    # Seven layers and a compositing sum round more than one op: fp16/bf16 get twice the default.
-    tolerance={**_registry.TOLERANCE, torch.float16: 2 * _registry.TOLERANCE[torch.float16],
-               torch.bfloat16: 2 * _registry.TOLERANCE[torch.bfloat16]}))
+OP = _registry.register(
+    _registry.Op(
+        name="mlp_composite",
+        fn=mlp_composite,
+        reference=mlp_composite_reference,
+        samples=_samples,
+        auto={"cpu": _registry.CPU_ORDER, "cuda": ("triton", "cuda")},
+        why_auto="CUDA: not yet timed on a GPU; Triton until it is",
+        # Seven layers and a compositing sum round more than one op: fp16/bf16 get twice the default.
+        tolerance={
+            **_registry.TOLERANCE,
+            torch.float16: 2 * _registry.TOLERANCE[torch.float16],
+            torch.bfloat16: 2 * _registry.TOLERANCE[torch.bfloat16],
+        },
+    )
+)

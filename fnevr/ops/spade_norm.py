@@ -55,10 +55,21 @@ ACTIVATIONS = {None: int(Activation.NONE), "relu": int(Activation.RELU), "leaky_
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def spade_norm_reference(x: Tensor, gamma: Tensor, beta: Tensor, *, norm: str = "instance", eps: float = 1e-5,
-                         activation: str | None = None, negative_slope: float = 0.2,
-                         running_mean: Tensor | None = None, running_var: Tensor | None = None,
-                         training: bool = True, momentum: float = 0.1, process_group=None) -> Tensor:
+def spade_norm_reference(
+    x: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    *,
+    norm: str = "instance",
+    eps: float = 1e-5,
+    activation: str | None = None,
+    negative_slope: float = 0.2,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    training: bool = True,
+    momentum: float = 0.1,
+    process_group=None,
+) -> Tensor:
     """The spec: PyTorch's own norms and arithmetic, differentiated by autograd. Same arguments as
     :func:`spade_norm` (unchecked)."""
     if norm == "instance" and x.shape[2] * x.shape[3] == 1:  # F.instance_norm refuses one pixel: it is 0
@@ -90,10 +101,22 @@ def _sync_batch_norm_reference(x, eps, running_mean, running_var, momentum, grou
     return centred * torch.rsqrt(var + eps)[None, :, None, None]
 
 
-def spade_norm(x: Tensor, gamma: Tensor, beta: Tensor, *, norm: str = "instance", eps: float = 1e-5,
-               activation: str | None = None, negative_slope: float = 0.2, running_mean: Tensor | None = None,
-               running_var: Tensor | None = None, training: bool = True, momentum: float = 0.1,
-               process_group=None, backend: str = "auto") -> Tensor:
+def spade_norm(
+    x: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    *,
+    norm: str = "instance",
+    eps: float = 1e-5,
+    activation: str | None = None,
+    negative_slope: float = 0.2,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    training: bool = True,
+    momentum: float = 0.1,
+    process_group=None,
+    backend: str = "auto",
+) -> Tensor:
     """``act(norm(x) * (1 + gamma) + beta)`` for ``x`` ``[N, C, H, W]``.
 
     Args:
@@ -118,8 +141,17 @@ def spade_norm(x: Tensor, gamma: Tensor, beta: Tensor, *, norm: str = "instance"
     if process_group is not None and norm != "batch":
         raise ValueError("process_group applies to norm='batch' only")
     name = _registry.resolve(backend, x.device, "spade_norm")
-    kw = dict(norm=norm, eps=eps, activation=activation, negative_slope=negative_slope, running_mean=running_mean,
-              running_var=running_var, training=training, momentum=momentum, process_group=process_group)
+    kw = dict(
+        norm=norm,
+        eps=eps,
+        activation=activation,
+        negative_slope=negative_slope,
+        running_mean=running_mean,
+        running_var=running_var,
+        training=training,
+        momentum=momentum,
+        process_group=process_group,
+    )
     if name == "reference":
         return spade_norm_reference(x, gamma, beta, **kw)
     batch = norm == "batch"
@@ -157,6 +189,7 @@ def _acc(dtype):
 
 
 # --- layouts: the kernels see x as a contiguous [N, C, S] (NCHW) or [N, S, C] (channels_last) ------
+
 
 def _flat(t, cl):
     N, C, H, W = t.shape
@@ -207,8 +240,10 @@ def _check(x, gamma, beta, norm, activation, running_mean, running_var, training
         raise ValueError(f"x must be [N, C, H, W], got shape {tuple(shape)}")
     for arg, t in (("gamma", gamma), ("beta", beta)):
         if not _broadcasts_to(t.shape, shape):
-            raise ValueError(f"{arg} must be [N, C, H, W] = {list(shape)} or broadcastable to it "
-                             f"(e.g. [N, C, 1, 1]), got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"{arg} must be [N, C, H, W] = {list(shape)} or broadcastable to it "
+                f"(e.g. [N, C, 1, 1]), got shape {tuple(t.shape)}"
+            )
         if t.dtype != x.dtype:
             raise ValueError(f"{arg} must have x's dtype {x.dtype}, got {t.dtype}")
         if t.device != x.device:
@@ -225,14 +260,16 @@ def _check(x, gamma, beta, norm, activation, running_mean, running_var, training
         raise ValueError("norm='batch' with training=False needs running_mean and running_var")
     C = shape[1]
     for arg, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None and (not isinstance(t, Tensor) or t.shape != (C,) or not t.is_floating_point()
-                              or t.device != x.device):
+        if t is not None and (
+            not isinstance(t, Tensor) or t.shape != (C,) or not t.is_floating_point() or t.device != x.device
+        ):
             got = f"shape {tuple(t.shape)}, {t.dtype} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{arg} must be a floating [C] = [{C}] tensor on {x.device}, got {got}")
     if norm == "batch" and training:
         if x.numel() // max(C, 1) <= 1 and x.numel() > 0:
-            raise ValueError(f"norm='batch' in training needs more than one value per channel, got shape "
-                             f"{tuple(shape)}")
+            raise ValueError(
+                f"norm='batch' in training needs more than one value per channel, got shape {tuple(shape)}"
+            )
         if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
             raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
 
@@ -252,15 +289,33 @@ def _kernels(backend):
     return _registry.kernels(backend, "spade_norm")
 
 
-def _backward_impl(backend, grad_y, x3, g, b, mean, var, eps, cl, act, slope, stats_grad, gamma_grad, beta_grad,
-                   all_reduce=None, count=None):
+def _backward_impl(
+    backend,
+    grad_y,
+    x3,
+    g,
+    b,
+    mean,
+    var,
+    eps,
+    cl,
+    act,
+    slope,
+    stats_grad,
+    gamma_grad,
+    beta_grad,
+    all_reduce=None,
+    count=None,
+):
     """(dx, dgamma, dbeta) for the kernel-level tensors; `all_reduce` sums [2, C] across processes."""
     k = _kernels(backend)
     batch = mean.dim() == 1
     if backend in _FUSED_INSTANCE and not batch and not cl:  # one fused kernel
         return k.spade_norm_instance_backward(grad_y, x3, g, b, mean, var, eps, act, slope, gamma_grad, beta_grad)
     need_sums = stats_grad or (g.dim() == 2 and gamma_grad) or (b.dim() == 2 and beta_grad)
-    sums = k.spade_norm_backward_reduce(grad_y, x3, g, b, mean, var, eps, cl, act, slope) if need_sums else None  # [4, N, C]
+    sums = (
+        k.spade_norm_backward_reduce(grad_y, x3, g, b, mean, var, eps, cl, act, slope) if need_sums else None
+    )  # [4, N, C]
     scale = 0.0
     if stats_grad:
         group_sums = sums[:2].sum(1) if batch else sums[:2]
@@ -270,8 +325,22 @@ def _backward_impl(backend, grad_y, x3, g, b, mean, var, eps, cl, act, slope, st
         scale = 1.0 / count if count else 0.0
     else:
         group_sums = torch.zeros((2,) + tuple(mean.shape), dtype=mean.dtype, device=mean.device)
-    dx, dg, db = k.spade_norm_backward(grad_y, x3, g, b, mean, var, group_sums, scale, eps, cl, act, slope,
-                            gamma_grad and g.dim() == 3, beta_grad and b.dim() == 3)
+    dx, dg, db = k.spade_norm_backward(
+        grad_y,
+        x3,
+        g,
+        b,
+        mean,
+        var,
+        group_sums,
+        scale,
+        eps,
+        cl,
+        act,
+        slope,
+        gamma_grad and g.dim() == 3,
+        beta_grad and b.dim() == 3,
+    )
     if g.dim() == 2 and gamma_grad:
         dg = sums[3].to(g.dtype, copy=True)
     if b.dim() == 2 and beta_grad:
@@ -280,6 +349,7 @@ def _backward_impl(backend, grad_y, x3, g, b, mean, var, eps, cl, act, slope, st
 
 
 # --- torch.library registration ------------------------------------------------------------------
+
 
 @custom_op("fnevr::spade_norm_stats")
 def _spade_norm_stats_op(x: Tensor, channels_last: bool, batch: bool, backend: str) -> tuple[Tensor, Tensor]:
@@ -294,11 +364,22 @@ def _(x, channels_last, batch, backend):
 
 
 @custom_op("fnevr::spade_norm")
-def _spade_norm_op(x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor, eps: float,
-                   channels_last: bool, activation: int, negative_slope: float, stats_grad: bool,
-                   backend: str) -> Tensor:
-    return _kernels(backend).spade_norm_forward(x, gamma, beta, mean, var, eps, channels_last, activation,
-                                               negative_slope)
+def _spade_norm_op(
+    x: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    channels_last: bool,
+    activation: int,
+    negative_slope: float,
+    stats_grad: bool,
+    backend: str,
+) -> Tensor:
+    return _kernels(backend).spade_norm_forward(
+        x, gamma, beta, mean, var, eps, channels_last, activation, negative_slope
+    )
 
 
 @_spade_norm_op.register_fake
@@ -307,19 +388,63 @@ def _(x, gamma, beta, mean, var, eps, channels_last, activation, negative_slope,
 
 
 @custom_op("fnevr::spade_norm_grad")
-def _spade_norm_grad_op(grad_y: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor,
-                        eps: float, channels_last: bool, activation: int, negative_slope: float, stats_grad: bool,
-                        backend: str, gamma_grad: bool, beta_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dg, db = _backward_impl(backend, grad_y, x, gamma, beta, mean, var, eps, channels_last,
-                                activation, negative_slope, stats_grad, gamma_grad, beta_grad)
+def _spade_norm_grad_op(
+    grad_y: Tensor,
+    x: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    channels_last: bool,
+    activation: int,
+    negative_slope: float,
+    stats_grad: bool,
+    backend: str,
+    gamma_grad: bool,
+    beta_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dg, db = _backward_impl(
+        backend,
+        grad_y,
+        x,
+        gamma,
+        beta,
+        mean,
+        var,
+        eps,
+        channels_last,
+        activation,
+        negative_slope,
+        stats_grad,
+        gamma_grad,
+        beta_grad,
+    )
     return dx, dg if gamma_grad else x.new_empty((0,)), db if beta_grad else x.new_empty((0,))
 
 
 @_spade_norm_grad_op.register_fake
-def _(grad_y, x, gamma, beta, mean, var, eps, channels_last, activation, negative_slope, stats_grad, backend,
-      gamma_grad, beta_grad):
-    return (torch.empty_like(x), torch.empty_like(gamma) if gamma_grad else x.new_empty((0,)),
-            torch.empty_like(beta) if beta_grad else x.new_empty((0,)))
+def _(
+    grad_y,
+    x,
+    gamma,
+    beta,
+    mean,
+    var,
+    eps,
+    channels_last,
+    activation,
+    negative_slope,
+    stats_grad,
+    backend,
+    gamma_grad,
+    beta_grad,
+):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(gamma) if gamma_grad else x.new_empty((0,)),
+        torch.empty_like(beta) if beta_grad else x.new_empty((0,)),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -339,8 +464,9 @@ _spade_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 @custom_op("fnevr::spade_norm_instance")
-def _spade_norm_instance_op(x: Tensor, gamma: Tensor, beta: Tensor, eps: float, activation: int,
-                            negative_slope: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _spade_norm_instance_op(
+    x: Tensor, gamma: Tensor, beta: Tensor, eps: float, activation: int, negative_slope: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
     """Instance norm of an NCHW [N, C, S] x in one pass -> (y, mean, var)."""
     return _kernels(backend).spade_norm_instance_forward(x, gamma, beta, eps, activation, negative_slope)
 
@@ -397,9 +523,21 @@ class _SyncSpadeNorm(torch.autograd.Function):
         import torch.distributed as dist
 
         x3, g, b, mean, var = ctx.saved_tensors
-        dx, dg, db = _backward_impl(ctx.backend, grad_y.contiguous(), x3, g, b, mean, var, *ctx.opts,
-                                    True, ctx.needs_input_grad[1], ctx.needs_input_grad[2],
-                                    all_reduce=lambda t: dist.all_reduce(t, group=ctx.group), count=ctx.count)
+        dx, dg, db = _backward_impl(
+            ctx.backend,
+            grad_y.contiguous(),
+            x3,
+            g,
+            b,
+            mean,
+            var,
+            *ctx.opts,
+            True,
+            ctx.needs_input_grad[1],
+            ctx.needs_input_grad[2],
+            all_reduce=lambda t: dist.all_reduce(t, group=ctx.group),
+            count=ctx.count,
+        )
         return dx, (dg if ctx.needs_input_grad[1] else None), (db if ctx.needs_input_grad[2] else None), *[None] * 6
 
 
@@ -407,8 +545,9 @@ def _samples(device, dtype, generator) -> list[_registry.Sample]:
     """The first is bench_overhead's tiny call ([1, 4, 8, 8], full-size modulation, ReLU)."""
     tiny = tuple(_registry.tensors([(1, 4, 8, 8)] * 3, device, dtype, generator))
     x, gamma, beta = _registry.tensors([(2, 3, 4, 5), (2, 3, 4, 5), (2, 3, 1, 1)], device, dtype, generator)
-    stats = dict(running_mean=torch.zeros(3, dtype=dtype, device=device),
-                 running_var=torch.ones(3, dtype=dtype, device=device))
+    stats = dict(
+        running_mean=torch.zeros(3, dtype=dtype, device=device), running_var=torch.ones(3, dtype=dtype, device=device)
+    )
     args = (x, gamma, beta)
     saved = x.numel() + gamma.numel() + beta.numel() + 2 * 2 * 3  # inputs, and mean and var per group
     return [
@@ -419,7 +558,14 @@ def _samples(device, dtype, generator) -> list[_registry.Sample]:
     ]
 
 
-OP = _registry.register(_registry.Op(
-    name="spade_norm", fn=spade_norm, reference=spade_norm_reference, samples=_samples,
-    auto={"cpu": _registry.CPU_ORDER, "cuda": ("triton", "cuda")},
-    why_auto="CUDA: not yet timed on a GPU; Triton until it is", layouts=True))
+OP = _registry.register(
+    _registry.Op(
+        name="spade_norm",
+        fn=spade_norm,
+        reference=spade_norm_reference,
+        samples=_samples,
+        auto={"cpu": _registry.CPU_ORDER, "cuda": ("triton", "cuda")},
+        why_auto="CUDA: not yet timed on a GPU; Triton until it is",
+        layouts=True,
+    )
+)

@@ -14,8 +14,18 @@ from ..data.video import VideoReadError
 from ..metrics import evaluate_pairs, load_lpips
 
 
-def evaluate(checkpoint, data, config=None, *, device="cpu", batch_size: int = 16, max_videos: int | None = None,
-             lpips_weights=None, backend: str | None = None, progress=None) -> dict:
+def evaluate(
+    checkpoint,
+    data,
+    config=None,
+    *,
+    device="cpu",
+    batch_size: int = 16,
+    max_videos: int | None = None,
+    lpips_weights=None,
+    backend: str | None = None,
+    progress=None,
+) -> dict:
     """Returns ``{"videos": n, "skipped": n, "frames": n, "l1", "psnr", "ssim"[, "lpips"]}`` (means
     over the frames of the videos read). A video that cannot be read is skipped with a
     ``RuntimeWarning`` naming it, and counted in ``skipped``, not in ``videos``; ``max_videos``
@@ -47,6 +57,8 @@ def evaluate(checkpoint, data, config=None, *, device="cpu", batch_size: int = 1
         if progress is not None:
             progress(1)
     if frames == 0:
-        raise ValueError(f"no readable test video to evaluate in {ds.root}"
-                         + (f" ({len(skipped)} could not be read)" if skipped else ""))
+        raise ValueError(
+            f"no readable test video to evaluate in {ds.root}"
+            + (f" ({len(skipped)} could not be read)" if skipped else "")
+        )
     return {"videos": videos, "skipped": len(skipped), "frames": frames, **{k: v / frames for k, v in sums.items()}}

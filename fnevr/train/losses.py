@@ -43,8 +43,9 @@ class GeneratorLoss(nn.Module):
         if sum(w["perceptual"]) != 0:
             losses["perceptual"] = self.perceptual(to_loss_dtype(out["prediction"]), to_loss_dtype(driving))
         if w["perceptual_l1"] != 0:
-            losses["perceptual_l1"] = w["perceptual_l1"] * L.perceptual_l1(to_loss_dtype(out["mini_render"]),
-                                                                           to_loss_dtype(driving))
+            losses["perceptual_l1"] = w["perceptual_l1"] * L.perceptual_l1(
+                to_loss_dtype(out["mini_render"]), to_loss_dtype(driving)
+            )
         if w["generator_gan"] != 0:
             real_pyr, fake_pyr = self.pyramid(driving), self.pyramid(out["prediction"])
             with torch.no_grad():  # real features are targets only (the discriminator is frozen here)
@@ -52,22 +53,27 @@ class GeneratorLoss(nn.Module):
             fake = self.discriminator(fake_pyr)
             losses["generator_gan"] = w["generator_gan"] * L.lsgan_generator_loss(fake, self.disc_scales)
             if sum(w["feature_matching"]) != 0:
-                losses["feature_matching"] = L.feature_matching_loss(real, fake, w["feature_matching"], self.disc_scales)
+                losses["feature_matching"] = L.feature_matching_loss(
+                    real, fake, w["feature_matching"], self.disc_scales
+                )
         if tps is not None and (w["equivariance_value"] != 0 or w["equivariance_jacobian"] != 0):
             kp_transformed = self.kp_detector(tps.transform_frame(driving, backend=self.generator.ops_backend))
             if w["equivariance_value"] != 0:
                 losses["equivariance_value"] = w["equivariance_value"] * L.equivariance_value_loss(
-                    kp_driving, kp_transformed, tps)
+                    kp_driving, kp_transformed, tps
+                )
             if w["equivariance_jacobian"] != 0:
                 losses["equivariance_jacobian"] = w["equivariance_jacobian"] * L.equivariance_jacobian_loss(
-                    kp_driving, kp_transformed, tps)
+                    kp_driving, kp_transformed, tps
+                )
         if "pose" in batch and self.pose_editor is not None and w.get("pose_edit", 0) != 0:
             # The editor learns to move the source keypoints to the driving ones from the pose
             # change alone; the detector is not pulled towards the editor (both inputs detached).
             kp_s = {k: v.detach() for k, v in kp_source.items()}
             edited = self.pose_editor(kp_s, batch["pose"].to(kp_s["value"].dtype))
             losses["pose_edit"] = w["pose_edit"] * L.pose_edit_loss(
-                edited["value"] - kp_s["value"], (kp_driving["value"] - kp_s["value"]).detach())
+                edited["value"] - kp_s["value"], (kp_driving["value"] - kp_s["value"]).detach()
+            )
         return losses, out
 
 
@@ -86,13 +92,22 @@ class DiscriminatorLoss(nn.Module):
         return {"discriminator_gan": self.weight * L.lsgan_discriminator_loss(real, fake, self.discriminator.scales)}
 
 
-def sliced_tps(batch: int, total: int, offset: int, params: dict, generator: torch.Generator, device, dtype=torch.float32):
+def sliced_tps(
+    batch: int, total: int, offset: int, params: dict, generator: torch.Generator, device, dtype=torch.float32
+):
     """The transforms of samples ``offset .. offset+batch`` out of ``total`` drawn at once, so a
     sample gets the same transform whatever the number of processes sharing the global batch."""
-    tps = L.RandomTPS(total, sigma_affine=params["sigma_affine"], sigma_tps=params["sigma_tps"],
-                      points_tps=params["points_tps"], generator=generator, device=device, dtype=dtype)
+    tps = L.RandomTPS(
+        total,
+        sigma_affine=params["sigma_affine"],
+        sigma_tps=params["sigma_tps"],
+        points_tps=params["points_tps"],
+        generator=generator,
+        device=device,
+        dtype=dtype,
+    )
     tps.batch = batch
-    tps.theta = tps.theta[offset:offset + batch]
+    tps.theta = tps.theta[offset : offset + batch]
     if tps.tps:
-        tps.control_params = tps.control_params[offset:offset + batch]
+        tps.control_params = tps.control_params[offset : offset + batch]
     return tps

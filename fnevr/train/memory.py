@@ -71,8 +71,10 @@ class SavedTensorLedger:
             self._stack.pop()
 
         self._handles = [register_module_forward_pre_hook(enter), register_module_forward_hook(leave)]
-        self._hooks = [torch.autograd.graph.saved_tensors_hooks(self._pack, recompute.unpack),
-                       recompute.observe(self._account)]
+        self._hooks = [
+            torch.autograd.graph.saved_tensors_hooks(self._pack, recompute.unpack),
+            recompute.observe(self._account),
+        ]
         for h in self._hooks:
             h.__enter__()
         return self

@@ -70,8 +70,10 @@ class RunFolder:
                     self.lock.unlink(missing_ok=True)
                     continue
                 pid, host = holder
-                raise RunFolderError(f"{self.out} is in use: process {pid} on {host} is training into it "
-                                     f"(lock file {self.lock}); if that process is gone, delete the lock file") from None
+                raise RunFolderError(
+                    f"{self.out} is in use: process {pid} on {host} is training into it "
+                    f"(lock file {self.lock}); if that process is gone, delete the lock file"
+                ) from None
             with os.fdopen(fd, "w") as f:
                 f.write(f"{os.getpid()} {socket.gethostname()}\n")
             self.locked = True
@@ -121,8 +123,13 @@ class RunFolder:
     def remove_partial_files(self) -> list[Path]:
         """Remove the temporary files of writes that never finished (the lock is held, so no other
         process is writing them)."""
-        stale = [p for folder in (self.checkpoints, self.out / "samples", self.out) if folder.is_dir()
-                 for p in folder.iterdir() if p.name.startswith(".") and ".tmp" in p.name and p.is_file()]
+        stale = [
+            p
+            for folder in (self.checkpoints, self.out / "samples", self.out)
+            if folder.is_dir()
+            for p in folder.iterdir()
+            if p.name.startswith(".") and ".tmp" in p.name and p.is_file()
+        ]
         for p in stale:
             p.unlink(missing_ok=True)
         return stale
@@ -133,8 +140,10 @@ class RunFolder:
         leaves one)."""
         found = []
         if self.checkpoints.is_dir():
-            found = sorted(((int(m.group(1)), p) for p in self.checkpoints.iterdir()
-                            if (m := _STEP_FILE.match(p.name))), reverse=True)
+            found = sorted(
+                ((int(m.group(1)), p) for p in self.checkpoints.iterdir() if (m := _STEP_FILE.match(p.name))),
+                reverse=True,
+            )
         latest = self.checkpoints / "latest.pt"
         return ([(None, latest)] if latest.is_file() else []) + found
 
@@ -158,4 +167,3 @@ class RunFolder:
             writer.writerow(header)
             writer.writerows(kept)
         return len(rows) - len(kept)
-

@@ -14,8 +14,10 @@ def _with_keypoints(images: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
     H, W = images.shape[2:]
     pixels = (kp.float().cpu() + 1) / 2 * torch.tensor([W - 1, H - 1])
     radius = max(1, H // 64)
-    drawn = [draw_keypoints((img.cpu().clamp(0, 1) * 255).to(torch.uint8), pts[None], colors="red", radius=radius)
-             for img, pts in zip(images, pixels)]
+    drawn = [
+        draw_keypoints((img.cpu().clamp(0, 1) * 255).to(torch.uint8), pts[None], colors="red", radius=radius)
+        for img, pts in zip(images, pixels)
+    ]
     return torch.stack(drawn).float() / 255
 
 
@@ -28,8 +30,13 @@ def save_sample_grid(path: Path, batch: dict, out: dict, rows: int = 4) -> Path:
         x = x[:n].detach().float().cpu()
         return F.interpolate(x, size=size, mode="nearest") if x.shape[2:] != size else x
 
-    columns = [col(batch["source"]), _with_keypoints(col(batch["driving"]), out["kp_driving"]["value"][:n]),
-               col(out["prediction"]), col(out["mini_render"]), col(out["deformed"])]
+    columns = [
+        col(batch["source"]),
+        _with_keypoints(col(batch["driving"]), out["kp_driving"]["value"][:n]),
+        col(out["prediction"]),
+        col(out["mini_render"]),
+        col(out["deformed"]),
+    ]
     grid = make_grid(torch.stack(columns, 1).flatten(0, 1), nrow=len(columns), padding=2, pad_value=1.0)
     path = Path(path)
     with atomic_path(path) as tmp:

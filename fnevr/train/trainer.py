@@ -36,8 +36,12 @@ from .run_folder import RunFolder, RunFolderError
 from .samples import save_sample_grid
 
 PARTS = ("generator", "kp_detector", "discriminator", "pose_editor")
-LR_KEYS = {"generator": "lr_generator", "kp_detector": "lr_kp_detector", "discriminator": "lr_discriminator",
-           "pose_editor": "lr_face_editor"}
+LR_KEYS = {
+    "generator": "lr_generator",
+    "kp_detector": "lr_kp_detector",
+    "discriminator": "lr_discriminator",
+    "pose_editor": "lr_face_editor",
+}
 
 
 @dataclass
@@ -45,32 +49,33 @@ class TrainOptions:
     """What ``fnevr train`` takes (see ``fnevr train --help``)."""
 
     config: str | dict = "small"
-    data: str | None = None            # FOMM-layout folder; None: the embedded synthetic set
+    data: str | None = None  # FOMM-layout folder; None: the embedded synthetic set
     out: str = "runs/fnevr"
     device: str = "auto"
-    steps: int | None = None           # stop after this many optimiser steps (default: the config's epochs)
-    batch_size: int | None = None      # global batch (split across processes); default: the config's
-    precision: str = "auto"            # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16, fp64
+    steps: int | None = None  # stop after this many optimiser steps (default: the config's epochs)
+    batch_size: int | None = None  # global batch (split across processes); default: the config's
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16, fp64
     channels_last: bool | None = None  # default: on CUDA
-    compile: bool = False              # torch.compile the generator and keypoint detector
-    memory_saving: bool = True         # fused ray MLP + recomputed cheap activations (same results)
+    compile: bool = False  # torch.compile the generator and keypoint detector
+    memory_saving: bool = True  # fused ray MLP + recomputed cheap activations (same results)
     checkpoint_activations: bool = False  # also recompute the decoder and hourglass blocks (less memory, slower)
-    accumulate: int = 1                # micro-batches per optimiser step
+    accumulate: int = 1  # micro-batches per optimiser step
     num_workers: int = 2
     checkpoint_every: int = 500
     sample_every: int = 500
     log_every: int = 10
-    resume: bool = False              # continue the run in ``out`` from its newest readable checkpoint
-    overwrite: bool = False           # replace the run in ``out`` (without it, and without resume, an error)
-    allow_nonfinite: bool = False     # go on after a NaN/inf loss (default: stop, naming the loss term)
+    resume: bool = False  # continue the run in ``out`` from its newest readable checkpoint
+    overwrite: bool = False  # replace the run in ``out`` (without it, and without resume, an error)
+    allow_nonfinite: bool = False  # go on after a NaN/inf loss (default: stop, naming the loss term)
     seed: int = 0
     vgg_weights: str | None = None
     perceptual_fallback: str = "l1"
-    backend: str | None = None         # fused-op backend; default: the config's
+    backend: str | None = None  # fused-op backend; default: the config's
     progress: bool = True
 
     def validate(self):
         """Raise ``ValueError`` naming the first option out of range (before any work is done)."""
+
         def positive(name, value, optional=False):
             if (value is None and optional) or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 return
@@ -85,8 +90,9 @@ class TrainOptions:
         if self.precision not in ("auto", "fp32", "bf16", "fp16", "fp64"):
             raise ValueError(f"precision must be auto, fp32, bf16, fp16 or fp64, got {self.precision!r}")
         if self.checkpoint_activations and (not self.memory_saving or self.compile):
-            raise ValueError("checkpoint_activations needs memory_saving and no compile (torch.compile plans its "
-                             "own recomputation)")
+            raise ValueError(
+                "checkpoint_activations needs memory_saving and no compile (torch.compile plans its own recomputation)"
+            )
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
         parse_device(self.device)
@@ -129,11 +135,15 @@ class Trainer:
             self.say(note)
         try:
             if self.folder.holds_run() and not (self.opts.resume or self.opts.overwrite):
-                raise RunFolderError(f"{self.out} already holds a training run; pass --resume to continue it "
-                                     f"or --overwrite to replace it (or choose another --out)")
+                raise RunFolderError(
+                    f"{self.out} already holds a training run; pass --resume to continue it "
+                    f"or --overwrite to replace it (or choose another --out)"
+                )
             if self.opts.resume and not self.folder.resume_candidates():
-                raise RunFolderError(f"--resume: no checkpoint to resume from in {self.folder.checkpoints} "
-                                     f"(looked for latest.pt and step-N.pt)")
+                raise RunFolderError(
+                    f"--resume: no checkpoint to resume from in {self.folder.checkpoints} "
+                    f"(looked for latest.pt and step-N.pt)"
+                )
             for path in self.folder.remove_partial_files():
                 self.say(f"removed {path}, a partial file of an interrupted write")
         except BaseException:
@@ -164,8 +174,9 @@ class Trainer:
         tp = self.config["train_params"]
         batch = opts.batch_size or tp["batch_size"]
         if batch % (self.world * opts.accumulate):
-            raise ValueError(f"batch size {batch} must be divisible by processes ({self.world}) x accumulate "
-                             f"({opts.accumulate})")
+            raise ValueError(
+                f"batch size {batch} must be divisible by processes ({self.world}) x accumulate ({opts.accumulate})"
+            )
         self.global_batch, self.micro_batch = batch, batch // (self.world * opts.accumulate)
         precision = opts.precision if opts.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -194,8 +205,12 @@ class Trainer:
         if opts.compile:
             self.model.generator.compile()
             self.model.kp_detector.compile()
-        perceptual = L.PerceptualPyramidLoss(tp["scales"], tp["loss_weights"]["perceptual"],
-                                             vgg_weights=opts.vgg_weights, fallback=opts.perceptual_fallback)
+        perceptual = L.PerceptualPyramidLoss(
+            tp["scales"],
+            tp["loss_weights"]["perceptual"],
+            vgg_weights=opts.vgg_weights,
+            fallback=opts.perceptual_fallback,
+        )
         self.perceptual_mode = perceptual.mode
         self.gen_loss = GeneratorLoss(self.model, tp, perceptual).to(self.device, self.param_dtype)
         self.disc_loss = DiscriminatorLoss(self.model, tp).to(self.device, self.param_dtype)
@@ -207,10 +222,14 @@ class Trainer:
             self.model.discriminator.requires_grad_(True)
             self.disc_step = DDP(self.disc_loss)
         # fused Adam: one kernel per step for all parameters (CPU and CUDA), not one per tensor
-        self.optimizers = {p: torch.optim.Adam(getattr(self.model, p).parameters(), lr=tp[LR_KEYS[p]],
-                                               betas=(0.5, 0.999), fused=True) for p in PARTS}
-        self.schedulers = {p: torch.optim.lr_scheduler.MultiStepLR(o, tp.get("epoch_milestones", []), gamma=0.1)
-                           for p, o in self.optimizers.items()}
+        self.optimizers = {
+            p: torch.optim.Adam(getattr(self.model, p).parameters(), lr=tp[LR_KEYS[p]], betas=(0.5, 0.999), fused=True)
+            for p in PARTS
+        }
+        self.schedulers = {
+            p: torch.optim.lr_scheduler.MultiStepLR(o, tp.get("epoch_milestones", []), gamma=0.1)
+            for p, o in self.optimizers.items()
+        }
         self.step = self.epoch = self.epoch_step = 0
         self.resumed_from = None
         if opts.resume:
@@ -227,21 +246,34 @@ class Trainer:
             if self.world > 1:
                 dist.barrier()
             root = ensure_synthetic_dataset(size=d["frame_shape"][0])
-        ds = FramesDataset(root, frame_shape=d["frame_shape"], is_train=True, id_sampling=d.get("id_sampling", False),
-                           augmentation=d.get("augmentation_params"), seed=self.opts.seed)
+        ds = FramesDataset(
+            root,
+            frame_shape=d["frame_shape"],
+            is_train=True,
+            id_sampling=d.get("id_sampling", False),
+            augmentation=d.get("augmentation_params"),
+            seed=self.opts.seed,
+        )
         return DatasetRepeater(ds, self.config["train_params"].get("num_repeats", 1))
 
     def _loader(self, skip_batches: int):
-        sampler = DistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank, shuffle=True,
-                                     seed=self.opts.seed, drop_last=True)
+        sampler = DistributedSampler(
+            self.dataset, num_replicas=self.world, rank=self.rank, shuffle=True, seed=self.opts.seed, drop_last=True
+        )
         sampler.set_epoch(self.epoch)
         self.dataset.set_epoch(self.epoch)
         indices = list(sampler)
         per_step = self.micro_batch * self.opts.accumulate
-        indices = indices[: len(indices) // per_step * per_step][skip_batches * per_step:]
-        return DataLoader(self.dataset, batch_size=self.micro_batch, sampler=indices, drop_last=True,
-                          num_workers=self.opts.num_workers, pin_memory=self.device.type == "cuda",
-                          persistent_workers=False)
+        indices = indices[: len(indices) // per_step * per_step][skip_batches * per_step :]
+        return DataLoader(
+            self.dataset,
+            batch_size=self.micro_batch,
+            sampler=indices,
+            drop_last=True,
+            num_workers=self.opts.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
 
     def steps_per_epoch(self) -> int:
         per_rank = len(self.dataset) // self.world
@@ -252,8 +284,9 @@ class Trainer:
     def tps_for_step(self, step: int, offset: int):
         tp = self.config["train_params"]
         g = torch.Generator().manual_seed(self.opts.seed * 1_000_003 + step)
-        return sliced_tps(self.micro_batch, self.global_batch, offset, tp["transform_params"], g, self.device,
-                          self.param_dtype)
+        return sliced_tps(
+            self.micro_batch, self.global_batch, offset, tp["transform_params"], g, self.device, self.param_dtype
+        )
 
     def train_step(self, micro_batches: list[dict]) -> dict:
         """One optimiser step over this process's micro-batches; returns the (local) mean losses."""
@@ -283,7 +316,11 @@ class Trainer:
         if self.use_gan:
             for i, (driving, prediction) in enumerate(generated):
                 sync = _no_sync(self.disc_step) if i < n - 1 else contextlib.nullcontext()
-                with sync, torch.autocast(**amp), recompute.saving_memory(self.recompute, self.opts.checkpoint_activations):
+                with (
+                    sync,
+                    torch.autocast(**amp),
+                    recompute.saving_memory(self.recompute, self.opts.checkpoint_activations),
+                ):
                     d_losses = self.disc_step(driving, prediction)
                     loss = sum(d_losses.values()) / n
                 self.scaler.scale(loss).backward()
@@ -317,8 +354,10 @@ class Trainer:
         tp = self.config["train_params"]
         per_epoch = self.steps_per_epoch()
         if per_epoch == 0:
-            raise ValueError(f"the dataset has {len(self.dataset)} items per epoch, fewer than one step of "
-                             f"{self.global_batch} (batch) x {self.opts.accumulate} (accumulate)")
+            raise ValueError(
+                f"the dataset has {len(self.dataset)} items per epoch, fewer than one step of "
+                f"{self.global_batch} (batch) x {self.opts.accumulate} (accumulate)"
+            )
         total = self.opts.steps or per_epoch * tp["num_epochs"]
         if self.folder is not None and not self.folder.locked:  # a second fit() of this trainer
             for note in self.folder.acquire():
@@ -329,12 +368,18 @@ class Trainer:
             self.close()
 
     def _fit(self, total: int) -> dict:
-        logger = _Logger(self.out, self.is_main, asdict(self.opts), self.perceptual_mode,
-                         purge_step=self.step + 1 if self.resumed_from is not None else None)
+        logger = _Logger(
+            self.out,
+            self.is_main,
+            asdict(self.opts),
+            self.perceptual_mode,
+            purge_step=self.step + 1 if self.resumed_from is not None else None,
+        )
         bar = None
         lines = self.is_main and self.opts.progress and not sys.stderr.isatty()  # logs, not a terminal
         if self.is_main and self.opts.progress and not lines:
             from tqdm import tqdm
+
             bar = tqdm(total=total, initial=self.step, unit="it", dynamic_ncols=True, file=sys.stderr)
         last, window, tick = {}, [], time.perf_counter()
         while self.step < total:
@@ -350,8 +395,13 @@ class Trainer:
                 window.append(losses)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items() if k in ("perceptual", "perceptual_l1",
-                                                                                         "equivariance_value")})
+                    bar.set_postfix(
+                        {
+                            k: f"{v:.3f}"
+                            for k, v in losses.items()
+                            if k in ("perceptual", "perceptual_l1", "equivariance_value")
+                        }
+                    )
                 if self.step % self.opts.log_every == 0 or self.step == total:
                     now = time.perf_counter()
                     last = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
@@ -361,11 +411,16 @@ class Trainer:
                     window, tick = [], now
                     if lines:
                         eta = (total - self.step) / max(last["it_per_s"], 1e-9)
-                        print(f"step {self.step}/{total} (ETA {eta:.0f} s) "
-                              + " ".join(f"{k} {v:.4g}" for k, v in last.items()), file=sys.stderr, flush=True)
+                        print(
+                            f"step {self.step}/{total} (ETA {eta:.0f} s) "
+                            + " ".join(f"{k} {v:.4g}" for k, v in last.items()),
+                            file=sys.stderr,
+                            flush=True,
+                        )
                 if self.is_main and (self.step % self.opts.sample_every == 0 or self.step == total):
-                    save_sample_grid(self.out / "samples" / f"step-{self.step:07d}.png", self._last_batch,
-                                     self._last_out)
+                    save_sample_grid(
+                        self.out / "samples" / f"step-{self.step:07d}.png", self._last_batch, self._last_out
+                    )
                 if self.step % self.opts.checkpoint_every == 0 or self.step == total:
                     self.save()
                 if self.step >= total:
@@ -399,7 +454,8 @@ class Trainer:
         raise NonFiniteLossError(
             f"step {self.step}: the loss term {first!r} is not finite ({terms}); training stopped, "
             f"nothing of this step was saved (last checkpoint: {last[0][1] if last else 'none'}). Try a lower "
-            f"learning rate or --precision fp32, or pass --allow-nonfinite to go on")
+            f"learning rate or --precision fp32, or pass --allow-nonfinite to go on"
+        )
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
@@ -412,10 +468,22 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": torch.get_rng_state(),  # data and transforms have their own seeded streams
         }
-        path = save_checkpoint(self.out / "checkpoints" / f"step-{self.step:07d}.pt", _plain(self.model),
-                               step=self.step, epoch=self.epoch, epoch_step=self.epoch_step, training=state)
-        save_checkpoint(self.out / "checkpoints" / "latest.pt", _plain(self.model), step=self.step, epoch=self.epoch,
-                        epoch_step=self.epoch_step, training=state)
+        path = save_checkpoint(
+            self.out / "checkpoints" / f"step-{self.step:07d}.pt",
+            _plain(self.model),
+            step=self.step,
+            epoch=self.epoch,
+            epoch_step=self.epoch_step,
+            training=state,
+        )
+        save_checkpoint(
+            self.out / "checkpoints" / "latest.pt",
+            _plain(self.model),
+            step=self.step,
+            epoch=self.epoch,
+            epoch_step=self.epoch_step,
+            training=state,
+        )
         return path
 
     def _resume(self):
@@ -452,8 +520,10 @@ class Trainer:
         self.resumed_from = path
         if self.folder is not None:
             dropped = self.folder.truncate_log(self.step)
-            self.say(f"resuming from {path} (step {self.step})"
-                     + (f"; dropped {dropped} log row(s) after it, they are trained again" if dropped else ""))
+            self.say(
+                f"resuming from {path} (step {self.step})"
+                + (f"; dropped {dropped} log row(s) after it, they are trained again" if dropped else "")
+            )
 
 
 class _Logger:
@@ -468,6 +538,7 @@ class _Logger:
         self.columns = None
         try:
             from torch.utils.tensorboard import SummaryWriter
+
             self.writer = SummaryWriter(str(out / "tb"), purge_step=purge_step)  # a resume replaces later events
             self.writer.add_text("options", repr(options) + f"\nperceptual loss: {perceptual_mode}")
         except ImportError:  # tensorboard is optional at run time; the CSV log is always written
@@ -503,6 +574,7 @@ def _sync_batchnorm(model: FNeVR, device: torch.device) -> FNeVR:
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     from ..nn import SyncBatchNorm
+
     return SyncBatchNorm.convert(model).set_backend(model.backend)
 
 
@@ -512,5 +584,3 @@ def _plain(model):
 
 def _no_sync(module):
     return module.no_sync() if isinstance(module, DDP) else contextlib.nullcontext()
-
-

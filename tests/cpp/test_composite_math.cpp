@@ -29,9 +29,16 @@ using fnevr_test::check;
 using fnevr_test::Worst;
 
 std::string mode_name(bool inclusive) { return inclusive ? "inclusive" : "exclusive"; }
-template <typename T> const char* type_name();
-template <> const char* type_name<float>() { return "float"; }
-template <> const char* type_name<double>() { return "double"; }
+template <typename T>
+const char* type_name();
+template <>
+const char* type_name<float>() {
+  return "float";
+}
+template <>
+const char* type_name<double>() {
+  return "double";
+}
 
 // ---- independent references ----
 
@@ -143,9 +150,12 @@ Ray random_ray(int act) {
   Ray r;
   for (int i = 0; i < kD; ++i) {
     double s;
-    if (act == cm::kRelu) s = uniform(0.05, 3) * (uniform(0, 1) < 0.25 ? -1 : 1);
-    else if (act == cm::kSoftplus) s = i == kD / 2 ? 25.0 : uniform(-4, 4);
-    else s = uniform(0, 3);
+    if (act == cm::kRelu)
+      s = uniform(0.05, 3) * (uniform(0, 1) < 0.25 ? -1 : 1);
+    else if (act == cm::kSoftplus)
+      s = i == kD / 2 ? 25.0 : uniform(-4, 4);
+    else
+      s = uniform(0, 3);
     r.sigma.push_back(s);
   }
   for (int i = 0; i < kD * kC; ++i) r.color.push_back(uniform(0, 1));
@@ -308,8 +318,9 @@ void check_nonfinite(bool inclusive) {
           got[i] = scan.finish(got[i], p[i], cm::kNone);
           const bool ok = std::isnan(got[i]) == std::isnan(want[i]) &&
                           (std::isinf(got[i]) ? got[i] == want[i] : !std::isinf(want[i]));
-          if (!ok && same) bad = std::string(where ? " (p[" : " (e[") + std::to_string(k) + "] = " +
-                                 std::to_string(double(v)) + ", sample " + std::to_string(i) + ")";
+          if (!ok && same)
+            bad = std::string(where ? " (p[" : " (e[") + std::to_string(k) + "] = " + std::to_string(double(v)) +
+                  ", sample " + std::to_string(i) + ")";
           same = same && ok;
         }
       }

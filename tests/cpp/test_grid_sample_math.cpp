@@ -55,8 +55,8 @@ void test_source_index() {
           const double k1 = ref_index(g + 2 * h, size, padding, align), k0 = ref_index(g - 2 * h, size, padding, align);
           if (near((k1 - k0) / (4 * h), fd, 1e-6)) derivs = derivs && near(c.dx, fd, 1e-5);
         }
-        const std::string tag = " padding=" + std::to_string(padding) + " align=" + std::to_string(align) +
-                                " size=" + std::to_string(size);
+        const std::string tag =
+            " padding=" + std::to_string(padding) + " align=" + std::to_string(align) + " size=" + std::to_string(size);
         check(values, "source_index matches folding and clipping" + tag);
         check(derivs, "source_index derivative matches finite differences" + tag);
       }

@@ -67,8 +67,8 @@ Vec random_sigma(int D, int act) {
 void check_param_table() {
   const mlp::Dims d{3, 5, 8, 2};  // Ec, Es, H, H4
   // nn.Linear shapes in PARAMETERS order ({out, in} for weights, {out} for biases).
-  const std::vector<std::vector<int64_t>> want = {{8, 5}, {8}, {8, 8}, {8}, {1, 8}, {1}, {2, 8},
-                                                  {2},    {8, 3}, {8}, {8, 10}, {8}, {8, 8}, {8}};
+  const std::vector<std::vector<int64_t>> want = {{8, 5}, {8},    {8, 8}, {8},     {1, 8}, {1},    {2, 8},
+                                                  {2},    {8, 3}, {8},    {8, 10}, {8},    {8, 8}, {8}};
   bool ok = true;
   int64_t offset = 0;
   for (int p = 0; p < mlp::kNumParams; ++p) {
@@ -124,8 +124,10 @@ void check_ray_weights(int a, bool inclusive) {
     }
     w.add(sum, double(ref_sum), rtol, 1e-30);
   }
-  check(w.ok(), std::string(sizeof(T) == 8 ? "double " : "float ") + mode_name(inclusive) + " " + kActNames[a] +
-                    ": ray_weights and their sum match closed form", w.v);
+  check(w.ok(),
+        std::string(sizeof(T) == 8 ? "double " : "float ") + mode_name(inclusive) + " " + kActNames[a] +
+            ": ray_weights and their sum match closed form",
+        w.v);
 }
 
 // dL/dsigma for L = sum_i e_i w_i(sigma), e fixed; dsigma written over e (the aliasing the kernels use).
@@ -335,8 +337,10 @@ void check_tiny_mlp(int a, bool inclusive) {
       w.add(got[j], double((plus - minus) / (2 * h)), 1e-5, 1e-5 * scale);
     }
   }
-  check(w.ok(), std::string("tiny MLP ") + mode_name(inclusive) + " " + kActNames[a] +
-                    ": the backward recipe's gradients (params, codes) match FD", w.v);
+  check(w.ok(),
+        std::string("tiny MLP ") + mode_name(inclusive) + " " + kActNames[a] +
+            ": the backward recipe's gradients (params, codes) match FD",
+        w.v);
 }
 
 }  // namespace

@@ -91,8 +91,8 @@ LD act(LD z, int a, LD slope) {
 }
 
 // L = sum_i w_i y_i over one group, y_i = act(xhat_i (1 + g_i) + b_i).
-LD loss(const std::vector<LD>& x, const std::vector<LD>& g, const std::vector<LD>& b, const std::vector<LD>& w,
-        int a, LD slope, LD eps) {
+LD loss(const std::vector<LD>& x, const std::vector<LD>& g, const std::vector<LD>& b, const std::vector<LD>& w, int a,
+        LD slope, LD eps) {
   LD s = 0;
   for (LD v : x) s += v;
   const LD mean = s / x.size();
@@ -112,8 +112,8 @@ void test_group_gradients(int a) {
   std::mt19937 rng(7 + a);
   std::normal_distribution<double> normal(0.0, 1.0);
   std::vector<LD> x(n), g(n), b(n), w(n);
-  for (int i = 0; i < n; ++i) x[i] = 3 + 2 * normal(rng), g[i] = 0.5 * normal(rng), b[i] = 0.5 * normal(rng),
-                              w[i] = normal(rng);
+  for (int i = 0; i < n; ++i)
+    x[i] = 3 + 2 * normal(rng), g[i] = 0.5 * normal(rng), b[i] = 0.5 * normal(rng), w[i] = normal(rng);
   sm::Moments<double> m;
   for (LD v : x) m.push(static_cast<double>(v));
   const double rstd = sm::rsqrt_(m.var() + eps);
@@ -201,10 +201,11 @@ void test_plan_split() {
     const int64_t most = N * ((S + step - 1) / step) * cols;  // every step of every sample a block
     ok = ok && blocks <= (target > floor ? target : floor) && 4 * blocks >= (target < most ? target : most);
     if (!ok && bad++ < 5)
-      std::printf("  plan_split(N=%lld, S=%lld, cols=%lld, target=%lld, step=%lld, batch=%d): groups %lld x %lld, "
-                  "chunks %lld of %lld\n", (long long)N, (long long)S, (long long)cols, (long long)target,
-                  (long long)step, (int)batch, (long long)sp.groups, (long long)sp.per_group, (long long)sp.chunks,
-                  (long long)sp.chunk);
+      std::printf(
+          "  plan_split(N=%lld, S=%lld, cols=%lld, target=%lld, step=%lld, batch=%d): groups %lld x %lld, "
+          "chunks %lld of %lld\n",
+          (long long)N, (long long)S, (long long)cols, (long long)target, (long long)step, (int)batch,
+          (long long)sp.groups, (long long)sp.per_group, (long long)sp.chunks, (long long)sp.chunk);
   };
   // FNeVR's training shapes on an H100 (132 SMs x 8 blocks), NCHW and channels_last steps.
   const int64_t shapes[][3] = {{4, 32, 65536}, {4, 64, 16384}, {4, 512, 256}, {1, 512, 4096}};  // N, C, S
@@ -215,8 +216,8 @@ void test_plan_split() {
     }
   std::uniform_int_distribution<int64_t> small(1, 9), len(1, 3000), cols(1, 40), target(1, 600), step(1, 300);
   for (int k = 0; k < 3000; ++k) one(small(rng), len(rng), cols(rng), target(rng), step(rng), k % 2 == 0);
-  check(bad == 0, "plan_split covers every element once, with about the blocks asked for (" +
-                      std::to_string(cases) + " cases)");
+  check(bad == 0,
+        "plan_split covers every element once, with about the blocks asked for (" + std::to_string(cases) + " cases)");
 }
 
 }  // namespace
