@@ -113,19 +113,25 @@ def test_matches_the_reference(op, i, dtype, backend, device):
             assert_close(a, b, dtype, f"{op} output {k} channels_last={channels_last}", OPS[op].tolerance)
 
 
+def _backward_into(op, sample, backend, which):
+    """Backward of sum(outputs) with only the inputs at `which` requiring grad: their .grad."""
+    leaves = [t.requires_grad_() for t in _leaves(sample, (which,))]
+    outs = [o for o in _call(op, sample, backend) if o.requires_grad]
+    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    return [t.grad for t in leaves]
+
+
 @pytest.mark.parametrize("backend,device", target_params())
 @pytest.mark.parametrize("op,i", CASES)
 def test_gradient_for_one_input(op, i, backend, device):
     for which in _sample(op, i, "cpu").wrt:
         sample = _sample(op, i, device, torch.float32)
         ref = _in_fp64(sample)
-        got = _run(op, sample, backend, (which,))
-        want = _run(op, ref, "reference", (which,))
+        got, want = _backward_into(op, sample, backend, which), _backward_into(op, ref, "reference", which)
         for k, (a, b) in enumerate(zip(got, want, strict=True)):
-            if b is not None:
-                assert_close(a, b, torch.float32, f"{op} input {which}, output {k}", OPS[op].tolerance)
-        others = [t for t in _leaves(sample, range(len(sample.args))) if isinstance(t, torch.Tensor)]
-        assert all(t.grad is None for t in others)
+            assert_close(a, b, torch.float32, f"{op} input {which}, gradient {k}", OPS[op].tolerance)
+        others = [j for j in range(len(sample.args)) if j != which]
+        assert all(t.grad is None for t in _leaves(sample, others) if isinstance(t, torch.Tensor))
 
 
 @pytest.mark.parametrize("backend,device", target_params())
@@ -163,13 +169,13 @@ def _deterministic():
 
 
 def _record_custom_op_calls(monkeypatch):
-    """[(custom op, args)] of every FusedOp call, each made through its custom op."""
+    """[(name, custom op, args)] of every FusedOp call, each made through its custom op."""
     calls = []
     monkeypatch.setattr(_fused, "_plain_eager", lambda tensors: False)
     for fused in _fused_ops():
 
-        def spy(*args, _op=fused.op):
-            calls.append((_op, args))
+        def spy(*args, _op=fused.op, _name=fused.name):
+            calls.append((_name, _op, args))
             return _op(*args)
 
         monkeypatch.setattr(fused, "op", spy)
@@ -196,9 +202,9 @@ def test_opcheck(op, i, dtype, backend, device, monkeypatch):
         _run(op, sample, backend, sample.wrt)
     assert calls
     monkeypatch.undo()  # opcheck calls the real custom ops
-    for custom, args in calls:
-        if custom._name.endswith("_grad"):  # called in backward, on the saved inputs: the grads' own grads
-            args = tuple(_detached(a) for a in args)  # are another test's (grid_sample's double backward)
+    for name, custom, args in calls:
+        if name.endswith("_grad"):  # called in backward on the saved inputs; the gradients' own
+            args = tuple(_detached(a) for a in args)  # gradients are grid_sample's double-backward test's
         torch.library.opcheck(custom, args)
 
 

@@ -34,10 +34,12 @@ class _CompiledKernels:
     """An op's entry points in the compiled extension: ``k.composite_forward`` is
     ``torch.ops.fnevr._composite_forward`` (torch dispatches on the tensors' device, so the cpu and
     cuda backends share this). Entry points are named as in the Triton modules, with a leading ``_``
-    in the C++ schema (csrc/ops.cpp): they are not for users."""
+    in the C++ schemas (``TORCH_LIBRARY_FRAGMENT`` in csrc/<op>/<op>_cpu.cpp): they are not for users."""
 
-    def __getattr__(self, name: str):
-        return getattr(torch.ops.fnevr, "_" + name)
+    def __getattr__(self, name: str):  # called once per name: the op is then an attribute
+        op = getattr(torch.ops.fnevr, "_" + name)
+        setattr(self, name, op)
+        return op
 
 
 def _compiled(op: str) -> Any:
@@ -169,9 +171,10 @@ class Sample:
 class Op:
     """A fused op.
 
-    - ``fn(*tensors, **options, backend=...)``: the public function; ``reference``: the spec, same
-      arguments (no ``backend``); ``pytorch``: PyTorch's own op where one exists (benchmarks'
-      baseline), else the reference.
+    - ``fn(*tensors, **options, backend=...)``: the public function; ``reference``: the spec, with
+      the same tensors and options but ``backend`` and those that only steer a kernel (grid_sample's
+      ``deterministic``); ``fn(..., backend="reference")`` calls it; ``pytorch``: PyTorch's own op
+      where one exists (the benchmarks' baseline), else the reference.
     - ``auto``: per device type, the fused backends ``auto`` tries, fastest first (the reference
       comes last); ``why_auto`` says what measured that order.
     - ``samples(device, dtype, generator)``: small calls that take every path of forward and
