@@ -11,6 +11,7 @@
 #include <c10/util/Exception.h>
 
 #include <tuple>
+#include <type_traits>
 
 #include "common/codes.h"
 
@@ -118,6 +119,23 @@ inline void check_spade_group_sums(const at::Tensor& group_sums, const at::Tenso
                   group_sums.scalar_type() == mean.scalar_type() && group_sums.device() == mean.device(),
               "fnevr spade_norm: group_sums must be contiguous [2, ", mean.sizes(), "] like mean, got ",
               group_sums.sizes());
+}
+
+// Calls f with the activation code as a compile-time constant, so the kernels' inner loops have no
+// branch on it (the CPU and CUDA entry points dispatch through it).
+template <typename F>
+void with_activation(int64_t act, F&& f) {
+  switch (act) {
+    case kRelu:
+      f(std::integral_constant<int, kRelu>{});
+      break;
+    case kLeakyRelu:
+      f(std::integral_constant<int, kLeakyRelu>{});
+      break;
+    default:
+      f(std::integral_constant<int, kNone>{});
+      break;
+  }
 }
 
 // The general backward entry points' inputs: the forward's, grad_y like x, group_sums like mean;

@@ -30,22 +30,6 @@ constexpr int64_t kChunk = 1024;           // elements per two-pass chunk of the
 
 int64_t rows_per_task(int64_t row_len) { return grain_size(row_len, kGrainElements); }
 
-// Calls f with the activation code as a compile-time constant, so inner loops have no branch on it.
-template <typename F>
-void with_activation(int64_t act, F&& f) {
-  switch (act) {
-    case spade::kRelu:
-      f(std::integral_constant<int, spade::kRelu>{});
-      break;
-    case spade::kLeakyRelu:
-      f(std::integral_constant<int, spade::kLeakyRelu>{});
-      break;
-    default:
-      f(std::integral_constant<int, spade::kNone>{});
-      break;
-  }
-}
-
 // Moments of a contiguous run, chunk by chunk: a first pass for the chunk's mean, a second for the
 // deviations from it, whose own (small) mean is folded back in (the corrected two-pass formula), so a
 // large common offset never cancels. Chunks merge by Chan's rule.

@@ -42,21 +42,6 @@ constexpr int kMergeLanes = 32;     // merges of partials: lanes per group (bloc
 constexpr int kBlocksPerSM = 8;     // reductions are cut until about this many blocks per multiprocessor
 constexpr int64_t kPerThread = 16;  // ... but not below this many elements per thread
 
-template <typename F>
-void with_activation(int64_t act, F&& f) {
-  switch (act) {
-    case spade::kRelu:
-      f(std::integral_constant<int, spade::kRelu>{});
-      break;
-    case spade::kLeakyRelu:
-      f(std::integral_constant<int, spade::kLeakyRelu>{});
-      break;
-    default:
-      f(std::integral_constant<int, spade::kNone>{});
-      break;
-  }
-}
-
 template <typename T>
 __device__ __forceinline__ Moments<T> shfl_down(const Moments<T>& m, int offset) {
   Moments<T> o;
