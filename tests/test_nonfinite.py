@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fnevr.ops import composite, grid_sample, mlp_composite, spade_norm
-from fnevr.ops.mlp_composite import PARAMETERS
+from fnevr.ops.mlp_composite import PARAMETERS, layer_shapes
 from helpers import TOL, target_params
 
 VALUES = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
@@ -253,15 +253,7 @@ def test_mlp_composite(backend, device, value, R, D, transmittance, activation, 
     Ec, Es, H, H4 = widths
     color = torch.randn(R, D, Ec, generator=g, dtype=torch.float64)
     shape = torch.randn(R, D, Es, generator=g, dtype=torch.float64)
-    sizes = {
-        "shape_in": (H, Es),
-        "shape_hidden": (H, H),
-        "density": (1, H),
-        "shape_feature": (H4, H),
-        "color_in": (H, Ec),
-        "fuse": (H, H4 + H),
-        "fuse_hidden": (H, H),
-    }
+    sizes = layer_shapes(Ec, Es, H, H4)
     params = {}
     for name in PARAMETERS:
         layer, kind = name.split(".")

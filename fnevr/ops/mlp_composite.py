@@ -123,6 +123,20 @@ def mlp_composite(
     return features.reshape(*lead, H), weight_sum.reshape(*lead, 1)
 
 
+def layer_shapes(Ec: int, Es: int, H: int, H4: int) -> dict[str, tuple[int, int]]:
+    """(out, in) of each of the MLP's Linear layers, by name, for codes of widths Ec, Es, hidden
+    width H and shape-feature width H4."""
+    return {
+        "shape_in": (H, Es),
+        "shape_hidden": (H, H),
+        "density": (1, H),
+        "shape_feature": (H4, H),
+        "color_in": (H, Ec),
+        "fuse": (H, H4 + H),
+        "fuse_hidden": (H, H),
+    }
+
+
 def _as_list(params) -> list[Tensor]:
     if isinstance(params, Mapping):
         missing = [n for n in PARAMETERS if n not in params]
@@ -170,16 +184,7 @@ def _check(color_code, shape_code, params, transmittance, density_activation):
     p = dict(zip(PARAMETERS, params))
     H, H4 = p["shape_in.weight"].shape[0], p["shape_feature.weight"].shape[0]
     Ec, Es = color_code.shape[-1], shape_code.shape[-1]
-    want = {
-        "shape_in": (H, Es),
-        "shape_hidden": (H, H),
-        "density": (1, H),
-        "shape_feature": (H4, H),
-        "color_in": (H, Ec),
-        "fuse": (H, H4 + H),
-        "fuse_hidden": (H, H),
-    }
-    for layer, (out, inp) in want.items():
+    for layer, (out, inp) in layer_shapes(Ec, Es, H, H4).items():
         w, b = p[f"{layer}.weight"], p[f"{layer}.bias"]
         if tuple(w.shape) != (out, inp) or tuple(b.shape) != (out,):
             raise ValueError(
@@ -260,15 +265,7 @@ def _samples(device, dtype, generator) -> list[_registry.Sample]:
     """Codes and parameters scaled so that the ReLUs cut about half the units and densities spread
     around zero (Ec = Es = 4, H = 16, H4 = 4, on 16 rays of 8 samples: bench_overhead's tiny call)."""
     Ec, Es, H, H4 = 4, 4, 16, 4
-    widths = {
-        "shape_in": (H, Es),
-        "shape_hidden": (H, H),
-        "density": (1, H),
-        "shape_feature": (H4, H),
-        "color_in": (H, Ec),
-        "fuse": (H, H + H4),
-        "fuse_hidden": (H, H),
-    }
+    widths = layer_shapes(Ec, Es, H, H4)
     cc, sc = (t * 2 - 1 for t in _registry.tensors([(1, 4, 4, 8, Ec), (1, 4, 4, 8, Es)], device, dtype, generator))
     params = []
     for name in PARAMETERS:
