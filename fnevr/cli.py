@@ -181,7 +181,7 @@ def _load_model(args, device):
     model, _ = load_checkpoint(args.checkpoint, args.config, training_modules=False)
     if args.backend:
         model.set_backend(args.backend)
-    return model.to(device).eval()
+    return model.to(device).channels_last().eval()
 
 
 def _common(p: argparse.ArgumentParser):
@@ -425,7 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="autocast: auto = bf16 on CUDA, fp32 on CPU",
     )
     p.add_argument(
-        "--channels-last", choices=["auto", "on", "off"], default=None, help="auto (default): on CUDA; the demo: on"
+        "--channels-last",
+        choices=["auto", "on", "off"],
+        default=None,
+        help="auto (default): on CUDA; the demo: on",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the generator and keypoint detector")
     p.add_argument(

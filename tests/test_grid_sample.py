@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fnevr
-from fnevr.ops import _fused, grid_sample
+from fnevr.ops import _fused, grid_sample, grid_sample_reference
 from helpers import assert_close, run_python, target_params
 
 OPTIONS = list(itertools.product(("bilinear", "nearest"), ("zeros", "border", "reflection"), (False, True)))
@@ -404,3 +404,66 @@ def test_fast_path_double_backward_matches_the_custom_ops(backend, device, monke
     monkeypatch.setattr(_fused, "_plain_eager", lambda tensors: False)
     for a, b in zip(fast, grads(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.fixture
+def threads():
+    """Calling it sets torch's CPU thread count for the rest of the test."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(fnevr.ops.backends()["cpu"] != "available", reason="CPU extension not built")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("warp", ["smooth", "random"])
+@pytest.mark.parametrize("C", [3, 16])
+def test_cpu_backward_splits_images_between_threads(threads, layout, warp, C):
+    """The CPU backward gives each of an image's threads a band of output points, scattering into a
+    private slice of rows then added in band order: every thread count matches PyTorch's op, and
+    each is bit-identical run to run."""
+    N, H, W, Ho, Wo = 1, 96, 80, 128, 128  # 3 x 128^2: enough work for a band per thread up to 3
+    x, grid = make_inputs(N, C, H, W, Ho, Wo, layout=layout, spread=1.2)
+    if warp == "smooth":  # bands touch a slice of the rows each
+        base = F.affine_grid(torch.eye(2, 3, dtype=torch.float64).expand(N, 2, 3), (N, 1, Ho, Wo), False)
+        grid = base * 1.1 + 0.05 * grid
+    grad_out = torch.randn(N, C, Ho, Wo, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    want = torch_reference(x, grid, grad_out, "bilinear", "border", False)
+    for n in (1, 2, 3, 4):
+        threads(n)
+        got = run_op(x, grid, grad_out, "bilinear", "border", False, backend="cpu")
+        for name, a, b in zip(("output", "grad input", "grad grid"), got, want):
+            assert_close(a, b, torch.float64, f"{name} at {n} threads")
+        again = run_op(x, grid, grad_out, "bilinear", "border", False, backend="cpu")
+        assert all(torch.equal(a, b) for a, b in zip(got, again)), f"not deterministic at {n} threads"
+
+
+@pytest.mark.skipif(fnevr.ops.backends()["cpu"] != "available", reason="CPU extension not built")
+def test_auto_runs_pytorchs_op_where_it_is_faster(threads, monkeypatch):
+    """auto on the CPU runs PyTorch's op for few-channel NCHW images with at least as many images as
+    threads and a finite grid, ours otherwise; backends() says so."""
+    calls = []
+    pytorch_op = F.grid_sample
+    monkeypatch.setattr(F, "grid_sample", lambda *a, **k: calls.append(1) or pytorch_op(*a, **k))
+    x, grid = make_inputs(2, 3, 9, 8, 7, 6, dtype=torch.float32, spread=1.2)
+
+    def runs_pytorch(x, grid, n):
+        threads(n)
+        calls.clear()
+        out = grid_sample(x, grid, "bilinear", "zeros", backend="auto")
+        assert_close(out, grid_sample_reference(x.double(), grid.double()), torch.float32, "output")
+        return bool(calls)
+
+    assert runs_pytorch(x, grid, 1) and runs_pytorch(x, grid, 2)
+    assert not runs_pytorch(x, grid, 3), "fewer images than threads: ours"
+    assert not runs_pytorch(x.to(memory_format=torch.channels_last), grid, 1), "channels_last: ours"
+    assert not runs_pytorch(x.repeat(1, 2, 1, 1), grid, 1), "more channels: ours"
+    bad = grid.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    assert not runs_pytorch(x, bad, 1), "non-finite grid: ours"
+    assert "PyTorch's op for NCHW" in fnevr.ops.backends("cpu", "grid_sample")["auto"]
+    assert fnevr.ops.backends("cpu", "composite")["auto"] == "cpu"
+    threads(1)
+    calls.clear()
+    grid_sample(x, grid, backend="cpu")
+    assert not calls, "a forced backend is never swapped"

@@ -311,3 +311,35 @@ def test_an_unknown_fused_head_is_refused_with_the_choices():
     config["model_params"]["generator_params"]["render_params"]["fused_head"] = "fastest"
     with pytest.raises(ValueError, match=r"fused_head must be one of \('none', 'hidden', 'mlp'\).*got 'fastest'"):
         FNeVR(config, training_modules=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_conv3d_matches_pytorchs_at_batch_one(dtype):
+    """fnevr's Conv3d (oneDNN's kernel on CPU fp32, PyTorch's own path for fp64) gives nn.Conv3d's
+    outputs and gradients, with the same state dict."""
+    from fnevr.nn.conv3d import Conv3d
+
+    torch.manual_seed(0)
+    ours = Conv3d(4, 5, 3, padding=1).to(dtype)
+    theirs = torch.nn.Conv3d(4, 5, 3, padding=1).to(dtype)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 4, 3, 6, 7, dtype=dtype)
+    grads = []
+    for conv in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        out = conv(xi)
+        out.backward(torch.ones_like(out))
+        grads.append((out, xi.grad, conv.weight.grad, conv.bias.grad))
+    for name, a, b in zip(("output", "grad x", "grad weight", "grad bias"), *grads):
+        assert rel_err(a, b) <= (1e-5 if dtype == torch.float32 else 1e-12), name
+
+
+def test_channels_last_model_matches_nchw():
+    torch.manual_seed(0)
+    model = fnevr.FNeVR("small", training_modules=False).eval()
+    source, driving = frames(1, 64)
+    with torch.no_grad():
+        want = model(source, driving)["prediction"]
+        got = model.channels_last()(source, driving)["prediction"]
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(got, want) <= 1e-4

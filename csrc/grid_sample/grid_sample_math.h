@@ -103,6 +103,33 @@ FNEVR_HD Coord<T> source_index(T g, int64_t size, int padding, bool align_corner
   return c;
 }
 
+// source_index without branches or library calls, so that CPU loops over points vectorise. It is
+// exact for zeros and border padding, and for reflection where the coordinate lies within one
+// reflection of the image (nearly every point of a warp): there fmod(d, span) is d or d - span
+// (exact), and reflect's other steps are repeated as they are. Elsewhere it sets `exact` false;
+// call source_index for those points.
+template <typename T>
+FNEVR_HD Coord<T> source_index_fast(T g, int64_t size, int padding, bool align_corners, bool& exact) {
+  Coord<T> c = unnormalize(g, size, align_corners);
+  exact = true;
+  if (padding == kBorder) {
+    c = clip(c, size);
+  } else if (padding == kReflection) {  // reflect, for source_index's twice_low and twice_high
+    const T twice_low = align_corners ? T(0) : T(-1);
+    const T twice_high = align_corners ? T(2 * (size - 1)) : T(2 * size - 1);
+    const T low = twice_low / T(2), span = (twice_high - twice_low) / T(2);
+    T d = c.x - low, sign = T(1);
+    if (d < T(0)) d = -d, sign = T(-1);
+    const T q = d / span;  // reflect's floor(d / span) is 0 or 1 when q < 2
+    exact = twice_low != twice_high && q < T(2);
+    const T extra = d >= span ? d - span : d;
+    c = q >= T(1) ? Coord<T>{span - extra + low, -sign * c.dx} : Coord<T>{extra + low, sign * c.dx};
+    c = clip(c, size);
+  }
+  if (!(fabs_(c.x) < T(kMaxCoord))) c = {T(kFar), T(0)};
+  return c;
+}
+
 // The first of the two pixels bilinear reads along an axis, and the fraction of the way to the
 // second: weights 1 - frac and frac.
 template <typename T>

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import recompute
+from ..nn.conv3d import Conv3d
 
 
 def coordinate_grid(height: int, width: int, like: Tensor) -> Tensor:
@@ -95,8 +96,8 @@ class ResBlock3d(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv1 = nn.Conv3d(channels, channels, 3, padding=1)
-        self.conv2 = nn.Conv3d(channels, channels, 3, padding=1)
+        self.conv1 = Conv3d(channels, channels, 3, padding=1)
+        self.conv2 = Conv3d(channels, channels, 3, padding=1)
         self.norm1 = nn.BatchNorm3d(channels)
         self.norm2 = nn.BatchNorm3d(channels)
 

@@ -24,6 +24,8 @@ def main() -> None:
             print(f"{kind:5} {name:10} {status}")
         for op in _registry.ops():
             print(f"{kind:5} auto for {op}: {' > '.join(_registry.auto_order(op, kind))}")
+            if rule := _registry.ops()[op].pytorch_when.get(kind):
+                print(f"{kind:5}   except PyTorch's op {rule[1]}")
 
 
 if __name__ == "__main__":

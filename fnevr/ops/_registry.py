@@ -131,8 +131,10 @@ BACKENDS: dict[str, Backend] = {
 FUSED_BACKENDS = tuple(name for name, b in BACKENDS.items() if b.kernels is not None)
 
 
-def backends(device: str | torch.device = "cpu") -> dict[str, str]:
-    """Report every backend for tensors on `device`: "available", or "unavailable: <why>".
+def backends(device: str | torch.device = "cpu", op: str | None = None) -> dict[str, str]:
+    """Report every backend for tensors on `device`: "available", or "unavailable: <why>". With
+    `op`, also what ``backend="auto"`` runs for it there (key "auto"), including any shapes on
+    which it runs PyTorch's own op because that is the faster.
 
     >>> fnevr.ops.backends("cpu")["reference"]
     'available'
@@ -145,6 +147,12 @@ def backends(device: str | torch.device = "cpu") -> dict[str, str]:
     }
     if _triton_cpu and not _triton_cuda and kind == "cpu":  # compile-only: runs, but computes nothing
         status["triton"] = f"available, outputs unwritten: {_triton_reason}"
+    if op is not None:
+        if op not in _OPS:
+            raise ValueError(f"op must be one of {tuple(_OPS)}, got {op!r}")
+        name = resolve("auto", torch.device(kind), op)
+        rule = _OPS[op].pytorch_when.get(kind) if name in FUSED_BACKENDS else None
+        status["auto"] = name + (f"; PyTorch's op {rule[1]}" if rule else "")
     return status
 
 
@@ -182,6 +190,9 @@ class Op:
     - ``tolerance``: per dtype, the largest error against the fp64 reference, relative to its
       largest magnitude.
     - ``layouts``: whether the op keeps channels_last inputs' memory format.
+    - ``pytorch_when``: per device type, (test, when): where ``auto``'s first fused backend is
+      slower than PyTorch's own op, ``test(*args, **kwargs)`` says whether a call is such a one, and
+      ``auto`` then runs PyTorch's op; ``when`` says it in words (for :func:`backends`).
     """
 
     name: str
@@ -193,6 +204,7 @@ class Op:
     tolerance: dict[torch.dtype, float] = field(default_factory=lambda: dict(TOLERANCE))
     layouts: bool = False
     pytorch: Callable[..., Any] | None = None
+    pytorch_when: dict[str, tuple[Callable[..., bool], str]] = field(default_factory=dict)
 
 
 # The C++ kernels are the fastest on CPU tensors wherever they are built (the 2026-11-24 CPU results).

@@ -23,8 +23,8 @@ bilinear ``zeros``.
 
 Gradients flow to ``input`` and ``grid`` (only to those that require grad). The fused backward is
 deterministic (bit-identical run to run) when ``torch.are_deterministic_algorithms_enabled()`` or
-``deterministic=True``: the CPU kernel always is (each thread owns whole channel planes of
-``grad_input`` and visits output points in order); on CUDA and Triton the scatter into
+``deterministic=True``: the CPU kernel always is at a given thread count (each thread visits a
+band of output points in order, scattering into its own rows, added in band order); on CUDA and Triton the scatter into
 ``grad_input`` then adds 64-bit fixed-point values (an integer sum does not depend on the order of
 its terms) instead of floating-point atomics. Those have no NaN or inf: there a non-finite
 ``grad_output`` makes all of ``grad_input`` NaN (elsewhere it is NaN and inf where the reference's
@@ -43,7 +43,9 @@ falls back to differentiating :func:`grid_sample_reference` with autograd. Examp
 
 Backends: ``reference`` (:func:`grid_sample_reference`, pure-PyTorch gathers, deterministic and
 double-differentiable by autograd), ``cpu`` (csrc/grid_sample/grid_sample_cpu.cpp), ``cuda``
-(csrc/grid_sample/grid_sample_cuda.cu), ``triton`` (kernels/grid_sample.py).
+(csrc/grid_sample/grid_sample_cuda.cu), ``triton`` (kernels/grid_sample.py). ``auto`` on the CPU
+runs ``cpu``, except where PyTorch's own op is the faster (see :func:`_pytorch_is_faster`;
+``fnevr.ops.backends("cpu", "grid_sample")["auto"]`` says it in words).
 """
 
 import torch
@@ -175,6 +177,8 @@ def grid_sample(
     name = _registry.resolve(backend, input.device, "grid_sample")
     if name == "reference":
         return grid_sample_reference(input, grid, mode, padding_mode, align_corners)
+    if backend == "auto" and name == "cpu" and _pytorch_is_faster(input, grid):
+        return torch.nn.functional.grid_sample(input, grid, mode, padding_mode, align_corners)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     if not is_channels_last(input):
@@ -315,6 +319,33 @@ def _pytorch(input, grid, mode="bilinear", padding_mode="zeros", align_corners=F
     return torch.nn.functional.grid_sample(input, grid, mode, padding_mode, bool(align_corners))
 
 
+def _pytorch_is_faster(input: Tensor, grid: Tensor) -> bool:
+    """Where ``auto`` on the CPU runs PyTorch's op instead of ours: few-channel NCHW images (the
+    dense motion's and the visual and equivariance warps' 3-channel frames) with at least as many
+    images as threads. PyTorch's kernel gives each image a thread and vectorises across points,
+    which per thread beats ours there; ours splits an image's points between threads, so with
+    fewer images than threads it is the faster (benchmarks/results/grid_sample-cpu-2026-11-28.txt).
+    Only for finite grids in fp32/fp64: PyTorch's CPU kernel treats non-finite coordinates
+    differently from ours (see the module doc). Not inside torch.compile (the grid check would
+    break the graph)."""
+    N, C = input.shape[:2]
+    return (
+        not torch.compiler.is_compiling()
+        and C <= _PYTORCH_CHANNELS
+        and N >= torch.get_num_threads()
+        and input.dtype in (torch.float32, torch.float64)
+        and input.is_contiguous()
+        and bool(grid.isfinite().all())
+    )
+
+
+_PYTORCH_CHANNELS = 4
+_PYTORCH_WHEN = (
+    f"for NCHW fp32/fp64 inputs of at most {_PYTORCH_CHANNELS} channels with at least as many images as "
+    "threads, and a finite grid"
+)
+
+
 def _samples(device, dtype, generator) -> list[_registry.Sample]:
     """The first is bench_overhead's tiny call ([1, 4, 8, 8] sampled at 8 x 8 points)."""
     tiny, tiny_grid = _registry.tensors([(1, 4, 8, 8), (1, 8, 8, 2)], device, dtype, generator)
@@ -339,5 +370,6 @@ OP = _registry.register(
         why_auto="CUDA: not yet timed on a GPU; Triton until it is",
         layouts=True,
         pytorch=_pytorch,
+        pytorch_when={"cpu": (_pytorch_is_faster, _PYTORCH_WHEN)},
     )
 )

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -111,10 +112,47 @@ void test_taps() {
   check(!out.valid[0] && !out.valid[1] && !out.valid[2] && !out.valid[3], "NaN with zeros padding reads nothing");
 }
 
+// source_index_fast agrees with source_index bit for bit wherever it says it is exact, is exact for
+// every point with zeros or border padding and for most points of a warp with reflection.
+template <typename T>
+void test_source_index_fast() {
+  std::mt19937 rng(2);
+  std::uniform_real_distribution<double> uni(-3, 3);
+  const T specials[] = {T(-1), T(1), T(0), -T(0), T(kNan), T(kInf), T(-kInf), T(1e30)};
+  for (int padding : {gs::kZeros, gs::kBorder, gs::kReflection})
+    for (bool align : {false, true})
+      for (int size : {1, 2, 5, 7, 256}) {
+        bool same = true, exact_all = true;
+        int exact_count = 0, total = 0;
+        auto one = [&](T g) {
+          bool exact = false;
+          const gs::Coord<T> f = gs::source_index_fast(g, size, padding, align, exact);
+          const gs::Coord<T> c = gs::source_index(g, size, padding, align);
+          if (exact) same = same && std::memcmp(&f, &c, sizeof(f)) == 0, ++exact_count;
+          exact_all = exact_all && exact;
+          ++total;
+        };
+        for (T g : specials) one(g);
+        for (int i = 0; i < 4000; ++i) one(static_cast<T>(uni(rng)));
+        // Points next to the reflection lines and twice as far, where d / span may round up.
+        for (T edge : {T(-3), T(-1), T(1), T(3)})
+          for (int i = -50; i <= 50; ++i) one(edge + T(i) * std::numeric_limits<T>::epsilon() * std::fabs(edge));
+        const std::string tag = std::string(sizeof(T) == 4 ? " float" : " double") +
+                                " padding=" + std::to_string(padding) + " align=" + std::to_string(align) +
+                                " size=" + std::to_string(size);
+        check(same, "source_index_fast equals source_index where exact" + tag);
+        if (padding != gs::kReflection) check(exact_all, "source_index_fast is exact without reflection" + tag);
+        // uni draws from [-3, 3]: about two thirds lie within one reflection of the image.
+        if (padding == gs::kReflection && size > 1) check(exact_count > total / 2, "reflection: mostly exact" + tag);
+      }
+}
+
 }  // namespace
 
 int main() {
   test_source_index();
+  test_source_index_fast<float>();
+  test_source_index_fast<double>();
   test_non_finite();
   test_taps();
   std::printf("%d passed, %d failed\n", passed, failed);
