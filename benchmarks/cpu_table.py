@@ -38,11 +38,12 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
-import fnevr  # noqa: E402
 from bench_grid_sample import _inputs, cases  # noqa: E402
 from bench_spade_norm import eager, shapes  # noqa: E402
-from fnevr.ops import grid_sample, spade_norm  # noqa: E402
 from run import environment  # noqa: E402
+
+import fnevr  # noqa: E402
+from fnevr.ops import grid_sample, spade_norm  # noqa: E402
 
 
 def median_time(fn, budget: float) -> float:
