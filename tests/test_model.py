@@ -314,21 +314,22 @@ def test_an_unknown_fused_head_is_refused_with_the_choices():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_conv3d_matches_pytorchs_at_batch_one(dtype):
-    """fnevr's Conv3d (oneDNN's kernel on CPU fp32, PyTorch's own path for fp64) gives nn.Conv3d's
-    outputs and gradients, with the same state dict."""
+@pytest.mark.parametrize("padding", [1, 0], ids=["same-3x3x3", "valid"])
+def test_conv3d_matches_pytorchs_at_batch_one(dtype, padding):
+    """fnevr's Conv3d (oneDNN's kernels on CPU fp32, with its own backward for 3x3x3 "same";
+    PyTorch's own path for fp64) gives nn.Conv3d's outputs and gradients, with the same state dict."""
     from fnevr.nn.conv3d import Conv3d
 
     torch.manual_seed(0)
-    ours = Conv3d(4, 5, 3, padding=1).to(dtype)
-    theirs = torch.nn.Conv3d(4, 5, 3, padding=1).to(dtype)
+    ours = Conv3d(4, 5, 3, padding=padding).to(dtype)
+    theirs = torch.nn.Conv3d(4, 5, 3, padding=padding).to(dtype)
     theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(1, 4, 3, 6, 7, dtype=dtype)
+    x = torch.randn(2, 4, 3, 6, 7, dtype=dtype)
     grads = []
     for conv in (ours, theirs):
         xi = x.clone().requires_grad_()
         out = conv(xi)
-        out.backward(torch.ones_like(out))
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out))
         grads.append((out, xi.grad, conv.weight.grad, conv.bias.grad))
     for name, a, b in zip(("output", "grad x", "grad weight", "grad bias"), *grads):
         assert rel_err(a, b) <= (1e-5 if dtype == torch.float32 else 1e-12), name

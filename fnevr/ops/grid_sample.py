@@ -335,7 +335,7 @@ def _pytorch_is_faster(input: Tensor, grid: Tensor) -> bool:
         and N >= torch.get_num_threads()
         and input.dtype in (torch.float32, torch.float64)
         and input.is_contiguous()
-        and bool(grid.isfinite().all())
+        and bool(grid.sum().isfinite())  # a finite sum has finite terms (and is 20x cheaper than isfinite().all())
     )
 
 
