@@ -440,8 +440,9 @@ def test_cpu_backward_splits_images_between_threads(threads, layout, warp, C):
 
 @pytest.mark.skipif(fnevr.ops.backends()["cpu"] != "available", reason="CPU extension not built")
 def test_auto_runs_pytorchs_op_where_it_is_faster(threads, monkeypatch):
-    """auto on the CPU runs PyTorch's op for few-channel NCHW images with at least as many images as
-    threads and a finite grid, ours otherwise; backends() says so."""
+    """auto on the CPU runs PyTorch's op for forward passes without gradients on few-channel NCHW
+    images with at least as many images as threads and a finite grid, ours otherwise; backends()
+    says so."""
     calls = []
     pytorch_op = F.grid_sample
     monkeypatch.setattr(F, "grid_sample", lambda *a, **k: calls.append(1) or pytorch_op(*a, **k))
@@ -458,10 +459,16 @@ def test_auto_runs_pytorchs_op_where_it_is_faster(threads, monkeypatch):
     assert not runs_pytorch(x, grid, 3), "fewer images than threads: ours"
     assert not runs_pytorch(x.to(memory_format=torch.channels_last), grid, 1), "channels_last: ours"
     assert not runs_pytorch(x.repeat(1, 2, 1, 1), grid, 1), "more channels: ours"
-    bad = grid.clone()
-    bad[0, 0, 0, 0] = float("nan")
-    assert not runs_pytorch(x, bad, 1), "non-finite grid: ours"
-    assert "PyTorch's op for NCHW" in fnevr.ops.backends("cpu", "grid_sample")["auto"]
+    for where in ((0, 0, 0, 0), (1, 6, 5, 1)):  # the first and the last coordinate
+        for value in (float("nan"), float("inf"), -float("inf")):
+            bad = grid.clone()
+            bad[where] = value
+            assert not runs_pytorch(x, bad, 1), f"grid with {value} at {where}: ours"
+    assert not runs_pytorch(x, grid.requires_grad_(), 1), "a gradient to compute: ours"
+    with torch.no_grad():
+        assert runs_pytorch(x, grid, 1), "requires_grad under no_grad: PyTorch's"
+    grid.requires_grad_(False)
+    assert "PyTorch's op for forward passes without gradients" in fnevr.ops.backends("cpu", "grid_sample")["auto"]
     assert fnevr.ops.backends("cpu", "composite")["auto"] == "cpu"
     threads(1)
     calls.clear()

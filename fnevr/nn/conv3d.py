@@ -39,9 +39,9 @@ class _Same3x3x3(torch.autograd.Function):
             grad_x = torch.ops.aten.mkldnn_convolution(grad, flipped, None, _ONES, _ONES, _ONES, 1)
         if ctx.needs_input_grad[1]:
             N, C, D, H, W = x.shape
-            O = weight.shape[0]
+            out_channels = weight.shape[0]
             padded = F.pad(x, (0, 0, 0, 0, 1, 1))  # along depth only: the 2-D convolutions pad H and W
-            grad_2d = grad.transpose(1, 2).reshape(N * D, O, H, W)
+            grad_2d = grad.transpose(1, 2).reshape(N * D, out_channels, H, W)
             taps = []
             for kd in range(3):  # output depth d reads input depth d + kd - 1
                 x_2d = padded[:, :, kd : kd + D].transpose(1, 2).reshape(N * D, C, H, W)

@@ -320,29 +320,31 @@ def _pytorch(input, grid, mode="bilinear", padding_mode="zeros", align_corners=F
 
 
 def _pytorch_is_faster(input: Tensor, grid: Tensor) -> bool:
-    """Where ``auto`` on the CPU runs PyTorch's op instead of ours: few-channel NCHW images (the
-    dense motion's and the visual and equivariance warps' 3-channel frames) with at least as many
-    images as threads. PyTorch's kernel gives each image a thread and vectorises across points,
-    which per thread beats ours there; ours splits an image's points between threads, so with
-    fewer images than threads it is the faster (benchmarks/results/grid_sample-cpu-2026-11-28.txt).
-    Only for finite grids in fp32/fp64: PyTorch's CPU kernel treats non-finite coordinates
-    differently from ours (see the module doc). Not inside torch.compile (the grid check would
-    break the graph)."""
+    """Where ``auto`` on the CPU runs PyTorch's op instead of ours: a forward pass without gradients
+    on few-channel NCHW images (the dense motion's, visual and equivariance warps' 3-channel
+    frames) with at least as many images as threads. PyTorch's kernel gives each image a thread and
+    vectorises across points, which per thread beats our forward there; ours splits an image's
+    points between threads, so with fewer images than threads it is the faster, and its backward
+    is the faster in every case (benchmarks/results/cpu-table-2026-11-28.txt). Only for finite
+    grids in fp32/fp64: PyTorch's CPU kernel treats non-finite coordinates differently from ours
+    (see the module doc). Not inside torch.compile (the grid check would break the graph)."""
     N, C = input.shape[:2]
     return (
-        not torch.compiler.is_compiling()
-        and C <= _PYTORCH_CHANNELS
+        C <= _PYTORCH_CHANNELS
         and N >= torch.get_num_threads()
         and input.dtype in (torch.float32, torch.float64)
         and input.is_contiguous()
-        and bool(grid.sum().isfinite())  # a finite sum has finite terms (and is 20x cheaper than isfinite().all())
+        and grid.is_contiguous()
+        and not (torch.is_grad_enabled() and (input.requires_grad or grid.requires_grad))
+        and not torch.compiler.is_compiling()
+        and _registry.kernels("cpu", "grid_sample").grid_sample_grid_is_finite(grid)
     )
 
 
 _PYTORCH_CHANNELS = 4
 _PYTORCH_WHEN = (
-    f"for NCHW fp32/fp64 inputs of at most {_PYTORCH_CHANNELS} channels with at least as many images as "
-    "threads, and a finite grid"
+    f"for forward passes without gradients on NCHW fp32/fp64 inputs of at most {_PYTORCH_CHANNELS} channels "
+    "with at least as many images as threads, and a finite grid"
 )
 
 
