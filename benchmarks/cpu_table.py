@@ -1,6 +1,6 @@
 """The README's CPU table: fnevr's ops and the whole model against PyTorch on this machine's CPU.
 
-    python benchmarks/cpu_table.py                          # everything, 1 and 2 threads (~6 min on 2 cores)
+    python benchmarks/cpu_table.py                          # everything, 1 and 2 threads (~10 min on 2 cores)
     python benchmarks/cpu_table.py --only grid_sample --threads 1
     python benchmarks/cpu_table.py --save benchmarks/results  # also write cpu-table-<date>.txt there
     python benchmarks/cpu_table.py --smoke                  # tiny shapes, one round: checks that it runs

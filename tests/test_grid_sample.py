@@ -440,9 +440,8 @@ def test_cpu_backward_splits_images_between_threads(threads, layout, warp, C):
 
 @pytest.mark.skipif(fnevr.ops.backends()["cpu"] != "available", reason="CPU extension not built")
 def test_auto_runs_pytorchs_op_where_it_is_faster(threads, monkeypatch):
-    """auto on the CPU runs PyTorch's op for forward passes without gradients on few-channel NCHW
-    images with at least as many images as threads and a finite grid, ours otherwise; backends()
-    says so."""
+    """auto on the CPU runs PyTorch's op under no_grad on few-channel NCHW images with at least as
+    many images as threads and a finite grid, ours otherwise; backends() says so."""
     calls = []
     pytorch_op = F.grid_sample
     monkeypatch.setattr(F, "grid_sample", lambda *a, **k: calls.append(1) or pytorch_op(*a, **k))
@@ -451,7 +450,8 @@ def test_auto_runs_pytorchs_op_where_it_is_faster(threads, monkeypatch):
     def runs_pytorch(x, grid, n):
         threads(n)
         calls.clear()
-        out = grid_sample(x, grid, "bilinear", "zeros", backend="auto")
+        with torch.no_grad():
+            out = grid_sample(x, grid, "bilinear", "zeros", backend="auto")
         assert_close(out, grid_sample_reference(x.double(), grid.double()), torch.float32, "output")
         return bool(calls)
 
@@ -464,11 +464,13 @@ def test_auto_runs_pytorchs_op_where_it_is_faster(threads, monkeypatch):
             bad = grid.clone()
             bad[where] = value
             assert not runs_pytorch(x, bad, 1), f"grid with {value} at {where}: ours"
-    assert not runs_pytorch(x, grid.requires_grad_(), 1), "a gradient to compute: ours"
-    with torch.no_grad():
-        assert runs_pytorch(x, grid, 1), "requires_grad under no_grad: PyTorch's"
+    assert runs_pytorch(x, grid.requires_grad_(), 1), "requires_grad under no_grad: PyTorch's"
     grid.requires_grad_(False)
-    assert "PyTorch's op for forward passes without gradients" in fnevr.ops.backends("cpu", "grid_sample")["auto"]
+    threads(1)
+    calls.clear()
+    grid_sample(x, grid, backend="auto")
+    assert not calls, "grad mode on (training): ours"
+    assert "PyTorch's op under torch.no_grad() for NCHW" in fnevr.ops.backends("cpu", "grid_sample")["auto"]
     assert fnevr.ops.backends("cpu", "composite")["auto"] == "cpu"
     threads(1)
     calls.clear()

@@ -99,12 +99,11 @@ void coords(const scalar_t* g, int64_t count, int64_t size, int padding, bool al
 // The taps of a block of output points, in structure-of-arrays form. Tap k of point i (bilinear:
 // column ix + (k & 1), row iy + (k >> 1), as make_taps; nearest: tap 0 only) is at element offset
 // off[i] + step[k] of an image and has weight w[k][i]; bit k of mask[i] says whether it lies inside
-// (an outside tap reads nothing, not even a NaN). `full`: every tap of every point lies inside.
+// (an outside tap reads nothing, not even a NaN).
 template <typename acc_t>
 struct Block {
   int64_t count;  // points in the block
   int taps;       // 4 (bilinear) or 1 (nearest)
-  bool full;
   int64_t step[4];
   int64_t point[kBlock];  // each point's offset in an [N, C, Ho, Wo] tensor with strides `o`
   acc_t x[kBlock], y[kBlock], dx[kBlock], dy[kBlock];  // pixel coordinates, d coordinate / d grid
@@ -130,15 +129,17 @@ struct Block {
     // Sizes up to 2^31: coordinates are below 2^30 in magnitude (source_index), so every index fits.
     const auto H = static_cast<int32_t>(std::min<int64_t>(d.H, INT32_MAX)),
                W = static_cast<int32_t>(std::min<int64_t>(d.W, INT32_MAX));
-    full = taps == 1 ? nearest_taps(*this, H, W) : bilinear_taps(*this, H, W);
+    if (taps == 1)
+      nearest_taps(*this, H, W);
+    else
+      bilinear_taps(*this, H, W);
     for (int64_t i = 0; i < count; ++i) off[i] = int64_t(iy[i]) * s.h + int64_t(ix[i]) * s.w;
   }
 };
 
 // ix, iy = floor of the coordinates, the fractions past them, the weights and the masks.
 template <typename acc_t>
-FNEVR_CPU_CLONES bool bilinear_taps(Block<acc_t>& b, int32_t H, int32_t W) {
-  int32_t all = 15;
+FNEVR_CPU_CLONES void bilinear_taps(Block<acc_t>& b, int32_t H, int32_t W) {
   for (int64_t i = 0; i < b.count; ++i) {
     // As grid_sample::corner, in 32 bits.
     const acc_t x0 = grid_sample::floor_small(b.x[i]), y0 = grid_sample::floor_small(b.y[i]);
@@ -150,23 +151,18 @@ FNEVR_CPU_CLONES bool bilinear_taps(Block<acc_t>& b, int32_t H, int32_t W) {
     const int32_t vy0 = (cy >= 0) & (cy < H), vy1 = (cy >= -1) & (cy < H - 1);
     const int32_t m = (vx0 & vy0) | (vx1 & vy0) << 1 | (vx0 & vy1) << 2 | (vx1 & vy1) << 3;
     b.mask[i] = m;
-    all &= m;
   }
-  return all == 15;
 }
 
 template <typename acc_t>
-FNEVR_CPU_CLONES bool nearest_taps(Block<acc_t>& b, int32_t H, int32_t W) {
-  int32_t all = 1;
+FNEVR_CPU_CLONES void nearest_taps(Block<acc_t>& b, int32_t H, int32_t W) {
   for (int64_t i = 0; i < b.count; ++i) {
     const auto px = static_cast<int32_t>(grid_sample::rint_(b.x[i]));
     const auto py = static_cast<int32_t>(grid_sample::rint_(b.y[i]));
     const int32_t m = (px >= 0) & (px < W) & (py >= 0) & (py < H);
     b.ix[i] = px, b.iy[i] = py, b.mask[i] = m;
     b.w[0][i] = acc_t(1), b.w[1][i] = b.w[2][i] = b.w[3][i] = acc_t(0);
-    all &= m;
   }
-  return all == 1;
 }
 
 // --- forward ------------------------------------------------------------------------------------

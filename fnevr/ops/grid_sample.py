@@ -24,13 +24,13 @@ bilinear ``zeros``.
 Gradients flow to ``input`` and ``grid`` (only to those that require grad). The fused backward is
 deterministic (bit-identical run to run) when ``torch.are_deterministic_algorithms_enabled()`` or
 ``deterministic=True``: the CPU kernel always is at a given thread count (each thread visits a
-band of output points in order, scattering into its own rows, added in band order); on CUDA and Triton the scatter into
-``grad_input`` then adds 64-bit fixed-point values (an integer sum does not depend on the order of
-its terms) instead of floating-point atomics. Those have no NaN or inf: there a non-finite
-``grad_output`` makes all of ``grad_input`` NaN (elsewhere it is NaN and inf where the reference's
-is). Double backward: with respect to ``input`` and
-``grad_output`` through the fused kernels (``grad_input`` is linear in ``grad_output``, so its
-derivative is the forward op itself); where ``grid`` needs a second derivative, the backward
+band of output points in order, scattering into rows of its own, added in band order); on CUDA
+and Triton the scatter into ``grad_input`` then adds 64-bit fixed-point values (an integer sum
+does not depend on the order of its terms) instead of floating-point atomics. Those have no NaN or
+inf: there a non-finite ``grad_output`` makes all of ``grad_input`` NaN (elsewhere it is NaN and
+inf where the reference's is). Double backward: with respect to ``input`` and ``grad_output``
+through the fused kernels (``grad_input`` is linear in ``grad_output``, so its derivative is the
+forward op itself); where ``grid`` needs a second derivative, the backward
 falls back to differentiating :func:`grid_sample_reference` with autograd. Example::
 
     >>> import torch, fnevr
@@ -320,12 +320,12 @@ def _pytorch(input, grid, mode="bilinear", padding_mode="zeros", align_corners=F
 
 
 def _pytorch_is_faster(input: Tensor, grid: Tensor) -> bool:
-    """Where ``auto`` on the CPU runs PyTorch's op instead of ours: a forward pass without gradients
-    on few-channel NCHW images (the dense motion's, visual and equivariance warps' 3-channel
+    """Where ``auto`` on the CPU runs PyTorch's op instead of ours: a call under ``torch.no_grad()``
+    (or inference mode) on few-channel NCHW images (the dense motion's, visual and equivariance warps' 3-channel
     frames) with at least as many images as threads. PyTorch's kernel gives each image a thread and
     vectorises across points, which per thread beats our forward there; ours splits an image's
     points between threads, so with fewer images than threads it is the faster, and its backward
-    is the faster in every case (benchmarks/results/cpu-table-2026-11-28.txt). Only for finite
+    is the faster on every FNeVR warp (benchmarks/results/cpu-table-2026-11-28.txt). Only for finite
     grids in fp32/fp64: PyTorch's CPU kernel treats non-finite coordinates differently from ours
     (see the module doc). Not inside torch.compile (the grid check would break the graph)."""
     N, C = input.shape[:2]
@@ -335,7 +335,7 @@ def _pytorch_is_faster(input: Tensor, grid: Tensor) -> bool:
         and input.dtype in (torch.float32, torch.float64)
         and input.is_contiguous()
         and grid.is_contiguous()
-        and not (torch.is_grad_enabled() and (input.requires_grad or grid.requires_grad))
+        and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
         and _registry.kernels("cpu", "grid_sample").grid_sample_grid_is_finite(grid)
     )
@@ -343,7 +343,7 @@ def _pytorch_is_faster(input: Tensor, grid: Tensor) -> bool:
 
 _PYTORCH_CHANNELS = 4
 _PYTORCH_WHEN = (
-    f"for forward passes without gradients on NCHW fp32/fp64 inputs of at most {_PYTORCH_CHANNELS} channels "
+    f"under torch.no_grad() for NCHW fp32/fp64 inputs of at most {_PYTORCH_CHANNELS} channels "
     "with at least as many images as threads, and a finite grid"
 )
 
