@@ -5,9 +5,10 @@ from . import (
     nn,
     ops,
 )
+from .animator import Animator
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import load_config
 from .model import FNeVR
 
 __version__ = "0.1.0"
-__all__ = ["FNeVR", "__version__", "load_checkpoint", "load_config", "nn", "ops", "save_checkpoint"]
+__all__ = ["Animator", "FNeVR", "__version__", "load_checkpoint", "load_config", "nn", "ops", "save_checkpoint"]

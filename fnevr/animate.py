@@ -37,19 +37,25 @@ def hull_area(points: Tensor) -> float:
     return abs(sum(a[0] * b[1] - b[0] * a[1] for a, b in zip(hull, hull[1:] + hull[:1]))) / 2
 
 
+def movement_scale(kp_source: dict, kp_initial: dict) -> float:
+    """``sqrt(hull area(source kp) / hull area(initial driving kp))`` (1 for a degenerate hull)."""
+    initial = hull_area(kp_initial["value"][0])
+    return (hull_area(kp_source["value"][0]) / initial) ** 0.5 if initial > 0 else 1.0
+
+
 def relative_keypoints(
     kp_source: dict,
     kp_driving: dict,
     kp_initial: dict,
     adapt_movement_scale: bool = True,
     relative_jacobian: bool = True,
+    scale: float | None = None,
 ) -> dict:
     """Source keypoints moved by the driving keypoints' motion since ``kp_initial`` (batch of
-    driving frames ``[T, K, ...]``; source and initial have batch 1)."""
-    scale = 1.0
-    if adapt_movement_scale:
-        initial = hull_area(kp_initial["value"][0])
-        scale = (hull_area(kp_source["value"][0]) / initial) ** 0.5 if initial > 0 else 1.0
+    driving frames ``[T, K, ...]``; source and initial have batch 1). ``scale``: the movement
+    scale, when already known (else computed from the hulls, or 1 without adapting)."""
+    if scale is None:
+        scale = movement_scale(kp_source, kp_initial) if adapt_movement_scale else 1.0
     out = {"value": (kp_driving["value"] - kp_initial["value"]) * scale + kp_source["value"]}
     if "jacobian" in kp_driving:
         out["jacobian"] = kp_driving["jacobian"]

@@ -10,7 +10,6 @@ renamed once complete.
 """
 
 import argparse
-import contextlib
 import math
 import os
 import sys
@@ -36,7 +35,7 @@ Checkpoints: the authors' published ones (config vox-256) or fnevr's own (config
 Errors: one line, exit code 2 for usage, 1 at run time; --debug shows the traceback.
 """
 
-VIDEO_OUT_SUFFIXES = (".mp4", ".mov")
+VIDEO_OUT_SUFFIXES = (".mp4", ".mov", ".gif")
 
 
 class CommandError(Exception):
@@ -127,7 +126,7 @@ def _video_out(path: Path) -> Path:
     """Check that the output video can be written (suffix, not a folder, folder writable: a probe file
     is created and removed there), before any work; nothing is left behind."""
     if path.suffix.lower() not in VIDEO_OUT_SUFFIXES:
-        raise UsageError(f"--out {path}: expected a video file name ending in {' or '.join(VIDEO_OUT_SUFFIXES)}")
+        raise UsageError(f"--out {path}: expected a video file name ending in {', '.join(VIDEO_OUT_SUFFIXES)}")
     if path.is_dir():
         raise UsageError(f"--out {path} is a folder; expected a video file name")
     folder = next(p for p in (path.absolute().parent, *path.absolute().parents) if p.exists())
@@ -143,36 +142,23 @@ def _video_out(path: Path) -> Path:
     return path
 
 
-def _as_float(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[T, H, W, 3]`` -> float ``[T, 3, H, W]`` in [0, 1]."""
-    return frames.permute(0, 3, 1, 2).float() / 255
+def _read_source(args):
+    """The source image, RGB ``uint8`` ``[H, W, 3]`` at its own size: an image, or frame
+    ``--source-frame`` of a video."""
+    from .data.video import MOVIE_SUFFIXES, VideoReadError, iter_video, read_image
 
-
-def _read_image(path: Path, shape) -> torch.Tensor:
-    """The source image as float ``[3, h, w]`` at the config's frame shape."""
-    from .data.video import VideoReadError, read_image
-
+    path, index = args.source, args.source_frame
     try:
-        return _as_float(read_image(path, shape))[0]
+        if path.is_dir() or (path.suffix.lower() in MOVIE_SUFFIXES):
+            for i, frame in enumerate(iter_video(path)):
+                if i == index:
+                    return frame.numpy()
+            raise CommandError(f"--source-frame {index}: {path} has {i + 1} frame{'s' if i else ''}")
+        if index:
+            raise CommandError(f"--source-frame {index}: {path} is an image (one frame); give a video")
+        return read_image(path)[0].numpy()
     except VideoReadError as e:
-        raise CommandError(f"source image: {e}") from e
-
-
-def _read_video(path: Path, shape) -> tuple[torch.Tensor, float]:
-    """float ``[T, 3, h, w]`` at the config's frame shape, and the frame rate (a movie's own, else 25)."""
-    from .data.video import MOVIE_SUFFIXES, VideoReadError, read_video
-
-    try:
-        frames = _as_float(read_video(path, shape))
-    except VideoReadError as e:
-        raise CommandError(str(e)) from e
-    fps = 25.0
-    if path.suffix.lower() in MOVIE_SUFFIXES:
-        import imageio.v3 as iio
-
-        with contextlib.suppress(Exception):  # a movie without a frame rate (a gif) plays at 25 fps
-            fps = float(iio.immeta(path).get("fps") or fps)
-    return frames, fps
+        raise CommandError(f"source: {e}") from e
 
 
 def _load_model(args, device):
@@ -192,7 +178,7 @@ def _common(p: argparse.ArgumentParser):
         help="bundled config name (vox-256, small) or YAML path (default: the one stored in fnevr "
         "checkpoints; vox-256 for the authors' published ones)",
     )
-    p.add_argument("--out", required=True, type=Path, help="output video (.mp4 or .mov)")
+    p.add_argument("--out", required=True, type=Path, help="output video (.mp4, .mov or .gif)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="frames per forward pass (default 8)")
     p.add_argument(
@@ -207,36 +193,154 @@ def _common(p: argparse.ArgumentParser):
         default=None,
         help="fused-op backend for the whole model (default: the config's, normally auto)",
     )
-    p.add_argument("--side-by-side", action="store_true", help="write source | driving | result side by side")
-    p.add_argument("--fps", type=positive_float, default=None, help="output frame rate (default: the driving video's)")
+    p.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="write source | driving | result side by side, as the model sees them",
+    )
+    g = p.add_argument_group("faces (without --crop, whole frames are animated, letterboxed: never stretched)")
+    g.add_argument(
+        "--crop",
+        action="store_true",
+        help="find the face (OpenCV's Haar cascade) in the source and in every driving frame, and animate "
+        "a square crop around it; writes the animated crop",
+    )
+    g.add_argument(
+        "--paste-back",
+        action="store_true",
+        help="with the crop (implied), paste the animated face into the full-size source, feathered",
+    )
+    g.add_argument(
+        "--crop-scale", type=positive_float, default=2.0, help="crop side over the detected face's (default 2)"
+    )
+    g.add_argument(
+        "--smoothing",
+        type=_fraction,
+        default=0.5,
+        help="weight of the past in the driving crop box's moving average, in [0, 1) (default 0.5)",
+    )
+    g.add_argument(
+        "--no-face",
+        choices=["full-frame", "stop"],
+        default="full-frame",
+        help="where no face is found: use the whole source frame, keep the last driving box (default), "
+        "or stop with an error",
+    )
+    g.add_argument("--feather", type=_fraction, default=0.1, help="paste-back: blended border, of the crop's side")
+    g.add_argument("--face-cascade", type=Path, default=None, help="an OpenCV Haar cascade file to detect with")
+    g = p.add_argument_group("output")
+    g.add_argument("--fps", type=positive_float, default=None, help="output frame rate (default: the driving video's)")
+    g.add_argument("--crf", type=_crf, default=23, help="H.264 quality, 0 (lossless) to 51 (default 23)")
+    g.add_argument("--no-audio", action="store_true", help="leave out the driving video's audio (kept by default)")
 
 
-def _run(model, source, driving, fps, args, device, relative, initial_frame=0):
+def _fraction(text):
+    value = _number(float, 0.0, False, "a number in [0, 1)")(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def _crf(text):
+    value = _number(int, 0, False, "an integer from 0 to 51")(text)
+    if value > 51:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 51, got {text!r}")
+    return value
+
+
+def _detector(args):
+    """The face detector, built before any heavy work (a missing OpenCV or a bad cascade is a usage error)."""
+    args.crop = args.crop or args.paste_back
+    if args.side_by_side and args.paste_back:
+        raise UsageError("--side-by-side shows the model's squares; it does not go with --paste-back")
+    if not args.crop:
+        if args.face_cascade is not None:
+            raise UsageError("--face-cascade goes with --crop or --paste-back")
+        return None
+    from .face import HaarFaceDetector
+
+    if args.face_cascade is not None:
+        _existing_file(args.face_cascade, "--face-cascade")
+    try:
+        return HaarFaceDetector(args.face_cascade)
+    except (RuntimeError, ValueError, FileNotFoundError) as e:
+        raise UsageError(f"--crop: {e}") from None
+
+
+def _run(args, device, source, driving: Path, *, relative: bool, source_name: str) -> dict:
+    """Animate ``source`` (RGB uint8 ``[H, W, 3]``) with the frames of ``driving``; write ``--out``."""
     from tqdm import tqdm
 
-    from .animate import animate
-    from .data.video import write_video
+    from .animator import Animator
+    from .data.video import VideoReadError, VideoWriter, frame_rate, has_audio, iter_video
+    from .face import NoFaceError, describe_missing
 
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    autocast = torch.bfloat16 if bf16 else None
-    with tqdm(total=driving.shape[0], unit="frame", desc=args.command, disable=not sys.stderr.isatty()) as bar:
-        pred = animate(
-            model,
-            source.to(device),
-            driving.to(device),
-            relative=relative,
-            adapt_movement_scale=relative,
-            initial_frame=initial_frame,
-            batch_size=args.batch_size,
-            autocast_dtype=autocast,
-            progress=bar.update,
-        )
-    pred = pred.cpu()
-    if args.side_by_side:
-        pred = torch.cat([source.expand_as(pred), driving, pred], dim=3)
-    frames = (pred.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-    write_video(args.out, frames, fps=args.fps if args.fps is not None else fps)
-    return pred
+    detector = args.detector
+    model = _load_model(args, device)
+    animator = Animator(
+        model,
+        device=device,
+        crop=args.crop,
+        paste_back=args.paste_back,
+        detector=detector,
+        crop_scale=args.crop_scale,
+        smoothing=args.smoothing,
+        no_face=args.no_face,
+        feather=args.feather,
+        relative=relative,
+        adapt_movement_scale=relative,
+        precision=args.precision,
+        source_name=source_name,
+        driving_name=str(driving),
+    )
+    in_fps = frame_rate(driving)
+    fps = args.fps if args.fps is not None else in_fps
+    audio = None
+    if not args.no_audio and has_audio(driving):
+        if fps == in_fps:
+            audio = driving
+        else:
+            warnings.warn(
+                f"the audio is left out: --fps {fps:g} differs from the driving video's {in_fps:g} fps", stacklevel=2
+            )
+    stats = {"frames": 0, "l1": 0.0, "audio": audio is not None}
+    try:
+        animator.set_source(source)
+        squares = [] if args.find_best_frame else None
+        prepared = (animator.prepare(frame) for frame in iter_video(driving))
+        if squares is not None:  # the best-frame search needs every driving square first
+            from .animate import find_best_frame
+
+            squares = list(prepared)
+            best = find_best_frame(animator.source.cpu(), torch.stack(squares), device=str(device))
+            animator.set_initial(squares[best])
+            prepared = iter(squares)
+        seen: list = []
+
+        def keep(iterable):  # the squares, kept until their output is written (side by side, L1)
+            for square in iterable:
+                seen.append(square)
+                yield square
+
+        bar = tqdm(unit="frame", desc=args.command, disable=not sys.stderr.isatty())
+        with bar, VideoWriter(args.out, fps, crf=args.crf, audio=audio) as writer:
+            for pred in animator.animate_squares(keep(prepared), args.batch_size, progress=bar.update):
+                square = seen.pop(0)
+                stats["l1"] += (pred - square).abs().mean().item()
+                stats["frames"] += 1
+                if args.side_by_side:
+                    from .face import to_uint8
+
+                    writer.write(to_uint8(torch.cat([animator.source.cpu(), square, pred], dim=2)))
+                else:
+                    writer.write(animator.finish(pred))
+    except (NoFaceError, VideoReadError) as e:
+        raise CommandError(str(e)) from e
+    stats["audio"] = stats["audio"] and writer.audio_kept
+    if animator.tracker.missing:
+        message = describe_missing(str(driving), animator.tracker.missing, stats["frames"])
+        warnings.warn(message + ": each kept the last box found (letterboxed before the first)", stacklevel=2)
+    return stats
 
 
 def _check_inference(args, *inputs):
@@ -248,33 +352,28 @@ def _check_inference(args, *inputs):
     for option, path in inputs:
         _existing(path, option)
     _video_out(args.out)
+    args.detector = _detector(args)
     return device
+
+
+def _report(args, stats, extra=""):
+    audio = ", with the driving video's audio" if stats["audio"] else ""
+    print(f"wrote {args.out} ({stats['frames']} frames{audio}){extra}")
 
 
 def cmd_animate(args):
     device = _check_inference(args, ("--source", args.source), ("--driving", args.driving))
-    model = _load_model(args, device)
-    shape = model.config["dataset_params"]["frame_shape"][:2]
-    source = _read_image(args.source, shape)
-    driving, fps = _read_video(args.driving, shape)
-    initial = 0
-    if args.find_best_frame:
-        from .animate import find_best_frame
-
-        initial = find_best_frame(source, driving, device=str(device))
-    _run(model, source, driving, fps, args, device, relative=not args.absolute, initial_frame=initial)
-    print(f"wrote {args.out} ({driving.shape[0]} frames)")
+    source = _read_source(args)
+    stats = _run(args, device, source, args.driving, relative=not args.absolute, source_name=str(args.source))
+    _report(args, stats)
 
 
 def cmd_reconstruct(args):
     device = _check_inference(args, ("--video", args.video))
-    model = _load_model(args, device)
-    driving, fps = _read_video(args.video, model.config["dataset_params"]["frame_shape"][:2])
-    pred = _run(model, driving[0], driving, fps, args, device, relative=False)
-    if not args.side_by_side:
-        print(f"wrote {args.out} ({driving.shape[0]} frames); L1 to the video: {(pred - driving).abs().mean():.4f}")
-    else:
-        print(f"wrote {args.out} ({driving.shape[0]} frames)")
+    args.source, args.source_frame, args.find_best_frame = args.video, 0, False
+    source = _read_source(args)
+    stats = _run(args, device, source, args.video, relative=False, source_name=f"{args.video} frame 0")
+    _report(args, stats, "" if args.side_by_side else f"; L1 to the video: {stats['l1'] / stats['frames']:.4f}")
 
 
 # The demo fits `make demo` on a fresh 2-core machine into 6 minutes, install and build included:
@@ -372,8 +471,19 @@ def cmd_evaluate(args):
     _dataset_folder(args.data, "test")
     if args.lpips_weights is not None:
         _existing_file(args.lpips_weights, "--lpips-weights")
+    for option, path in (("--landmark-model", args.landmark_model), ("--identity-weights", args.identity_weights)):
+        if path is not None:
+            _existing_file(path, option)
+    if args.save_png is not None and args.save_png.exists() and not args.save_png.is_dir():
+        raise UsageError(f"--save-png {args.save_png} is a file; expected a folder")
+    from .metrics import load_identity, load_landmarks
     from .train.evaluate import evaluate
 
+    try:
+        landmarks = load_landmarks(args.landmark_model, device)
+        identity = load_identity(args.identity_weights, device)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
     with tqdm(unit="video", desc="evaluate", disable=not sys.stderr.isatty()) as bar:
         result = evaluate(
             args.checkpoint,
@@ -384,6 +494,9 @@ def cmd_evaluate(args):
             max_videos=args.max_videos,
             lpips_weights=args.lpips_weights,
             backend=args.backend,
+            landmarks=landmarks,
+            identity=identity,
+            save_png=args.save_png,
             progress=bar.update,
         )
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
@@ -484,8 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "evaluate",
         help="reconstruction metrics on a test split",
-        description="Re-create every test video from its first frame and report mean L1, PSNR, SSIM "
-        "and, given AlexNet weights, LPIPS.",
+        description="Re-create every test video from its first frame and report mean L1, PSNR, SSIM; "
+        "LPIPS given AlexNet weights; AKD and AED given landmark and identity models (FOMM's protocol: "
+        "on the frames rounded to 8 bits, as png).",
     )
     p.add_argument("--checkpoint", required=True, type=Path)
     p.add_argument("--config", default=None, help="default: stored in fnevr checkpoints; vox-256 for published ones")
@@ -503,6 +617,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torchvision AlexNet weights for LPIPS (default: the torch hub cache; none: LPIPS skipped)",
     )
+    p.add_argument(
+        "--landmark-model",
+        type=Path,
+        default=None,
+        help="AKD: a 68-point landmark model saved by torch.export.save or torch.jit.save (images "
+        "[N,3,H,W] in [0,1] -> [N,68,2] pixels, NaN without a face); default: face-alignment, if installed "
+        "with its weights in the torch hub cache; else AKD is left out",
+    )
+    p.add_argument(
+        "--identity-weights",
+        type=Path,
+        default=None,
+        help="AED: an identity-embedding model saved by torch.export.save or torch.jit.save (images "
+        "[N,3,H,W] in [0,1] -> [N,D]); without it AED is left out",
+    )
+    p.add_argument(
+        "--save-png", type=Path, default=None, help="also write each reconstruction as a png strip (FOMM's layout)"
+    )
     p.add_argument("--backend", choices=BACKEND_CHOICES, default=None)
     p.set_defaults(func=cmd_evaluate)
 
@@ -512,7 +644,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Animate SOURCE with the motion of DRIVING: relative keypoint motion with "
         "adapted movement scale (the published demo's reenactment mode).",
     )
-    p.add_argument("--source", required=True, type=Path, help="source image (png/jpg, any size)")
+    p.add_argument("--source", required=True, type=Path, help="source image (png/jpg, any size), or a video")
+    p.add_argument(
+        "--source-frame", type=count, default=0, help="with a video as --source: the frame to animate (default 0)"
+    )
     p.add_argument(
         "--driving",
         required=True,

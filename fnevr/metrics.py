@@ -26,6 +26,7 @@ its backbone weights come from a path (torchvision's ``alexnet-owt-7be5be79.pth`
 import glob
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -129,3 +130,109 @@ def _hub_pattern(net: str) -> str:
 
 def _alex_vgg_slices(backbone):
     return [getattr(backbone, f"slice{i}") for i in range(1, 6)]
+
+
+# --- motion and identity: AKD and AED (FOMM's protocol) -----------------------------------------------------------
+
+FACE_ALIGNMENT_FILES = ("2DFAN4*", "s3fd*")  # face-alignment's landmark and detector weights in the hub cache
+
+
+def load_landmarks(path=None, device="cpu"):
+    """A 68-point face-landmark model for AKD: ``images [N, 3, H, W]`` in ``[0, 1]`` -> ``[N, 68, 2]``
+    pixel coordinates (x, y), NaN where no face is found.
+
+    ``path``: a saved module with that contract (``torch.export.save`` or ``torch.jit.save``). Without it, the
+    ``face-alignment`` package (what FOMM's evaluation uses), if it is installed and its weights are
+    already in the torch hub cache (``2DFAN4*`` and ``s3fd*`` under ``torch.hub.get_dir()/checkpoints``):
+    it is never allowed to download them. Else ``None``, with a logged message saying what is missing."""
+    if path is not None:
+        return _torchscript(path, "landmark model", device)
+    try:
+        import face_alignment
+    except ImportError:
+        logger.warning(
+            "AKD skipped: no landmark model (pass --landmark-model PATH, a saved module, or "
+            "pip install face-alignment with its weights in %s)",
+            os.path.join(torch.hub.get_dir(), "checkpoints"),
+        )
+        return None
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    missing = [p for p in FACE_ALIGNMENT_FILES if not glob.glob(os.path.join(folder, p))]
+    if missing:
+        logger.warning(
+            "AKD skipped: face-alignment's weights are not in %s (missing %s); nothing is downloaded",
+            folder,
+            ", ".join(missing),
+        )
+        return None
+    kind = getattr(face_alignment.LandmarksType, "TWO_D", None) or face_alignment.LandmarksType._2D
+    aligner = face_alignment.FaceAlignment(kind, flip_input=False, device=str(device))
+
+    def landmarks(images: Tensor) -> Tensor:
+        batch = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        out = torch.full((len(batch), 68, 2), float("nan"), dtype=torch.float64)
+        for i, image in enumerate(batch):
+            found = aligner.get_landmarks(image)
+            if found:
+                out[i] = torch.as_tensor(found[0][:, :2], dtype=torch.float64)
+        return out
+
+    return landmarks
+
+
+def load_identity(path=None, device="cpu"):
+    """An identity-embedding model for AED: ``images [N, 3, H, W]`` in ``[0, 1]`` -> ``[N, D]``, a
+    TorchScript module at ``path`` (e.g. an OpenFace or FaceNet network saved with
+    ``torch.jit.save``). ``None`` (with a logged message) without a path."""
+    if path is None:
+        logger.warning("AED skipped: no identity model (pass --identity-weights PATH, a saved module)")
+        return None
+    return _torchscript(path, "identity model", device)
+
+
+def _torchscript(path, what: str, device):
+    """A saved model: a ``torch.export`` program (``torch.export.save``, run where it was exported)
+    or a TorchScript module (``torch.jit.save``, moved to ``device``). Returns a callable that takes
+    and returns tensors on the caller's device."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    try:
+        module = torch.export.load(str(path)).module()
+    except Exception:
+        try:
+            with warnings.catch_warnings():  # TorchScript is deprecated, yet it is what most such models ship as
+                warnings.simplefilter("ignore", FutureWarning)
+                module = torch.jit.load(str(path), map_location=device).eval()
+        except Exception as e:
+            raise ValueError(
+                f"{what} {path}: neither a torch.export program nor a TorchScript module ({type(e).__name__}: {e})"
+            ) from None
+    where = next((t.device for t in module.parameters()), next((t.device for t in module.buffers()), None))
+    where = where or torch.device(device)
+
+    def run(images: Tensor) -> Tensor:
+        with torch.no_grad():
+            return module(images.to(where)).to(images.device)
+
+    return run
+
+
+def quantize(images: Tensor) -> Tensor:
+    """Images as the published evaluation sees them, saved as 8-bit png: rounded to ``k/255``."""
+    return (images.clamp(0, 1) * 255).round() / 255
+
+
+@torch.no_grad()
+def keypoint_distance(pred: Tensor, target: Tensor) -> tuple[float, int]:
+    """AKD's sum and count: for each frame where both ``[N, K, 2]`` keypoint sets are found (no
+    NaN), the mean over keypoints of the Euclidean distance. Returns ``(sum over frames, frames)``."""
+    distance = (pred.double() - target.double()).norm(dim=-1).mean(dim=-1)
+    found = torch.isfinite(distance)
+    return distance[found].sum().item(), int(found.sum())
+
+
+@torch.no_grad()
+def embedding_distance(pred: Tensor, target: Tensor) -> float:
+    """AED's sum over frames: the Euclidean distance between the ``[N, D]`` identity embeddings."""
+    return (pred.double().flatten(1) - target.double().flatten(1)).norm(dim=-1).sum().item()

@@ -18,6 +18,10 @@ Grey images become RGB, an alpha channel is dropped. With ``frame_shape`` every 
     torch.Size([8, 32, 32, 3])
 """
 
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -136,32 +140,185 @@ def resize_frames(frames: Tensor, size) -> Tensor:
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def write_video(path, frames, fps: float = 25.0) -> None:
+def write_video(path, frames, fps: float = 25.0, **options) -> None:
     """Write ``frames`` (``uint8`` ``[T, H, W, 3]`` tensor or array; float in ``[0, 1]`` is scaled)
-    as a playable H.264 mp4 (yuv420p). Odd heights/widths are padded by one edge pixel, because
-    yuv420p needs even sizes. The file appears only once complete (written to a temporary name in
-    the same folder, then renamed), so a failed write leaves no partial video behind."""
-    import imageio.v2 as imageio
-
+    with :class:`VideoWriter` (``options``: its ``crf`` and ``audio``)."""
     frames = torch.as_tensor(np.asarray(frames) if not isinstance(frames, Tensor) else frames)
     if frames.dim() != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
         raise ValueError(f"write_video: frames must be [T, H, W, 3] with T > 0; got {tuple(frames.shape)}")
     if frames.is_floating_point():
         frames = (frames.clamp(0, 1) * 255).round()
-    frames = frames.to("cpu", torch.uint8)
-    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
-    if pad_h or pad_w:
-        frames = F.pad(frames.permute(0, 3, 1, 2).float(), (0, pad_w, 0, pad_h), mode="replicate")
-        frames = frames.to(torch.uint8).permute(0, 2, 3, 1)
-    with atomic_path(path) as tmp:
-        writer = imageio.get_writer(
-            str(tmp), fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=2, ffmpeg_log_level="error"
-        )
+    with VideoWriter(path, fps, **options) as writer:
+        for frame in frames.to("cpu", torch.uint8).numpy():
+            writer.write(frame)
+
+
+OUT_SUFFIXES = (".mp4", ".mov", ".gif")
+
+
+class VideoWriter:
+    """Write RGB ``uint8`` frames ``[H, W, 3]`` one at a time to an H.264 mp4/mov (yuv420p, quality
+    ``crf``: 0 lossless ... 51 worst, x264's default 23) or a looping gif.
+
+    ``audio``: a media file whose first audio stream is copied into the mp4/mov (AAC), cut to the
+    video's length; a file without audio adds none (:attr:`audio_kept` says which). Odd heights or
+    widths are padded by one edge pixel, as yuv420p needs even sizes. The file appears only once
+    complete (written under a temporary name in the same folder, then renamed), so a failure
+    leaves no partial file behind. Use as a context manager; :meth:`close` finishes the file."""
+
+    def __init__(self, path, fps: float = 25.0, *, crf: int = 23, audio=None):
+        self.path = Path(path)
+        suffix = self.path.suffix.lower()
+        if suffix not in OUT_SUFFIXES:
+            raise ValueError(f"video output {self.path}: expected a name ending in {', '.join(OUT_SUFFIXES)}")
+        if not 0 <= crf <= 51:
+            raise ValueError(f"crf must be in 0..51; got {crf}")
+        self.fps, self.crf, self.gif = float(fps), int(crf), suffix == ".gif"
+        self.audio = None if audio is None or self.gif else Path(audio)
+        self.audio_kept = False
+        self.frames = 0
+        self._atomic = atomic_path(self.path)
+        self._tmp = self._atomic.__enter__()
+        self._writer = None
+        self._gif_frames: list = []
+
+    def write(self, frame) -> None:
+        frame = np.asarray(frame)
+        if frame.ndim != 3 or frame.shape[-1] != 3 or frame.dtype != np.uint8:
+            raise ValueError(f"VideoWriter.write: expected RGB uint8 [H, W, 3]; got {frame.dtype} {frame.shape}")
+        if self.gif:
+            self._gif_frames.append(frame)
+        else:
+            if frame.shape[0] % 2 or frame.shape[1] % 2:
+                frame = np.pad(frame, ((0, frame.shape[0] % 2), (0, frame.shape[1] % 2), (0, 0)), mode="edge")
+            if self._writer is None:
+                import imageio.v2 as imageio
+
+                self._writer = imageio.get_writer(
+                    str(self._tmp),
+                    fps=self.fps,
+                    codec="libx264",
+                    pixelformat="yuv420p",
+                    macro_block_size=2,
+                    quality=None,
+                    output_params=["-crf", str(self.crf)],
+                    ffmpeg_log_level="error",
+                )
+            self._writer.append_data(frame)
+        self.frames += 1
+
+    def close(self) -> None:
+        """Finish the file (and mux the audio); nothing is written if no frame was."""
         try:
-            for frame in frames.numpy():
-                writer.append_data(frame)
-        finally:
-            writer.close()
+            if self.frames == 0:
+                raise ValueError(f"video output {self.path}: no frames were written")
+            if self.gif:
+                import imageio.v3 as iio
+
+                iio.imwrite(self._tmp, np.stack(self._gif_frames), plugin="pillow", duration=1000 / self.fps, loop=0)
+            else:
+                self._writer.close()
+                if self.audio is not None and has_audio(self.audio):
+                    _mux_audio(self._tmp, self.audio, self.frames / self.fps)
+                    self.audio_kept = True
+        except BaseException as e:
+            self._atomic.__exit__(type(e), e, e.__traceback__)
+            raise
+        self._atomic.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        """Drop the partial file."""
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+        error = RuntimeError("aborted")
+        with contextlib.suppress(RuntimeError):
+            self._atomic.__exit__(RuntimeError, error, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _ffmpeg(*args: str) -> subprocess.CompletedProcess:
+    import imageio_ffmpeg
+
+    return subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", *args], capture_output=True, text=True)
+
+
+def has_audio(path) -> bool:
+    """Whether the media file ``path`` has an audio stream (asks imageio-ffmpeg's ffmpeg)."""
+    if Path(path).is_dir():
+        return False
+    result = _ffmpeg("-i", str(path))  # exits 1 (no output named); the streams are on stderr
+    return any(line.lstrip().startswith("Stream #") and " Audio:" in line for line in result.stderr.splitlines())
+
+
+def _mux_audio(video: Path, audio: Path, duration: float) -> None:
+    """Replace ``video`` by itself plus ``audio``'s first audio stream (AAC), cut to ``duration``
+    seconds (ffmpeg's ``-shortest`` can drop the video's last frame)."""
+    out = video.with_name(video.stem + ".audio" + video.suffix)
+    try:
+        result = _ffmpeg(
+            "-y", "-loglevel", "error", "-i", str(video), "-t", f"{duration:.6f}", "-i", str(audio),
+            "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac", str(out),
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"cannot copy the audio of {audio} into the video: {result.stderr.strip()}")
+        os.replace(out, video)
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def iter_video(path, frame_shape=None) -> Iterator[Tensor]:
+    """The frames of a video one at a time, ``uint8`` ``[H, W, 3]``: a movie is decoded as it goes
+    (constant memory); other layouts are read whole first. Errors name ``path``
+    (:class:`VideoReadError`)."""
+    path = Path(path)
+    if path.is_dir() or path.suffix.lower() not in (".mp4", ".mov"):
+        yield from read_video(path, frame_shape)
+        return
+    if not path.is_file():
+        raise VideoReadError(path, "no such file")
+    import imageio.v2 as imageio
+
+    size = _check_shape(frame_shape)
+    count = 0
+    try:
+        reader = imageio.get_reader(str(path))
+    except Exception as error:
+        raise VideoReadError(path, f"{type(error).__name__}: {error}") from error
+    try:
+        while True:
+            try:
+                frame = reader.get_next_data()
+            except (IndexError, StopIteration):
+                break
+            except Exception as error:
+                raise VideoReadError(path, f"frame {count}: {type(error).__name__}: {error}") from error
+            count += 1
+            yield resize_frames(_to_rgb(np.asarray(frame))[None], size)[0]
+    finally:
+        reader.close()
+    if count == 0:
+        raise VideoReadError(path, "no frames")
+
+
+def frame_rate(path, default: float = 25.0) -> float:
+    """A movie's frame rate (``default`` for frame folders, strips and files that have none)."""
+    path = Path(path)
+    if path.is_dir() or path.suffix.lower() not in MOVIE_SUFFIXES:
+        return default
+    import imageio.v3 as iio
+
+    with contextlib.suppress(Exception):
+        return float(iio.immeta(path).get("fps") or default)
+    return default
 
 
 def _check_shape(frame_shape):

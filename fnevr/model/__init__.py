@@ -117,8 +117,11 @@ class FNeVR(nn.Module):
                 t.data = t.data.contiguous(memory_format=torch.channels_last)
         return self
 
-    def animate(self, source: Tensor, kp_source: dict, kp_driving: dict) -> dict[str, Tensor]:
-        return self.generator(source, kp_driving=kp_driving, kp_source=kp_source)
+    def animate(
+        self, source: Tensor, kp_source: dict, kp_driving: dict, source_features: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """The generator's outputs; ``source_features``: ``generator.encode(source)``, if kept."""
+        return self.generator(source, kp_driving=kp_driving, kp_source=kp_source, source_features=source_features)
 
     def forward(self, source: Tensor, driving: Tensor) -> dict[str, Tensor]:
         kp_source, kp_driving = self.kp_detector(source), self.kp_detector(driving)

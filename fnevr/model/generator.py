@@ -68,8 +68,12 @@ class Generator(nn.Module):
             ).permute(0, 2, 3, 1)
         return ops.grid_sample(x, deformation, backend=self.ops_backend)
 
-    def forward(self, source: Tensor, kp_driving: dict, kp_source: dict) -> dict[str, Tensor]:
-        features = self.encode(source)
+    def forward(
+        self, source: Tensor, kp_driving: dict, kp_source: dict, source_features: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """``source_features``: :meth:`encode`'s output for ``source``, when already known (a source
+        animated frame after frame needs it once)."""
+        features = self.encode(source) if source_features is None else source_features
         motion = self.dense_motion(source, kp_driving=kp_driving, kp_source=kp_source)
         out = dict(motion)
         features = self.warp(features, motion["deformation"])

@@ -3,15 +3,25 @@
 Each test video is re-created from its first frame with its own (absolute) keypoints, as FOMM's
 reconstruction benchmark does, and L1, PSNR, SSIM and (with backbone weights) LPIPS are averaged
 over all frames of all videos.
+
+With a landmark model, AKD (average keypoint distance, in pixels of the frame) and with an identity
+model AED (average embedding distance) follow FOMM's published protocol: its reconstruction script
+saves each video as an 8-bit png, its pose-evaluation scripts run the models on those frames and on
+the real ones, and average per frame over the frames where both have a face. Here the frames are
+rounded to 8 bits as the png holds them (``save_png`` also writes those pngs, one strip per video as
+FOMM does, for its own scripts), and AKD counts only frames with a face in both.
 """
 
 import warnings
+from pathlib import Path
+
+import torch
 
 from ..animate import animate
 from ..checkpoint import load_checkpoint
 from ..data.dataset import FramesDataset
 from ..data.video import VideoReadError
-from ..metrics import evaluate_pairs, load_lpips
+from ..metrics import embedding_distance, evaluate_pairs, keypoint_distance, load_lpips, quantize
 
 
 def evaluate(
@@ -24,12 +34,17 @@ def evaluate(
     max_videos: int | None = None,
     lpips_weights=None,
     backend: str | None = None,
+    landmarks=None,
+    identity=None,
+    save_png=None,
     progress=None,
 ) -> dict:
     """Returns ``{"videos": n, "skipped": n, "frames": n, "l1", "psnr", "ssim"[, "lpips"]}`` (means
     over the frames of the videos read). A video that cannot be read is skipped with a
     ``RuntimeWarning`` naming it, and counted in ``skipped``, not in ``videos``; ``max_videos``
-    counts the videos evaluated."""
+    counts the videos evaluated. ``landmarks``/``identity``: models from
+    :func:`~fnevr.metrics.load_landmarks`/:func:`~fnevr.metrics.load_identity` (``akd`` and
+    ``akd_frames``, ``aed`` then appear). ``save_png``: a folder for the reconstructions as png strips."""
     model, _ = load_checkpoint(checkpoint, config, training_modules=False)
     if backend:
         model.set_backend(backend)
@@ -39,6 +54,7 @@ def evaluate(
     lpips = load_lpips(lpips_weights)
     wanted = len(ds) if max_videos is None else min(max_videos, len(ds))
     sums, frames, videos, skipped = {}, 0, 0, []
+    akd = [0.0, 0]  # sum of per-frame distances, frames with a face in both
     for i in range(len(ds)):
         if videos == wanted:
             break
@@ -52,6 +68,14 @@ def evaluate(
         metrics = evaluate_pairs(pred, video.float(), lpips=lpips)
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v * video.shape[0]
+        png, real = quantize(pred), quantize(video.float())
+        if landmarks is not None:
+            total, found = keypoint_distance(landmarks(png), landmarks(real))
+            akd[0], akd[1] = akd[0] + total, akd[1] + found
+        if identity is not None:
+            sums["aed"] = sums.get("aed", 0.0) + embedding_distance(identity(png), identity(real))
+        if save_png is not None:
+            _save_strip(Path(save_png) / f"{Path(ds[i]['name']).stem}.png", png)
         frames += video.shape[0]
         videos += 1
         if progress is not None:
@@ -61,4 +85,19 @@ def evaluate(
             f"no readable test video to evaluate in {ds.root}"
             + (f" ({len(skipped)} could not be read)" if skipped else "")
         )
-    return {"videos": videos, "skipped": len(skipped), "frames": frames, **{k: v / frames for k, v in sums.items()}}
+    result = {"videos": videos, "skipped": len(skipped), "frames": frames, **{k: v / frames for k, v in sums.items()}}
+    if landmarks is not None:
+        result["akd"] = akd[0] / akd[1] if akd[1] else float("nan")
+        result["akd_frames"] = akd[1]
+    return result
+
+
+def _save_strip(path: Path, frames) -> None:
+    """``[T, 3, H, W]`` in [0, 1] as one png, the frames side by side (FOMM's reconstruction output)."""
+    import imageio.v3 as iio
+
+    from .._files import atomic_path
+
+    strip = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(2, 0, 3, 1).flatten(1, 2).cpu().numpy()
+    with atomic_path(path) as tmp:
+        iio.imwrite(tmp, strip)
