@@ -223,10 +223,15 @@ def _common(p: argparse.ArgumentParser):
         "--no-face",
         choices=["full-frame", "stop"],
         default="full-frame",
-        help="where no face is found: use the whole source frame, keep the last driving box (default), "
-        "or stop with an error",
+        help="full-frame (default): a source without a face is used whole, a driving frame without one "
+        "keeps the last box; stop: stop with an error naming the file and frame",
     )
-    g.add_argument("--feather", type=_fraction, default=0.1, help="paste-back: blended border, of the crop's side")
+    g.add_argument(
+        "--feather",
+        type=_fraction,
+        default=0.1,
+        help="paste-back: the blended border, as a fraction of the crop's side (default 0.1)",
+    )
     g.add_argument("--face-cascade", type=Path, default=None, help="an OpenCV Haar cascade file to detect with")
     g = p.add_argument_group("output")
     g.add_argument("--fps", type=positive_float, default=None, help="output frame rate (default: the driving video's)")

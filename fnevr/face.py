@@ -72,7 +72,7 @@ class HaarFaceDetector:
     wide or high (faster, and the cascade needs no more); faces smaller than ``min_fraction`` of the
     shorter side are ignored."""
 
-    def __init__(self, cascade=None, *, max_side: int = 640, min_fraction: float = 0.08):
+    def __init__(self, cascade=None, *, max_side: int = 320, min_fraction: float = 0.08):
         cv2 = self._cv2 = _cv2()
         if cascade is None:
             folder = getattr(getattr(cv2, "data", None), "haarcascades", None)

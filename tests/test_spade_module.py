@@ -125,3 +125,37 @@ def test_bad_options():
         fnevr.nn.SPADE(4, 3, norm="group")
     with pytest.raises(ValueError, match="activation must be one of"):
         fnevr.nn.SPADE(4, 3, activation="tanh")
+
+
+@pytest.mark.parametrize("scale", [1, 2, 3, 4])
+@pytest.mark.parametrize("hw", [(1, 1), (5, 7), (8, 8)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsampled_conv3x3_is_the_conv_of_the_nearest_upsampled_map(scale, hw, channels_last):
+    from fnevr.nn.upsampled_conv import upsampled_conv3x3
+
+    g = torch.Generator().manual_seed(scale)
+    x = torch.randn(2, 6, *hw, generator=g, dtype=torch.float64)
+    weight = torch.randn(5, 6, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(5, generator=g, dtype=torch.float64)
+    if channels_last:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    want = F.conv2d(F.interpolate(x, scale_factor=scale, mode="nearest"), weight, bias, padding=1)
+    got = upsampled_conv3x3(x, weight, bias, scale)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    if scale > 1:
+        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    with pytest.raises(ValueError, match="weight must be"):
+        upsampled_conv3x3(x, weight[:, :, :2], bias, scale)
+
+
+def test_spade_without_gradients_takes_the_low_resolution_conv_and_agrees():
+    torch.manual_seed(0)
+    layer = fnevr.nn.SPADE(8, 16, hidden_channels=12, activation="relu").double()
+    x, segmap = torch.randn(2, 8, 32, 32, dtype=torch.float64), torch.randn(2, 16, 8, 8, dtype=torch.float64)
+    with_grad = layer(x, segmap)
+    calls = []
+    layer.mlp_shared.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        without = layer(x, segmap)
+    assert calls == []  # the module's own conv at full resolution did not run
+    torch.testing.assert_close(without, with_grad.detach(), rtol=0, atol=1e-12)
