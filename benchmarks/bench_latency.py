@@ -6,7 +6,8 @@ the authors' published FNeVR code with the same weights (random, vox-256 layout)
     python benchmarks/bench_latency.py --published /tmp/FNeVR [--device cuda] [--save benchmarks/results]
     python benchmarks/bench_latency.py --smoke                     # small config, fnevr only: checks that it runs
 
-Two figures per provider, both the median over ``--frames`` driving frames after warm-up:
+Two figures per provider, each the median over ``--frames`` driving frames after warm-up; the
+providers are timed in turn for ``--rounds`` rounds and each keeps its best median:
 
 * **model**: one driving frame already at 256², to the animated 256² frame: the keypoint detector
   on the driving frame, relative motion, the generator (the source's keypoints are computed once).
@@ -24,6 +25,7 @@ import argparse
 import datetime
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -118,7 +120,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--published", type=Path, default=None, help="a checkout of zengbohan0217/FNeVR")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--frames", type=int, default=10, help="timed frames per figure (default 10)")
+    parser.add_argument("--frames", type=int, default=8, help="timed frames per figure and round (default 8)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over all providers (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--providers", nargs="+", default=["published", "fp32", "bf16", "fp32-compile", "bf16-compile"])
     parser.add_argument("--save", type=Path, default=None, help="directory to write latency-<device>-<date>.txt into")
@@ -136,6 +139,7 @@ def main():
     from fnevr.face import to_float
 
     frames = args.frames if not args.smoke else 2
+    rounds = args.rounds if not args.smoke else 1
     config = "small" if args.smoke else "vox-256"
     providers = [p for p in args.providers if not (args.smoke and p == "published")]
     ckpt = random_published_checkpoint()
@@ -156,7 +160,8 @@ def main():
         torch.nn.functional.interpolate(to_float(f)[None, :, 80:400, 160:480], size=size, mode="area")[0].to(device)
         for f in camera
     ]
-    env = f"torch {torch.__version__}, {device}" + (
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
+    env = f"commit {commit.strip() or '?'}, torch {torch.__version__}, {device}" + (
         f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"
     )
     lines = [
@@ -166,29 +171,27 @@ def main():
         "|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
-    results = {}
+    steps = {}
     for name in providers:
         if name == "published":
             published_model, e2e_step = published_provider(args.published, ckpt, device, source)
-            model_step = lambda square: published_model(square[None])
-            warm = 2
+            steps[name] = (lambda square: published_model(square[None]), e2e_step, 2)
         else:
             precision, _, compiled = name.partition("-")
             animator = fnevr.Animator(
                 model, device=device, crop=True, paste_back=True, precision=precision, compile=compiled == "compile"
             )
             animator.set_source(source)
-            model_step = lambda square, a=animator: a._animate(square[None])
-            e2e_step = animator
-            warm = 4 if compiled else 2
-        timed_model = per_frame(model_step, squares, device, warm)
-        timed_e2e = per_frame(e2e_step, camera, device, warm)
-        results[name] = (timed_model, timed_e2e)
-        base = results.get("published")
-        ratio = lambda i: (
-            f"{base[i] / results[name][i]:.2f}x" if base and name != "published" else ("1" if base else "-")
-        )
-        line = f"| {name} | {timed_model * 1e3:.1f} | {timed_e2e * 1e3:.1f} | {ratio(0)} | {ratio(1)} |"
+            steps[name] = (lambda square, a=animator: a._animate(square[None]), animator, 4 if compiled else 2)
+    results: dict = {}
+    for _ in range(rounds):  # providers in turn, the best median of the rounds kept
+        for name, (model_step, e2e_step, warm) in steps.items():
+            timed = (per_frame(model_step, squares, device, warm), per_frame(e2e_step, camera, device, warm))
+            results[name] = tuple(min(a, b) for a, b in zip(results.get(name, timed), timed))
+    base = results.get("published")
+    for name, timed in results.items():
+        ratio = lambda i: "-" if base is None else f"{base[i] / timed[i]:.2f}x"
+        line = f"| {name} | {timed[0] * 1e3:.1f} | {timed[1] * 1e3:.1f} | {ratio(0)} | {ratio(1)} |"
         lines.append(line)
         print(line, flush=True)
     if args.save is not None:

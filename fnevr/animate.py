@@ -89,6 +89,7 @@ def animate(
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     with amp:
         kp_source = model.kp_detector(source[None])
+        features = model.generator.encode(source[None])  # the source's, once for every frame
         kp_initial = model.kp_detector(driving[initial_frame][None])
         frames = []
         for start in range(0, driving.shape[0], batch_size):
@@ -98,7 +99,8 @@ def animate(
                 kp_driving = relative_keypoints(kp_source, kp_driving, kp_initial, adapt_movement_scale)
             n = batch.shape[0]
             kp_src = {k: v.expand(n, *v.shape[1:]) for k, v in kp_source.items()}
-            out = model.animate(source[None].expand(n, -1, -1, -1), kp_src, kp_driving)
+            batch = lambda x: x.expand(n, *x.shape[1:])
+            out = model.animate(batch(source[None]), kp_src, kp_driving, source_features=batch(features))
             frames.append(out["prediction"].float())
             if progress is not None:
                 progress(n)
