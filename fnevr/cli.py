@@ -481,14 +481,8 @@ def cmd_evaluate(args):
             _existing_file(path, option)
     if args.save_png is not None and args.save_png.exists() and not args.save_png.is_dir():
         raise UsageError(f"--save-png {args.save_png} is a file; expected a folder")
-    from .metrics import load_identity, load_landmarks
     from .train.evaluate import evaluate
 
-    try:
-        landmarks = load_landmarks(args.landmark_model, device)
-        identity = load_identity(args.identity_weights, device)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from None
     with tqdm(unit="video", desc="evaluate", disable=not sys.stderr.isatty()) as bar:
         result = evaluate(
             args.checkpoint,
@@ -499,8 +493,8 @@ def cmd_evaluate(args):
             max_videos=args.max_videos,
             lpips_weights=args.lpips_weights,
             backend=args.backend,
-            landmarks=landmarks,
-            identity=identity,
+            landmark_model=args.landmark_model,
+            identity_weights=args.identity_weights,
             save_png=args.save_png,
             progress=bar.update,
         )

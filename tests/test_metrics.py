@@ -178,8 +178,8 @@ def test_evaluate_reports_akd_and_aed_on_png_frames(tmp_path, capsys):
     result = evaluate(
         tmp_path / "m.pt",
         tmp_path / "d",
-        landmarks=metrics.load_landmarks(tmp_path / "lm.pt"),
-        identity=metrics.load_identity(tmp_path / "id.pt"),
+        landmark_model=tmp_path / "lm.pt",
+        identity_weights=tmp_path / "id.pt",
         save_png=tmp_path / "png",
     )
     real = video.permute(0, 3, 1, 2).float() / 255
@@ -199,3 +199,6 @@ def test_evaluate_reports_akd_and_aed_on_png_frames(tmp_path, capsys):
     assert "akd=" in capsys.readouterr().out
     assert main([*args, "--identity-weights", str(tmp_path / "none.pt")]) == 2
     assert "--identity-weights" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    assert main([*args, "--identity-weights", str(tmp_path / "junk.pt")]) == 1
+    assert "junk.pt: neither a torch.export program nor a TorchScript module" in capsys.readouterr().err

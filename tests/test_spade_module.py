@@ -159,3 +159,8 @@ def test_spade_without_gradients_takes_the_low_resolution_conv_and_agrees():
         without = layer(x, segmap)
     assert calls == []  # the module's own conv at full resolution did not run
     torch.testing.assert_close(without, with_grad.detach(), rtol=0, atol=1e-12)
+    from fnevr.nn import recompute
+
+    with recompute.saving_memory(checkpoint=True), torch.no_grad():  # as a checkpointed block's first pass
+        torch.testing.assert_close(layer(x, segmap), with_grad.detach(), rtol=0, atol=0)
+    assert calls == [1]  # computed as the recomputation in backward will: bit for bit

@@ -177,15 +177,23 @@ class VideoWriter:
         self.audio = None if audio is None or self.gif else Path(audio)
         self.audio_kept = False
         self.frames = 0
-        self._atomic = atomic_path(self.path)
-        self._tmp = self._atomic.__enter__()
+        self._atomic = None  # opened at the first frame: a run that fails before it leaves nothing
+        self._made: list[Path] = []  # the folders the output created, removed again if it fails
         self._writer = None
         self._gif_frames: list = []
+
+    def _open(self) -> None:
+        folder = self.path.absolute().parent
+        self._made = [p for p in (folder, *folder.parents) if not p.exists()]
+        self._atomic = atomic_path(self.path)
+        self._tmp = self._atomic.__enter__()
 
     def write(self, frame) -> None:
         frame = np.asarray(frame)
         if frame.ndim != 3 or frame.shape[-1] != 3 or frame.dtype != np.uint8:
             raise ValueError(f"VideoWriter.write: expected RGB uint8 [H, W, 3]; got {frame.dtype} {frame.shape}")
+        if self._atomic is None:
+            self._open()
         if self.gif:
             self._gif_frames.append(frame)
         else:
@@ -209,9 +217,10 @@ class VideoWriter:
 
     def close(self) -> None:
         """Finish the file (and mux the audio); nothing is written if no frame was."""
+        if self.frames == 0:
+            raise ValueError(f"video output {self.path}: no frames were written")
+        assert self._atomic is not None
         try:
-            if self.frames == 0:
-                raise ValueError(f"video output {self.path}: no frames were written")
             if self.gif:
                 import imageio.v3 as iio
 
@@ -221,19 +230,24 @@ class VideoWriter:
                 if self.audio is not None and has_audio(self.audio):
                     _mux_audio(self._tmp, self.audio, self.frames / self.fps)
                     self.audio_kept = True
-        except BaseException as e:
-            self._atomic.__exit__(type(e), e, e.__traceback__)
+        except BaseException:
+            self.abort()
             raise
         self._atomic.__exit__(None, None, None)
 
     def abort(self) -> None:
-        """Drop the partial file."""
+        """Drop the partial file, and the folders made for it."""
         if self._writer is not None:
             with contextlib.suppress(Exception):
                 self._writer.close()
-        error = RuntimeError("aborted")
-        with contextlib.suppress(RuntimeError):
-            self._atomic.__exit__(RuntimeError, error, None)
+        if self._atomic is not None:
+            error = RuntimeError("aborted")
+            with contextlib.suppress(RuntimeError):
+                self._atomic.__exit__(RuntimeError, error, None)
+            for folder in self._made:  # deepest first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            self._atomic = None
 
     def __enter__(self):
         return self

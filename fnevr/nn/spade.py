@@ -79,12 +79,11 @@ class SPADE(nn.Module):
 
     def forward(self, x: Tensor, segmap: Tensor) -> Tensor:
         scale = x.shape[2] // segmap.shape[2]
-        if (
-            not torch.is_grad_enabled()
-            and scale >= 2
-            and x.shape[2:] == (scale * segmap.shape[2], scale * segmap.shape[3])
-        ):
-            # inference: the shared convolution at the modulation map's resolution (2.7x less time at 4x)
+        # Inference (no gradients, and not a checkpointed block's first pass, which must compute as
+        # its recomputation in backward will): the shared convolution at the modulation map's
+        # resolution, 2.7x less time at 4x.
+        inference = not torch.is_grad_enabled() and not recompute.inside()
+        if inference and scale >= 2 and x.shape[2:] == (scale * segmap.shape[2], scale * segmap.shape[3]):
             conv = self.mlp_shared[0]
             hidden = torch.relu(upsampled_conv3x3(segmap, conv.weight, conv.bias, scale))
         else:

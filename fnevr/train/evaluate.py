@@ -21,7 +21,15 @@ from ..animate import animate
 from ..checkpoint import load_checkpoint
 from ..data.dataset import FramesDataset
 from ..data.video import VideoReadError
-from ..metrics import embedding_distance, evaluate_pairs, keypoint_distance, load_lpips, quantize
+from ..metrics import (
+    embedding_distance,
+    evaluate_pairs,
+    keypoint_distance,
+    load_identity,
+    load_landmarks,
+    load_lpips,
+    quantize,
+)
 
 
 def evaluate(
@@ -34,17 +42,18 @@ def evaluate(
     max_videos: int | None = None,
     lpips_weights=None,
     backend: str | None = None,
-    landmarks=None,
-    identity=None,
+    landmark_model=None,
+    identity_weights=None,
     save_png=None,
     progress=None,
 ) -> dict:
     """Returns ``{"videos": n, "skipped": n, "frames": n, "l1", "psnr", "ssim"[, "lpips"]}`` (means
     over the frames of the videos read). A video that cannot be read is skipped with a
     ``RuntimeWarning`` naming it, and counted in ``skipped``, not in ``videos``; ``max_videos``
-    counts the videos evaluated. ``landmarks``/``identity``: models from
+    counts the videos evaluated. ``landmark_model``/``identity_weights``: paths for
     :func:`~fnevr.metrics.load_landmarks`/:func:`~fnevr.metrics.load_identity` (``akd`` and
-    ``akd_frames``, ``aed`` then appear). ``save_png``: a folder for the reconstructions as png strips."""
+    ``akd_frames``, ``aed`` appear when a model is found). ``save_png``: a folder for the
+    reconstructions as png strips."""
     model, _ = load_checkpoint(checkpoint, config, training_modules=False)
     if backend:
         model.set_backend(backend)
@@ -52,6 +61,8 @@ def evaluate(
     d = model.config["dataset_params"]
     ds = FramesDataset(data, frame_shape=d["frame_shape"], is_train=False)
     lpips = load_lpips(lpips_weights)
+    landmarks = load_landmarks(landmark_model, device)
+    identity = load_identity(identity_weights, device)
     wanted = len(ds) if max_videos is None else min(max_videos, len(ds))
     sums, frames, videos, skipped = {}, 0, 0, []
     akd = [0.0, 0]  # sum of per-frame distances, frames with a face in both
