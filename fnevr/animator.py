@@ -22,6 +22,7 @@ with the model batched.
 """
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -127,12 +128,11 @@ class Animator:
         full = to_float(image)
         placement: Placement = Letterbox(full.shape[1], full.shape[2], self.size)
         if self.detector is not None:
-            source = FaceTracker(self.detector, self.size, scale=self.crop_scale, no_face=self.no_face)
-            source.name = self.source_name
+            source = FaceTracker(
+                self.detector, self.size, scale=self.crop_scale, no_face=self.no_face, name=self.source_name
+            )
             placement = source(np.asarray(image))
             if source.missing:
-                import warnings
-
                 warnings.warn(
                     f"no face found in {self.source_name}: it is used whole (letterboxed)", RuntimeWarning, stacklevel=2
                 )
