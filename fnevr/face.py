@@ -117,7 +117,7 @@ def _resize(image: Tensor, size: tuple[int, int]) -> Tensor:
 @dataclass(frozen=True)
 class Letterbox:
     """The whole ``height x width`` frame in a ``size x size`` square: resized to ``inner``
-    (``(h, w)``, the longer side = ``size``), at row ``top`` and column ``left``."""
+    (``(h, w)``, the longer side = ``size``) and placed at ``offset`` (top row, left column)."""
 
     height: int
     width: int
