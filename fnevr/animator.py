@@ -114,7 +114,9 @@ class Animator:
         self._background: Tensor | None = None
         self._kp_source: dict | None = None
         self._features: Tensor | None = None
+        self._source_input: Tensor | None = None  # the source as the model takes it
         self._kp_initial: dict | None = None
+        self._scale = 1.0  # the movement scale, from the source's and the initial frame's keypoints
 
     # --- the source ---------------------------------------------------------------------------------------
 
@@ -138,9 +140,10 @@ class Animator:
                 )
         self.source_placement, self._background = placement, full
         self.source = placement.cut(full).to(self.device)
+        self._source_input = self._model_input(self.source[None])
         with self._inference():  # what depends on the source alone is computed once
-            self._kp_source = self.model.kp_detector(self._model_input(self.source[None]))
-            self._features = self.model.generator.encode(self._model_input(self.source[None]))
+            self._kp_source = self.model.kp_detector(self._source_input)
+            self._features = self.model.generator.encode(self._source_input)
         self.reset()
         return self
 
@@ -164,7 +167,9 @@ class Animator:
     def set_initial(self, square: Tensor) -> None:
         """Measure relative motion from this driving frame (as :meth:`prepare` returns it)."""
         with self._inference():
-            self._kp_initial = self.model.kp_detector(self._model_input(square[None].to(self.device)))
+            self._kp_initial = self.model.kp_detector(self._model_input(square[None]))
+        assert self._kp_source is not None
+        self._scale = movement_scale(self._kp_source, self._kp_initial) if self.adapt_movement_scale else 1.0
 
     def animate(
         self, frames: Iterable, batch_size: int = 8, *, progress: Callable | None = None
@@ -238,14 +243,12 @@ class Animator:
 
     def _animate(self, squares: Tensor) -> Tensor:
         """float ``[n, 3, size, size]`` driving squares -> predictions ``[n, 3, size, size]``."""
-        assert self.source is not None and self._kp_source is not None and self._features is not None
+        assert self._source_input is not None and self._kp_source is not None and self._features is not None
         squares = self._model_input(squares)
         if self._kp_initial is None:
             self.set_initial(squares[0])
         assert self._kp_initial is not None
-        scale = movement_scale(self._kp_source, self._kp_initial) if self.adapt_movement_scale else 1.0
         step = self._step or self._model_step
         with self._inference():
-            source = self._model_input(self.source[None])
-            pred = step(squares, source, self._features, self._kp_source, self._kp_initial, scale)
+            pred = step(squares, self._source_input, self._features, self._kp_source, self._kp_initial, self._scale)
         return pred.float()

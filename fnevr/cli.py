@@ -161,15 +161,6 @@ def _read_source(args):
         raise CommandError(f"source: {e}") from e
 
 
-def _load_model(args, device):
-    from .checkpoint import load_checkpoint
-
-    model, _ = load_checkpoint(args.checkpoint, args.config, training_modules=False)
-    if args.backend:
-        model.set_backend(args.backend)
-    return model.to(device).channels_last().eval()
-
-
 def _common(p: argparse.ArgumentParser):
     p.add_argument("--checkpoint", required=True, type=Path, help="published or fnevr checkpoint (.pth/.pt)")
     p.add_argument(
@@ -280,14 +271,14 @@ def _run(args, device, source, driving: Path, *, relative: bool, source_name: st
     from .data.video import VideoReadError, VideoWriter, frame_rate, has_audio, iter_video
     from .face import NoFaceError, describe_missing
 
-    detector = args.detector
-    model = _load_model(args, device)
     animator = Animator(
-        model,
+        args.checkpoint,
+        config=args.config,
+        backend=args.backend,
         device=device,
         crop=args.crop,
         paste_back=args.paste_back,
-        detector=detector,
+        detector=args.detector,
         crop_scale=args.crop_scale,
         smoothing=args.smoothing,
         no_face=args.no_face,

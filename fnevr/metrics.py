@@ -146,7 +146,7 @@ def load_landmarks(path=None, device="cpu"):
     already in the torch hub cache (``2DFAN4*`` and ``s3fd*`` under ``torch.hub.get_dir()/checkpoints``):
     it is never allowed to download them. Else ``None``, with a logged message saying what is missing."""
     if path is not None:
-        return _torchscript(path, "landmark model", device)
+        return _load_saved(path, "landmark model", device)
     try:
         import face_alignment
     except ImportError:
@@ -187,10 +187,10 @@ def load_identity(path=None, device="cpu"):
     if path is None:
         logger.warning("AED skipped: no identity model (pass --identity-weights PATH, a saved module)")
         return None
-    return _torchscript(path, "identity model", device)
+    return _load_saved(path, "identity model", device)
 
 
-def _torchscript(path, what: str, device):
+def _load_saved(path, what: str, device):
     """A saved model: a ``torch.export`` program (``torch.export.save``, run where it was exported)
     or a TorchScript module (``torch.jit.save``, moved to ``device``). Returns a callable that takes
     and returns tensors on the caller's device."""

@@ -164,3 +164,8 @@ def test_spade_without_gradients_takes_the_low_resolution_conv_and_agrees():
     with recompute.saving_memory(checkpoint=True), torch.no_grad():  # as a checkpointed block's first pass
         torch.testing.assert_close(layer(x, segmap), with_grad.detach(), rtol=0, atol=0)
     assert calls == [1]  # computed as the recomputation in backward will: bit for bit
+    segmap[0, 3, 2, 5] = float("inf")  # summed taps would give inf where the full-resolution conv gives NaN
+    want = layer(x, segmap).detach()
+    with torch.no_grad():
+        got = layer(x, segmap)
+    assert calls == [1, 1, 1] and torch.equal(got.isnan(), want.isnan()) and got.isnan().any()

@@ -81,9 +81,15 @@ class SPADE(nn.Module):
         scale = x.shape[2] // segmap.shape[2]
         # Inference (no gradients, and not a checkpointed block's first pass, which must compute as
         # its recomputation in backward will): the shared convolution at the modulation map's
-        # resolution, 2.7x less time at 4x.
+        # resolution, 2.7x less time at 4x. Its summed taps turn the full-resolution path's inf - inf
+        # into inf, so a non-finite map takes the full-resolution path (checked in eager mode).
         inference = not torch.is_grad_enabled() and not recompute.inside()
-        if inference and scale >= 2 and x.shape[2:] == (scale * segmap.shape[2], scale * segmap.shape[3]):
+        if (
+            inference
+            and scale >= 2
+            and x.shape[2:] == (scale * segmap.shape[2], scale * segmap.shape[3])
+            and (torch.compiler.is_compiling() or bool(torch.isfinite(segmap).all()))
+        ):
             conv = self.mlp_shared[0]
             hidden = torch.relu(upsampled_conv3x3(segmap, conv.weight, conv.bias, scale))
         else:
