@@ -8,7 +8,22 @@ from . import (
 from .animator import Animator
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import load_config
+from .dropin import PatchReport, PatchWarning, patch, patch_functional, unpatch
 from .model import FNeVR
 
 __version__ = "0.1.0"
-__all__ = ["Animator", "FNeVR", "__version__", "load_checkpoint", "load_config", "nn", "ops", "save_checkpoint"]
+__all__ = [
+    "Animator",
+    "FNeVR",
+    "PatchReport",
+    "PatchWarning",
+    "__version__",
+    "load_checkpoint",
+    "load_config",
+    "nn",
+    "ops",
+    "patch",
+    "patch_functional",
+    "save_checkpoint",
+    "unpatch",
+]

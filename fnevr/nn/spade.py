@@ -78,52 +78,67 @@ class SPADE(nn.Module):
         self.mlp_beta = nn.Conv2d(hidden_channels, norm_channels, 3, padding=1)
 
     def forward(self, x: Tensor, segmap: Tensor) -> Tensor:
-        scale = x.shape[2] // segmap.shape[2]
-        # Inference (no gradients, and not a checkpointed block's first pass, which must compute as
-        # its recomputation in backward will): the shared convolution at the modulation map's
-        # resolution, 2.7x less time at 4x. Its summed taps turn the full-resolution path's inf - inf
-        # into inf, so a non-finite map takes the full-resolution path (checked in eager mode).
-        inference = not torch.is_grad_enabled() and not recompute.inside()
-        if (
-            inference
-            and scale >= 2
-            and x.shape[2:] == (scale * segmap.shape[2], scale * segmap.shape[3])
-            and (torch.compiler.is_compiling() or bool(torch.isfinite(segmap).all()))
-        ):
-            conv = self.mlp_shared[0]
-            hidden = torch.relu(upsampled_conv3x3(segmap, conv.weight, conv.bias, scale))
-        else:
-            if segmap.shape[2:] != x.shape[2:]:  # recomputable: the conv keeps it, C_label x H x W
-                segmap = recompute.cheap_call(_resize_nearest, segmap, tuple(x.shape[2:]))
-            hidden = self.mlp_shared(segmap)
-        weight = torch.cat([self.mlp_gamma.weight, self.mlp_beta.weight])
-        bias = torch.cat([self.mlp_gamma.bias, self.mlp_beta.bias])
-        gamma, beta = F.conv2d(hidden, weight, bias, padding=1).chunk(2, dim=1)
-        if x.dtype != gamma.dtype:  # CPU autocast upsamples in fp32; convolutions give its dtype
-            x = recompute.cheap_call(Tensor.to, x, gamma.dtype)
-        pfn = self.param_free_norm
-        kw = {}
-        if self.norm == "batch":
-            training = self.training or pfn.running_mean is None
-            momentum = pfn.momentum
-            if self.training and pfn.num_batches_tracked is not None:
-                pfn.num_batches_tracked.add_(1)
-                if momentum is None:  # BatchNorm2d's cumulative moving average
-                    momentum = 1.0 / float(pfn.num_batches_tracked)
-            kw = dict(
-                running_mean=pfn.running_mean,
-                running_var=pfn.running_var,
-                training=training,
-                momentum=momentum if momentum is not None else 0.0,
-            )
-        kw.update(norm=self.norm, eps=pfn.eps, activation=self.activation, backend=self.ops_backend)
-        out = spade_norm(x, gamma, beta, **kw)
-        # The output is a pure function of x, gamma and beta, which the op keeps as they are when
-        # they are contiguous; for other layouts (channels_last) it keeps copies, and a recipe would
-        # keep the originals besides.
-        if (self.norm == "instance" or not kw["training"]) and x.is_contiguous() and gamma.is_contiguous():
-            out = recompute.cheap(out, functools.partial(spade_norm, **kw), x, gamma, beta)
-        return out
+        return spade_layer(self, x, segmap, norm=self.norm, activation=self.activation, backend=self.ops_backend)
 
     def extra_repr(self) -> str:
         return f"norm={self.norm!r}, activation={self.activation!r}, backend={self.ops_backend!r}"
+
+
+def spade_layer(
+    layer: nn.Module,
+    x: Tensor,
+    segmap: Tensor,
+    *,
+    norm: str = "instance",
+    activation: str | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """One SPADE layer's forward on any module with the published layout (``param_free_norm``,
+    ``mlp_shared`` = [3x3 conv, ReLU], ``mlp_gamma``, ``mlp_beta``): :class:`SPADE` and, through
+    :func:`fnevr.patch`, the authors' ``SPADE_layer``. ``norm`` says what ``param_free_norm`` is."""
+    scale = x.shape[2] // segmap.shape[2]
+    # Inference (no gradients, and not a checkpointed block's first pass, which must compute as
+    # its recomputation in backward will): the shared convolution at the modulation map's
+    # resolution, 2.7x less time at 4x. Its summed taps turn the full-resolution path's inf - inf
+    # into inf, so a non-finite map takes the full-resolution path (checked in eager mode).
+    inference = not torch.is_grad_enabled() and not recompute.inside()
+    if (
+        inference
+        and scale >= 2
+        and x.shape[2:] == (scale * segmap.shape[2], scale * segmap.shape[3])
+        and (torch.compiler.is_compiling() or bool(torch.isfinite(segmap).all()))
+    ):
+        conv = layer.mlp_shared[0]
+        hidden = torch.relu(upsampled_conv3x3(segmap, conv.weight, conv.bias, scale))
+    else:
+        if segmap.shape[2:] != x.shape[2:]:  # recomputable: the conv keeps it, C_label x H x W
+            segmap = recompute.cheap_call(_resize_nearest, segmap, tuple(x.shape[2:]))
+        hidden = layer.mlp_shared(segmap)
+    weight = torch.cat([layer.mlp_gamma.weight, layer.mlp_beta.weight])
+    bias = torch.cat([layer.mlp_gamma.bias, layer.mlp_beta.bias])
+    gamma, beta = F.conv2d(hidden, weight, bias, padding=1).chunk(2, dim=1)
+    if x.dtype != gamma.dtype:  # CPU autocast upsamples in fp32; convolutions give its dtype
+        x = recompute.cheap_call(Tensor.to, x, gamma.dtype)
+    pfn = layer.param_free_norm
+    kw = {}
+    if norm == "batch":
+        training = layer.training or pfn.running_mean is None
+        momentum = pfn.momentum
+        if layer.training and pfn.num_batches_tracked is not None:
+            pfn.num_batches_tracked.add_(1)
+            if momentum is None:  # BatchNorm2d's cumulative moving average
+                momentum = 1.0 / float(pfn.num_batches_tracked)
+        kw = dict(
+            running_mean=pfn.running_mean,
+            running_var=pfn.running_var,
+            training=training,
+            momentum=momentum if momentum is not None else 0.0,
+        )
+    kw.update(norm=norm, eps=pfn.eps, activation=activation, backend=backend)
+    out = spade_norm(x, gamma, beta, **kw)
+    # The output is a pure function of x, gamma and beta, which the op keeps as they are when
+    # they are contiguous; for other layouts (channels_last) it keeps copies, and a recipe would
+    # keep the originals besides.
+    if (norm == "instance" or not kw["training"]) and x.is_contiguous() and gamma.is_contiguous():
+        out = recompute.cheap(out, functools.partial(spade_norm, **kw), x, gamma, beta)
+    return out

@@ -61,6 +61,8 @@ PADDINGS = {"zeros": int(Padding.ZEROS), "border": int(Padding.BORDER), "reflect
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FAR = -100.0  # where a non-finite coordinate goes (as grid_sample_math.h): outside any image
 _MAX_COORD = 2.0**30  # larger source coordinates count as non-finite: their floor must fit an int
+# PyTorch's own op, kept from before fnevr.patch_functional() can swap it for ours
+TORCH_GRID_SAMPLE = torch.nn.functional.grid_sample
 
 
 # --- the reference: the spec, in plain PyTorch ops ----------------------------------------------
@@ -178,7 +180,7 @@ def grid_sample(
     if name == "reference":
         return grid_sample_reference(input, grid, mode, padding_mode, align_corners)
     if backend == "auto" and name == "cpu" and _pytorch_is_faster(input, grid):
-        return torch.nn.functional.grid_sample(input, grid, mode, padding_mode, align_corners)
+        return TORCH_GRID_SAMPLE(input, grid, mode, padding_mode, align_corners)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     if not is_channels_last(input):
@@ -316,7 +318,7 @@ _grid_sample_grad_op.register_autograd(_grad_backward, setup_context=_grad_setup
 
 def _pytorch(input, grid, mode="bilinear", padding_mode="zeros", align_corners=False, deterministic=None):
     """PyTorch's own op, as the benchmarks' baseline (`deterministic` follows torch's global setting)."""
-    return torch.nn.functional.grid_sample(input, grid, mode, padding_mode, bool(align_corners))
+    return TORCH_GRID_SAMPLE(input, grid, mode, padding_mode, bool(align_corners))
 
 
 def _pytorch_is_faster(input: Tensor, grid: Tensor) -> bool:
@@ -330,13 +332,13 @@ def _pytorch_is_faster(input: Tensor, grid: Tensor) -> bool:
     (see the module doc). Not inside torch.compile (the grid check would break the graph)."""
     N, C = input.shape[:2]
     return (
-        C <= _PYTORCH_CHANNELS
+        not torch.compiler.is_compiling()  # first: torch.get_num_threads() would break the graph
+        and not torch.is_grad_enabled()
+        and C <= _PYTORCH_CHANNELS
         and N >= torch.get_num_threads()
         and input.dtype in (torch.float32, torch.float64)
         and input.is_contiguous()
         and grid.is_contiguous()
-        and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
         and _registry.kernels("cpu", "grid_sample").grid_sample_grid_is_finite(grid)
     )
 
