@@ -404,10 +404,11 @@ def _patch_renderer(module: Any, backend: str):  # Any: matched by its attribute
 def _batchnorm_forward(bn, x, *, backend="auto", original=None):
     if original is not None and getattr(bn, "_is_parallel", False) and bn.training:
         return original(bn, x)  # the authors' SynchronizedBatchNorm inside DataParallel: its own sync
-    bn._check_input_dim(x)
     N, C = x.shape[:2]
     momentum = bn.momentum
-    if bn.training and bn.track_running_stats:
+    if original is None:  # torch's classes check the rank and count batches; the authors' do neither
+        bn._check_input_dim(x)
+    if original is None and bn.training and bn.track_running_stats:
         bn.num_batches_tracked.add_(1)
         if momentum is None:
             momentum = 1.0 / float(bn.num_batches_tracked)
