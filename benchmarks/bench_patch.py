@@ -1,6 +1,6 @@
 """``fnevr.patch`` on a generator with the authors' FNeVR structure: one training forward+backward at
-vox-256, unpatched against patched: time per step, bytes saved for backward, and how far apart
-the two are.
+vox-256, unpatched against patched: time per step, bytes saved for backward, and how close each
+comes to a run in higher precision.
 
     python benchmarks/bench_patch.py [--published /tmp/FNeVR] [--device cuda] [--precision bf16] [--save DIR]
     python benchmarks/bench_patch.py --smoke       # small generator, one round: checks that it runs
@@ -12,7 +12,9 @@ facts). Weights: random, in the published layout (``tests/test_model.random_publ
 train mode. Input: a random 256² source and random keypoints with Jacobians, batch ``--batch``.
 Loss: the mean square of the prediction and of the mini decoder's image. The two providers are
 timed in turn for ``--rounds`` rounds, each keeping its best median of ``--steps`` steps. Saved for
-backward: every tensor autograd saves, counted whole (``benchmarks/conftest.saved_MB``).
+backward: every tensor autograd saves, counted whole (``benchmarks/conftest.saved_MB``). Accuracy:
+each provider's prediction and parameter gradients after one step, against the unpatched
+generator one precision up (fp64 for fp32, fp32 for bf16), from the same state.
 """
 
 import argparse
@@ -101,9 +103,15 @@ def main():
     kp_driving, kp_source = keypoints(), keypoints()
     autocast = torch.autocast(device.type, torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext()
 
-    def step(model):
-        with autocast:
-            out = model(source, kp_driving=kp_driving, kp_source=kp_source)
+    def step(model, dtype=None):
+        """One training forward+backward; the prediction. dtype: the whole step in that precision."""
+        inputs = (source, kp_driving, kp_source)
+        if dtype is not None:
+            inputs = tuple(
+                t.to(dtype) if isinstance(t, torch.Tensor) else {k: v.to(dtype) for k, v in t.items()} for t in inputs
+            )
+        with autocast if dtype is None else contextlib.nullcontext():
+            out = model(inputs[0], kp_driving=inputs[1], kp_source=inputs[2])
             loss = out["prediction"].float().square().mean() + out["render"].float().square().mean()
         loss.backward()
         return out["prediction"]
@@ -112,12 +120,22 @@ def main():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    # How far apart: one step of each from the same state (before timing changes the BatchNorm statistics).
-    predictions = [step(m).detach().float() for m in (unpatched, patched)]
-    differences = [(predictions[1] - predictions[0]).abs().max().item()]
-    grads = [(p.grad, q.grad) for p, q in zip(unpatched.parameters(), patched.parameters()) if p.grad is not None]
-    scale = max(a.abs().max().item() for a, _ in grads)
-    differences.append(max((b - a).abs().max().item() for a, b in grads) / scale)
+    # Accuracy: one step of each from the same state (before timing changes the BatchNorm statistics),
+    # against the unpatched model one precision up (fp64 for fp32, fp32 for bf16).
+    higher = torch.float64 if args.precision == "fp32" else torch.float32
+    reference = copy.deepcopy(unpatched).to(higher)
+    expected = step(reference, higher).detach().double()
+    expected_grads = [p.grad.double() for p in reference.parameters()]
+    del reference
+    scale = max(g.abs().max().item() for g in expected_grads if g is not None)
+    errors = {}
+    for name, model in (("unpatched", unpatched), ("fnevr.patch", patched)):
+        prediction = step(model).detach().double()
+        grads = [(p.grad, g) for p, g in zip(model.parameters(), expected_grads) if g is not None]
+        errors[name] = (
+            (prediction - expected).abs().max().item(),
+            max((a.double() - b).abs().max().item() for a, b in grads) / scale,
+        )
 
     def timed(model) -> tuple[float, float]:
         step(model)  # warm-up
@@ -161,13 +179,10 @@ def main():
     for name, (seconds, peak) in results.items():
         cuda = f"{peak:.0f}" if device.type == "cuda" else "-"
         lines.append(f"| {name} | {seconds * 1e3:.0f} | {base / seconds:.2f}x | {saved[name]:.0f} | {cuda} |")
-    lines += [
-        "",
-        f"patched - unpatched, one step from the same state: prediction max |diff| {differences[0]:.2e}; "
-        f"parameter gradients max |diff| / max |grad| {differences[1]:.2e}",
-        "",
-        str(report),
-    ]
+    lines += ["", f"One step from the same state against the unpatched model in {str(higher)[6:]}:"]
+    for name, (prediction, grads) in errors.items():
+        lines.append(f"  {name}: prediction max |diff| {prediction:.2e}, gradients max |diff| / max |grad| {grads:.2e}")
+    lines += ["", str(report)]
     print("\n".join(lines), flush=True)
     if args.save is not None:
         args.save.mkdir(parents=True, exist_ok=True)

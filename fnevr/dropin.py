@@ -227,6 +227,7 @@ def _rebind_globals(fn: types.FunctionType, replacements: dict[int, object]) -> 
     }
     if not swapped:
         return None
+    # (a snapshot of its module's globals: fine for code that does not rebind them after import)
     copy = types.FunctionType(fn.__code__, {**fn.__globals__, **swapped}, fn.__name__, fn.__defaults__, fn.__closure__)
     copy.__kwdefaults__, copy.__qualname__, copy.__doc__ = fn.__kwdefaults__, fn.__qualname__, fn.__doc__
     return copy
@@ -295,10 +296,6 @@ def _spade_layer_mismatch(m: nn.Module) -> str | None:
     return None
 
 
-def _spade_forward(layer, x, modulation, *, activation=None, backend="auto"):
-    return spade_layer(layer, x, modulation, activation=activation, backend=backend)
-
-
 def _patch_spade_layer(module: Any, backend: str):  # Any: matched by its attributes
     if not hasattr(module, "param_free_norm") or not hasattr(module, "mlp_gamma"):
         return None
@@ -306,7 +303,7 @@ def _patch_spade_layer(module: Any, backend: str):  # Any: matched by its attrib
     if why:
         return False, why
     C, L = module.mlp_gamma.out_channels, module.mlp_shared[0].in_channels
-    forward = functools.partial(_spade_forward, backend=backend)
+    forward = functools.partial(spade_layer, backend=backend)
     return _replace_checked(module, forward, lambda rand: (rand(2, C, 4, 4), rand(2, L, 2, 2)), "spade_norm")
 
 
@@ -333,7 +330,7 @@ def _patch_spade_block(module: nn.Module, backend: str):
     result = _replace_checked(module, forward, lambda rand: (rand(2, C, 4, 4), rand(2, L, 2, 2)), "spade_norm")
     if result[0]:  # its layers run inside the block's forward; patch them too, for direct calls
         for i in (0, 1):
-            _replace(children[f"SPADE_{i}"], forward=functools.partial(_spade_forward, backend=backend))
+            _replace(children[f"SPADE_{i}"], forward=functools.partial(spade_layer, backend=backend))
         result = True, "spade_norm with the ReLUs fused (SPADE_0, SPADE_1 included)"
     return result
 
