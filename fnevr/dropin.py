@@ -47,11 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .nn.batchnorm import batch_norm
 from .nn.spade import spade_layer
 from .ops import _registry, composite, mlp_composite
 from .ops import grid_sample as fused_grid_sample
 from .ops.grid_sample import MODES, PADDINGS, TORCH_GRID_SAMPLE
-from .ops.spade_norm import spade_norm
 
 _MARK = "_fnevr_patched"  # instance attribute: {replaced attribute: what the instance had before, or None}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what the fused ops take
@@ -399,33 +399,13 @@ def _patch_renderer(module: Any, backend: str):  # Any: matched by its attribute
 
 
 def _batchnorm_forward(bn, x, *, backend="auto", original=None):
-    if original is not None and getattr(bn, "_is_parallel", False) and bn.training:
-        return original(bn, x)  # the authors' SynchronizedBatchNorm inside DataParallel: its own sync
-    N, C = x.shape[:2]
-    momentum = bn.momentum
-    if original is None:  # torch's classes check the rank and count batches; the authors' do neither
+    """``original``: the forward of a class that is not torch's (the authors' SynchronizedBatchNorm),
+    which checks no rank and counts no batches, and runs itself inside DataParallel (its sync)."""
+    if original is None:
         bn._check_input_dim(x)
-    if original is None and bn.training and bn.track_running_stats:
-        bn.num_batches_tracked.add_(1)
-        if momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked)
-    x4 = x.reshape(N, C, -1, 1)
-    gamma = (bn.weight - 1).view(1, C, 1, 1).to(x.dtype) if bn.affine else x4.new_zeros(1, C, 1, 1)
-    beta = bn.bias.view(1, C, 1, 1).to(x.dtype) if bn.affine else x4.new_zeros(1, C, 1, 1)
-    training = bn.training or bn.running_mean is None
-    y = spade_norm(
-        x4,
-        gamma,
-        beta,
-        norm="batch",
-        eps=bn.eps,
-        running_mean=bn.running_mean,
-        running_var=bn.running_var,
-        training=training,
-        momentum=momentum if momentum is not None else 0.0,
-        backend=backend,
-    )
-    return y.view(x.shape)
+    elif getattr(bn, "_is_parallel", False) and bn.training:
+        return original(bn, x)
+    return batch_norm(bn, x, backend=backend, count_batches=original is None)
 
 
 _TORCH_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

@@ -42,34 +42,15 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
-        N, C = x.shape[:2]
-        momentum = self.momentum
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if momentum is None:  # cumulative moving average, as BatchNorm does
-                momentum = 1.0 / float(self.num_batches_tracked)
-        training = self.training or self.running_mean is None
         group = self.process_group
-        if group is None and training and dist.is_available() and dist.is_initialized():
+        if (
+            group is None
+            and (self.training or self.running_mean is None)
+            and dist.is_available()
+            and dist.is_initialized()
+        ):
             group = dist.group.WORLD
-        x4 = x if x.dim() == 4 else x.reshape(N, C, -1, 1)
-        # (under autocast x may be bf16 while the parameters stay fp32)
-        gamma = (self.weight - 1).view(1, C, 1, 1).to(x.dtype) if self.affine else x4.new_zeros(1, C, 1, 1)
-        beta = self.bias.view(1, C, 1, 1).to(x.dtype) if self.affine else x4.new_zeros(1, C, 1, 1)
-        y = spade_norm(
-            x4,
-            gamma,
-            beta,
-            norm="batch",
-            eps=self.eps,
-            running_mean=self.running_mean,
-            running_var=self.running_var,
-            training=training,
-            momentum=momentum if momentum is not None else 0.0,
-            process_group=group if training else None,
-            backend=self.ops_backend,
-        )
-        return y.view(x.shape)
+        return batch_norm(self, x, process_group=group, backend=self.ops_backend)
 
     @classmethod
     def convert(cls, module: nn.Module, process_group=None) -> nn.Module:
@@ -90,3 +71,43 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         for name, child in module.named_children():
             module.add_module(name, cls.convert(child, process_group))
         return module
+
+
+def batch_norm(
+    bn: nn.modules.batchnorm._BatchNorm,
+    x: Tensor,
+    *,
+    process_group=None,
+    backend: str = "auto",
+    count_batches: bool = True,
+) -> Tensor:
+    """The forward of batch-norm layer ``bn`` (its parameters, buffers, momentum and mode) on
+    ``x`` ``[N, C, ...]``, as one ``spade_norm``: :class:`SyncBatchNorm`'s, and through
+    :func:`fnevr.patch` other code's layers. In training the statistics are reduced over
+    ``process_group`` (None: this process alone); ``count_batches=False`` leaves
+    ``num_batches_tracked`` as it is (for layers whose own forward does not count)."""
+    N, C = x.shape[:2]
+    momentum = bn.momentum
+    if count_batches and bn.training and bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        if momentum is None:  # cumulative moving average, as BatchNorm does
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    training = bn.training or bn.running_mean is None
+    x4 = x if x.dim() == 4 else x.reshape(N, C, -1, 1)
+    # (under autocast x may be bf16 while the parameters stay fp32)
+    gamma = (bn.weight - 1).view(1, C, 1, 1).to(x.dtype) if bn.affine else x4.new_zeros(1, C, 1, 1)
+    beta = bn.bias.view(1, C, 1, 1).to(x.dtype) if bn.affine else x4.new_zeros(1, C, 1, 1)
+    y = spade_norm(
+        x4,
+        gamma,
+        beta,
+        norm="batch",
+        eps=bn.eps,
+        running_mean=bn.running_mean,
+        running_var=bn.running_var,
+        training=training,
+        momentum=momentum if momentum is not None else 0.0,
+        process_group=process_group if training else None,
+        backend=backend,
+    )
+    return y.view(x.shape)
