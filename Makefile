@@ -5,6 +5,9 @@
 #                and the C++ tests of the shared kernel math through CMake/ctest)
 #   make bench   the benchmarks of every registered op (fnevr/ops/_registry.py)
 #   make lint    ruff (lint and format), clang-format over csrc/, mypy; CI runs it before the tests
+#   make wheel   a release wheel in dist/: the CPU kernels and the CUDA kernels for every GPU from
+#                Ampere to Blackwell (setup.py's RELEASE_ARCHS; FNEVR_BUILD_CUDA=0: CPU only), built
+#                against .venv's torch, which its metadata pins
 # FNEVR_BUILD_CUDA=1|0 forces the CUDA extension on or off (default: only where a GPU is present;
 # CI forces it on, so every CUDA source is compiled there).
 SHELL := /bin/bash
@@ -15,7 +18,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fnevr-built
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
 PACKAGES := torch==2.14.1 torchvision==0.29.1 numpy pyyaml imageio imageio-ffmpeg tqdm torchmetrics tensorboard \
-	"opencv-python-headless<5" pytest pytest-benchmark ninja matplotlib scikit-image
+	"opencv-python-headless<5" pytest pytest-benchmark ninja matplotlib scikit-image onnx onnxscript onnxruntime
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
@@ -25,7 +28,7 @@ LINT_TOOLS := ruff==0.17.6 mypy==2.4.1 clang-format==23.1.5 pre-commit==4.7.0
 LINT_STAMP := $(VENV)/.fnevr-lint-tools
 CXX_SOURCES := $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu tests/cpp/*.h tests/cpp/*.cpp)
 
-.PHONY: demo bench test lint
+.PHONY: demo bench test lint wheel
 
 # Each step says what it does and how long it took (pip's own output is quiet; --no-compile: the
 # modules used are byte-compiled on first import instead of all of torch's up front).
@@ -37,8 +40,9 @@ $(STAMP): $(SOURCES)
 	echo "make: [1/2] done in $$(( $$(date +%s) - start )) s"
 	@echo "make: [2/2] building fnevr: its C++ extension, and the CUDA one where a GPU is present or FNEVR_BUILD_CUDA=1 ..."
 	@start=$$(date +%s); \
+	rm -f fnevr/_C*.so; \
 	$(BIN)/pip install -q --no-build-isolation -e . 2>&1 | { grep -v "^WARNING: Location" || true; }; \
-	echo "make: [2/2] done in $$(( $$(date +%s) - start )) s; built: $$(find fnevr -maxdepth 1 -name "_C*.so" -newermt "@$$start" -printf "%f " | sed "s/\.cpython[^ ]*//g")"
+	echo "make: [2/2] done in $$(( $$(date +%s) - start )) s; built: $$(find fnevr -maxdepth 1 -name "_C*.so" -newermt "@$$start" -printf "%f " | sed "s/\.[^ ]*//g")"
 	@touch $@
 
 $(LINT_STAMP):
@@ -55,6 +59,13 @@ lint: $(STAMP) $(LINT_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/fnevr train --demo
+
+# No build isolation: an isolated build would fetch its own torch (several GB) and pin that one.
+wheel: $(STAMP)
+	@start=$$(date +%s); \
+	FNEVR_BUILD_CUDA=$${FNEVR_BUILD_CUDA:-1} TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-release} \
+		$(BIN)/pip wheel -q --no-build-isolation --no-deps -w dist . 2>&1 | { grep -v "^WARNING: Location" || true; }; \
+	echo "make: wheel built in $$(( $$(date +%s) - start )) s: $$(ls -t dist/*.whl | head -1)"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py

@@ -5,13 +5,13 @@ from . import (
     nn,
     ops,
 )
+from ._version import __version__
 from .animator import Animator
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import load_config
 from .dropin import PatchReport, PatchWarning, patch, patch_functional, unpatch
 from .model import FNeVR
 
-__version__ = "0.1.0"
 __all__ = [
     "Animator",
     "FNeVR",

@@ -52,4 +52,32 @@ def cuda_status() -> tuple[bool, str]:
         return False, cuda_reason or "fnevr._C_cuda was not built (torch without CUDA or nvcc not found at build time)"
     if not torch.cuda.is_available():
         return False, "no CUDA device (torch.cuda.is_available() is False)"
-    return True, ""
+    device = torch.cuda.current_device()
+    return arch_status(
+        getattr(cuda, "cuda_archs", ""), torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device)
+    )
+
+
+def _arch(code: str) -> tuple[int, int]:
+    digits = "".join(c for c in code.split("_")[1] if c.isdigit())  # sm_90a -> 90, sm_120 -> 120
+    return int(digits[:-1]), int(digits[-1])
+
+
+def arch_status(archs: str, capability: tuple[int, int], gpu: str = "this GPU") -> tuple[bool, str]:
+    """Whether GPU code built for `archs` ("sm_80,sm_90,compute_90": binaries and PTX) runs on a
+    GPU of compute `capability`, and if not, why. A binary runs on its own major version from its
+    minor version up (sm_80 on 8.0, 8.6, 8.9); PTX is compiled by the driver for any GPU from its
+    version up."""
+    codes = [c.strip() for c in archs.split(",") if c.strip()]
+    if not codes:  # a module built before the list was recorded: let the launch tell
+        return True, ""
+    binaries = [_arch(c) for c in codes if c.startswith("sm_")]
+    ptx = [_arch(c) for c in codes if c.startswith("compute_")]
+    if any(a[0] == capability[0] and a[1] <= capability[1] for a in binaries) or any(a <= capability for a in ptx):
+        return True, ""
+    version = f"{capability[0]}.{capability[1]}"
+    return False, (
+        f"fnevr._C_cuda holds GPU code for {', '.join(codes)}, none of which runs on {gpu} (compute capability "
+        f"{version}); rebuild with TORCH_CUDA_ARCH_LIST={version} (pip install --no-build-isolation .), or use "
+        "the triton backend (backend='auto' does)"
+    )

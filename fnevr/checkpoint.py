@@ -1,9 +1,14 @@
 """Checkpoints: the published FNeVR format and ours.
 
 Published (``torch.save`` of ``{"generator": state_dict, "kp_detector": state_dict, ...}``, key
-names of the authors' modules) and ours (``{"format": "fnevr", "version": 1, "config": ...,
-"model": FNeVR state_dict, "training": optimizer/scheduler/scaler/RNG states, step...}``).
-:func:`load_checkpoint` reads both; published keys are renamed to ours by the table below.
+names of the authors' modules) and ours (``{"format": "fnevr", "version": 1, "fnevr_version":
+"0.1.0", "config": ..., "model": FNeVR state_dict, "training": optimizer/scheduler/scaler/RNG
+states, step...}``). :func:`load_checkpoint` reads both; published keys are renamed to ours by the
+table below.
+
+``version`` is the format's: it goes up when a change to the model or to this layout would make
+an older fnevr misread a checkpoint, and an older fnevr refuses a newer version with a message
+naming both (``fnevr_version``: the release that wrote it).
 Checkpoints are written atomically (temporary file in the same folder, then ``os.replace``).
 """
 
@@ -14,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ._files import atomic_path
+from ._version import __version__
 from .model import FNeVR
 
 FORMAT, VERSION = "fnevr", 1
@@ -136,6 +142,7 @@ def load_checkpoint(
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict of state dicts")
     if ckpt.get("format") == FORMAT:
+        _check_version(path, ckpt)
         _check_state(path, ckpt, "model")
         if config is None and not isinstance(ckpt.get("config"), dict):
             raise ValueError(f"checkpoint {path}: its 'config' entry is missing or not a dict; pass a config")
@@ -161,6 +168,22 @@ def load_checkpoint(
     return model.eval(), extra
 
 
+class CheckpointVersionError(ValueError):
+    """A checkpoint in a format version this fnevr does not know (written by a newer fnevr)."""
+
+
+def _check_version(path, ckpt: dict):
+    version = ckpt.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointVersionError(f"checkpoint {path}: its format version is {version!r}; expected an integer >= 1")
+    if version > VERSION:
+        writer = f" (written by fnevr {ckpt['fnevr_version']})" if "fnevr_version" in ckpt else ""
+        raise CheckpointVersionError(
+            f"checkpoint {path} is in fnevr checkpoint format version {version}{writer}; "
+            f"this fnevr {__version__} reads versions up to {VERSION}: upgrade fnevr to load it"
+        )
+
+
 def _check_state(path, ckpt: dict, entry: str):
     state = ckpt[entry]
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
@@ -172,7 +195,14 @@ def _check_state(path, ckpt: dict, entry: str):
 def save_checkpoint(path: str | os.PathLike, model: FNeVR, **extra) -> Path:
     """Write ``model`` (with its config) and ``extra`` (training state, step...) atomically to ``path``."""
     path = Path(path)
-    payload = {"format": FORMAT, "version": VERSION, "config": model.config, "model": model.state_dict(), **extra}
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "fnevr_version": __version__,
+        "config": model.config,
+        "model": model.state_dict(),
+        **extra,
+    }
     with atomic_path(path, fsync=True) as tmp:
         torch.save(payload, tmp)
     return path

@@ -10,6 +10,7 @@ renamed once complete.
 """
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -30,6 +31,7 @@ commands:
   evaluate      reconstruction metrics (L1, PSNR, SSIM, LPIPS) of a checkpoint on a test split
   animate       drive a source image with a driving video (relative motion, as in the paper's demo)
   reconstruct   re-create a video from its first frame and its own keypoints (self-reenactment)
+  export        write a checkpoint's networks as ONNX graphs and/or AOTInductor packages
 
 Checkpoints: the authors' published ones (config vox-256) or fnevr's own (config stored inside).
 Errors: one line, exit code 2 for usage, 1 at run time; --debug shows the traceback.
@@ -492,6 +494,42 @@ def cmd_evaluate(args):
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
 
 
+def cmd_export(args):
+    from . import export
+
+    if args.onnx is None and args.aoti is None:
+        raise UsageError("nothing to write: give --onnx DIR, --aoti DIR or both")
+    device = _device(args.device)
+    _existing_file(args.checkpoint, "--checkpoint")
+    if args.config is not None:
+        _config(args.config)
+    if args.opset < 16:
+        raise UsageError(f"--opset must be at least 16 (the first with GridSample), got {args.opset}")
+    for module in ("onnx", "onnxscript") if args.onnx is not None else ():
+        if importlib.util.find_spec(module) is None:
+            raise UsageError(f"--onnx needs the {module} package: pip install 'fnevr[onnx]'")
+    targets: list[Path] = []
+    for option, folder, suffix in (("--onnx", args.onnx, "onnx"), ("--aoti", args.aoti, "pt2")):
+        if folder is not None:
+            if folder.exists() and not folder.is_dir():
+                raise UsageError(f"{option} {folder} is a file; expected a folder for {' and '.join(export.PARTS)}")
+            targets += [folder / f"{part}.{suffix}" for part in export.PARTS]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not args.overwrite:
+        raise UsageError(f"{', '.join(existing)} exist{'s' if len(existing) == 1 else ''}; --overwrite replaces")
+    from .checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(args.checkpoint, args.config, training_modules=False)  # on the CPU
+    model.set_backend(args.backend or "auto")
+    if args.onnx is not None:  # ONNX graphs hold no device: traced on the CPU
+        checked = "checked with ONNX Runtime" if importlib.util.find_spec("onnxruntime") else "onnxruntime: unchecked"
+        for path in export.export_onnx(model, args.onnx, opset=args.opset).values():
+            print(f"wrote {path} (opset {args.opset}; {checked})")
+    if args.aoti is not None:
+        for path in export.export_aoti(model.to(device), args.aoti).values():
+            print(f"wrote {path} (AOTInductor package for {device.type})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fnevr", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -662,6 +700,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", required=True, type=Path, help="video: mp4/gif/mov, a folder of frames, or a png strip")
     _common(p)
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser(
+        "export",
+        help="write the networks as ONNX graphs or an AOTInductor package",
+        description="Export a checkpoint's keypoint detector and generator (eval mode, fp32, dynamic batch, "
+        "the config's frame size): --onnx writes DIR/kp_detector.onnx and DIR/generator.onnx on standard ONNX "
+        "ops, each checked against PyTorch with ONNX Runtime when it is installed; --aoti compiles each into an "
+        "AOTInductor package (DIR/kp_detector.pt2, DIR/generator.pt2) for --device. fnevr/export.py lists the "
+        "graphs' inputs and outputs.",
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="published or fnevr checkpoint (.pth/.pt)")
+    p.add_argument("--config", default=None, help="default: stored in fnevr checkpoints; vox-256 for published ones")
+    p.add_argument("--onnx", type=Path, default=None, help="folder for kp_detector.onnx and generator.onnx")
+    p.add_argument("--aoti", type=Path, default=None, help="folder for kp_detector.pt2 and generator.pt2 (AOTInductor)")
+    p.add_argument("--opset", type=positive_int, default=20, help="ONNX opset, 16 or newer (default 20)")
+    p.add_argument("--device", default="cpu", help="device the AOTInductor package runs on: cpu (default) or cuda")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help="fused-op backend inside the programs")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that exist")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

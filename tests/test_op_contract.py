@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import fnevr
 from fnevr.ops import _fused, _registry
 from helpers import assert_close, compile_params, target_params
 
@@ -26,6 +27,14 @@ CASES = [
     for i, s in enumerate(OPS[op].samples("cpu", torch.float64, torch.Generator().manual_seed(0)))
 ]
 FIRST = [pytest.param(op, 0, id=op) for op in OPS]
+
+
+def _updates_in_place(op, i) -> bool:  # training batch norm updates its running statistics
+    kwargs = OPS[op].samples("cpu", torch.float64, torch.Generator().manual_seed(0))[i].kwargs
+    return kwargs.get("training", True) and "running_mean" in kwargs
+
+
+INFERENCE_CASES = [c for c in CASES if not _updates_in_place(*c.values)]
 
 
 def _sample(op, i, device, dtype=torch.float64, channels_last=False) -> _registry.Sample:
@@ -312,6 +321,41 @@ def test_torch_compile_traces_the_custom_ops(op, i, backend, device):
     ours = [{t for t in ts if t.startswith("fnevr.")} for ts in targets]
     assert all(ours) and not any(t.startswith("fnevr._") for ts in ours for t in ts), ours  # no kernel entry points
     assert any(t.endswith("_grad.default") for t in ours[1]), ours
+
+
+class _Inference(torch.nn.Module):
+    """One op call as a module, for torch.export (tensor keyword arguments are constants)."""
+
+    def __init__(self, op, sample, backend):
+        super().__init__()
+        self.fn, self.kwargs, self.backend = OPS[op].fn, sample.kwargs, backend
+
+    def forward(self, *args):
+        return self.fn(*args, **self.kwargs, backend=self.backend)
+
+
+@pytest.mark.parametrize("backend,device", target_params())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("op,i", INFERENCE_CASES)
+def test_export_and_decomposition(op, i, dtype, backend, device):
+    """torch.export keeps the op as fnevr:: custom ops; run_decompositions(fnevr.ops.decompositions())
+    replaces every one of them with standard ops that compute the reference's result (what an ONNX
+    export runs)."""
+    sample = _sample(op, i, device, dtype)
+    program = torch.export.export(_Inference(op, sample, backend), sample.args)
+    fused = {str(n.target) for n in program.graph.nodes if str(n.target).startswith("fnevr.")}
+    assert fused, "no fnevr:: op in the exported graph"
+    decomposed = program.run_decompositions(fnevr.ops.decompositions())
+    left = {str(n.target) for n in decomposed.graph.nodes if str(n.target).startswith("fnevr.")}
+    assert not left, f"not decomposed: {left}"
+    with torch.no_grad():
+        got = decomposed.module()(*sample.args)
+        ref = _in_fp64(sample)
+        want = _call(op, ref, "reference")
+    got = got if isinstance(got, tuple) else (got,)
+    for k, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert a.dtype == dtype, f"{op} output {k}: dtype {a.dtype}"
+        assert_close(a, b, dtype, f"{op} output {k}, decomposed", OPS[op].tolerance)
 
 
 # --- the registry and bad input ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ reports which can run here and, if not, why. The imports below are the registry'
 each op module registers itself (``fnevr/ops/_registry.py``; docs/CONTRIBUTING.md adds one).
 """
 
+from ._fused import decompositions
 from ._registry import BACKENDS, backends, ops
 from .composite import composite, composite_reference
 from .grid_sample import grid_sample, grid_sample_reference
@@ -19,6 +20,7 @@ __all__ = [
     "backends",
     "composite",
     "composite_reference",
+    "decompositions",
     "grid_sample",
     "grid_sample_reference",
     "mlp_composite",

@@ -17,6 +17,19 @@ from torch import Tensor
 
 _PLAIN = (Tensor, torch.nn.Parameter)  # tensor types that dispatch no differently from Tensor
 
+# custom op overload -> the same computation in standard PyTorch ops (see FusedOp.register_decomposition)
+_DECOMPOSITIONS: dict = {}
+
+
+def decompositions() -> dict:
+    """Every fused op's forward as standard PyTorch ops, for ``ExportedProgram.run_decompositions``:
+
+    >>> ep = torch.export.export(model, args)  # fnevr::grid_sample, fnevr::composite... inside
+    >>> ep = ep.run_decompositions(fnevr.ops.decompositions())  # aten.grid_sampler, cumsum... instead
+
+    (``fnevr.export.export_onnx`` does this.) Backward ops have none: export is for inference."""
+    return dict(_DECOMPOSITIONS)
+
 
 def _plain_eager(tensors) -> bool:
     """Whether calling an op's implementation directly is indistinguishable from calling its custom
@@ -59,6 +72,13 @@ class FusedOp:
         self._function = type(
             name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)}
         )
+
+    def register_decomposition(self, fn):
+        """``fn``, with the op's arguments, computes the op's outputs in standard PyTorch ops (each
+        with an ONNX equivalent). ``ExportedProgram.run_decompositions(fnevr.ops.decompositions())``
+        puts it in place of the op, so that a graph leaves PyTorch without fnevr's kernels."""
+        _DECOMPOSITIONS[self.op._opoverload] = fn
+        return fn
 
     def __call__(self, *args):
         tensors = args[: self._tensors]

@@ -174,6 +174,13 @@ def _backward(ctx, grad_out):
 
 
 _composite_op.register_autograd(_backward, setup_context=_setup_context)
+_NAMES = {code: name for name, code in ACTIVATIONS.items()}
+
+
+@_composite_op.register_decomposition
+def _(color, density, inclusive, activation, backend):  # cumsum, exp, expm1 and a sum: ONNX has each
+    transmittance = "inclusive" if inclusive else "exclusive"
+    return composite_reference(color, density, transmittance=transmittance, density_activation=_NAMES[activation])
 
 
 def _samples(device, dtype, generator) -> list[_registry.Sample]:

@@ -235,6 +235,15 @@ def _(input, grid, mode, padding, align_corners, deterministic, backend):
     return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=_memory_format(input))
 
 
+_MODE_NAMES = {code: name for name, code in MODES.items()}
+_PADDING_NAMES = {code: name for name, code in PADDINGS.items()}
+
+
+@_grid_sample_op.register_decomposition
+def _(input, grid, mode, padding, align_corners, deterministic, backend):  # ONNX's GridSample (opset 16)
+    return TORCH_GRID_SAMPLE(input, grid, _MODE_NAMES[mode], _PADDING_NAMES[padding], align_corners)
+
+
 @custom_op("fnevr::grid_sample_grad")
 def _grid_sample_grad_op(
     grad_out: Tensor,

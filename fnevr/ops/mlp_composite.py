@@ -49,6 +49,7 @@ from torch import Tensor
 
 from . import _registry
 from ._fused import custom_op
+from .composite import _NAMES as _ACTIVATION_NAMES
 from .composite import ACTIVATIONS, TRANSMITTANCES, composite_reference
 
 # The MLP's layers, in the order the kernels take them: (name, activation follows).
@@ -216,6 +217,14 @@ def _mlp_composite_op(
 def _(color_code, shape_code, params, inclusive, activation, backend):
     R, H = color_code.shape[0], params[0].shape[0]
     return color_code.new_empty((R, H)), color_code.new_empty((R,))
+
+
+@_mlp_composite_op.register_decomposition
+def _(color_code, shape_code, params, inclusive, activation, backend):  # linear layers and the compositing
+    transmittance = "inclusive" if inclusive else "exclusive"
+    kw = dict(transmittance=transmittance, density_activation=_ACTIVATION_NAMES[activation])
+    features, weight_sum = mlp_composite_reference(color_code, shape_code, params, **kw)
+    return features, weight_sum.squeeze(-1)
 
 
 @custom_op("fnevr::mlp_composite_grad")

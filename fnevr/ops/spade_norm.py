@@ -492,6 +492,51 @@ def _instance_backward(ctx, grad_y, _grad_mean, _grad_var):
 _spade_norm_instance_op.register_autograd(_instance_backward, setup_context=_instance_setup_context)
 
 
+# --- decompositions: the kernel-level ops in standard PyTorch ops (for export; see FusedOp) -------
+
+
+def _activate(z, activation, negative_slope):
+    if activation == ACTIVATIONS["relu"]:
+        return torch.relu(z)
+    if activation == ACTIVATIONS["leaky_relu"]:
+        return F.leaky_relu(z, negative_slope)
+    return z
+
+
+def _per_channel(t, x3, cl):
+    """A [N, C] or [C] tensor shaped to broadcast against x3 ([N, C, S] or, channels_last, [N, S, C])."""
+    if t.dim() == 3:
+        return t
+    t = t if t.dim() == 2 else t[None]
+    return t[:, None, :] if cl else t[:, :, None]
+
+
+def _stats(x3, channels_last, batch):
+    dims = ((0,) if batch else ()) + ((1,) if channels_last else (2,))
+    var, mean = torch.var_mean(x3.to(_acc(x3.dtype)), dim=dims, correction=0)
+    return mean, var
+
+
+_spade_norm_stats_op.register_decomposition(lambda x, channels_last, batch, backend: _stats(x, channels_last, batch))
+
+
+@_spade_norm_op.register_decomposition
+def _(x, gamma, beta, mean, var, eps, channels_last, activation, negative_slope, stats_grad, backend):
+    acc = _acc(x.dtype)
+    xhat = (x.to(acc) - _per_channel(mean, x, channels_last)) * _per_channel(torch.rsqrt(var + eps), x, channels_last)
+    g, b = (_per_channel(t, x, channels_last).to(acc) for t in (gamma, beta))
+    return _activate(xhat * (1 + g) + b, activation, negative_slope).to(x.dtype)
+
+
+@_spade_norm_instance_op.register_decomposition
+def _(x, gamma, beta, eps, activation, negative_slope, backend):  # ONNX's InstanceNormalization + modulation
+    acc = _acc(x.dtype)
+    g, b = (_per_channel(t, x, False).to(acc) for t in (gamma, beta))
+    xhat = F.instance_norm(x.to(acc), eps=eps) if x.shape[2] > 1 else x.to(acc) - x.to(acc).mean(2, keepdim=True)
+    y = _activate(xhat * (1 + g) + b, activation, negative_slope)
+    return (y.to(x.dtype), *_stats(x, False, False))
+
+
 class _SyncSpadeNorm(torch.autograd.Function):
     """Training batch norm across a process group: local statistics merged with all-reduces
     (torch.distributed), in eager mode; the kernels are the same as the local path's."""
