@@ -8,6 +8,8 @@
 #   make wheel   a release wheel in dist/: the CPU kernels and the CUDA kernels for every GPU from
 #                Ampere to Blackwell (setup.py's RELEASE_ARCHS; FNEVR_BUILD_CUDA=0: CPU only), built
 #                against .venv's torch, which its metadata pins
+#   make wheel-check   installs the newest dist/ wheel into a fresh venv (build/wheel-venv) where no
+#                compiler can be found, and runs tests/wheel_smoke.py there
 # FNEVR_BUILD_CUDA=1|0 forces the CUDA extension on or off (default: only where a GPU is present;
 # CI forces it on, so every CUDA source is compiled there).
 SHELL := /bin/bash
@@ -28,7 +30,7 @@ LINT_TOOLS := ruff==0.17.6 mypy==2.4.1 clang-format==23.1.5 pre-commit==4.7.0
 LINT_STAMP := $(VENV)/.fnevr-lint-tools
 CXX_SOURCES := $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu tests/cpp/*.h tests/cpp/*.cpp)
 
-.PHONY: demo bench test lint wheel
+.PHONY: demo bench test lint wheel wheel-check
 
 # Each step says what it does and how long it took (pip's own output is quiet; --no-compile: the
 # modules used are byte-compiled on first import instead of all of torch's up front).
@@ -61,11 +63,26 @@ demo: $(STAMP)
 	$(BIN)/fnevr train --demo
 
 # No build isolation: an isolated build would fetch its own torch (several GB) and pin that one.
+# build/lib.* is cleared so that no module of an earlier build (another tag or arch list) is packed.
 wheel: $(STAMP)
-	@start=$$(date +%s); \
+	@start=$$(date +%s); rm -rf build/lib.* build/bdist.*; \
 	FNEVR_BUILD_CUDA=$${FNEVR_BUILD_CUDA:-1} TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-release} \
 		$(BIN)/pip wheel -q --no-build-isolation --no-deps -w dist . 2>&1 | { grep -v "^WARNING: Location" || true; }; \
 	echo "make: wheel built in $$(( $$(date +%s) - start )) s: $$(ls -t dist/*.whl | head -1)"
+
+# Compilers are shadowed by stubs that fail, so nothing can be built on the way.
+NO_COMPILER := build/no-compiler
+wheel-check:
+	@wheel=$$(ls -t dist/*.whl 2>/dev/null | head -1); test -n "$$wheel" || { echo "make: no wheel in dist/: run make wheel"; exit 1; }; \
+	start=$$(date +%s); rm -rf build/wheel-venv $(NO_COMPILER); mkdir -p $(NO_COMPILER); \
+	for c in cc gcc g++ c++ clang clang++ nvcc; do \
+		printf '#!/bin/sh\necho "$$0: no compiler on this machine" >&2; exit 1\n' > $(NO_COMPILER)/$$c; chmod +x $(NO_COMPILER)/$$c; \
+	done; \
+	export PATH=$(abspath $(NO_COMPILER)):$$PATH CC=false CXX=false; \
+	$(PYTHON) -m venv build/wheel-venv; \
+	build/wheel-venv/bin/pip install -q --no-compile "$$wheel" 2>&1 | { grep -v "^WARNING: Location" || true; }; \
+	echo "make: installed $$wheel into build/wheel-venv in $$(( $$(date +%s) - start )) s"; \
+	cd /tmp && $(abspath build/wheel-venv/bin/python) $(abspath tests/wheel_smoke.py)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
