@@ -1,8 +1,8 @@
 # Set-up and the everyday commands; each builds what it needs first, in ./.venv.
 #   make demo    the main job: trains the small FNeVR on the embedded synthetic talking-head set
 #                (CPU, a few minutes, no downloads); writes runs/demo/
-#   make test    the tests (Python, with Triton through its interpreter when there is no GPU,
-#                and the C++ tests of the shared kernel math through CMake/ctest)
+#   make test    the tests (Python, with Triton through its interpreter when there is no GPU, in
+#                TEST_WORKERS=2 processes; and the C++ tests of the shared kernel math through CMake/ctest)
 #   make bench   the benchmarks of every registered op (fnevr/ops/_registry.py)
 #   make lint    ruff (lint and format), clang-format over csrc/, mypy; CI runs it before the tests
 #   make wheel   a release wheel in dist/: the CPU kernels and the CUDA kernels for every GPU from
@@ -20,7 +20,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fnevr-built
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
 PACKAGES := torch==2.14.1 torchvision==0.29.1 numpy pyyaml imageio imageio-ffmpeg tqdm torchmetrics tensorboard \
-	"opencv-python-headless<5" pytest pytest-benchmark ninja matplotlib scikit-image onnx onnxscript onnxruntime
+	"opencv-python-headless<5" pytest pytest-xdist pytest-benchmark ninja matplotlib scikit-image \
+	onnx onnxscript onnxruntime
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
@@ -87,8 +88,11 @@ wheel-check:
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
+# Two pytest workers (pytest-xdist; TEST_WORKERS=1 runs them in one process): on CI's 2 cores the
+# suite takes about two thirds of the time, as much of it is Python that one core runs alone.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal)
 	mkdir -p build
 	cmake -S . -B build/cmake -DPython_EXECUTABLE=$(abspath $(BIN)/python) > build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)
 	cmake --build build/cmake -j2 >> build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)
