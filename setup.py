@@ -6,9 +6,8 @@ forces it, so every CUDA source is compiled there), =0 forces it off; unset, it 
 is present (and torch has CUDA and nvcc is found), for that GPU. A forced build with no GPU targets
 TORCH_CUDA_ARCH_LIST, by default the release list RELEASE_ARCHS (Ampere to Blackwell, with PTX for
 the newest, which the driver compiles for GPUs newer still); TORCH_CUDA_ARCH_LIST=release asks for
-that list on any machine. Install with
-`pip install --no-build-isolation .` so the build uses the torch you already have; `make wheel`
-builds a release wheel.
+that list on any machine. Install with `pip install --no-build-isolation .` so the build uses the
+torch you already have; `make wheel` builds a release wheel.
 
 The compiled kernels use torch's C++ API, which has no stable ABI across torch releases: the
 package's metadata pins torch to the release it was built with (TORCH_PIN below).

@@ -703,7 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="write the networks as ONNX graphs or an AOTInductor package",
+        help="write the networks as ONNX graphs or AOTInductor packages",
         description="Export a checkpoint's keypoint detector and generator (eval mode, fp32, dynamic batch, "
         "the config's frame size): --onnx writes DIR/kp_detector.onnx and DIR/generator.onnx on standard ONNX "
         "ops, each checked against PyTorch with ONNX Runtime when it is installed; --aoti compiles each into an "
